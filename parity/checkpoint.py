@@ -1,0 +1,228 @@
+"""The one place checkpoints are read: loading, version detection, shape checks.
+
+Every backend takes a ``Checkpoint`` from here, so they all see the same weights and the same
+configuration, and a bad file is refused once, with one clear message.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from parity.errors import ParityError
+
+
+class ModelVersion(str, enum.Enum):
+    """RWKV generations. A string enum: versions are names, never floats compared with max()."""
+
+    V4 = "4"
+    V5_0 = "5.0"
+    V5_1 = "5.1"
+    V5_2 = "5.2"
+
+    @property
+    def gated(self) -> bool:
+        return self in (ModelVersion.V5_1, ModelVersion.V5_2)
+
+
+# What the backends of this release can run; detection knows more so the error can say what it saw.
+SUPPORTED_VERSIONS = (ModelVersion.V5_2,)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    version: ModelVersion
+    n_layer: int
+    n_embd: int  # C
+    dim_att: int  # A (= C in every released model)
+    dim_ffn: int  # F
+    n_head: int  # H
+    head_size: int  # N = A / H
+    vocab_size: int  # V
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["version"] = self.version.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**{**d, "version": ModelVersion(d["version"])})
+
+    def describe(self) -> str:
+        return (
+            f"RWKV-{self.version.value} L{self.n_layer} C{self.n_embd} H{self.n_head} "
+            f"N{self.head_size} F{self.dim_ffn} V{self.vocab_size}"
+        )
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sha256: str
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # ChatRWKV key names, tensors exactly as stored
+
+
+def detect_version(weights: dict[str, torch.Tensor]) -> ModelVersion:
+    """Version detection as the official package does it (docs/RWKV.md §1)."""
+    keys = list(weights)
+    if any("time_maa" in k for k in keys) or any(k.endswith("att.w0") for k in keys):
+        raise ParityError("checkpoint is RWKV-6 or later (time_maa / w0 keys); only RWKV-4 and RWKV-5 are in scope")
+    if not any(".ln_x." in k for k in keys):
+        return ModelVersion.V4
+    if not any("att.gate.weight" in k for k in keys):
+        return ModelVersion.V5_0
+    decay = weights.get("blocks.0.att.time_decay")
+    if decay is not None and decay.dim() == 2 and decay.shape[1] > 1:
+        return ModelVersion.V5_2
+    return ModelVersion.V5_1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ParityError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ParityError(f"checkpoint path is a directory, expected a .pth file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ParityError(f"cannot read safetensors checkpoint {path}: {exc}") from None
+    try:
+        # weights_only: a .pth is a pickle, and a pickle can run code; we never unpickle objects.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParityError(
+            f"refusing to load {path}: it is not a plain tensor state dict ({first}); "
+            "only weights_only-safe checkpoints are accepted"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParityError(f"cannot read checkpoint {path} (corrupt or not a torch .pth file): {first}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ParityError(f"checkpoint {path} is not a state dict of tensors")
+    return obj
+
+
+def _expect(weights: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], path: Path) -> None:
+    if key not in weights:
+        raise ParityError(f"checkpoint {path} is missing key {key!r}")
+    got = tuple(weights[key].shape)
+    if got != shape:
+        raise ParityError(f"checkpoint {path}: {key} has shape {got}, expected {shape}")
+
+
+def infer_config(weights: dict[str, torch.Tensor], *, path: Path) -> ModelConfig:
+    for key in ("emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight", "head.weight"):
+        if key not in weights:
+            raise ParityError(f"checkpoint {path} is missing key {key!r}; is it an RWKV (ChatRWKV layout) checkpoint?")
+    version = detect_version(weights)
+    vocab, n_embd = weights["emb.weight"].shape
+    dim_att = weights["blocks.0.att.key.weight"].shape[0]
+    dim_ffn = weights["blocks.0.ffn.key.weight"].shape[0]
+    layers = {int(k.split(".")[1]) for k in weights if k.startswith("blocks.")}
+    n_layer = max(layers) + 1
+    if layers != set(range(n_layer)):
+        raise ParityError(f"checkpoint {path}: layers {sorted(set(range(n_layer)) - layers)} are missing")
+    if version == ModelVersion.V4:
+        n_head, head_size = 1, dim_att
+    else:
+        n_head = weights["blocks.0.att.time_decay"].shape[0]
+        if n_head == 0 or dim_att % n_head:
+            raise ParityError(f"checkpoint {path}: dim_att {dim_att} is not a multiple of the head count {n_head}")
+        head_size = dim_att // n_head
+    return ModelConfig(
+        version=version,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        dim_att=dim_att,
+        dim_ffn=dim_ffn,
+        n_head=n_head,
+        head_size=head_size,
+        vocab_size=vocab,
+    )
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor a checkpoint of this config must hold (docs/RWKV.md §1)."""
+    C, A, F, V, H, N = (config.n_embd, config.dim_att, config.dim_ffn, config.vocab_size, config.n_head, config.head_size)
+    shapes: dict[str, tuple[int, ...]] = {
+        "emb.weight": (V, C),
+        "head.weight": (V, C),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+    }
+    for layer in range(config.n_layer):
+        b = f"blocks.{layer}."
+        for ln in ("ln1", "ln2"):
+            shapes[f"{b}{ln}.weight"] = (C,)
+            shapes[f"{b}{ln}.bias"] = (C,)
+        for mix in ("k", "v", "r"):
+            shapes[f"{b}att.time_mix_{mix}"] = (1, 1, C)
+        for name in ("key", "value", "receptance"):
+            shapes[f"{b}att.{name}.weight"] = (A, C)
+        shapes[f"{b}att.output.weight"] = (C, A)
+        shapes[f"{b}ffn.time_mix_k"] = (1, 1, C)
+        shapes[f"{b}ffn.time_mix_r"] = (1, 1, C)
+        shapes[f"{b}ffn.key.weight"] = (F, C)
+        shapes[f"{b}ffn.receptance.weight"] = (C, C)
+        shapes[f"{b}ffn.value.weight"] = (C, F)
+        if config.version == ModelVersion.V4:
+            shapes[f"{b}att.time_decay"] = (A,)
+            shapes[f"{b}att.time_first"] = (A,)
+            continue
+        shapes[f"{b}att.ln_x.weight"] = (A,)
+        shapes[f"{b}att.ln_x.bias"] = (A,)
+        if config.version.gated:
+            shapes[f"{b}att.time_mix_g"] = (1, 1, C)
+            shapes[f"{b}att.gate.weight"] = (A, C)
+        if config.version == ModelVersion.V5_2:
+            shapes[f"{b}att.time_decay"] = (H, N)
+            shapes[f"{b}att.time_faaaa"] = (H, N)
+        else:
+            shapes[f"{b}att.time_decay"] = (H,)
+            shapes[f"{b}att.time_first"] = (H,)
+    return shapes
+
+
+def validate(weights: dict[str, torch.Tensor], config: ModelConfig, *, path: Path) -> None:
+    for key, shape in expected_shapes(config).items():
+        _expect(weights, key, shape, path)
+    for key, t in weights.items():
+        if not t.is_floating_point():
+            raise ParityError(f"checkpoint {path}: {key} has dtype {t.dtype}, expected a floating-point tensor")
+
+
+def load_checkpoint(path: str | Path, *, require_supported: bool = True) -> Checkpoint:
+    """Read, detect and validate a checkpoint; raise ParityError with one clear line otherwise."""
+    path = Path(path)
+    weights = _read_state_dict(path)
+    config = infer_config(weights, path=path)
+    validate(weights, config, path=path)
+    if require_supported and config.version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(v.value for v in SUPPORTED_VERSIONS)
+        raise ParityError(
+            f"checkpoint {path} is RWKV-{config.version.value}; this release runs RWKV-{supported} only"
+        )
+    return Checkpoint(path=path, sha256=_sha256(path), config=config, weights=weights)

@@ -1,0 +1,258 @@
+"""Pure-PyTorch RWKV-5.2, ChatRWKV style: prefill and decode over an explicit recurrent state.
+
+Readable rather than fast: one function per block, shapes commented, every canonical stage
+(docs/RWKV.md §2) handed to an optional recorder as it is computed. The same math serves a
+prefill of T tokens and a decode of one (T = 1); nothing here keeps hidden state between calls.
+
+Precision: matmuls run in the model dtype (fp32/fp16/bf16), but the decay w, the bonus u, the
+wkv state and the wkv accumulator stay fp32 — bf16 would round w = exp(-exp(-8)) to 1.0 and an
+fp16 accumulator loses ~1e-3 relative (docs/RWKV.md §3). GroupNorm runs in fp32 for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from parity.checkpoint import Checkpoint, ModelConfig, ModelVersion
+from parity.errors import ParityError
+
+# ln_x eps of the official package since 0.8.21 (training: GroupNorm(o/8, eps=1e-5), the same thing).
+LN_X_EPS = 64e-5
+LN_EPS = 1e-5
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Recorder(Protocol):
+    def __call__(self, stage: str, value: torch.Tensor) -> None: ...
+
+
+def _no_record(stage: str, value: torch.Tensor) -> None:
+    pass
+
+
+@dataclass
+class LayerState:
+    att_x: torch.Tensor  # (C,) last row of ln1 output, model dtype
+    att_kv: torch.Tensor  # (H, N, N) fp32, indexed [head, k-index, v-index]
+    ffn_x: torch.Tensor  # (C,) last row of ln2 output, model dtype
+
+
+@dataclass
+class RWKV5State:
+    layers: list[LayerState] = field(default_factory=list)
+
+    def clone(self) -> "RWKV5State":
+        return RWKV5State([LayerState(s.att_x.clone(), s.att_kv.clone(), s.ffn_x.clone()) for s in self.layers])
+
+    def slots(self) -> dict[str, torch.Tensor]:
+        """Canonical state stage names -> tensors (``state.L{l}.att_kv`` …)."""
+        out = {}
+        for i, s in enumerate(self.layers):
+            out[f"state.L{i}.att_x"] = s.att_x
+            out[f"state.L{i}.att_kv"] = s.att_kv
+            out[f"state.L{i}.ffn_x"] = s.ffn_x
+        return out
+
+
+@dataclass
+class _Layer:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    mix_k: torch.Tensor  # (C,)
+    mix_v: torch.Tensor
+    mix_r: torch.Tensor
+    mix_g: torch.Tensor
+    w: torch.Tensor  # (H, N) decay exp(-exp(time_decay)), fp32
+    u: torch.Tensor  # (H, N) bonus time_faaaa, fp32
+    Wr: torch.Tensor  # (A, C) stored (out, in)
+    Wk: torch.Tensor
+    Wv: torch.Tensor
+    Wg: torch.Tensor
+    Wo: torch.Tensor  # (C, A)
+    lnx_w: torch.Tensor  # (A,) fp32
+    lnx_b: torch.Tensor
+    ffn_mix_k: torch.Tensor
+    ffn_mix_r: torch.Tensor
+    ffn_Wk: torch.Tensor  # (F, C)
+    ffn_Wr: torch.Tensor  # (C, C)
+    ffn_Wv: torch.Tensor  # (C, F)
+
+
+class RWKV5Reference:
+    """RWKV-5.2 reference. ``forward(ids, state, record=...)`` handles prefill (T > 1) and decode."""
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
+        cfg = checkpoint.config
+        if cfg.version != ModelVersion.V5_2:
+            raise ParityError(f"the torch reference runs RWKV-5.2 only, checkpoint is RWKV-{cfg.version.value}")
+        if dtype not in DTYPES:
+            raise ParityError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.config: ModelConfig = cfg
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        w = {k: v.float() for k, v in checkpoint.weights.items()}
+        dt = self.dtype
+
+        # Embedding LayerNorm is folded into the table at load, as the official package does:
+        # per row the math is identical to applying ln0 after the lookup.
+        self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
+        self.layers: list[_Layer] = []
+        for i in range(cfg.n_layer):
+            b = f"blocks.{i}."
+            self.layers.append(
+                _Layer(
+                    ln1_w=w[b + "ln1.weight"].to(dt), ln1_b=w[b + "ln1.bias"].to(dt),
+                    ln2_w=w[b + "ln2.weight"].to(dt), ln2_b=w[b + "ln2.bias"].to(dt),
+                    mix_k=w[b + "att.time_mix_k"].reshape(-1).to(dt),
+                    mix_v=w[b + "att.time_mix_v"].reshape(-1).to(dt),
+                    mix_r=w[b + "att.time_mix_r"].reshape(-1).to(dt),
+                    mix_g=w[b + "att.time_mix_g"].reshape(-1).to(dt),
+                    w=torch.exp(-torch.exp(w[b + "att.time_decay"])),  # fp32 always
+                    u=w[b + "att.time_faaaa"],  # v5.2 uses time_faaaa raw as u
+                    Wr=w[b + "att.receptance.weight"].to(dt), Wk=w[b + "att.key.weight"].to(dt),
+                    Wv=w[b + "att.value.weight"].to(dt), Wg=w[b + "att.gate.weight"].to(dt),
+                    Wo=w[b + "att.output.weight"].to(dt),
+                    lnx_w=w[b + "att.ln_x.weight"], lnx_b=w[b + "att.ln_x.bias"],
+                    ffn_mix_k=w[b + "ffn.time_mix_k"].reshape(-1).to(dt),
+                    ffn_mix_r=w[b + "ffn.time_mix_r"].reshape(-1).to(dt),
+                    ffn_Wk=w[b + "ffn.key.weight"].to(dt), ffn_Wr=w[b + "ffn.receptance.weight"].to(dt),
+                    ffn_Wv=w[b + "ffn.value.weight"].to(dt),
+                )
+            )
+        self.ln_out_w = w["ln_out.weight"].to(dt)
+        self.ln_out_b = w["ln_out.bias"].to(dt)
+        self.head = w["head.weight"].to(dt)  # (V, C)
+
+    # -- state ----------------------------------------------------------------------------------
+    def zero_state(self) -> RWKV5State:
+        c = self.config
+        return RWKV5State([
+            LayerState(
+                att_x=torch.zeros(c.n_embd, dtype=self.dtype),
+                att_kv=torch.zeros(c.n_head, c.head_size, c.head_size, dtype=torch.float32),
+                ffn_x=torch.zeros(c.n_embd, dtype=self.dtype),
+            )
+            for _ in range(c.n_layer)
+        ])
+
+    # -- blocks ---------------------------------------------------------------------------------
+    def _wkv(self, r, k, v, *, w, u, s):
+        """The v5 recurrence over T rows: a true scan, each step reading the state the last wrote.
+
+        r, k, v: (T, H, N) fp32; w, u: (H, N); s: (H, N, N) [head, i=k, j=v]. Returns ((T,H,N), s).
+        """
+        T = r.shape[0]
+        out = torch.empty_like(r)
+        for t in range(T):
+            kv = k[t].unsqueeze(2) * v[t].unsqueeze(1)  # (H, N_i, N_j)
+            out[t] = torch.einsum("hi,hij->hj", r[t], u.unsqueeze(2) * kv + s)
+            s = kv + w.unsqueeze(2) * s
+        return out, s
+
+    def _att(self, x, layer: int, st: LayerState, record: Recorder):
+        c, p = self.config, self.layers[layer]
+        T, H, N = x.shape[0], c.n_head, c.head_size
+        pre = f"L{layer}.att."
+        xx = F.layer_norm(x, (c.n_embd,), p.ln1_w, p.ln1_b, LN_EPS)
+        record(pre + "ln1", xx)
+        sx = torch.cat((st.att_x.unsqueeze(0), xx[:-1]))  # row t is xx[t-1]; row 0 the carried state
+        record(pre + "shift", sx)
+        xk = xx * p.mix_k + sx * (1 - p.mix_k)
+        xv = xx * p.mix_v + sx * (1 - p.mix_v)
+        xr = xx * p.mix_r + sx * (1 - p.mix_r)
+        xg = xx * p.mix_g + sx * (1 - p.mix_g)
+        for name, val in (("xk", xk), ("xv", xv), ("xr", xr), ("xg", xg)):
+            record(pre + name, val)
+        r = xr @ p.Wr.T  # (T, A); v5: no sigmoid on r
+        k = xk @ p.Wk.T
+        v = xv @ p.Wv.T
+        g = F.silu(xg @ p.Wg.T)
+        for name, val in (("r", r), ("k", k), ("v", v), ("g", g)):
+            record(pre + name, val)
+        wkv, s = self._wkv(
+            r.float().view(T, H, N), k.float().view(T, H, N), v.float().view(T, H, N), w=p.w, u=p.u, s=st.att_kv
+        )
+        wkv = wkv.reshape(T, H * N)  # (T, A) fp32
+        record(pre + "wkv", wkv)
+        # GroupNorm per token and per head over that head's N channels, never over time.
+        ln_x = F.group_norm(wkv, num_groups=H, weight=p.lnx_w, bias=p.lnx_b, eps=LN_X_EPS)
+        record(pre + "ln_x", ln_x)
+        gated = ln_x.to(self.dtype) * g
+        record(pre + "gated", gated)
+        out = gated @ p.Wo.T
+        record(pre + "out", out)
+        return out, LayerState(att_x=xx[-1].clone(), att_kv=s, ffn_x=st.ffn_x)
+
+    def _ffn(self, x, layer: int, st: LayerState, record: Recorder):
+        c, p = self.config, self.layers[layer]
+        pre = f"L{layer}.ffn."
+        xx = F.layer_norm(x, (c.n_embd,), p.ln2_w, p.ln2_b, LN_EPS)
+        record(pre + "ln2", xx)
+        sx = torch.cat((st.ffn_x.unsqueeze(0), xx[:-1]))
+        record(pre + "shift", sx)
+        xk = xx * p.ffn_mix_k + sx * (1 - p.ffn_mix_k)
+        xr = xx * p.ffn_mix_r + sx * (1 - p.ffn_mix_r)
+        record(pre + "xk", xk)
+        record(pre + "xr", xr)
+        r = torch.sigmoid(xr @ p.ffn_Wr.T)
+        record(pre + "r", r)
+        k = torch.relu(xk @ p.ffn_Wk.T) ** 2
+        record(pre + "k", k)
+        out = r * (k @ p.ffn_Wv.T)
+        record(pre + "out", out)
+        return out, LayerState(att_x=st.att_x, att_kv=st.att_kv, ffn_x=xx[-1].clone())
+
+    # -- entry points ---------------------------------------------------------------------------
+    def check_ids(self, ids) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ParityError("no token ids given")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.numel():
+            raise ParityError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    @torch.no_grad()
+    def forward(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):
+        """Run T tokens (T rows of every stage). Returns (logits (T, V) fp32, new state).
+
+        The input state is not modified, so a caller can rerun a step from the same state.
+        """
+        record = record or _no_record
+        ids = self.check_ids(ids)
+        state = state or self.zero_state()
+        x = self.emb[ids]  # (T, C)
+        record("emb", x)
+        new_layers = []
+        for i, st in enumerate(state.layers):
+            att, st = self._att(x, i, st, record)
+            x = x + att
+            record(f"L{i}.x_after_att", x)
+            ffn, st = self._ffn(x, i, st, record)
+            x = x + ffn
+            record(f"L{i}.x_out", x)
+            new_layers.append(st)
+        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
+        record("ln_out", x)
+        logits = (x @ self.head.T).float()  # (T, V)
+        record("logits", logits)
+        new_state = RWKV5State(new_layers)
+        for name, val in new_state.slots().items():
+            record(name, val)
+        return logits, new_state
+
+    def prefill(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):
+        return self.forward(ids, state, record=record)
+
+    def decode(self, token: int, state: RWKV5State, *, record: Recorder | None = None):
+        return self.forward([token], state, record=record)
+
+
+RecorderFn = Callable[[str, torch.Tensor], None]

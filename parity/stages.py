@@ -1,0 +1,66 @@
+"""Canonical stage names (docs/RWKV.md §2) and their execution order.
+
+Every backend records under these names, so two dumps line up without any mapping at compare
+time. Pure Python: the compare engine imports this, and it must not pull in torch or tvm.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Per-layer stages in the order one step executes them. xg / g / gated exist only for gated
+# versions (5.1, 5.2); ln_x only for v5.
+_ATT_STAGES = ("ln1", "shift", "xk", "xv", "xr", "xg", "r", "k", "v", "g", "wkv", "ln_x", "gated", "out")
+_FFN_STAGES = ("ln2", "shift", "xk", "xr", "r", "k", "out")
+
+# v5 wkv state per layer; v4 would be (aa, bb, pp).
+V5_STATE_SLOTS = ("att_x", "att_kv", "ffn_x")
+
+_LAYER_RE = re.compile(r"^(?:state\.)?L(\d+)\.")
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a stage name says about itself."""
+
+    name: str
+    layer: int | None  # None for emb, ln_out, logits
+    per_token: bool  # True: leading axis is the token row (T rows in prefill); False: a state slot
+
+
+def layer_stage_names(*, layer: int, gated: bool = True) -> list[str]:
+    names = []
+    for s in _ATT_STAGES:
+        if not gated and s in ("xg", "g", "gated"):
+            continue
+        names.append(f"L{layer}.att.{s}")
+    names.append(f"L{layer}.x_after_att")
+    names += [f"L{layer}.ffn.{s}" for s in _FFN_STAGES]
+    names.append(f"L{layer}.x_out")
+    return names
+
+
+def state_stage_names(*, n_layer: int, slots: tuple[str, ...] = V5_STATE_SLOTS) -> list[str]:
+    return [f"state.L{layer}.{slot}" for layer in range(n_layer) for slot in slots]
+
+
+def stage_order(*, n_layer: int, gated: bool = True, slots: tuple[str, ...] = V5_STATE_SLOTS) -> list[str]:
+    """Every canonical stage of one step, in execution order; the state after the step comes last."""
+    names = ["emb"]
+    for layer in range(n_layer):
+        names += layer_stage_names(layer=layer, gated=gated)
+    names += ["ln_out", "logits"]
+    names += state_stage_names(n_layer=n_layer, slots=slots)
+    return names
+
+
+def stage_info(name: str) -> StageInfo:
+    m = _LAYER_RE.match(name)
+    layer = int(m.group(1)) if m else None
+    return StageInfo(name=name, layer=layer, per_token=not name.startswith("state."))
+
+
+def short_stage(name: str) -> str:
+    """The stage without its layer prefix ("L3.att.wkv" -> "att.wkv"), for heat-map columns."""
+    return _LAYER_RE.sub("", name)

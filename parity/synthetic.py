@@ -1,0 +1,101 @@
+"""Realistic random RWKV-5.2 weights (docs/RWKV.md §6), deterministic by seed.
+
+Random weights with the training init's *structure* (decay spread across channels, time-mix
+ramps, orthogonal matrices, non-trivial LayerNorms) exercise the same numerics as a real model:
+long- and short-memory heads, values of realistic size after every stage. Plain N(0,1) weights
+would not — their logits saturate and their decays are meaningless.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from parity.checkpoint import ModelConfig, ModelVersion
+
+# Decay profiles: where time_decay lives. "default" is the training init (−6 … −1, i.e. w from
+# ≈0.998 down to ≈0.69); "long" is a long-memory model (−9 … −6: w ≥ 0.9975, thousands of tokens).
+DECAY_PROFILES = {"default": (-6.0, 5.0), "long": (-9.0, 3.0)}
+
+
+def ffn_size(n_embd: int) -> int:
+    """v5 FFN width: int(3.5 C) rounded down to a multiple of 32."""
+    return int(3.5 * n_embd) // 32 * 32
+
+
+def make_config(*, n_layer: int, n_embd: int, head_size: int, vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        version=ModelVersion.V5_2,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        dim_att=n_embd,
+        dim_ffn=ffn_size(n_embd),
+        n_head=n_embd // head_size,
+        head_size=head_size,
+        vocab_size=vocab_size,
+    )
+
+
+def _orthogonal(rows: int, cols: int, *, gain: float, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))  # unique, uniformly distributed Q
+    if rows < cols:
+        q = q.T
+    return (gain * q).to(torch.float32).contiguous()
+
+
+def _linear(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    gain = math.sqrt(rows / cols) if rows > cols else 1.0
+    return _orthogonal(rows, cols, gain=gain, gen=gen)
+
+
+def make_rwkv5_2_weights(config: ModelConfig, *, seed: int, decay_profile: str = "default") -> dict[str, torch.Tensor]:
+    """A ChatRWKV-layout state dict (fp32) for ``config``."""
+    if config.version != ModelVersion.V5_2:
+        raise ValueError(f"only RWKV-5.2 weights are generated, got {config.version.value}")
+    gen = torch.Generator().manual_seed(seed)
+    C, A, F, V, H, N, L = (config.n_embd, config.dim_att, config.dim_ffn, config.vocab_size,
+                           config.n_head, config.head_size, config.n_layer)
+    decay_lo, decay_span = DECAY_PROFILES[decay_profile]
+    ddd = torch.arange(C, dtype=torch.float64) / C
+    n = torch.arange(A, dtype=torch.float64)
+
+    def ln_pair(prefix: str) -> None:
+        w[f"{prefix}.weight"] = (1 + 0.1 * torch.randn(C, generator=gen, dtype=torch.float64)).float()
+        w[f"{prefix}.bias"] = (0.1 * torch.randn(C, generator=gen, dtype=torch.float64)).float()
+
+    def mix(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, 1, C).float()
+
+    w: dict[str, torch.Tensor] = {}
+    w["emb.weight"] = ((torch.rand(V, C, generator=gen, dtype=torch.float64) * 2 - 1) * 1e-4).float()
+    ln_pair("blocks.0.ln0")
+    for layer in range(L):
+        r01 = layer / (L - 1) if L > 1 else 0.0
+        r10 = 1 - layer / L
+        b = f"blocks.{layer}"
+        ln_pair(f"{b}.ln1")
+        ln_pair(f"{b}.ln2")
+        w[f"{b}.att.time_mix_k"] = mix(ddd**r10)
+        w[f"{b}.att.time_mix_v"] = mix(ddd**r10 + 0.3 * r01)
+        w[f"{b}.att.time_mix_r"] = mix(ddd ** (0.5 * r10))
+        w[f"{b}.att.time_mix_g"] = mix(ddd ** (0.5 * r10))
+        decay = decay_lo + decay_span * (n / (A - 1)) ** (0.7 + 1.3 * r01)
+        faaaa = r01 * (1 - n / (A - 1)) + 0.1 * ((n + 1) % 3 - 1)
+        w[f"{b}.att.time_decay"] = decay.reshape(H, N).float()
+        w[f"{b}.att.time_faaaa"] = faaaa.reshape(H, N).float()
+        for name in ("receptance", "key", "value", "gate"):
+            w[f"{b}.att.{name}.weight"] = _linear(A, C, gen)
+        w[f"{b}.att.output.weight"] = _linear(C, A, gen)
+        w[f"{b}.att.ln_x.weight"] = torch.full((A,), ((layer + 1) / L) ** 0.7)
+        w[f"{b}.att.ln_x.bias"] = (0.1 * torch.randn(A, generator=gen, dtype=torch.float64)).float()
+        w[f"{b}.ffn.time_mix_k"] = mix(ddd**r10)
+        w[f"{b}.ffn.time_mix_r"] = mix(ddd**r10)
+        w[f"{b}.ffn.key.weight"] = _linear(F, C, gen)
+        w[f"{b}.ffn.receptance.weight"] = _linear(C, C, gen)
+        w[f"{b}.ffn.value.weight"] = _linear(C, F, gen)
+    ln_pair("ln_out")
+    w["head.weight"] = _orthogonal(V, C, gain=0.5 * math.sqrt(V / C), gen=gen)
+    return w
