@@ -1,0 +1,233 @@
+"""Line two runs up step by step and stage by stage, and find the first divergence.
+
+"First" is in execution order: steps in index order, stages in the expected run's stage order.
+A later step's early stage failing never outranks an earlier step, because a wrong state written
+by step k is only visible from step k+1 on (the dropped-transpose bug of docs/RWKV.md §2: prefill
+logits exact, the next decode wrong), and the earliest failing record is where to start looking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from parity.compare.metrics import RecordMetrics, compare_arrays, json_safe
+from parity.compare.tolerance import TolerancePolicy
+from parity.errors import ParityError
+from parity.stages import stage_info
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    index: int  # 0 is the prefill, 1..n the decode steps
+    kind: str  # "prefill" or "decode"
+    ids: list[int]  # token ids fed in this step (T for prefill, 1 for decode)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "kind": self.kind, "ids": [int(i) for i in self.ids]}
+
+
+@runtime_checkable
+class RunView(Protocol):
+    """One recorded run, read a step at a time so a long run never has to fit in memory."""
+
+    steps: list[StepInfo]
+    stage_order: list[str]
+    dtype: str
+
+    def read_step(self, index: int) -> Mapping[str, np.ndarray]: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass
+class MemoryRun:
+    """A RunView over arrays already in memory (tests, and callers that ran a backend in-process)."""
+
+    steps: list[StepInfo]
+    stage_order: list[str]
+    dtype: str
+    arrays: dict[int, dict[str, np.ndarray]]  # step index -> stage -> array
+    description: dict = field(default_factory=dict)
+
+    def read_step(self, index: int) -> Mapping[str, np.ndarray]:
+        if index not in self.arrays:
+            raise ParityError(f"this run has no arrays for step {index}; it has steps {sorted(self.arrays)}")
+        return self.arrays[index]
+
+    def describe(self) -> dict:
+        return {"backend": "memory", "dtype": self.dtype, **self.description}
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    step: int
+    step_kind: str
+    stage: str
+    layer: int | None
+    metrics: RecordMetrics
+
+    @property
+    def passed(self) -> bool:
+        return self.metrics.passed
+
+    def to_dict(self) -> dict:
+        m = self.metrics.to_dict()
+        m["row"] = m.pop("first_row")
+        head = {"step": self.step, "step_kind": self.step_kind, "stage": self.stage, "layer": self.layer}
+        return {**head, **m}
+
+
+@dataclass(frozen=True)
+class MissingStage:
+    step: int
+    stage: str
+    missing_in: str  # "actual" or "expected"
+
+
+@dataclass(frozen=True)
+class UnmatchedStep:
+    index: int
+    kind: str
+    present_in: str  # the side that has the step: "actual" or "expected"
+
+
+@dataclass
+class RunComparison:
+    records: list[StageRecord]  # in execution order
+    steps: list[StepInfo]  # the steps both runs have, in index order
+    missing: list[MissingStage]
+    unmatched_steps: list[UnmatchedStep]
+    policy: TolerancePolicy
+    expected_description: dict
+    actual_description: dict
+
+    @property
+    def first_divergence(self) -> StageRecord | None:
+        return next((r for r in self.records if not r.passed), None)
+
+    @property
+    def passed(self) -> bool:
+        """No compared record fails. Missing stages and unmatched steps do not count: see complete."""
+        return self.first_divergence is None
+
+    @property
+    def complete(self) -> bool:
+        """Every step and stage of either run was compared."""
+        return not self.missing and not self.unmatched_steps
+
+    @property
+    def failed(self) -> list[StageRecord]:
+        return [r for r in self.records if not r.passed]
+
+    def worst(self, stage_pattern: str) -> float | None:
+        """Largest max_abs over records whose stage matches ``stage_pattern``; None if none do.
+
+        Non-finite positions are excluded from max_abs, so check first_divergence for NaN/Inf.
+        """
+        values = [
+            r.metrics.max_abs
+            for r in self.records
+            if fnmatchcase(r.stage, stage_pattern) and r.metrics.max_abs is not None
+        ]
+        return max(values) if values else None
+
+    def to_dict(self) -> dict:
+        first = self.first_divergence
+        return {
+            "verdict": "no divergence" if first is None else "divergence",
+            "first_divergence": None if first is None else first.to_dict(),
+            "expected": json_safe(self.expected_description),
+            "actual": json_safe(self.actual_description),
+            "policy": self.policy.to_dict(),
+            "steps": [s.to_dict() for s in self.steps],
+            "records": [r.to_dict() for r in self.records],
+            "missing": [{"step": m.step, "stage": m.stage, "missing_in": m.missing_in} for m in self.missing],
+            "unmatched_steps": [
+                {"index": u.index, "kind": u.kind, "present_in": u.present_in} for u in self.unmatched_steps
+            ],
+            "summary": {
+                "records": len(self.records),
+                "failed": len(self.failed),
+                "worst_logits_max_abs": json_safe(self.worst("logits")),
+            },
+        }
+
+
+def _steps_by_index(run: RunView, *, side: str) -> dict[int, StepInfo]:
+    by_index: dict[int, StepInfo] = {}
+    for step in run.steps:
+        if step.index in by_index:
+            raise ParityError(f"the {side} run lists step {step.index} twice; its dump is malformed")
+        by_index[step.index] = step
+    return by_index
+
+
+def _ordered_stages(order: list[str], *, actual: Mapping, expected: Mapping) -> list[str]:
+    present = set(actual) | set(expected)
+    known = set(order)
+    # Stages outside the expected order (e.g. a backend's extra debug taps) go last, sorted, so
+    # they never push a canonical stage out of execution order.
+    return [s for s in order if s in present] + sorted(present - known)
+
+
+def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy) -> RunComparison:
+    """Compare every stage of every step both runs share; see RunComparison for the result."""
+    actual_steps = _steps_by_index(actual, side="actual")
+    expected_steps = _steps_by_index(expected, side="expected")
+
+    steps: list[StepInfo] = []
+    unmatched: list[UnmatchedStep] = []
+    for index in sorted(set(actual_steps) | set(expected_steps)):
+        a, e = actual_steps.get(index), expected_steps.get(index)
+        if a is None or e is None:
+            side, only = ("expected", e) if a is None else ("actual", a)
+            unmatched.append(UnmatchedStep(index=index, kind=only.kind, present_in=side))
+            continue
+        if a.kind != e.kind or [int(i) for i in a.ids] != [int(i) for i in e.ids]:
+            raise ParityError(
+                f"step {index} differs between the runs: expected {e.kind} ids {list(e.ids)}, "
+                f"actual {a.kind} ids {list(a.ids)}; record both runs from the same prompt and decode ids"
+            )
+        steps.append(e)
+
+    records: list[StageRecord] = []
+    missing: list[MissingStage] = []
+    for step in steps:
+        # One step per side in memory at a time: a long decode run's dump can exceed RAM.
+        expected_arrays = expected.read_step(step.index)
+        actual_arrays = actual.read_step(step.index)
+        for stage in _ordered_stages(expected.stage_order, actual=actual_arrays, expected=expected_arrays):
+            if stage not in actual_arrays:
+                missing.append(MissingStage(step=step.index, stage=stage, missing_in="actual"))
+                continue
+            if stage not in expected_arrays:
+                missing.append(MissingStage(step=step.index, stage=stage, missing_in="expected"))
+                continue
+            info = stage_info(stage)
+            metrics = compare_arrays(
+                actual_arrays[stage],
+                expected_arrays[stage],
+                tolerance=policy.for_stage(stage),
+                per_token=info.per_token,
+            )
+            records.append(
+                StageRecord(
+                    step=step.index, step_kind=step.kind, stage=stage, layer=info.layer, metrics=metrics
+                )
+            )
+        del expected_arrays, actual_arrays
+
+    return RunComparison(
+        records=records,
+        steps=steps,
+        missing=missing,
+        unmatched_steps=unmatched,
+        policy=policy,
+        expected_description=expected.describe(),
+        actual_description=actual.describe(),
+    )

@@ -1,0 +1,483 @@
+"""The on-disk dump format: one directory holding ``manifest.json`` and one safetensors file per step.
+
+A dump must stay readable without this tool (plain ``json`` + ``safetensors.numpy``; see
+docs/dump-format.md), so this module imports numpy and safetensors only — never torch or tvm.
+
+Writing is atomic: everything goes into a sibling ``<dir>.partial-<pid>`` directory, and only a
+clean ``close()`` marks the manifest complete and renames that directory into place. A crashed or
+killed run therefore never leaves a directory at the final path that reads as a complete dump.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from parity.compare.divergence import StepInfo
+from parity.errors import ParityError
+
+FORMAT_NAME = "rwkv-parity-dump"
+# An integer major version: bump it for any change an older reader would misread. Readers refuse
+# newer versions; optional fields added alongside existing ones do not bump it.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16")
+STEP_KINDS = ("prefill", "decode")
+_DAMAGED = "the dump is damaged; re-run the dump"
+
+# Partial directories this process is writing now, so two writers for one path cannot collide
+# (their partial names share our pid).
+_ACTIVE_PARTIALS: set[Path] = set()
+
+
+def step_file_name(index: int) -> str:
+    return f"step-{index:04d}.safetensors"
+
+
+def partial_dir_for(path: str | os.PathLike[str], *, pid: int | None = None) -> Path:
+    """Where a writer for ``path`` stages its work (this process's unless ``pid`` is given)."""
+    final = _absolute(path)
+    return final.with_name(f"{final.name}.partial-{os.getpid() if pid is None else pid}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class StepWriter:
+    """Collects one step's stages; the owning ``DumpWriter`` writes them when the step block exits."""
+
+    def __init__(self, *, index: int, kind: str, ids: list[int], stage_order: Sequence[str]):
+        self.index = index
+        self.kind = kind
+        self.ids = ids
+        self._position = {name: i for i, name in enumerate(stage_order)}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._written = False
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """Record ``array`` as stage ``name`` of this step; the array is copied now."""
+        if self._written:
+            raise ParityError(f"step {self.index} was already written; add stages inside its `with` block")
+        if not isinstance(name, str) or not name:
+            raise ParityError(f"stage name must be a non-empty string, got {name!r}")
+        if name not in self._position:
+            raise ParityError(
+                f"stage {name!r} is not in this dump's stage_order; use a canonical stage name "
+                "(parity/stages.py) or add it to stage_order when creating the DumpWriter"
+            )
+        if name in self._arrays:
+            raise ParityError(
+                f"stage {name!r} added twice in step {self.index}; each stage is recorded once per step"
+            )
+        if not isinstance(array, np.ndarray):
+            raise ParityError(
+                f"stage {name!r}: expected a numpy array, got {type(array).__name__}; convert first "
+                "(a torch tensor: t.detach().float().cpu().numpy())"
+            )
+        if array.dtype.kind != "f":
+            # numpy has no bfloat16; callers upcast it to float32 (lossless) and the manifest's
+            # dtype still says bfloat16.
+            raise ParityError(
+                f"stage {name!r}: dtype {array.dtype} is not a float dtype; store float16/float32/float64 "
+                "(upcast bfloat16 to float32)"
+            )
+        # A copy, so later in-place updates by the caller (state buffers are reused across steps)
+        # cannot change what was recorded; native byte order and C order because safetensors
+        # stores raw little-endian contiguous bytes.
+        self._arrays[name] = np.array(array, dtype=array.dtype.newbyteorder("="), order="C", copy=True)
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages added so far, in stage_order (not insertion) order."""
+        return sorted(self._arrays, key=self._position.__getitem__)
+
+
+class DumpWriter:
+    """Writes a dump step by step, holding at most one step in memory.
+
+    Use as a context manager; the dump appears at ``path`` only when the ``with`` block exits
+    cleanly::
+
+        with DumpWriter(path=out, backend="torch", mode="eager", dtype="float32", model=cfg,
+                        stage_order=stage_order(n_layer=2), checkpoint=None,
+                        tool_versions={"torch": "2.13"}) as writer:
+            with writer.step(kind="prefill", ids=[1, 2, 3]) as step:
+                step.add("emb", emb)  # (T, C)
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str],
+        backend: str,
+        mode: str,
+        dtype: str,
+        model: Mapping[str, Any],
+        stage_order: Sequence[str],
+        checkpoint: Mapping[str, Any] | None = None,
+        tool_versions: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
+        self.path = _absolute(path)
+        if not self.path.name:
+            raise ParityError(f"cannot write a dump at {path!s}: give a directory name")
+        for field, value in (("backend", backend), ("mode", mode)):
+            if not isinstance(value, str) or not value:
+                raise ParityError(f"dump {field} must be a non-empty string, got {value!r}")
+        if dtype not in DTYPES:
+            raise ParityError(f"dump dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        order = list(stage_order)
+        if not order or not all(isinstance(s, str) and s for s in order):
+            raise ParityError("stage_order must be a non-empty list of stage names")
+        if len(set(order)) != len(order):
+            dups = sorted({s for s in order if order.count(s) > 1})
+            raise ParityError(f"stage_order names a stage more than once: {', '.join(dups)}")
+        # Checked now, not at close, so a bad target fails before the model runs.
+        _check_replaceable(self.path)
+
+        self.partial_path = partial_dir_for(self.path)
+        self._manifest: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "complete": False,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "backend": backend,
+            "mode": mode,
+            "dtype": dtype,
+            "model": dict(model),
+            "checkpoint": None if checkpoint is None else dict(checkpoint),
+            "stage_order": order,
+            "steps": [],
+            "tool_versions": dict(tool_versions or {}),
+            "extra": dict(extra or {}),
+        }
+        try:
+            json.dumps(self._manifest)
+        except (TypeError, ValueError) as e:
+            raise ParityError(f"model/checkpoint/extra must be JSON-serialisable: {e}") from None
+        self._state = "new"  # new -> open -> closed | aborted
+        self._step_open = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> DumpWriter:
+        if self._state != "new":
+            raise ParityError(f"DumpWriter for {self.path} was already opened")
+        if self.partial_path in _ACTIVE_PARTIALS:
+            raise ParityError(f"another DumpWriter in this process is already writing {self.path}")
+        if self.partial_path.exists():
+            # Left by an earlier process that had our pid (common in containers); it can never
+            # be resumed, and no writer of ours is using it.
+            shutil.rmtree(self.partial_path)
+        self.partial_path.mkdir(parents=True)
+        _ACTIVE_PARTIALS.add(self.partial_path)
+        self._state = "open"
+        self._write_manifest()
+        return self
+
+    def close(self) -> Path:
+        """Mark the dump complete and move it to ``path``; returns that path."""
+        self._require_open()
+        if self._step_open:
+            raise ParityError("close() called while a step is still open")
+        try:
+            _check_replaceable(self.path)  # again: something may have appeared there during the run
+            self._manifest["complete"] = True
+            self._write_manifest()
+            if self.path.exists() and (self.path / MANIFEST_NAME).is_file():
+                # Directories cannot be swapped atomically; move the old dump aside first so that
+                # the final path is, at every instant, absent, the old dump, or the new one.
+                old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.rename(self.path, old)
+                os.rename(self.partial_path, self.path)
+                shutil.rmtree(old)
+            else:
+                # Absent or an empty directory: rename(2) replaces an empty directory.
+                os.replace(self.partial_path, self.path)
+        except BaseException:
+            self._state = "aborted"
+            raise
+        finally:
+            _ACTIVE_PARTIALS.discard(self.partial_path)
+        self._state = "closed"
+        return self.path
+
+    def __enter__(self) -> DumpWriter:
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            # The partial directory stays for debugging; its manifest says complete: false.
+            self._state = "aborted"
+            _ACTIVE_PARTIALS.discard(self.partial_path)
+        return False
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def step(self, *, kind: str, ids: Sequence[int]) -> Iterator[StepWriter]:
+        """One step; its file is written when the block exits without an exception."""
+        self._require_open()
+        if self._step_open:
+            raise ParityError("a step is already open; finish it before starting the next")
+        if kind not in STEP_KINDS:
+            raise ParityError(f"step kind must be one of {', '.join(STEP_KINDS)}, got {kind!r}")
+        id_list = _as_ids(ids)
+        if kind == "decode" and len(id_list) != 1:
+            raise ParityError(f"a decode step takes exactly 1 token id, got {len(id_list)}")
+        index = len(self._manifest["steps"])
+        writer = StepWriter(index=index, kind=kind, ids=id_list, stage_order=self._manifest["stage_order"])
+        self._step_open = True
+        try:
+            yield writer
+            self._write_step(writer)
+        finally:
+            self._step_open = False
+
+    def _write_step(self, step: StepWriter) -> None:
+        name = step_file_name(step.index)
+        tmp = self.partial_path / f"{name}.tmp"
+        # Repeated in the file header for someone who finds a lone step file; values must be strings.
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "step": str(step.index),
+            "kind": step.kind,
+        }
+        save_file(step._arrays, tmp, metadata=metadata)
+        os.replace(tmp, self.partial_path / name)
+        self._manifest["steps"].append(
+            {"index": step.index, "kind": step.kind, "ids": step.ids, "file": name, "stages": step.stages}
+        )
+        step._written = True
+        step._arrays = {}  # release the step's memory before the next one is computed
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        tmp = self.partial_path / f"{MANIFEST_NAME}.tmp"
+        tmp.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.partial_path / MANIFEST_NAME)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise ParityError(
+                f"DumpWriter for {self.path} is {self._state}, not open; use it as a context manager"
+            )
+
+
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    # abspath, not resolve(): the partial dir must be a sibling of the path as the user wrote it.
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def _check_replaceable(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ParityError(f"cannot write a dump at {path}: it is not a directory; choose another path")
+    if (path / MANIFEST_NAME).is_file() or not any(path.iterdir()):
+        return
+    raise ParityError(
+        f"refusing to overwrite {path}: it is a non-empty directory without {MANIFEST_NAME}, "
+        "so not a dump; choose another path or remove it"
+    )
+
+
+def _as_ids(ids: Sequence[int]) -> list[int]:
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise ParityError(f"token ids must be non-negative integers, got {i!r}")
+        out.append(int(i))
+    if not out:
+        raise ParityError("a step needs at least one token id")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class DumpReader:
+    """A validated, complete dump; step files are read on demand.
+
+    Satisfies the compare engine's RunView protocol (backend, mode, dtype, model, stage_order,
+    steps, read_step, read_stage, describe).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = _absolute(path)
+        self.manifest = _load_manifest(self.path)
+        m = self.manifest
+        self.backend: str = m["backend"]
+        self.mode: str = m["mode"]
+        self.dtype: str = m["dtype"]
+        self.model: dict[str, Any] = m["model"]
+        self.stage_order: list[str] = m["stage_order"]
+        self.checkpoint: dict[str, Any] | None = m["checkpoint"]
+        self.tool_versions: dict[str, str] = m["tool_versions"]
+        self.extra: dict[str, Any] = m["extra"]
+        self.steps: list[StepInfo] = [
+            StepInfo(index=s["index"], kind=s["kind"], ids=list(s["ids"])) for s in m["steps"]
+        ]
+        # Opening each file reads only its header, which safetensors checks against the file size:
+        # cheap, and it catches a truncated or garbled file now rather than mid-comparison.
+        for s in m["steps"]:
+            keys = self._open_keys(s)
+            missing = [name for name in s["stages"] if name not in keys]
+            if missing:
+                raise ParityError(
+                    f"{self.path / s['file']}: stage(s) {', '.join(missing)} listed in the manifest "
+                    f"are missing from the file; {_DAMAGED}"
+                )
+
+    def step_stages(self, index: int) -> list[str]:
+        """The stages recorded in step ``index``, in stage_order."""
+        return list(self._step_entry(index)["stages"])
+
+    def read_step(self, index: int) -> dict[str, np.ndarray]:
+        entry = self._step_entry(index)
+        file = self.path / entry["file"]
+        try:
+            arrays = load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise ParityError(f"{file}: cannot read step file ({e}); {_DAMAGED}") from None
+        return {name: arrays[name] for name in entry["stages"]}
+
+    def read_stage(self, index: int, stage: str) -> np.ndarray:
+        entry = self._step_entry(index)
+        if stage not in entry["stages"]:
+            raise ParityError(
+                f"stage {stage!r} was not recorded in step {index} of {self.path} "
+                f"({len(entry['stages'])} stages recorded; see the manifest's steps[{index}].stages)"
+            )
+        file = self.path / entry["file"]
+        try:
+            with safe_open(file, "np") as f:
+                return f.get_tensor(stage)
+        except (SafetensorError, OSError) as e:
+            raise ParityError(f"{file}: cannot read stage {stage!r} ({e}); {_DAMAGED}") from None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "path": str(self.path),
+            "checkpoint": self.checkpoint,
+            "tool_versions": self.tool_versions,
+            "extra": self.extra,
+        }
+
+    def __repr__(self) -> str:
+        steps = len(self.steps)
+        return f"DumpReader({str(self.path)!r}, backend={self.backend!r}, mode={self.mode!r}, steps={steps})"
+
+    def _step_entry(self, index: int) -> dict[str, Any]:
+        is_int = isinstance(index, (int, np.integer)) and not isinstance(index, bool)
+        if not is_int or not 0 <= index < len(self.steps):
+            raise ParityError(f"{self.path} has steps 0..{len(self.steps) - 1}; there is no step {index!r}")
+        return self.manifest["steps"][int(index)]
+
+    def _open_keys(self, entry: dict[str, Any]) -> set[str]:
+        file = self.path / entry["file"]
+        if not file.is_file():
+            raise ParityError(f"{file}: step file listed in the manifest is missing; {_DAMAGED}")
+        try:
+            with safe_open(file, "np") as f:
+                return set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ParityError(f"{file}: corrupt step file ({e}); {_DAMAGED}") from None
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        pattern = f"{glob.escape(path.name)}.partial-*"
+        partials = sorted(p.name for p in path.parent.glob(pattern)) if path.parent.is_dir() else []
+        hint = f" (an unfinished run left {partials[0]}: that run did not complete)" if partials else ""
+        raise ParityError(f"no dump at {path}{hint}; check the path or re-run the dump")
+    if not path.is_dir():
+        raise ParityError(f"{path} is not a dump directory (a dump is a directory with {MANIFEST_NAME})")
+    manifest_file = path / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise ParityError(f"{path} has no {MANIFEST_NAME}, so it is not a dump; check the path")
+    try:
+        m = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ParityError(f"{manifest_file} is not valid JSON ({e}); {_DAMAGED}") from None
+
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise ParityError(f"{manifest_file} is not an {FORMAT_NAME} manifest (wrong or missing format field)")
+    version = m.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ParityError(f"{manifest_file}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ParityError(
+            f"{path} uses dump format version {version}, newer than this tool reads ({FORMAT_VERSION}); "
+            "upgrade rwkv-parity to read it"
+        )
+    if m.get("complete") is not True:
+        raise ParityError(
+            f"{path} is an incomplete dump (the run that wrote it did not finish); re-run the dump"
+        )
+    _validate_fields(m, where=manifest_file)
+    return m
+
+
+def _validate_fields(m: dict[str, Any], *, where: Path) -> None:
+    def bad(what: str) -> ParityError:
+        return ParityError(f"{where}: {what}; {_DAMAGED}")
+
+    for field in ("backend", "mode", "dtype"):
+        if not isinstance(m.get(field), str):
+            raise bad(f"{field!r} must be a string")
+    if m["dtype"] not in DTYPES:
+        raise bad(f"dtype {m['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(m.get("model"), dict):
+        raise bad("'model' must be an object")
+    if m.get("checkpoint") is not None and not isinstance(m["checkpoint"], dict):
+        raise bad("'checkpoint' must be an object or null")
+    for field in ("tool_versions", "extra"):
+        if not isinstance(m.get(field), dict):
+            raise bad(f"{field!r} must be an object")
+    order = m.get("stage_order")
+    if not isinstance(order, list) or not all(isinstance(s, str) for s in order):
+        raise bad("'stage_order' must be a list of stage names")
+    known = set(order)
+    steps = m.get("steps")
+    if not isinstance(steps, list):
+        raise bad("'steps' must be a list")
+    for i, s in enumerate(steps):
+        if not isinstance(s, dict) or s.get("index") != i:
+            raise bad(f"steps[{i}] must be an object with index {i}")
+        if s.get("kind") not in STEP_KINDS:
+            raise bad(f"steps[{i}].kind must be one of {', '.join(STEP_KINDS)}")
+        ids = s.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise bad(f"steps[{i}].ids must be a list of integers")
+        file = s.get("file")
+        # A bare file name only: a manifest must not point a reader outside its own directory.
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise bad(f"steps[{i}].file must be a file name inside the dump directory")
+        stages = s.get("stages")
+        if not isinstance(stages, list) or not all(isinstance(n, str) for n in stages):
+            raise bad(f"steps[{i}].stages must be a list of stage names")
+        unknown = [n for n in stages if n not in known]
+        if unknown:
+            raise bad(f"steps[{i}] records stage(s) not in stage_order: {', '.join(unknown)}")
