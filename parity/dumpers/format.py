@@ -58,10 +58,12 @@ def partial_dir_for(path: str | os.PathLike[str], *, pid: int | None = None) -> 
 class StepWriter:
     """Collects one step's stages; the owning ``DumpWriter`` writes them when the step block exits."""
 
-    def __init__(self, *, index: int, kind: str, ids: list[int], stage_order: Sequence[str]):
+    def __init__(self, *, index: int, kind: str, ids: list[int], stage_order: list[str], extend: bool = False):
         self.index = index
         self.kind = kind
         self.ids = ids
+        self._order = stage_order  # the manifest's own list: extended in place when ``extend``
+        self._extend = extend
         self._position = {name: i for i, name in enumerate(stage_order)}
         self._arrays: dict[str, np.ndarray] = {}
         self._written = False
@@ -72,6 +74,9 @@ class StepWriter:
             raise ParityError(f"step {self.index} was already written; add stages inside its `with` block")
         if not isinstance(name, str) or not name:
             raise ParityError(f"stage name must be a non-empty string, got {name!r}")
+        if name not in self._position and self._extend:
+            self._position[name] = len(self._order)
+            self._order.append(name)
         if name not in self._position:
             raise ParityError(
                 f"stage {name!r} is not in this dump's stage_order; use a canonical stage name "
@@ -129,7 +134,11 @@ class DumpWriter:
         checkpoint: Mapping[str, Any] | None = None,
         tool_versions: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
+        extend_stage_order: bool = False,
     ):
+        # extend_stage_order: stages missing from stage_order are appended to it as they first
+        # appear, for dumps whose names are only known at run time (instrumented kernel calls).
+        self._extend_stage_order = extend_stage_order
         self.path = _absolute(path)
         if not self.path.name:
             raise ParityError(f"cannot write a dump at {path!s}: give a directory name")
@@ -242,7 +251,10 @@ class DumpWriter:
         if kind == "decode" and len(id_list) != 1:
             raise ParityError(f"a decode step takes exactly 1 token id, got {len(id_list)}")
         index = len(self._manifest["steps"])
-        writer = StepWriter(index=index, kind=kind, ids=id_list, stage_order=self._manifest["stage_order"])
+        writer = StepWriter(
+            index=index, kind=kind, ids=id_list, stage_order=self._manifest["stage_order"],
+            extend=self._extend_stage_order,
+        )
         self._step_open = True
         try:
             yield writer

@@ -1,0 +1,272 @@
+"""``parity``: run RWKV backends side by side and say where they first diverge.
+
+    parity run  --checkpoint PATH [--backends reference,tvm] [--ids ones:10] [--decode-steps 4] ...
+    parity diff DUMP_EXPECTED DUMP_ACTUAL [--json PATH] [--html PATH]
+    parity demo
+
+Exit codes: 0 no divergence, 1 divergence found, 2 usage or input error.
+The CLI is an assembly of library calls (parity.session); it only parses, prints and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from parity.errors import ParityError
+
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE = 0, 1, 2
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = REPO_ROOT / "fixtures" / "rwkv5_2-L4-C128-H2.pth"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other input error
+        self.print_usage(sys.stderr)
+        print(f"parity: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", type=Path, help="write the result as JSON")
+    p.add_argument("--html", metavar="PATH", type=Path, help="write a self-contained HTML report")
+    p.add_argument(
+        "--tol", metavar="PATTERN=RTOL,ATOL[,SCALE]", action="append", default=[],
+        help="tolerance override for stages matching PATTERN (fnmatch over stage names, e.g. 'L*.att.wkv'); repeatable",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or tables; only the verdict line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="parity", description="Prove a compiled RWKV model computes what the reference computes.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run backends on one checkpoint and compare every stage of every step")
+    run.add_argument("--checkpoint", required=True, type=Path, help="ChatRWKV .pth (or .safetensors) checkpoint")
+    run.add_argument("--backends", default="reference,tvm",
+                     help="comma-separated; the first is the yardstick (default: reference,tvm). "
+                          "Known: reference, tvm (debug build), tvm-instrumented (plain build + VM hook)")
+    run.add_argument("--ids", default="ones:10", help="prompt ids: 1,2,3 | ones:N | random:N[:SEED] (default ones:10)")
+    run.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
+    run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
+    run.add_argument("--dump-dir", type=Path, help="keep the dumps here (default: a temporary directory)")
+    run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
+    _add_output_args(run)
+
+    diff = sub.add_parser("diff", help="compare two saved dumps")
+    diff.add_argument("expected", type=Path, help="dump directory of the yardstick (e.g. the reference)")
+    diff.add_argument("actual", type=Path, help="dump directory under test")
+    _add_output_args(diff)
+
+    demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
+    demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
+    demo.add_argument("--cache-dir", type=Path, help="compile cache directory")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    return ap
+
+
+# -- output -------------------------------------------------------------------------------------
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def describe_divergence(fd: dict) -> str:
+    """One paragraph: where, how badly, and what tolerance would have passed."""
+    where = "prefill" if fd["step_kind"] == "prefill" else f"decode step {fd['step']}"
+    row = f", token row {fd['row']}" if fd.get("row") is not None and fd["step_kind"] == "prefill" else ""
+    layer = f"layer {fd['layer']}, " if fd.get("layer") is not None else ""
+    if fd.get("reason") == "shape":
+        how = f"shape {fd.get('actual_shape')} vs expected {fd.get('shape')}"
+    elif fd.get("reason") == "nonfinite":
+        how = f"non-finite values in {fd.get('nonfinite_side')}, first at {fd.get('first_nonfinite_index')}"
+    else:
+        how = (
+            f"max abs {_fmt(fd.get('max_abs'))}, rms-rel {_fmt(fd.get('rms_rel'))}, "
+            f"{fd.get('mismatch_count')}/{fd.get('numel')} elements ({_fmt(fd.get('mismatch_pct'))}%) out of tolerance, "
+            f"worst at {fd.get('worst_index')} (actual {_fmt(fd.get('worst_actual'))}, expected {_fmt(fd.get('worst_expected'))}); "
+            f"passes only with atol >= {_fmt(fd.get('min_atol'))} (allowed {_fmt(fd.get('atol'))})"
+        )
+    return f"first divergence: {where}, {layer}stage {fd['stage']}{row}: {how}"
+
+
+def _verdict_line(result: dict) -> str:
+    fd = result["first_divergence"]
+    if fd is None:
+        worst = result["summary"].get("worst_logits_max_abs")
+        return f"no divergence ({result['summary']['records']} records; worst logits error {_fmt(worst)})"
+    return "DIVERGENCE: " + describe_divergence(fd)
+
+
+def _print_summary(console, result: dict) -> None:
+    from rich.table import Table
+
+    exp, act = result["expected"], result["actual"]
+    table = Table(title=f"{act.get('backend')} ({act.get('mode')}) vs {exp.get('backend')} ({exp.get('mode')}), {act.get('dtype')}")
+    for col in ("step", "records", "failed", "worst stage", "max abs", "rms-rel", "logits"):
+        table.add_column(col, justify="left" if col in ("step", "worst stage") else "right", no_wrap=True)
+    by_step: dict[int, list[dict]] = {}
+    for r in result["records"]:
+        by_step.setdefault(r["step"], []).append(r)
+    for step in result["steps"]:
+        recs = by_step.get(step["index"], [])
+        if not recs:
+            continue
+        worst = max(recs, key=lambda r: r["max_abs"] if isinstance(r["max_abs"], float) else float("inf"))
+        logits = next((r for r in recs if r["stage"] == "logits"), None)
+        failed = sum(not r["passed"] for r in recs)
+        label = "prefill" if step["kind"] == "prefill" else f"decode {step['index']}"
+        table.add_row(
+            label, str(len(recs)), f"[red]{failed}[/]" if failed else "0", worst["stage"],
+            _fmt(worst["max_abs"]), _fmt(worst["rms_rel"]), _fmt(logits["max_abs"]) if logits else "-",
+        )
+    console.print(table)
+    missing = result.get("missing") or []
+    if missing:
+        console.print(f"[dim]{len(missing)} stage records exist on one side only (not compared), "
+                      f"e.g. {missing[0]['stage']} (missing in {missing[0]['missing_in']})[/]")
+
+
+def _write_outputs(result: dict, *, json_path: Path | None, html_path: Path | None, console) -> None:
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        if console:
+            console.print(f"JSON result: {json_path}")
+    if html_path:
+        from parity.report.html import write_html
+
+        write_html(result, html_path)
+        if console:
+            console.print(f"HTML report: {html_path}")
+
+
+def _overrides(texts: list[str]):
+    from parity.compare import parse_override
+
+    return [parse_override(t) for t in texts]
+
+
+class _Progress:
+    """rich progress on stderr: compile / preparation events as lines, one bar per backend's steps."""
+
+    def __init__(self, *, quiet: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=False, disable=quiet,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def event(self, msg: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(f"[dim]·[/] {msg}")
+
+    def step(self, backend: str, index: int, total: int) -> None:
+        if backend not in self.tasks:
+            self.tasks[backend] = self.progress.add_task(f"{backend} steps", total=total)
+        self.progress.update(self.tasks[backend], completed=index + 1)
+
+
+# -- commands -----------------------------------------------------------------------------------
+def _finish(result: dict, *, args, console, json_path, html_path) -> int:
+    _write_outputs(result, json_path=json_path, html_path=html_path, console=None if args.quiet else console)
+    if not args.quiet:
+        _print_summary(console, result)
+    console.print(_verdict_line(result), style=None if args.quiet else ("green" if result["first_divergence"] is None else "bold red"))
+    return EXIT_OK if result["first_divergence"] is None else EXIT_DIVERGED
+
+
+def cmd_run(args, console) -> int:
+    from parity.checkpoint import load_checkpoint
+    from parity.dumpers.backends import RunPlan
+    from parity.session import default_decode_ids, parse_ids, run_parity
+
+    if args.decode_steps < 0:
+        raise ParityError("--decode-steps must be >= 0")
+    overrides = _overrides(args.tol)
+    ck = load_checkpoint(args.checkpoint)
+    prefill = parse_ids(args.ids, vocab_size=ck.config.vocab_size)
+    if args.decode_ids:
+        decode = parse_ids(args.decode_ids, vocab_size=ck.config.vocab_size)
+    else:
+        decode = default_decode_ids(steps=args.decode_steps, vocab_size=ck.config.vocab_size)
+    plan = RunPlan(prefill_ids=prefill, decode_ids=decode)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not args.quiet:
+        console.print(f"{ck.config.describe()} from {ck.path} (sha256 {ck.sha256[:12]})")
+    with _Progress(quiet=args.quiet) as prog:
+        outcome = run_parity(
+            ck, backends=backends, plan=plan, dump_dir=args.dump_dir, overrides=overrides,
+            cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step,
+        )
+    return _finish(outcome.result, args=args, console=console, json_path=args.json, html_path=args.html)
+
+
+def cmd_diff(args, console) -> int:
+    from parity.session import compare_dumps
+
+    result = compare_dumps(args.expected, args.actual, overrides=_overrides(args.tol))
+    return _finish(result, args=args, console=console, json_path=args.json, html_path=args.html)
+
+
+def cmd_demo(args, console) -> int:
+    from parity.checkpoint import load_checkpoint
+    from parity.dumpers.backends import RunPlan
+    from parity.session import default_decode_ids, run_parity
+
+    t0 = time.perf_counter()
+    ck = load_checkpoint(DEMO_CHECKPOINT)
+    plan = RunPlan(prefill_ids=(1,) * 10, decode_ids=default_decode_ids(steps=4, vocab_size=ck.config.vocab_size))
+    report_dir = args.report_dir
+    if not args.quiet:
+        console.print(f"demo: reference vs TVM (llvm) on {ck.config.describe()}, ten all-ones ids + 4 decode steps")
+    with _Progress(quiet=args.quiet) as prog:
+        outcome = run_parity(
+            ck, backends=["reference", "tvm"], plan=plan, dump_dir=report_dir / "demo-dumps",
+            cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, command="parity demo",
+        )
+    args.tol = []
+    code = _finish(outcome.result, args=args, console=console,
+                   json_path=report_dir / "demo.json", html_path=report_dir / "demo.html")
+    if not args.quiet:
+        console.print(f"[dim]demo took {time.perf_counter() - t0:.1f} s[/]")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        return {"run": cmd_run, "diff": cmd_diff, "demo": cmd_demo}[args.command](args, console)
+    except ParityError as exc:
+        print(f"parity: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("parity: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Compile the Relax RWKV-5 model with TVM and keep the result in a compile cache.
+
+The cache key covers everything that changes the binary: the model config, the source of the
+model and kernel files, the build variant (plain / debug), the target, the pass pipeline and the
+TVM version. A cache entry is the exported shared library plus a JSON sidecar with what a
+runner needs to call it (parameter order, state slot order, debug tap names, which arguments of
+each kernel are outputs); a warm run loads the .so and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import tvm
+from tvm import relax
+
+from parity.checkpoint import ModelConfig
+from parity.compiled import rwkv5_model, wkv5_kernel
+from parity.compiled.rwkv5_model import RWKV5Model, state_slot_names
+from parity.errors import ParityError
+
+CACHE_SCHEMA = 1
+PIPELINE_ID = "FuseTransposeMatmul+default"
+VARIANTS = ("plain", "debug")
+
+_TARGETS = {
+    "llvm": {"kind": "llvm"},
+    "cuda": {"kind": "cuda", "arch": "sm_90a"},
+}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PARITY_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rwkv-parity"
+
+
+def make_target(name: str) -> tvm.target.Target:
+    if name not in _TARGETS:
+        raise ParityError(f"unknown target {name!r}; choose one of {', '.join(_TARGETS)}")
+    spec = dict(_TARGETS[name])
+    if name == "llvm":
+        spec["num-cores"] = os.cpu_count() or 1
+    return tvm.target.Target(spec)
+
+
+@dataclass(frozen=True)
+class BuildArtifact:
+    library: Path
+    meta: dict  # the sidecar: params, state_slots, tap_names, kernel_outputs, timings
+    cached: bool  # True when loaded from the cache without compiling
+
+
+def cache_key(*, config: ModelConfig, variant: str, target: str) -> str:
+    h = hashlib.sha256()
+    for part in (
+        f"schema={CACHE_SCHEMA}",
+        json.dumps(config.to_dict(), sort_keys=True),
+        Path(rwkv5_model.__file__).read_text(),
+        Path(wkv5_kernel.__file__).read_text(),
+        Path(__file__).read_text(),  # the pipeline is defined here
+        f"variant={variant}",
+        json.dumps(_TARGETS[target], sort_keys=True),
+        f"pipeline={PIPELINE_ID}",
+        f"tvm={tvm.__version__}",
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+_STORE = re.compile(r"^\s*(\w+)\[[^\n]*\]\s*=", re.M)
+_WRITES = re.compile(r"T\.writes\(([^\n]*)\)")
+
+
+def _kernel_outputs(mod: tvm.IRModule) -> dict[str, list[int]]:
+    """Kernel name -> indices of the arguments it writes (its outputs).
+
+    The VM instrument hook sees a kernel's outputs only as trailing arguments, with no count.
+    The printed TIR says which buffers each kernel stores into; those are its outputs.
+    """
+    out: dict[str, list[int]] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        text = func.script()
+        written = set(_STORE.findall(text))
+        for group in _WRITES.findall(text):
+            written.update(re.findall(r"(\w+)\[", group))
+        names = [getattr(p, "name", None) or str(p) for p in func.params]
+        idx = [i for i, n in enumerate(names) if n in written]
+        out[gv.name_hint] = idx or [len(names) - 1]
+    return out
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    variant: str = "plain",
+    target: str = "llvm",
+    cache_dir: Path | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> BuildArtifact:
+    """Return the compiled model for ``config``, compiling only on a cache miss."""
+    if variant not in VARIANTS:
+        raise ParityError(f"unknown build variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    say = on_event or (lambda msg: None)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    key = cache_key(config=config, variant=variant, target=target)
+    lib_path = cache_dir / f"rwkv5-{variant}-{target}-{key}.so"
+    meta_path = lib_path.with_suffix(".json")
+    if lib_path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            say(f"compile cache hit: {lib_path.name}")
+            return BuildArtifact(library=lib_path, meta=meta, cached=True)
+        except json.JSONDecodeError:
+            pass  # a damaged sidecar is a cache miss, not an error
+
+    say(f"compiling {config.describe()} ({variant}, {target}) with TVM {tvm.__version__}")
+    t0 = time.perf_counter()
+    model = RWKV5Model(config, debug=(variant == "debug"))
+    mod, params = model.export_tvm(spec=model.get_default_spec())
+    tvm_target = make_target(target)
+    # Without FuseTransposeMatmul every call re-transposes every (out, in) weight (docs/TVM.md).
+    pipeline = tvm.transform.Sequential(
+        [relax.transform.FuseTransposeMatmul(), relax.get_default_pipeline(tvm_target)]
+    )
+    with tvm_target:
+        mod = pipeline(mod)
+    kernel_outputs = _kernel_outputs(mod)
+    ex = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
+    t_compile = time.perf_counter() - t0
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Export to a temp name and rename: a killed build never leaves a half-written .so in the cache.
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        os.replace(tmp, lib_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta = {
+        "cache_schema": CACHE_SCHEMA,
+        "config": config.to_dict(),
+        "variant": variant,
+        "target": target,
+        "tvm_version": tvm.__version__,
+        "pipeline": PIPELINE_ID,
+        "params": [name for name, _ in params],
+        "state_slots": state_slot_names(config),
+        "tap_names": model.tap_names if variant == "debug" else [],
+        "kernel_outputs": kernel_outputs,
+        "compile_seconds": round(t_compile, 3),
+        "export_seconds": round(time.perf_counter() - t0 - t_compile, 3),
+    }
+    meta_path.write_text(json.dumps(meta, indent=1))
+    say(f"compiled in {t_compile:.1f} s, exported in {meta['export_seconds']:.1f} s")
+    return BuildArtifact(library=lib_path, meta=meta, cached=False)

@@ -1,0 +1,139 @@
+"""Run the compiled RWKV-5 model: bind checkpoint weights, carry state, call prefill/decode.
+
+State crosses the boundary in the canonical layout (docs/RWKV.md §2): ``state.L{l}.att_kv`` is
+[head, k-index, v-index], which is also what our wkv5 kernel keeps, so the adapter is the
+identity here — a port whose kernel keeps [h, v, k] would transpose in ``state_from_canonical``
+and ``state_to_canonical``, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime.vm import VMInstrumentReturnKind
+
+from parity.checkpoint import Checkpoint, ModelVersion
+from parity.compiled.build import BuildArtifact, build_model
+from parity.compiled.rwkv5_model import state_shapes
+from parity.errors import ParityError
+
+# (function symbol, call index within this run, output index, array) for every kernel output.
+KernelObserver = Callable[[str, int, int, np.ndarray], None]
+
+
+@dataclass
+class CompiledState:
+    """The recurrent state as device tensors, in the build's slot order (named, never indexed)."""
+
+    slots: dict[str, tvm.runtime.Tensor]
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {name: t.numpy() for name, t in self.slots.items()}
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # (T, V) fp32
+    state: CompiledState
+    taps: dict[str, np.ndarray]  # debug build only: canonical stage -> value
+
+
+class CompiledRWKV5:
+    """A TVM-compiled RWKV-5.2 with explicit state. ``variant="debug"`` also returns every stage."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        variant: str = "plain",
+        target: str = "llvm",
+        cache_dir: Path | None = None,
+        on_event: Callable[[str], None] | None = None,
+        artifact: BuildArtifact | None = None,
+    ):
+        cfg = checkpoint.config
+        if cfg.version != ModelVersion.V5_2:
+            raise ParityError(f"the compiled model runs RWKV-5.2 only, checkpoint is RWKV-{cfg.version.value}")
+        self.config = cfg
+        self.variant = variant
+        self.target = target
+        self.artifact = artifact or build_model(cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event)
+        meta = self.artifact.meta
+        self.device = tvm.cpu() if target == "llvm" else tvm.cuda(0)
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.artifact.library)), self.device)
+        missing = [n for n in meta["params"] if n not in checkpoint.weights]
+        if missing:
+            raise ParityError(f"checkpoint {checkpoint.path} lacks {missing[0]!r}, which the compiled model needs")
+        # Upcast once at bind time: the compiled model is fp32 throughout (weights stored bf16 on disk).
+        self.params = [
+            tvm.runtime.tensor(np.ascontiguousarray(checkpoint.weights[n].float().numpy()), self.device) for n in meta["params"]
+        ]
+        self.slot_names: list[str] = meta["state_slots"]
+        self.tap_names: list[str] = meta["tap_names"]
+        self.kernel_outputs: dict[str, list[int]] = meta["kernel_outputs"]
+
+    # -- state ----------------------------------------------------------------------------------
+    def zero_state(self) -> CompiledState:
+        shapes = state_shapes(self.config)
+        return CompiledState(
+            {n: tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for n, s in zip(self.slot_names, shapes)}
+        )
+
+    def state_from_canonical(self, arrays: dict[str, np.ndarray]) -> CompiledState:
+        return CompiledState(
+            {n: tvm.runtime.tensor(np.ascontiguousarray(arrays[n], dtype="float32"), self.device) for n in self.slot_names}
+        )
+
+    def state_to_canonical(self, state: CompiledState) -> dict[str, np.ndarray]:
+        return state.to_numpy()
+
+    # -- running --------------------------------------------------------------------------------
+    def _ids(self, ids) -> tvm.runtime.Tensor:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise ParityError("no token ids given")
+        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
+        if bad.size:
+            # The compiled gather does no bounds check: an out-of-range id would read arbitrary memory.
+            raise ParityError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        return tvm.runtime.tensor(arr.astype("int32"), self.device)
+
+    def forward(self, ids, state: CompiledState | None = None, *, observe: KernelObserver | None = None) -> StepOutput:
+        """Run T tokens: ``prefill`` for T > 1, ``decode`` for T = 1. The input state is not modified."""
+        tids = self._ids(ids)
+        state = state or self.zero_state()
+        fn = "decode" if tids.shape[0] == 1 else "prefill"
+        if observe is not None:
+            self.vm.set_instrument(self._instrument(observe))
+        try:
+            out = self.vm[fn](tids, [state.slots[n] for n in self.slot_names], *self.params)
+        finally:
+            if observe is not None:
+                self.vm.set_instrument(lambda *a: VMInstrumentReturnKind.NO_OP)
+        new_state = CompiledState(dict(zip(self.slot_names, list(out[1]))))
+        taps = {}
+        if self.variant == "debug":
+            taps = {name: t.numpy() for name, t in zip(self.tap_names, list(out[2]))}
+        return StepOutput(logits=out[0].numpy(), state=new_state, taps=taps)
+
+    def _instrument(self, observe: KernelObserver):
+        counter = [0]
+        outputs = self.kernel_outputs
+
+        def hook(func, symbol, before_run, ret_value, *args):
+            symbol = str(symbol)
+            if before_run or symbol.startswith("vm.builtin.") or symbol not in outputs:
+                return VMInstrumentReturnKind.NO_OP
+            for k, i in enumerate(outputs[symbol]):
+                if i < len(args) and hasattr(args[i], "numpy"):
+                    # Copy now: the VM reuses these buffers for later kernels.
+                    observe(symbol, counter[0], k, args[i].numpy().copy())
+            counter[0] += 1
+            return VMInstrumentReturnKind.NO_OP
+
+        return hook

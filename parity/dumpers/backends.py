@@ -1,0 +1,253 @@
+"""Record a run of each backend into a dump, under the canonical stage names.
+
+A backend here is "a model plus how it is observed": the torch reference with its recorder
+hook; the TVM debug build, which returns every stage as an extra output; and the unmodified TVM
+build watched through the Relax VM instrument hook. Each one walks the same ``RunPlan`` (same
+ids, same steps) and writes one step at a time, so nothing but the current step is in memory.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from parity.checkpoint import Checkpoint
+from parity.dumpers.format import DumpWriter, StepWriter
+from parity.errors import ParityError
+from parity.stages import stage_order
+
+# Called after each step: (backend name, step index, number of steps).
+StepCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What every backend runs: one prefill of ``prefill_ids``, then one decode per ``decode_ids``.
+
+    Decode ids are fixed up front (teacher forcing), so every backend sees the same tokens and a
+    difference in one step cannot change the input of the next.
+    """
+
+    prefill_ids: tuple[int, ...]
+    decode_ids: tuple[int, ...] = ()
+
+    def steps(self) -> list[tuple[str, list[int]]]:
+        return [("prefill", list(self.prefill_ids))] + [("decode", [i]) for i in self.decode_ids]
+
+    def check(self, *, vocab_size: int) -> None:
+        if not self.prefill_ids:
+            raise ParityError("no prompt token ids given")
+        for i in (*self.prefill_ids, *self.decode_ids):
+            if not 0 <= i < vocab_size:
+                raise ParityError(f"token id {i} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("rwkv-parity", "torch", "apache-tvm", "numpy", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Backend:
+    """Base of the built-in backends: a name, a capture mode, a dtype, and ``record(plan, writer)``."""
+
+    checkpoint: Checkpoint
+    name: str = "backend"
+    mode: str = "eager"
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+    extend_stage_order: bool = False
+
+    def canonical_order(self) -> list[str]:
+        return stage_order(n_layer=self.checkpoint.config.n_layer, gated=self.checkpoint.config.version.gated)
+
+    def dump(self, plan: RunPlan, *, path: Path, on_step: StepCallback | None = None) -> Path:
+        plan.check(vocab_size=self.checkpoint.config.vocab_size)
+        ck = self.checkpoint
+        writer = DumpWriter(
+            path=path,
+            backend=self.name,
+            mode=self.mode,
+            dtype=self.dtype,
+            model=ck.config.to_dict(),
+            stage_order=self.canonical_order(),
+            checkpoint={"path": str(ck.path), "sha256": ck.sha256},
+            tool_versions=tool_versions(),
+            extra=self.extra,
+            extend_stage_order=self.extend_stage_order,
+        )
+        steps = plan.steps()
+        with writer:
+            self.begin()
+            for index, (kind, ids) in enumerate(steps):
+                with writer.step(kind=kind, ids=ids) as step:
+                    self.record_step(ids, step)
+                if on_step:
+                    on_step(self.name, index, len(steps))
+        return writer.path
+
+    def begin(self) -> None:
+        """Reset to the zero state before the first step."""
+        raise NotImplementedError
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """The pure-torch reference, observed through its recorder hook."""
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
+        from parity.reference.rwkv5 import RWKV5Reference
+
+        super().__init__(checkpoint=checkpoint, name="reference", mode="eager", dtype=dtype)
+        self.model = RWKV5Reference(checkpoint, dtype=dtype)
+        self.state = None
+
+    def begin(self) -> None:
+        self.state = self.model.zero_state()
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        import torch
+
+        def record(stage: str, value: torch.Tensor) -> None:
+            value = value.detach()
+            # numpy has no bfloat16; fp32 holds every bf16 value exactly.
+            step.add(stage, (value.float() if value.dtype == torch.bfloat16 else value).numpy())
+
+        _, self.state = self.model.forward(ids, self.state, record=record)
+
+
+class TVMDebugBackend(Backend):
+    """The TVM debug build: the compiled graph also returns every canonical stage."""
+
+    def __init__(self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None):
+        from parity.compiled.runtime import CompiledRWKV5
+
+        self.model = CompiledRWKV5(checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event)
+        super().__init__(
+            checkpoint=checkpoint, name="tvm", mode="debug", dtype="float32",
+            extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached},
+        )
+        self.state = None
+
+    def begin(self) -> None:
+        self.state = self.model.zero_state()
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        out = self.model.forward(ids, self.state)
+        self.state = out.state
+        for name, value in out.taps.items():
+            step.add(name, value)
+        for name, value in self.model.state_to_canonical(out.state).items():
+            step.add(name, value)
+
+
+_LAYER_NORM = re.compile(r"^(fused_)?layer_norm\d*$")
+_TOKEN_SHIFT = re.compile(r"^(fused_)?token_shift\d*$")
+_LAST_ROW = re.compile(r"^(fused_)?last_row\d*$")
+_WKV = re.compile(r"^wkv5\d*$")
+
+
+def map_kernel_calls(
+    calls: list[tuple[str, int, int, np.ndarray]], *, n_layer: int, n_embd: int
+) -> dict[str, np.ndarray]:
+    """Name each recorded kernel output: canonical where the mapping is sure, else by kernel.
+
+    Sure mappings rest on kernels that compute exactly one canonical stage and appear exactly
+    as often as that stage does, so call order gives the layer: wkv5 (out 0: att.wkv, out 1:
+    the new att_kv state), unfused layer_norm (emb, then ln1 / ln2 per layer, then ln_out),
+    token_shift (att.shift / ffn.shift per layer) and last_row (the att_x / ffn_x state). A
+    kernel fused with anything else no longer computes one stage, so it keeps its own name.
+    """
+    by_kind: dict[str, list[tuple[str, int, int, np.ndarray]]] = {"ln": [], "shift": [], "last": [], "wkv": []}
+    for call in calls:
+        symbol = call[0]
+        for kind, pattern in (("ln", _LAYER_NORM), ("shift", _TOKEN_SHIFT), ("last", _LAST_ROW), ("wkv", _WKV)):
+            if pattern.match(symbol):
+                by_kind[kind].append(call)
+    names: dict[tuple[int, int], str] = {}
+    wkv_calls = sorted({c[1] for c in by_kind["wkv"]})
+    if len(wkv_calls) == n_layer:
+        for layer, call_index in enumerate(wkv_calls):
+            names[(call_index, 0)] = f"L{layer}.att.wkv"
+            names[(call_index, 1)] = f"state.L{layer}.att_kv"
+    if len(by_kind["ln"]) == 2 * n_layer + 2:
+        ln_names = ["emb"] + [f"L{l}.{s}" for l in range(n_layer) for s in ("att.ln1", "ffn.ln2")] + ["ln_out"]
+        for name, call in zip(ln_names, by_kind["ln"]):
+            names[(call[1], call[2])] = name
+    if len(by_kind["shift"]) == 2 * n_layer:
+        shift_names = [f"L{l}.{s}" for l in range(n_layer) for s in ("att.shift", "ffn.shift")]
+        for name, call in zip(shift_names, by_kind["shift"]):
+            names[(call[1], call[2])] = name
+    if len(by_kind["last"]) == 2 * n_layer:
+        last_names = [f"state.L{l}.{s}" for l in range(n_layer) for s in ("att_x", "ffn_x")]
+        for name, call in zip(last_names, by_kind["last"]):
+            names[(call[1], call[2])] = name
+
+    out: dict[str, np.ndarray] = {}
+    for symbol, call_index, k, value in calls:
+        name = names.get((call_index, k))
+        if name is None:
+            name = f"kernel.{call_index:03d}.{symbol}" + (f".out{k}" if k else "")
+        elif name.endswith("att.wkv"):
+            value = value.reshape(value.shape[0], n_embd)  # (T, H, N) -> canonical (T, C)
+        out[name] = value
+    return out
+
+
+class TVMInstrumentedBackend(Backend):
+    """The unmodified (plain) TVM build, every kernel call observed by the VM instrument hook."""
+
+    def __init__(self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None):
+        from parity.compiled.runtime import CompiledRWKV5
+
+        self.model = CompiledRWKV5(checkpoint, variant="plain", target=target, cache_dir=cache_dir, on_event=on_event)
+        super().__init__(
+            checkpoint=checkpoint, name="tvm", mode="instrumented", dtype="float32",
+            extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached},
+            extend_stage_order=True,
+        )
+        self.state = None
+
+    def begin(self) -> None:
+        self.state = self.model.zero_state()
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        calls: list[tuple[str, int, int, np.ndarray]] = []
+        out = self.model.forward(ids, self.state, observe=lambda *call: calls.append(call))
+        self.state = out.state
+        cfg = self.checkpoint.config
+        named = map_kernel_calls(calls, n_layer=cfg.n_layer, n_embd=cfg.n_embd)
+        # The function's own outputs are sure: logits and every state slot.
+        named["logits"] = out.logits
+        for name, value in self.model.state_to_canonical(out.state).items():
+            named.setdefault(name, value)
+        order = {name: i for i, name in enumerate(self.canonical_order())}
+        for name in sorted(named, key=lambda n: (order.get(n, len(order)), n)):
+            step.add(name, named[name])
+
+
+BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented")
+
+
+def make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None, target: str = "llvm") -> Backend:
+    """``reference``, ``tvm`` (debug build) or ``tvm-instrumented`` (plain build + VM hook)."""
+    if spec == "reference":
+        return ReferenceBackend(checkpoint)
+    if spec == "tvm":
+        return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
+    if spec == "tvm-instrumented":
+        return TVMInstrumentedBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
+    raise ParityError(f"unknown backend {spec!r}; choose from {', '.join(BACKEND_NAMES)}")
