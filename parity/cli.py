@@ -79,6 +79,10 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _fmt6(x) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else _fmt(x)
+
+
 def describe_divergence(fd: dict) -> str:
     """One paragraph: where, how badly, and what tolerance would have passed."""
     where = "prefill" if fd["step_kind"] == "prefill" else f"decode step {fd['step']}"
@@ -92,7 +96,7 @@ def describe_divergence(fd: dict) -> str:
         how = (
             f"max abs {_fmt(fd.get('max_abs'))}, rms-rel {_fmt(fd.get('rms_rel'))}, "
             f"{fd.get('mismatch_count')}/{fd.get('numel')} elements ({_fmt(fd.get('mismatch_pct'))}%) out of tolerance, "
-            f"worst at {fd.get('worst_index')} (actual {_fmt(fd.get('worst_actual'))}, expected {_fmt(fd.get('worst_expected'))}); "
+            f"worst at {fd.get('worst_index')} (actual {_fmt6(fd.get('worst_actual'))}, expected {_fmt6(fd.get('worst_expected'))}); "
             f"passes only with atol >= {_fmt(fd.get('min_atol'))} (allowed {_fmt(fd.get('atol'))})"
         )
     return f"first divergence: {where}, {layer}stage {fd['stage']}{row}: {how}"

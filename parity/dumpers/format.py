@@ -91,12 +91,13 @@ class StepWriter:
                 f"stage {name!r}: expected a numpy array, got {type(array).__name__}; convert first "
                 "(a torch tensor: t.detach().float().cpu().numpy())"
             )
-        if array.dtype.kind != "f":
+        if array.dtype.kind not in "fiub":
             # numpy has no bfloat16; callers upcast it to float32 (lossless) and the manifest's
-            # dtype still says bfloat16.
+            # dtype still says bfloat16. Integer arrays are allowed for kernel records of
+            # instrumented runs (shape functions, gathers' indices).
             raise ParityError(
-                f"stage {name!r}: dtype {array.dtype} is not a float dtype; store float16/float32/float64 "
-                "(upcast bfloat16 to float32)"
+                f"stage {name!r}: dtype {array.dtype} is not a float or integer dtype; store "
+                "float16/float32/float64 (upcast bfloat16 to float32)"
             )
         # A copy, so later in-place updates by the caller (state buffers are reused across steps)
         # cannot change what was recorded; native byte order and C order because safetensors

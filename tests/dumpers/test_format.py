@@ -204,7 +204,7 @@ def test_same_stage_in_different_steps_is_fine(tmp_path: Path) -> None:
     ("name", "array", "message"),
     [
         ("L0.att.nope", np.zeros((1, C), np.float32), "not in this dump's stage_order"),
-        ("emb", np.zeros((1, C), np.int32), "not a float dtype"),
+        ("emb", np.zeros((1, C), np.complex64), "not a float or integer dtype"),
         ("emb", [[0.0] * C], "expected a numpy array"),
     ],
 )
