@@ -32,7 +32,7 @@ class ModelVersion(str, enum.Enum):
 
 
 # What the backends of this release can run; detection knows more so the error can say what it saw.
-SUPPORTED_VERSIONS = (ModelVersion.V5_2,)
+SUPPORTED_VERSIONS = (ModelVersion.V4, ModelVersion.V5_0, ModelVersion.V5_1, ModelVersion.V5_2)
 
 
 @dataclass(frozen=True)

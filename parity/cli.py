@@ -110,6 +110,22 @@ def _verdict_line(result: dict) -> str:
     return "DIVERGENCE: " + describe_divergence(fd)
 
 
+def _print_pairs(console, result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="every pair (the first named is the yardstick)")
+    for col in ("expected", "actual", "verdict", "first divergence"):
+        table.add_column(col)
+    for c in result["comparisons"]:
+        fd = c["first_divergence"]
+        where = "-" if fd is None else f"step {fd['step']} {fd['stage']}" + (f" row {fd['row']}" if fd.get("row") is not None else "")
+        style = "green" if fd is None else "red"
+        table.add_row(c["expected"], c["actual"], f"[{style}]{c['verdict']}[/]", where)
+    console.print(table)
+    odd = result["odd_one_out"]
+    console.print(f"odd one out: [bold]{odd['backend']}[/] — {odd['explanation']}" if odd["backend"] else odd["explanation"])
+
+
 def _print_summary(console, result: dict) -> None:
     from rich.table import Table
 
@@ -133,6 +149,8 @@ def _print_summary(console, result: dict) -> None:
             _fmt(worst["max_abs"]), _fmt(worst["rms_rel"]), _fmt(logits["max_abs"]) if logits else "-",
         )
     console.print(table)
+    if result.get("comparisons"):
+        _print_pairs(console, result)
     missing = result.get("missing") or []
     if missing:
         console.print(f"[dim]{len(missing)} stage records exist on one side only (not compared), "

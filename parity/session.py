@@ -80,6 +80,29 @@ def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | Non
     return compare_runs(actual=act, expected=exp, policy=policy).to_dict()
 
 
+def odd_one_out(backends: list[str], agree: dict[tuple[str, str], bool]) -> dict:
+    """Which backend disagrees with all the others while those all agree with each other.
+
+    ``agree[(a, b)]`` is True when the pair showed no divergence. With three backends and exactly
+    one of them wrong, the two right ones agree and both disagree with it — a majority verdict.
+    """
+
+    def ok(a: str, b: str) -> bool:
+        return agree.get((a, b), agree.get((b, a), False))
+
+    if all(agree.values()):
+        return {"backend": None, "explanation": "all backends agree"}
+    for suspect in backends:
+        others = [b for b in backends if b != suspect]
+        others_agree = all(ok(a, b) for i, a in enumerate(others) for b in others[i + 1 :])
+        if others_agree and not any(ok(suspect, o) for o in others):
+            return {
+                "backend": suspect,
+                "explanation": f"{', '.join(others)} agree with each other; {suspect} diverges from all of them",
+            }
+    return {"backend": None, "explanation": "no single backend is the odd one out: several pairs disagree"}
+
+
 def run_parity(
     checkpoint: Checkpoint | str | Path,
     *,
@@ -120,7 +143,10 @@ def run_parity(
             backend = make_backend(spec, ck, cache_dir=cache_dir, on_event=say)
             say(f"running {spec}: prefill of {len(plan.prefill_ids)} tokens + {len(plan.decode_ids)} decode steps")
             dumps[spec] = backend.dump(plan, path=Path(dump_dir) / spec, on_step=on_step)
-        comparisons = [compare_dumps(dumps[backends[0]], dumps[b], overrides=overrides) for b in backends[1:]]
+        # Every pair, the earlier-listed backend as the yardstick: with three or more, agreement
+        # between two of them is what tells which one is wrong.
+        pairs = [(a, b) for i, a in enumerate(backends) for b in backends[i + 1 :]]
+        comparisons = [compare_dumps(dumps[a], dumps[b], overrides=overrides) for a, b in pairs]
         primary = next((c for c in comparisons if c["first_divergence"] is not None), comparisons[0])
         result = dict(primary)
         result["run"] = {
@@ -138,14 +164,15 @@ def run_parity(
         if len(comparisons) > 1:
             result["comparisons"] = [
                 {
-                    "expected": c["expected"],
-                    "actual": c["actual"],
+                    "expected": a,
+                    "actual": b,
                     "verdict": c["verdict"],
                     "first_divergence": c["first_divergence"],
                     "summary": c["summary"],
                 }
-                for c in comparisons
+                for (a, b), c in zip(pairs, comparisons)
             ]
+            result["odd_one_out"] = odd_one_out(backends, {pair: c["first_divergence"] is None for pair, c in zip(pairs, comparisons)})
         return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons)
     finally:
         if tmp is not None:

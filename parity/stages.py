@@ -9,13 +9,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Per-layer stages in the order one step executes them. xg / g / gated exist only for gated
-# versions (5.1, 5.2); ln_x only for v5.
+# Per-layer stages in the order one step executes them. xg / g exist only for gated versions
+# (5.1, 5.2); ln_x only for v5; gated (what att.output multiplies) is ln_x·g in 5.1/5.2, r·wkv
+# in v4, and absent in 5.0, where att.output takes ln_x itself.
 _ATT_STAGES = ("ln1", "shift", "xk", "xv", "xr", "xg", "r", "k", "v", "g", "wkv", "ln_x", "gated", "out")
 _FFN_STAGES = ("ln2", "shift", "xk", "xr", "r", "k", "out")
+_NOT_IN = {
+    "4": {"xg", "g", "ln_x"},
+    "5.0": {"xg", "g", "gated"},
+    "5.1": set(),
+    "5.2": set(),
+}
+VERSIONS = tuple(_NOT_IN)
 
-# v5 wkv state per layer; v4 would be (aa, bb, pp).
+# Recurrent state per layer, by family: v5 keeps the wkv matrix, v4 the stable (aa, bb, pp) triple.
 V5_STATE_SLOTS = ("att_x", "att_kv", "ffn_x")
+V4_STATE_SLOTS = ("att_x", "aa", "bb", "pp", "ffn_x")
+
+
+def state_slots(version: str) -> tuple[str, ...]:
+    return V4_STATE_SLOTS if version == "4" else V5_STATE_SLOTS
 
 _LAYER_RE = re.compile(r"^(?:state\.)?L(\d+)\.")
 
@@ -29,12 +42,10 @@ class StageInfo:
     per_token: bool  # True: leading axis is the token row (T rows in prefill); False: a state slot
 
 
-def layer_stage_names(*, layer: int, gated: bool = True) -> list[str]:
-    names = []
-    for s in _ATT_STAGES:
-        if not gated and s in ("xg", "g", "gated"):
-            continue
-        names.append(f"L{layer}.att.{s}")
+def layer_stage_names(*, layer: int, version: str = "5.2") -> list[str]:
+    if version not in _NOT_IN:
+        raise ValueError(f"unknown RWKV version {version!r}")
+    names = [f"L{layer}.att.{s}" for s in _ATT_STAGES if s not in _NOT_IN[version]]
     names.append(f"L{layer}.x_after_att")
     names += [f"L{layer}.ffn.{s}" for s in _FFN_STAGES]
     names.append(f"L{layer}.x_out")
@@ -45,13 +56,13 @@ def state_stage_names(*, n_layer: int, slots: tuple[str, ...] = V5_STATE_SLOTS) 
     return [f"state.L{layer}.{slot}" for layer in range(n_layer) for slot in slots]
 
 
-def stage_order(*, n_layer: int, gated: bool = True, slots: tuple[str, ...] = V5_STATE_SLOTS) -> list[str]:
+def stage_order(*, n_layer: int, version: str = "5.2") -> list[str]:
     """Every canonical stage of one step, in execution order; the state after the step comes last."""
     names = ["emb"]
     for layer in range(n_layer):
-        names += layer_stage_names(layer=layer, gated=gated)
+        names += layer_stage_names(layer=layer, version=version)
     names += ["ln_out", "logits"]
-    names += state_stage_names(n_layer=n_layer, slots=slots)
+    names += state_stage_names(n_layer=n_layer, slots=state_slots(version))
     return names
 
 

@@ -1,4 +1,4 @@
-"""Realistic random RWKV-5.2 weights (docs/RWKV.md §6), deterministic by seed.
+"""Realistic random RWKV-4 / RWKV-5.x weights (docs/RWKV.md §6), deterministic by seed.
 
 Random weights with the training init's *structure* (decay spread across channels, time-mix
 ramps, orthogonal matrices, non-trivial LayerNorms) exercise the same numerics as a real model:
@@ -19,19 +19,30 @@ from parity.checkpoint import ModelConfig, ModelVersion
 DECAY_PROFILES = {"default": (-6.0, 5.0), "long": (-9.0, 3.0)}
 
 
-def ffn_size(n_embd: int) -> int:
-    """v5 FFN width: int(3.5 C) rounded down to a multiple of 32."""
+def ffn_size(n_embd: int, *, version: ModelVersion = ModelVersion.V5_2) -> int:
+    """v4: 4C. v5: int(3.5 C) rounded down to a multiple of 32."""
+    if version == ModelVersion.V4:
+        return 4 * n_embd
     return int(3.5 * n_embd) // 32 * 32
 
 
-def make_config(*, n_layer: int, n_embd: int, head_size: int, vocab_size: int) -> ModelConfig:
+def make_config(
+    *, n_layer: int, n_embd: int, head_size: int | None = None, vocab_size: int, version: str = "5.2"
+) -> ModelConfig:
+    v = ModelVersion(version)
+    if v == ModelVersion.V4:
+        n_head, head_size = 1, n_embd  # v4 has no heads: one "head" spanning every channel
+    elif head_size is None:
+        raise ValueError("RWKV-5 needs a head size")
+    else:
+        n_head = n_embd // head_size
     return ModelConfig(
-        version=ModelVersion.V5_2,
+        version=v,
         n_layer=n_layer,
         n_embd=n_embd,
         dim_att=n_embd,
-        dim_ffn=ffn_size(n_embd),
-        n_head=n_embd // head_size,
+        dim_ffn=ffn_size(n_embd, version=v),
+        n_head=n_head,
         head_size=head_size,
         vocab_size=vocab_size,
     )
@@ -51,10 +62,9 @@ def _linear(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return _orthogonal(rows, cols, gain=gain, gen=gen)
 
 
-def make_rwkv5_2_weights(config: ModelConfig, *, seed: int, decay_profile: str = "default") -> dict[str, torch.Tensor]:
-    """A ChatRWKV-layout state dict (fp32) for ``config``."""
-    if config.version != ModelVersion.V5_2:
-        raise ValueError(f"only RWKV-5.2 weights are generated, got {config.version.value}")
+def make_weights(config: ModelConfig, *, seed: int, decay_profile: str = "default") -> dict[str, torch.Tensor]:
+    """A ChatRWKV-layout state dict (fp32) for ``config``, any supported version."""
+    version = config.version
     gen = torch.Generator().manual_seed(seed)
     C, A, F, V, H, N, L = (config.n_embd, config.dim_att, config.dim_ffn, config.vocab_size,
                            config.n_head, config.head_size, config.n_layer)
@@ -81,16 +91,29 @@ def make_rwkv5_2_weights(config: ModelConfig, *, seed: int, decay_profile: str =
         w[f"{b}.att.time_mix_k"] = mix(ddd**r10)
         w[f"{b}.att.time_mix_v"] = mix(ddd**r10 + 0.3 * r01)
         w[f"{b}.att.time_mix_r"] = mix(ddd ** (0.5 * r10))
-        w[f"{b}.att.time_mix_g"] = mix(ddd ** (0.5 * r10))
-        decay = decay_lo + decay_span * (n / (A - 1)) ** (0.7 + 1.3 * r01)
-        faaaa = r01 * (1 - n / (A - 1)) + 0.1 * ((n + 1) % 3 - 1)
-        w[f"{b}.att.time_decay"] = decay.reshape(H, N).float()
-        w[f"{b}.att.time_faaaa"] = faaaa.reshape(H, N).float()
-        for name in ("receptance", "key", "value", "gate"):
+        if version.gated:
+            w[f"{b}.att.time_mix_g"] = mix(ddd ** (0.5 * r10))
+        if version == ModelVersion.V4:
+            # v4 decay spans −5 … 3 before w = −exp(decay); time_first alternates around ln 0.3.
+            w[f"{b}.att.time_decay"] = (-5 + 8 * (n / (A - 1)) ** (0.7 + 1.3 * r01)).float()
+            w[f"{b}.att.time_first"] = (math.log(0.3) + 0.5 * ((n + 1) % 3 - 1)).float()
+        elif version == ModelVersion.V5_2:
+            decay = decay_lo + decay_span * (n / (A - 1)) ** (0.7 + 1.3 * r01)
+            faaaa = r01 * (1 - n / (A - 1)) + 0.1 * ((n + 1) % 3 - 1)
+            w[f"{b}.att.time_decay"] = decay.reshape(H, N).float()
+            w[f"{b}.att.time_faaaa"] = faaaa.reshape(H, N).float()
+        else:
+            # 5.0/5.1: the same profile, one value per head; u = exp(time_first) around 0.3.
+            h = torch.arange(H, dtype=torch.float64)
+            frac = h / (H - 1) if H > 1 else h
+            w[f"{b}.att.time_decay"] = (decay_lo + decay_span * frac ** (0.7 + 1.3 * r01)).float()
+            w[f"{b}.att.time_first"] = (math.log(0.3) + 0.5 * ((h + 1) % 3 - 1)).float()
+        for name in ("receptance", "key", "value") + (("gate",) if version.gated else ()):
             w[f"{b}.att.{name}.weight"] = _linear(A, C, gen)
         w[f"{b}.att.output.weight"] = _linear(C, A, gen)
-        w[f"{b}.att.ln_x.weight"] = torch.full((A,), ((layer + 1) / L) ** 0.7)
-        w[f"{b}.att.ln_x.bias"] = (0.1 * torch.randn(A, generator=gen, dtype=torch.float64)).float()
+        if version != ModelVersion.V4:
+            w[f"{b}.att.ln_x.weight"] = torch.full((A,), ((layer + 1) / L) ** 0.7)
+            w[f"{b}.att.ln_x.bias"] = (0.1 * torch.randn(A, generator=gen, dtype=torch.float64)).float()
         w[f"{b}.ffn.time_mix_k"] = mix(ddd**r10)
         w[f"{b}.ffn.time_mix_r"] = mix(ddd**r10)
         w[f"{b}.ffn.key.weight"] = _linear(F, C, gen)
@@ -99,3 +122,4 @@ def make_rwkv5_2_weights(config: ModelConfig, *, seed: int, decay_profile: str =
     ln_pair("ln_out")
     w["head.weight"] = _orthogonal(V, C, gain=0.5 * math.sqrt(V / C), gen=gen)
     return w
+

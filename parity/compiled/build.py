@@ -1,4 +1,4 @@
-"""Compile the Relax RWKV-5 model with TVM and keep the result in a compile cache.
+"""Compile the Relax RWKV model with TVM and keep the result in a compile cache.
 
 The cache key covers everything that changes the binary: the model config, the source of the
 model and kernel files, the build variant (plain / debug), the target, the pass pipeline and the
@@ -22,9 +22,8 @@ from typing import Callable
 import tvm
 from tvm import relax
 
-from parity.checkpoint import ModelConfig
-from parity.compiled import rwkv5_model, wkv5_kernel
-from parity.compiled.rwkv5_model import RWKV5Model, state_slot_names
+from parity.checkpoint import ModelConfig, ModelVersion
+from parity.compiled import common, rwkv4_model, rwkv5_model, wkv4_kernel, wkv5_kernel
 from parity.errors import ParityError
 
 CACHE_SCHEMA = 1
@@ -54,6 +53,17 @@ def make_target(name: str) -> tvm.target.Target:
     return tvm.target.Target(spec)
 
 
+def model_for(config: ModelConfig, *, debug: bool):
+    """The Relax module of the checkpoint's family: one file per family (rwkv4 / rwkv5)."""
+    if config.version == ModelVersion.V4:
+        return rwkv4_model.RWKV4Model(config, debug=debug)
+    return rwkv5_model.RWKV5Model(config, debug=debug)
+
+
+# Every source whose text shapes the binary; a change to any of them is a new cache key.
+_SOURCES = (common, rwkv4_model, rwkv5_model, wkv4_kernel, wkv5_kernel)
+
+
 @dataclass(frozen=True)
 class BuildArtifact:
     library: Path
@@ -66,8 +76,7 @@ def cache_key(*, config: ModelConfig, variant: str, target: str) -> str:
     for part in (
         f"schema={CACHE_SCHEMA}",
         json.dumps(config.to_dict(), sort_keys=True),
-        Path(rwkv5_model.__file__).read_text(),
-        Path(wkv5_kernel.__file__).read_text(),
+        *(Path(m.__file__).read_text() for m in _SOURCES),
         Path(__file__).read_text(),  # the pipeline is defined here
         f"variant={variant}",
         json.dumps(_TARGETS[target], sort_keys=True),
@@ -117,7 +126,8 @@ def build_model(
     say = on_event or (lambda msg: None)
     cache_dir = Path(cache_dir or default_cache_dir())
     key = cache_key(config=config, variant=variant, target=target)
-    lib_path = cache_dir / f"rwkv5-{variant}-{target}-{key}.so"
+    family = "rwkv4" if config.version == ModelVersion.V4 else "rwkv5"
+    lib_path = cache_dir / f"{family}-{variant}-{target}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
     if lib_path.exists() and meta_path.exists():
         try:
@@ -129,7 +139,7 @@ def build_model(
 
     say(f"compiling {config.describe()} ({variant}, {target}) with TVM {tvm.__version__}")
     t0 = time.perf_counter()
-    model = RWKV5Model(config, debug=(variant == "debug"))
+    model = model_for(config, debug=(variant == "debug"))
     mod, params = model.export_tvm(spec=model.get_default_spec())
     tvm_target = make_target(target)
     # Without FuseTransposeMatmul every call re-transposes every (out, in) weight (docs/TVM.md).
@@ -159,7 +169,9 @@ def build_model(
         "tvm_version": tvm.__version__,
         "pipeline": PIPELINE_ID,
         "params": [name for name, _ in params],
-        "state_slots": state_slot_names(config),
+        "state_slots": model.layout.names(config.n_layer),
+        "state_shapes": [list(x) for x in model.layout.all_shapes(config.n_layer)],
+        "state_fill": model.layout.all_fills(config.n_layer),
         "tap_names": model.tap_names if variant == "debug" else [],
         "kernel_outputs": kernel_outputs,
         "compile_seconds": round(t_compile, 3),

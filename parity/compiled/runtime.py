@@ -1,9 +1,9 @@
-"""Run the compiled RWKV-5 model: bind checkpoint weights, carry state, call prefill/decode.
+"""Run a compiled RWKV model: bind checkpoint weights, carry state, call prefill/decode.
 
 State crosses the boundary in the canonical layout (docs/RWKV.md §2): ``state.L{l}.att_kv`` is
-[head, k-index, v-index], which is also what our wkv5 kernel keeps, so the adapter is the
-identity here — a port whose kernel keeps [h, v, k] would transpose in ``state_from_canonical``
-and ``state_to_canonical``, and nowhere else.
+[head, k-index, v-index], which is also what our wkv5 kernel keeps, and v4's (aa, bb, pp) are
+per channel, so the adapter is the identity here — a port whose kernel keeps [h, v, k] would
+transpose in ``state_from_canonical`` and ``state_to_canonical``, and nowhere else.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import tvm
 from tvm import relax
 from tvm.runtime.vm import VMInstrumentReturnKind
 
-from parity.checkpoint import Checkpoint, ModelVersion
+from parity.checkpoint import SUPPORTED_VERSIONS, Checkpoint
 from parity.compiled.build import BuildArtifact, build_model
-from parity.compiled.rwkv5_model import state_shapes
 from parity.errors import ParityError
 
 # (function symbol, call index within this run, output index, array) for every kernel output.
@@ -43,8 +42,8 @@ class StepOutput:
     taps: dict[str, np.ndarray]  # debug build only: canonical stage -> value
 
 
-class CompiledRWKV5:
-    """A TVM-compiled RWKV-5.2 with explicit state. ``variant="debug"`` also returns every stage."""
+class CompiledRWKV:
+    """A TVM-compiled RWKV (v4 or v5.x) with explicit state. ``variant="debug"`` also returns every stage."""
 
     def __init__(
         self,
@@ -57,8 +56,8 @@ class CompiledRWKV5:
         artifact: BuildArtifact | None = None,
     ):
         cfg = checkpoint.config
-        if cfg.version != ModelVersion.V5_2:
-            raise ParityError(f"the compiled model runs RWKV-5.2 only, checkpoint is RWKV-{cfg.version.value}")
+        if cfg.version not in SUPPORTED_VERSIONS:
+            raise ParityError(f"no compiled model for RWKV-{cfg.version.value}")
         self.config = cfg
         self.variant = variant
         self.target = target
@@ -79,10 +78,11 @@ class CompiledRWKV5:
 
     # -- state ----------------------------------------------------------------------------------
     def zero_state(self) -> CompiledState:
-        shapes = state_shapes(self.config)
-        return CompiledState(
-            {n: tvm.runtime.tensor(np.zeros(s, "float32"), self.device) for n, s in zip(self.slot_names, shapes)}
-        )
+        meta = self.artifact.meta
+        return CompiledState({
+            n: tvm.runtime.tensor(np.full(shape, fill, "float32"), self.device)
+            for n, shape, fill in zip(self.slot_names, meta["state_shapes"], meta["state_fill"])
+        })
 
     def state_from_canonical(self, arrays: dict[str, np.ndarray]) -> CompiledState:
         return CompiledState(
@@ -137,3 +137,6 @@ class CompiledRWKV5:
             return VMInstrumentReturnKind.NO_OP
 
         return hook
+
+
+CompiledRWKV5 = CompiledRWKV  # the name before v4 joined

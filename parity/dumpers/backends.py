@@ -70,7 +70,7 @@ class Backend:
     extend_stage_order: bool = False
 
     def canonical_order(self) -> list[str]:
-        return stage_order(n_layer=self.checkpoint.config.n_layer, gated=self.checkpoint.config.version.gated)
+        return stage_order(n_layer=self.checkpoint.config.n_layer, version=self.checkpoint.config.version.value)
 
     def dump(self, plan: RunPlan, *, path: Path, on_step: StepCallback | None = None) -> Path:
         plan.check(vocab_size=self.checkpoint.config.vocab_size)
@@ -109,10 +109,10 @@ class ReferenceBackend(Backend):
     """The pure-torch reference, observed through its recorder hook."""
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
-        from parity.reference.rwkv5 import RWKV5Reference
+        from parity.reference import make_reference
 
         super().__init__(checkpoint=checkpoint, name="reference", mode="eager", dtype=dtype)
-        self.model = RWKV5Reference(checkpoint, dtype=dtype)
+        self.model = make_reference(checkpoint, dtype=dtype)
         self.state = None
 
     def begin(self) -> None:
@@ -133,9 +133,9 @@ class TVMDebugBackend(Backend):
     """The TVM debug build: the compiled graph also returns every canonical stage."""
 
     def __init__(self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None):
-        from parity.compiled.runtime import CompiledRWKV5
+        from parity.compiled.runtime import CompiledRWKV
 
-        self.model = CompiledRWKV5(checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event)
+        self.model = CompiledRWKV(checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event)
         super().__init__(
             checkpoint=checkpoint, name="tvm", mode="debug", dtype="float32",
             extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached},
@@ -157,7 +157,7 @@ class TVMDebugBackend(Backend):
 _LAYER_NORM = re.compile(r"^(fused_)?layer_norm\d*$")
 _TOKEN_SHIFT = re.compile(r"^(fused_)?token_shift\d*$")
 _LAST_ROW = re.compile(r"^(fused_)?last_row\d*$")
-_WKV = re.compile(r"^wkv5\d*$")
+_WKV = re.compile(r"^wkv[45]\d*$")
 
 
 def map_kernel_calls(
@@ -167,7 +167,7 @@ def map_kernel_calls(
 
     Sure mappings rest on kernels that compute exactly one canonical stage and appear exactly
     as often as that stage does, so call order gives the layer: wkv5 (out 0: att.wkv, out 1:
-    the new att_kv state), unfused layer_norm (emb, then ln1 / ln2 per layer, then ln_out),
+    the new att_kv state) or wkv4 (out 0: att.wkv, outs 1-3: aa, bb, pp), unfused layer_norm (emb, then ln1 / ln2 per layer, then ln_out),
     token_shift (att.shift / ffn.shift per layer) and last_row (the att_x / ffn_x state). A
     kernel fused with anything else no longer computes one stage, so it keeps its own name.
     """
@@ -178,11 +178,13 @@ def map_kernel_calls(
             if pattern.match(symbol):
                 by_kind[kind].append(call)
     names: dict[tuple[int, int], str] = {}
-    wkv_calls = sorted({c[1] for c in by_kind["wkv"]})
+    wkv_calls = sorted({(c[1], c[0]) for c in by_kind["wkv"]})
     if len(wkv_calls) == n_layer:
-        for layer, call_index in enumerate(wkv_calls):
+        for layer, (call_index, symbol) in enumerate(wkv_calls):
+            outs = ("aa", "bb", "pp") if symbol.startswith("wkv4") else ("att_kv",)
             names[(call_index, 0)] = f"L{layer}.att.wkv"
-            names[(call_index, 1)] = f"state.L{layer}.att_kv"
+            for k, slot in enumerate(outs, start=1):
+                names[(call_index, k)] = f"state.L{layer}.{slot}"
     if len(by_kind["ln"]) == 2 * n_layer + 2:
         ln_names = ["emb"] + [f"L{l}.{s}" for l in range(n_layer) for s in ("att.ln1", "ffn.ln2")] + ["ln_out"]
         for name, call in zip(ln_names, by_kind["ln"]):
@@ -202,7 +204,7 @@ def map_kernel_calls(
         if name is None:
             name = f"kernel.{call_index:03d}.{symbol}" + (f".out{k}" if k else "")
         elif name.endswith("att.wkv"):
-            value = value.reshape(value.shape[0], n_embd)  # (T, H, N) -> canonical (T, C)
+            value = value.reshape(value.shape[0], -1)  # wkv5's (T, H, N) -> canonical (T, A)
         out[name] = value
     return out
 
@@ -211,9 +213,9 @@ class TVMInstrumentedBackend(Backend):
     """The unmodified (plain) TVM build, every kernel call observed by the VM instrument hook."""
 
     def __init__(self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None):
-        from parity.compiled.runtime import CompiledRWKV5
+        from parity.compiled.runtime import CompiledRWKV
 
-        self.model = CompiledRWKV5(checkpoint, variant="plain", target=target, cache_dir=cache_dir, on_event=on_event)
+        self.model = CompiledRWKV(checkpoint, variant="plain", target=target, cache_dir=cache_dir, on_event=on_event)
         super().__init__(
             checkpoint=checkpoint, name="tvm", mode="instrumented", dtype="float32",
             extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached},
@@ -239,15 +241,19 @@ class TVMInstrumentedBackend(Backend):
             step.add(name, named[name])
 
 
-BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented")
+BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv")
 
 
 def make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None, target: str = "llvm") -> Backend:
-    """``reference``, ``tvm`` (debug build) or ``tvm-instrumented`` (plain build + VM hook)."""
+    """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``."""
     if spec == "reference":
         return ReferenceBackend(checkpoint)
     if spec == "tvm":
         return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
     if spec == "tvm-instrumented":
         return TVMInstrumentedBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
+    if spec == "chatrwkv":
+        from parity.dumpers.official import ChatRWKVBackend
+
+        return ChatRWKVBackend(checkpoint)
     raise ParityError(f"unknown backend {spec!r}; choose from {', '.join(BACKEND_NAMES)}")

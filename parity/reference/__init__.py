@@ -1,0 +1,16 @@
+"""Pure-PyTorch references, one file per model family (rwkv4.py, rwkv5.py)."""
+
+from __future__ import annotations
+
+
+def make_reference(checkpoint, *, dtype: str = "float32"):
+    """The reference model for the checkpoint's version."""
+    from parity.checkpoint import ModelVersion
+
+    if checkpoint.config.version == ModelVersion.V4:
+        from parity.reference.rwkv4 import RWKV4Reference
+
+        return RWKV4Reference(checkpoint, dtype=dtype)
+    from parity.reference.rwkv5 import RWKV5Reference
+
+    return RWKV5Reference(checkpoint, dtype=dtype)

@@ -1,4 +1,10 @@
-"""Pure-PyTorch RWKV-5.2, ChatRWKV style: prefill and decode over an explicit recurrent state.
+"""Pure-PyTorch RWKV-5 (5.0, 5.1, 5.2), ChatRWKV style: prefill and decode over explicit state.
+
+The three versions differ in exactly three places, each spelled out once at load time:
+    decay w   5.0/5.1: per head, exp(-exp(time_decay)) of shape (H,);  5.2: per channel, (H, N)
+    bonus u   5.0/5.1: exp(time_first), per head;                       5.2: time_faaaa raw, (H, N)
+    gate      5.0: none (att.output takes ln_x);  5.1/5.2: g = silu(xg·Wg), gated = ln_x·g
+Per-head w and u are broadcast to (H, N) so one recurrence serves all three.
 
 Readable rather than fast: one function per block, shapes commented, every canonical stage
 (docs/RWKV.md §2) handed to an optional recorder as it is computed. The same math serves a
@@ -35,6 +41,16 @@ def _no_record(stage: str, value: torch.Tensor) -> None:
     pass
 
 
+def check_ids(ids, *, vocab_size: int) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0:
+        raise ParityError("no token ids given")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.numel():
+        raise ParityError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 @dataclass
 class LayerState:
     att_x: torch.Tensor  # (C,) last row of ln1 output, model dtype
@@ -68,13 +84,13 @@ class _Layer:
     mix_k: torch.Tensor  # (C,)
     mix_v: torch.Tensor
     mix_r: torch.Tensor
-    mix_g: torch.Tensor
+    mix_g: torch.Tensor | None  # None in 5.0 (no gate)
     w: torch.Tensor  # (H, N) decay exp(-exp(time_decay)), fp32
-    u: torch.Tensor  # (H, N) bonus time_faaaa, fp32
+    u: torch.Tensor  # (H, N) bonus, fp32
     Wr: torch.Tensor  # (A, C) stored (out, in)
     Wk: torch.Tensor
     Wv: torch.Tensor
-    Wg: torch.Tensor
+    Wg: torch.Tensor | None
     Wo: torch.Tensor  # (C, A)
     lnx_w: torch.Tensor  # (A,) fp32
     lnx_b: torch.Tensor
@@ -85,13 +101,24 @@ class _Layer:
     ffn_Wv: torch.Tensor  # (C, F)
 
 
+def decay_and_bonus(weights: dict[str, torch.Tensor], *, prefix: str, config: ModelConfig):
+    """(w, u), both (H, N) fp32, from one layer's raw checkpoint tensors — the version split."""
+    H, N = config.n_head, config.head_size
+    decay = weights[prefix + "att.time_decay"].float()
+    w = torch.exp(-torch.exp(decay))  # fp32 always: bf16 would round w to 1.0 for decay < -8
+    if config.version == ModelVersion.V5_2:
+        return w.reshape(H, N), weights[prefix + "att.time_faaaa"].float().reshape(H, N)
+    u = torch.exp(weights[prefix + "att.time_first"].float())
+    return w.reshape(H, 1).expand(H, N).contiguous(), u.reshape(H, 1).expand(H, N).contiguous()
+
+
 class RWKV5Reference:
-    """RWKV-5.2 reference. ``forward(ids, state, record=...)`` handles prefill (T > 1) and decode."""
+    """RWKV-5.x reference. ``forward(ids, state, record=...)`` handles prefill (T > 1) and decode."""
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
         cfg = checkpoint.config
-        if cfg.version != ModelVersion.V5_2:
-            raise ParityError(f"the torch reference runs RWKV-5.2 only, checkpoint is RWKV-{cfg.version.value}")
+        if cfg.version not in (ModelVersion.V5_0, ModelVersion.V5_1, ModelVersion.V5_2):
+            raise ParityError(f"RWKV5Reference runs RWKV-5.x, checkpoint is RWKV-{cfg.version.value}")
         if dtype not in DTYPES:
             raise ParityError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.config: ModelConfig = cfg
@@ -104,8 +131,10 @@ class RWKV5Reference:
         # per row the math is identical to applying ln0 after the lookup.
         self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers: list[_Layer] = []
+        gated = cfg.version.gated
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
+            w_i, u_i = decay_and_bonus(w, prefix=b, config=cfg)
             self.layers.append(
                 _Layer(
                     ln1_w=w[b + "ln1.weight"].to(dt), ln1_b=w[b + "ln1.bias"].to(dt),
@@ -113,11 +142,10 @@ class RWKV5Reference:
                     mix_k=w[b + "att.time_mix_k"].reshape(-1).to(dt),
                     mix_v=w[b + "att.time_mix_v"].reshape(-1).to(dt),
                     mix_r=w[b + "att.time_mix_r"].reshape(-1).to(dt),
-                    mix_g=w[b + "att.time_mix_g"].reshape(-1).to(dt),
-                    w=torch.exp(-torch.exp(w[b + "att.time_decay"])),  # fp32 always
-                    u=w[b + "att.time_faaaa"],  # v5.2 uses time_faaaa raw as u
+                    mix_g=w[b + "att.time_mix_g"].reshape(-1).to(dt) if gated else None,
+                    w=w_i, u=u_i,
                     Wr=w[b + "att.receptance.weight"].to(dt), Wk=w[b + "att.key.weight"].to(dt),
-                    Wv=w[b + "att.value.weight"].to(dt), Wg=w[b + "att.gate.weight"].to(dt),
+                    Wv=w[b + "att.value.weight"].to(dt), Wg=w[b + "att.gate.weight"].to(dt) if gated else None,
                     Wo=w[b + "att.output.weight"].to(dt),
                     lnx_w=w[b + "att.ln_x.weight"], lnx_b=w[b + "att.ln_x.bias"],
                     ffn_mix_k=w[b + "ffn.time_mix_k"].reshape(-1).to(dt),
@@ -156,6 +184,10 @@ class RWKV5Reference:
             s = kv + w.unsqueeze(2) * s
         return out, s
 
+    def _receptance(self, xr: torch.Tensor, p: _Layer) -> torch.Tensor:
+        # Its own method so a deliberately wrong reference (tests, the bug zoo) can override it.
+        return xr @ p.Wr.T  # (T, A); v5: no sigmoid on r (v4 has one)
+
     def _att(self, x, layer: int, st: LayerState, record: Recorder):
         c, p = self.config, self.layers[layer]
         T, H, N = x.shape[0], c.n_head, c.head_size
@@ -167,15 +199,21 @@ class RWKV5Reference:
         xk = xx * p.mix_k + sx * (1 - p.mix_k)
         xv = xx * p.mix_v + sx * (1 - p.mix_v)
         xr = xx * p.mix_r + sx * (1 - p.mix_r)
-        xg = xx * p.mix_g + sx * (1 - p.mix_g)
-        for name, val in (("xk", xk), ("xv", xv), ("xr", xr), ("xg", xg)):
-            record(pre + name, val)
-        r = xr @ p.Wr.T  # (T, A); v5: no sigmoid on r
+        record(pre + "xk", xk)
+        record(pre + "xv", xv)
+        record(pre + "xr", xr)
+        if p.Wg is not None:
+            xg = xx * p.mix_g + sx * (1 - p.mix_g)
+            record(pre + "xg", xg)
+        r = self._receptance(xr, p)
         k = xk @ p.Wk.T
         v = xv @ p.Wv.T
-        g = F.silu(xg @ p.Wg.T)
-        for name, val in (("r", r), ("k", k), ("v", v), ("g", g)):
-            record(pre + name, val)
+        record(pre + "r", r)
+        record(pre + "k", k)
+        record(pre + "v", v)
+        if p.Wg is not None:
+            g = F.silu(xg @ p.Wg.T)
+            record(pre + "g", g)
         wkv, s = self._wkv(
             r.float().view(T, H, N), k.float().view(T, H, N), v.float().view(T, H, N), w=p.w, u=p.u, s=st.att_kv
         )
@@ -184,8 +222,11 @@ class RWKV5Reference:
         # GroupNorm per token and per head over that head's N channels, never over time.
         ln_x = F.group_norm(wkv, num_groups=H, weight=p.lnx_w, bias=p.lnx_b, eps=LN_X_EPS)
         record(pre + "ln_x", ln_x)
-        gated = ln_x.to(self.dtype) * g
-        record(pre + "gated", gated)
+        if p.Wg is not None:
+            gated = ln_x.to(self.dtype) * g
+            record(pre + "gated", gated)
+        else:
+            gated = ln_x.to(self.dtype)  # 5.0: no gate, att.output takes ln_x
         out = gated @ p.Wo.T
         record(pre + "out", out)
         return out, LayerState(att_x=xx[-1].clone(), att_kv=s, ffn_x=st.ffn_x)
@@ -210,15 +251,6 @@ class RWKV5Reference:
         return out, LayerState(att_x=st.att_x, att_kv=st.att_kv, ffn_x=xx[-1].clone())
 
     # -- entry points ---------------------------------------------------------------------------
-    def check_ids(self, ids) -> torch.Tensor:
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        if ids.numel() == 0:
-            raise ParityError("no token ids given")
-        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-        if bad.numel():
-            raise ParityError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
-
     @torch.no_grad()
     def forward(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):
         """Run T tokens (T rows of every stage). Returns (logits (T, V) fp32, new state).
@@ -226,7 +258,7 @@ class RWKV5Reference:
         The input state is not modified, so a caller can rerun a step from the same state.
         """
         record = record or _no_record
-        ids = self.check_ids(ids)
+        ids = check_ids(ids, vocab_size=self.config.vocab_size)
         state = state or self.zero_state()
         x = self.emb[ids]  # (T, C)
         record("emb", x)

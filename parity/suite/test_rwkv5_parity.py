@@ -56,9 +56,9 @@ def test_reference_vs_compiled(checkpoint, backend, prompt, cache_dir, tmp_path)
 # -- each backend against itself ----------------------------------------------------------------
 class _Reference:
     def __init__(self, checkpoint, cache_dir):
-        from parity.reference.rwkv5 import RWKV5Reference
+        from parity.reference import make_reference
 
-        self.model = RWKV5Reference(checkpoint)
+        self.model = make_reference(checkpoint)
 
     def run(self, ids, state):
         logits, state = self.model.forward(ids, state)
@@ -67,9 +67,9 @@ class _Reference:
 
 class _Compiled:
     def __init__(self, checkpoint, cache_dir):
-        from parity.compiled.runtime import CompiledRWKV5
+        from parity.compiled.runtime import CompiledRWKV
 
-        self.model = CompiledRWKV5(checkpoint, variant="plain", cache_dir=cache_dir)
+        self.model = CompiledRWKV(checkpoint, variant="plain", cache_dir=cache_dir)
 
     def run(self, ids, state):
         out = self.model.forward(ids, state)

@@ -1,0 +1,77 @@
+"""RWKV-4 as a TVM Relax ``nn.Module``, parameters named like the checkpoint.
+
+Only the attention differs from v5: r = sigmoid(xr·Wr); the wkv is the stable (aa, bb, pp) scan of
+wkv4_kernel.py with w = -exp(time_decay) computed in the graph and u = time_first raw; no
+GroupNorm, no gate; att.output takes r·wkv. State per layer: att_x (C,), aa, bb, pp (A,) fp32,
+ffn_x (C,); a fresh state has pp = -1e30 (as the official package), everything else 0.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from parity.checkpoint import ModelConfig
+from parity.compiled.common import RWKVModel, StateLayout, Taps, lerp
+from parity.compiled.wkv4_kernel import wkv4
+
+PP_INIT = -1e30
+
+
+def state_layout(config: ModelConfig) -> StateLayout:
+    C, A = config.n_embd, config.dim_att
+    return StateLayout(
+        slots=("att_x", "aa", "bb", "pp", "ffn_x"),
+        shapes=((C,), (A,), (A,), (A,), (C,)),
+        fill=(0.0, 0.0, 0.0, PP_INIT, 0.0),
+    )
+
+
+class Attention4(nn.Module):
+    def __init__(self, config: ModelConfig):
+        C, A = config.n_embd, config.dim_att
+        self.config = config
+        self.time_mix_k = nn.Parameter((1, 1, C), "float32")
+        self.time_mix_v = nn.Parameter((1, 1, C), "float32")
+        self.time_mix_r = nn.Parameter((1, 1, C), "float32")
+        self.time_decay = nn.Parameter((A,), "float32")
+        self.time_first = nn.Parameter((A,), "float32")
+        self.key = nn.Linear(C, A, bias=False, dtype="float32")
+        self.value = nn.Linear(C, A, bias=False, dtype="float32")
+        self.receptance = nn.Linear(C, A, bias=False, dtype="float32")
+        self.output = nn.Linear(A, C, bias=False, dtype="float32")
+
+    def forward(self, xx: Tensor, sx: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, *, layer: int, tap: Taps):
+        """(T, C) inputs and this layer's (aa, bb, pp) -> (att.out, (aa, bb, pp))."""
+        C = self.config.n_embd
+        T = xx.shape[0]
+        A = self.config.dim_att
+        pre = f"L{layer}.att."
+        xk = lerp(xx, sx, op.reshape(self.time_mix_k, (C,)))
+        xv = lerp(xx, sx, op.reshape(self.time_mix_v, (C,)))
+        xr = lerp(xx, sx, op.reshape(self.time_mix_r, (C,)))
+        for name, val in (("xk", xk), ("xv", xv), ("xr", xr)):
+            tap(pre + name, val)
+        r = op.sigmoid(self.receptance(xr))  # v4: sigmoid on r
+        k = self.key(xk)
+        v = self.value(xv)
+        for name, val in (("r", r), ("k", k), ("v", v)):
+            tap(pre + name, val)
+        w = op.negative(op.exp(self.time_decay))  # log-space decay, fp32
+        wkv, aa2, bb2, pp2 = op.tensor_ir_op(
+            wkv4,
+            "wkv4",
+            args=[k, v, w, self.time_first, aa, bb, pp],
+            out=[Tensor.placeholder((T, A), "float32")] + [Tensor.placeholder((A,), "float32")] * 3,
+        )
+        tap(pre + "wkv", wkv)
+        gated = r * wkv
+        tap(pre + "gated", gated)
+        out = self.output(gated)
+        tap(pre + "out", out)
+        return out, (aa2, bb2, pp2)
+
+
+class RWKV4Model(RWKVModel):
+    def __init__(self, config: ModelConfig, *, debug: bool = False):
+        super().__init__(config, attention=Attention4, layout=state_layout(config), debug=debug)

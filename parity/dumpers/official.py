@@ -1,0 +1,125 @@
+"""Backend: the official ChatRWKV package (``rwkv`` on PyPI), run as it ships.
+
+It is the independent oracle: it settles "is my reference right?". We run it on the CPU in fp32
+with its JIT and CUDA kernels off, and record what it exposes without changing its math:
+    - ``emb``: rows of its own precomputed embedding table (it folds ln0 in at load);
+    - per layer, by wrapping its per-layer functions (``att_seq_v5_2``, ``ffn_one`` …) from the
+      outside: ``L{l}.x_after_att`` and ``L{l}.x_out`` (what they return), and the new state;
+    - ``logits`` of every token row (``full_output=True``) and the state after every step, its
+      flat per-layer list adapted to the canonical slots (its v5 S is [head, k, v] already).
+Finer stages (ln1, r, k, v, wkv …) live inside those functions; capturing them would mean
+editing its code, which would make it no longer the official package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from parity.checkpoint import Checkpoint, ModelVersion
+from parity.dumpers.backends import Backend
+from parity.dumpers.format import StepWriter
+from parity.errors import ParityError
+from parity.stages import state_slots
+
+# The package's per-layer entry points, by version and by prefill (seq) / decode (one).
+_ATT_FUNCS = {
+    ModelVersion.V4: ("att_seq", "att_one"),
+    ModelVersion.V5_0: ("att_seq_v5", "att_one_v5"),
+    ModelVersion.V5_1: ("att_seq_v5_1", "att_one_v5_1"),
+    ModelVersion.V5_2: ("att_seq_v5_2", "att_one_v5_1"),  # the package decodes 5.2 with the 5.1 function
+}
+_FFN_FUNCS = ("ffn_seq", "ffn_one")
+
+
+def _load_official():
+    # Both switches are read at import time; the JIT would also hide the functions we wrap.
+    os.environ["RWKV_JIT_ON"] = "0"
+    os.environ["RWKV_CUDA_ON"] = "0"
+    try:
+        from rwkv.model import RWKV
+    except ImportError:
+        raise ParityError("the chatrwkv backend needs the official package: pip install rwkv==0.8.32") from None
+    if os.environ.get("RWKV_JIT_ON") != "0":
+        raise ParityError("rwkv.model was imported with its JIT on; run the chatrwkv backend in a fresh process")
+    return RWKV
+
+
+class ChatRWKVBackend(Backend):
+    """The official package, ``cpu fp32``."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        RWKV = _load_official()
+        super().__init__(checkpoint=checkpoint, name="chatrwkv", mode="official", dtype="float32")
+        import importlib.metadata
+
+        self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}", "strategy": "cpu fp32"}
+        self.model = RWKV(str(Path(checkpoint.path)), "cpu fp32", verbose=False)
+        self.state = None
+        self._capture: dict = {}
+        self._wrap()
+
+    def _wrap(self) -> None:
+        version = self.checkpoint.config.version
+        att_funcs = _ATT_FUNCS[version]
+        slots = state_slots(version.value)
+        inner = slots[1:-1]  # the attention's own state: (att_kv,) or (aa, bb, pp)
+        counter = {"att": 0, "ffn": 0}
+
+        def wrap_att(fn):
+            def wrapped(x, sx, *args, **kwargs):
+                out = fn(x, sx, *args, **kwargs)
+                layer = counter["att"]
+                counter["att"] += 1
+                self._capture[f"L{layer}.x_after_att"] = out[0]
+                self._capture[f"state.L{layer}.att_x"] = out[1]
+                for name, value in zip(inner, out[2:]):
+                    self._capture[f"state.L{layer}.{name}"] = value
+                return out
+
+            return wrapped
+
+        def wrap_ffn(fn):
+            def wrapped(x, sx, *args, **kwargs):
+                out = fn(x, sx, *args, **kwargs)
+                layer = counter["ffn"]
+                counter["ffn"] += 1
+                self._capture[f"L{layer}.x_out"] = out[0]
+                self._capture[f"state.L{layer}.ffn_x"] = out[1]
+                return out
+
+            return wrapped
+
+        for name in set(att_funcs):
+            setattr(self.model, name, wrap_att(getattr(self.model, name)))
+        for name in _FFN_FUNCS:
+            setattr(self.model, name, wrap_ffn(getattr(self.model, name)))
+        self._counter = counter
+
+    def begin(self) -> None:
+        self.state = None
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        import torch
+
+        self._capture.clear()
+        self._counter.update(att=0, ffn=0)
+        step.add("emb", self.model.w["emb.weight"][torch.tensor(ids)].float().numpy())
+        logits, self.state = self.model.forward(list(ids), self.state, full_output=True)
+        # A decode step runs on 1-D vectors; give every per-token stage its (T, ...) row axis.
+        captured = {}
+        for name, value in self._capture.items():
+            value = value.detach().float()
+            if not name.startswith("state.") and value.dim() == 1:
+                value = value.unsqueeze(0)
+            captured[name] = value
+        logits = logits.float()
+        captured["logits"] = logits if logits.dim() == 2 else logits.unsqueeze(0)
+        # The returned state list is authoritative (the wrappers saw the same tensors).
+        slots = state_slots(self.checkpoint.config.version.value)
+        for layer in range(self.checkpoint.config.n_layer):
+            for k, slot in enumerate(slots):
+                captured[f"state.L{layer}.{slot}"] = self.state[layer * len(slots) + k].detach().float()
+        order = {n: i for i, n in enumerate(self.canonical_order())}
+        for name in sorted(captured, key=order.__getitem__):
+            step.add(name, captured[name].contiguous().numpy())
