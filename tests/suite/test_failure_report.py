@@ -7,7 +7,7 @@ import pytest
 
 from parity.compare import MemoryRun, StepInfo, TolerancePolicy, compare_runs
 from parity.session import RunOutcome
-from parity.suite.test_rwkv5_parity import _assert_no_divergence
+from parity.suite.test_parity import _assert_no_divergence
 
 
 def _run(*, bump: float) -> MemoryRun:
