@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import pickle
-import zipfile
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,15 +108,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a .pth is a pickle, and a pickle can run code; we never unpickle objects.
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ParityError(
-            f"refusing to load {path}: it is not a plain tensor state dict ({first}); "
-            "only weights_only-safe checkpoints are accepted"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ParityError(f"cannot read checkpoint {path} (corrupt or not a torch .pth file): {first}") from None
+    except Exception as exc:  # torch raises many types for bad bytes; none may escape as a traceback
+        # Our own words, never torch's: its message suggests weights_only=False, which is the
+        # one thing a user of this tool must not do with an untrusted file.
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if unsafe:
+            raise ParityError(
+                f"refusing to load {path}: it pickles the Python object {unsafe.group(1)}, not just tensors; "
+                "only weights_only-safe checkpoints are accepted"
+            ) from None
+        raise ParityError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch .pth file") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ParityError(f"checkpoint {path} is not a state dict of tensors")
     return obj

@@ -26,7 +26,7 @@ from parity.checkpoint import ModelConfig, ModelVersion
 from parity.compiled import common, rwkv4_model, rwkv5_model, wkv4_kernel, wkv5_kernel
 from parity.errors import ParityError
 
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2  # 2: state shapes/fill values in the sidecar (v4 joined)
 PIPELINE_ID = "FuseTransposeMatmul+default"
 VARIANTS = ("plain", "debug")
 
@@ -112,6 +112,22 @@ def _kernel_outputs(mod: tvm.IRModule) -> dict[str, list[int]]:
     return out
 
 
+_SIDECAR_FIELDS = ("params", "state_slots", "state_shapes", "state_fill", "tap_names", "kernel_outputs")
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    """The cache entry's metadata, or None when it is missing, damaged or from another schema."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("cache_schema") != CACHE_SCHEMA:
+        return None
+    if any(field not in meta for field in _SIDECAR_FIELDS):
+        return None
+    return meta
+
+
 def build_model(
     config: ModelConfig,
     *,
@@ -123,19 +139,18 @@ def build_model(
     """Return the compiled model for ``config``, compiling only on a cache miss."""
     if variant not in VARIANTS:
         raise ParityError(f"unknown build variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if target not in _TARGETS:
+        raise ParityError(f"unknown target {target!r}; choose one of {', '.join(_TARGETS)}")
     say = on_event or (lambda msg: None)
     cache_dir = Path(cache_dir or default_cache_dir())
     key = cache_key(config=config, variant=variant, target=target)
     family = "rwkv4" if config.version == ModelVersion.V4 else "rwkv5"
     lib_path = cache_dir / f"{family}-{variant}-{target}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
-    if lib_path.exists() and meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            say(f"compile cache hit: {lib_path.name}")
-            return BuildArtifact(library=lib_path, meta=meta, cached=True)
-        except json.JSONDecodeError:
-            pass  # a damaged sidecar is a cache miss, not an error
+    meta = _read_sidecar(meta_path) if lib_path.exists() else None
+    if meta is not None:
+        say(f"compile cache hit: {lib_path.name}")
+        return BuildArtifact(library=lib_path, meta=meta, cached=True)
 
     say(f"compiling {config.describe()} ({variant}, {target}) with TVM {tvm.__version__}")
     t0 = time.perf_counter()
@@ -177,6 +192,9 @@ def build_model(
         "compile_seconds": round(t_compile, 3),
         "export_seconds": round(time.perf_counter() - t0 - t_compile, 3),
     }
-    meta_path.write_text(json.dumps(meta, indent=1))
+    # The sidecar is written last and atomically: its presence marks the entry complete.
+    tmp_meta = meta_path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
     say(f"compiled in {t_compile:.1f} s, exported in {meta['export_seconds']:.1f} s")
     return BuildArtifact(library=lib_path, meta=meta, cached=False)

@@ -1,0 +1,329 @@
+"""Checkpoint loading: the bundled fixtures, version detection, and every way a file can be bad.
+
+A bad checkpoint must be refused with one ParityError line that names the problem; an unsafe
+pickle must be refused *without* running its payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity.checkpoint import (
+    SUPPORTED_VERSIONS,
+    ModelConfig,
+    ModelVersion,
+    detect_version,
+    expected_shapes,
+    load_checkpoint,
+)
+from parity.errors import ParityError
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "fixtures"
+FIXTURE_H2 = FIXTURES / "rwkv5_2-L4-C128-H2.pth"
+FIXTURE_HN = FIXTURES / "rwkv5_2-L2-C144-H12.pth"
+
+
+def tiny_config(version: ModelVersion, *, n_embd: int = 16, dim_att: int = 16) -> ModelConfig:
+    # H != N (2 heads of 8) so that an (H,N) / (N,H) mix-up changes a shape.
+    n_head = 1 if version == ModelVersion.V4 else 2
+    return ModelConfig(
+        version=version,
+        n_layer=2,
+        n_embd=n_embd,
+        dim_att=dim_att,
+        dim_ffn=32,
+        n_head=n_head,
+        head_size=dim_att // n_head,
+        vocab_size=32,
+    )
+
+
+def state_dict_for(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A state dict with exactly the keys and shapes ``config`` needs; values do not matter here."""
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=gen) for k, shape in expected_shapes(config).items()}
+
+
+def save(weights, path: Path) -> Path:
+    torch.save(weights, path)
+    return path
+
+
+def load_error(path: Path, **kwargs) -> str:
+    with pytest.raises(ParityError) as info:
+        load_checkpoint(path, **kwargs)
+    msg = str(info.value)
+    # One plain line: it is printed after "parity: error: " on a terminal, so no newlines and no
+    # escape codes carried over from a library's own message.
+    assert msg.isprintable(), f"error message is not one plain line: {msg!r}"
+    # A refusal must never advise the one thing it exists to prevent.
+    assert "weights_only` set to `False`" not in msg, f"error message advises an unsafe load: {msg!r}"
+    return msg
+
+
+# -- the bundled fixtures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (FIXTURE_H2, dict(n_layer=4, n_embd=128, dim_att=128, n_head=2, head_size=64, vocab_size=1024)),
+        (FIXTURE_HN, dict(n_layer=2, n_embd=144, dim_att=144, n_head=12, head_size=12, vocab_size=1024)),
+    ],
+    ids=["L4-C128-H2", "L2-C144-H12"],
+)
+def test_bundled_fixture_loads_with_its_config(path, expected):
+    ck = load_checkpoint(path)
+    cfg = ck.config
+    assert cfg.version == ModelVersion.V5_2
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    # v5 FFN width: int(3.5 C) rounded down to a multiple of 32.
+    assert cfg.dim_ffn == int(3.5 * cfg.n_embd) // 32 * 32
+    assert len(ck.sha256) == 64 and int(ck.sha256, 16) >= 0
+    assert set(ck.weights) == set(expected_shapes(cfg))
+    assert ck.weights["blocks.0.att.time_decay"].shape == (cfg.n_head, cfg.head_size)
+
+
+def test_config_round_trips_through_dict():
+    cfg = load_checkpoint(FIXTURE_H2).config
+    d = cfg.to_dict()
+    assert d["version"] == "5.2"
+    assert ModelConfig.from_dict(d) == cfg
+
+
+def test_fixtures_match_their_generator():
+    proc = subprocess.run(
+        [sys.executable, str(FIXTURES / "make_fixtures.py"), "--check"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Every bundled file was checked, not just the first few.
+    for path in FIXTURES.glob("*.pth"):
+        assert f"{path.name}: matches the generator" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.pth")), ids=lambda p: p.stem)
+def test_every_bundled_fixture_is_the_version_its_name_says(path):
+    # "rwkv5_2-..." -> 5.2, "rwkv4-..." -> 4
+    named = path.name.split("-")[0].removeprefix("rwkv").replace("_", ".")
+    ck = load_checkpoint(path, require_supported=False)
+    assert ck.config.version.value == named
+
+
+# -- version detection ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", list(ModelVersion), ids=lambda v: f"v{v.value}")
+def test_detect_version_from_keys_and_decay_shape(version):
+    assert detect_version(state_dict_for(tiny_config(version))) == version
+
+
+def test_detect_version_needs_a_2d_decay_with_more_than_one_column_for_5_2():
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights["blocks.0.att.time_decay"] = torch.zeros(2, 1)
+    assert detect_version(weights) == ModelVersion.V5_1
+
+
+def test_version_dicts_have_the_keys_detection_looks_for():
+    # The distinguishing keys really are absent/present in the dicts the tests above rely on.
+    v4 = state_dict_for(tiny_config(ModelVersion.V4))
+    v50 = state_dict_for(tiny_config(ModelVersion.V5_0))
+    v51 = state_dict_for(tiny_config(ModelVersion.V5_1))
+    assert not any(".ln_x." in k for k in v4)
+    assert any(".ln_x." in k for k in v50) and not any("gate.weight" in k for k in v50)
+    assert any("gate.weight" in k for k in v51) and v51["blocks.0.att.time_decay"].dim() == 1
+
+
+@pytest.mark.parametrize("key", ["blocks.0.att.time_maa_x", "blocks.0.att.time_maa_w1", "blocks.0.att.w0"])
+def test_rwkv6_keys_are_refused(key):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights[key] = torch.zeros(1, 1, 16)
+    with pytest.raises(ParityError, match="RWKV-6"):
+        detect_version(weights)
+
+
+def test_rwkv6_checkpoint_file_is_refused(tmp_path):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights["blocks.0.att.time_maa_x"] = torch.zeros(1, 1, 16)
+    assert "RWKV-6" in load_error(save(weights, tmp_path / "v6.pth"))
+
+
+@pytest.mark.parametrize("version", list(ModelVersion), ids=lambda v: f"v{v.value}")
+def test_each_version_loads_with_the_config_it_was_made_from(tmp_path, version):
+    config = tiny_config(version)
+    path = save(state_dict_for(config), tmp_path / "model.pth")
+    assert load_checkpoint(path, require_supported=False).config == config
+    if version in SUPPORTED_VERSIONS:
+        assert load_checkpoint(path).config == config
+
+
+@pytest.mark.parametrize("version", [ModelVersion.V4, ModelVersion.V5_0], ids=lambda v: f"v{v.value}")
+def test_unsupported_version_is_refused_naming_it(tmp_path, monkeypatch, version):
+    # Which versions are supported changes between releases; the refusal must not. Pretend this
+    # release runs 5.2 only.
+    monkeypatch.setattr("parity.checkpoint.SUPPORTED_VERSIONS", (ModelVersion.V5_2,))
+    path = save(state_dict_for(tiny_config(version)), tmp_path / "old.pth")
+    msg = load_error(path)
+    assert f"RWKV-{version.value};" in msg
+    assert "5.2" in msg  # says what *is* supported
+
+
+# -- files that are not checkpoints -----------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.pth"
+    msg = load_error(path)
+    assert "not found" in msg and str(path) in msg
+
+
+def test_directory(tmp_path):
+    msg = load_error(tmp_path)
+    assert "directory" in msg and str(tmp_path) in msg
+
+
+def test_random_bytes(tmp_path):
+    # Many seeds in one test: random bytes reach different corners of the unpickler (a bad
+    # opcode, an empty stack, a missing memo entry), and every one must end as a corrupt-file
+    # ParityError; the failure lists every seed that did not.
+    path = tmp_path / "garbage.pth"
+    problems = []
+    for seed in range(40):
+        path.write_bytes(random.Random(seed).randbytes(4096))
+        try:
+            msg = load_error(path)
+        except BaseException as exc:  # noqa: BLE001 - reported below, with the seed
+            problems.append(f"seed {seed}: {type(exc).__name__}: {str(exc)[:160]}")
+            continue
+        if str(path) not in msg or not ("corrupt" in msg or "cannot read" in msg or "not a torch" in msg):
+            problems.append(f"seed {seed}: message does not say the file is corrupt: {msg[:160]}")
+    assert not problems, f"{len(problems)}/40 garbage files mishandled:\n" + "\n".join(problems)
+
+
+def test_random_bytes_as_safetensors(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    msg = load_error(path)
+    assert str(path) in msg and "cannot read" in msg
+
+
+def test_truncated_real_checkpoint(tmp_path):
+    data = FIXTURE_HN.read_bytes()
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(data[: len(data) // 2])
+    msg = load_error(path)
+    assert str(path) in msg and "corrupt" in msg
+
+
+def test_not_a_state_dict(tmp_path):
+    path = save([torch.zeros(3), torch.ones(3)], tmp_path / "list.pth")
+    assert "not a state dict of tensors" in load_error(path)
+
+
+# -- unsafe pickles: refused, payload never runs ----------------------------------------------
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"), creating the marker file: code run by a load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_payload_runs_under_a_plain_unpickler(tmp_path):
+    # The control for the tests below: if a loader unpickled freely, the marker would appear.
+    marker = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(_Payload(marker))).close()
+    assert marker.exists()
+
+
+def test_torch_saved_object_with_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights["blocks.0.att.evil"] = _Payload(marker)
+    path = save(weights, tmp_path / "unsafe.pth")
+    assert not marker.exists()
+    msg = load_error(path)
+    assert "refusing to load" in msg and str(path) in msg
+    assert not marker.exists(), "loading the checkpoint ran code from the pickle"
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_plain_pickle_of_custom_class_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "plain.pth"
+    with path.open("wb") as f:
+        pickle.dump({"emb.weight": torch.zeros(2, 2), "x": _Payload(marker)}, f)
+    msg = load_error(path)
+    assert str(path) in msg
+    assert not marker.exists(), "loading the checkpoint ran code from the pickle"
+
+
+# -- well-formed files with the wrong contents ------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["blocks.1.ffn.value.weight", "ln_out.bias", "blocks.0.att.time_faaaa"])
+def test_missing_key_is_named(tmp_path, key):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    del weights[key]
+    msg = load_error(save(weights, tmp_path / "m.pth"))
+    assert f"missing key {key!r}" in msg
+
+
+def test_missing_structural_key_says_it_may_not_be_rwkv(tmp_path):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    del weights["head.weight"]
+    msg = load_error(save(weights, tmp_path / "m.pth"))
+    assert "'head.weight'" in msg and "RWKV" in msg
+
+
+def test_missing_layer_is_named(tmp_path):
+    config = dataclasses.replace(tiny_config(ModelVersion.V5_2), n_layer=3)
+    weights = {k: v for k, v in state_dict_for(config).items() if not k.startswith("blocks.1.")}
+    msg = load_error(save(weights, tmp_path / "gap.pth"))
+    assert "layers [1] are missing" in msg
+
+
+def test_transposed_att_key_where_c_differs_from_a(tmp_path):
+    # With C = A a transposed (A,C) matrix keeps its shape; only C != A can catch it.
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2, n_embd=16, dim_att=32))
+    key = "blocks.1.att.key.weight"
+    weights[key] = weights[key].T.contiguous()
+    msg = load_error(save(weights, tmp_path / "t.pth"))
+    assert key in msg and "(16, 32)" in msg and "expected (32, 16)" in msg
+
+
+def test_transposed_time_decay(tmp_path):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))  # H = 2, N = 8
+    key = "blocks.1.att.time_decay"
+    weights[key] = weights[key].T.contiguous()
+    msg = load_error(save(weights, tmp_path / "d.pth"))
+    assert key in msg and "(8, 2)" in msg and "expected (2, 8)" in msg
+
+
+def test_flat_time_decay_in_a_5_2_checkpoint(tmp_path):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    key = "blocks.1.att.time_decay"
+    weights[key] = weights[key].reshape(-1)
+    msg = load_error(save(weights, tmp_path / "d.pth"))
+    assert key in msg and "(16,)" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_non_float_tensor(tmp_path, dtype):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights["ln_out.weight"] = torch.ones(16, dtype=dtype)
+    msg = load_error(save(weights, tmp_path / "i.pth"))
+    assert "ln_out.weight" in msg and str(dtype) in msg and "floating-point" in msg

@@ -1,0 +1,299 @@
+"""The ``parity`` command as a user runs it: exit codes, JSON, one-line errors, never a traceback.
+
+Every command runs in a subprocess, and each costs a second or more of start-up (torch, TVM). So
+the commands run in two waves, as many at once as there are CPUs: first everything independent,
+then the diffs that need the first run's dumps. The tests themselves only look at the results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from parity.stages import stage_info, stage_order
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "fixtures" / "rwkv5_2-L4-C128-H2.pth"  # L4 C128 H2 N64 V1024
+N_LAYER, VOCAB = 4, 1024
+TIMEOUT_S = 300
+
+
+@dataclass
+class Cli:
+    args: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:  # what a failing assertion shows; a traceback's end is what matters
+        return (f"parity {' '.join(self.args)} -> exit {self.rc}\n--- stdout\n{self.stdout[-2000:]}\n"
+                f"--- stderr\n{self.stderr[-3000:]}")
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("parity: error:")]
+
+
+def run_cli(args: list, *, env: dict[str, str]) -> Cli:
+    args = [str(a) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "parity.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    return Cli(args=args, rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+
+
+def run_concurrently(commands: dict[str, list], *, env: dict[str, str]) -> dict[str, Cli]:
+    # No more processes than CPUs: a TVM run's thread pool wants every core, and oversubscribed
+    # (all at once on 2 CPUs) the first wave took twice as long. Heavy commands go first.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {name: pool.submit(run_cli, args, env=env) for name, args in commands.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    # A private compile cache: tests never write to ~/.cache, and every session compiles afresh.
+    env = {**os.environ, "PARITY_CACHE_DIR": str(tmp_path_factory.mktemp("compile-cache"))}
+    # Plain text whatever the caller's terminal settings, so the asserted strings are stable.
+    env.pop("FORCE_COLOR", None)
+    env["NO_COLOR"] = "1"
+    env["COLUMNS"] = "200"
+    return env
+
+
+# name -> (arguments, text the one error line must contain). Files are created by the fixture.
+ERROR_CASES = {
+    "missing checkpoint": (["run", "--checkpoint", "{tmp}/missing.pth"], "not found"),
+    "corrupt checkpoint": (["run", "--checkpoint", "{tmp}/garbage.pth"], "garbage.pth"),
+    "bad --ids": (["run", "--checkpoint", FIXTURE, "--ids", "1,x"], "bad token ids '1,x'"),
+    "id >= vocab": (["run", "--checkpoint", FIXTURE, "--ids", f"0,{VOCAB}"], f"token id {VOCAB} is outside"),
+    "unknown backend": (["run", "--checkpoint", FIXTURE, "--backends", "reference,tvmm"], "unknown backend 'tvmm'"),
+    "diff of a directory that is not a dump": (["diff", "{tmp}/not-a-dump", "{tmp}/not-a-dump"], "not a dump"),
+    "bad --tol text": (["run", "--checkpoint", FIXTURE, "--tol", "L*.att.wkv=1e-5"], "bad tolerance override"),
+}
+# argparse's own errors: no torch import, so these cost almost nothing.
+ARGPARSE_CASES = {
+    "unknown option": (["run", "--checkpoint", FIXTURE, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    "no subcommand": ([], "required"),
+    "run without --checkpoint": (["run"], "--checkpoint"),
+    "non-integer --decode-steps": (["run", "--checkpoint", FIXTURE, "--decode-steps", "two"], "--decode-steps"),
+}
+
+
+@pytest.fixture(scope="module")
+def first_wave(cli_env, tmp_path_factory):
+    """The main run (keeping its dumps), the quiet instrumented run, and every error case."""
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "garbage.pth").write_bytes(random.Random(0).randbytes(4096))
+    (tmp / "not-a-dump").mkdir()
+    (tmp / "not-a-dump" / "notes.txt").write_text("not a manifest")
+    out = tmp / "out"
+    commands = {
+        "run": ["run", "--checkpoint", FIXTURE, "--decode-steps", 2, "--json", out / "result.json",
+                "--html", out / "report.html", "--dump-dir", out / "dumps"],
+        # Quiet as well: one run checks both, and each run costs seconds.
+        "instrumented": ["run", "--checkpoint", FIXTURE, "--backends", "reference,tvm-instrumented",
+                         "--ids", "ones:3", "--decode-steps", 1, "--quiet"],
+    }
+    for name, (args, _) in {**ERROR_CASES, **ARGPARSE_CASES}.items():
+        commands[name] = [str(a).format(tmp=tmp) for a in args]
+    return {"out": out, "results": run_concurrently(commands, env=cli_env)}
+
+
+# -- tampering with a saved dump --------------------------------------------------------------
+
+
+def step_file(dump: Path, step: int) -> Path:
+    manifest = json.loads((dump / "manifest.json").read_text())
+    return dump / manifest["steps"][step]["file"]
+
+
+def tamper(dump: Path, *, step: int, stage: str, change) -> None:
+    """Rewrite one array of one step file in place, keeping the file's header metadata."""
+    path = step_file(dump, step)
+    with safe_open(path, "np") as f:
+        metadata = f.metadata()
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    before = arrays[stage].copy()
+    change(arrays[stage])
+    assert not np.array_equal(before, arrays[stage]), "the tamper changed nothing"
+    save_file(arrays, path, metadata=metadata)
+
+
+def scale_row_3(a: np.ndarray) -> None:
+    # Far outside the default fp32 tolerance, yet within |a-b| <= 1 + 1*|b|: the '*=1,1'
+    # override below must pass it.
+    a[3] = a[3] * 1.5 + 0.5
+
+
+def bump_one_state_element(a: np.ndarray) -> None:
+    a[1, 5, 7] += 10.0 + abs(a[1, 5, 7])
+
+
+@pytest.fixture(scope="module")
+def second_wave(first_wave, cli_env, tmp_path_factory):
+    """Diffs of tampered copies of the first run's dumps (untouched, they passed in the run)."""
+    run = first_wave["results"]["run"]
+    dumps = first_wave["out"] / "dumps"
+    assert (dumps / "reference" / "manifest.json").is_file() and (dumps / "tvm" / "manifest.json").is_file(), (
+        f"the main run left no dumps to tamper with:\n{run}"
+    )
+    tmp = tmp_path_factory.mktemp("tampered")
+    wkv = shutil.copytree(dumps / "tvm", tmp / "wkv" / "tvm")
+    tamper(wkv, step=0, stage="L2.att.wkv", change=scale_row_3)
+    state = shutil.copytree(dumps / "tvm", tmp / "state" / "tvm")
+    tamper(state, step=2, stage="state.L1.att_kv", change=bump_one_state_element)
+    ref = dumps / "reference"
+    commands = {
+        "wkv diff": ["diff", ref, wkv, "--json", tmp / "wkv.json"],
+        "wkv diff, loosened": ["diff", ref, wkv, "--tol", "*=1,1", "--json", tmp / "wkv-loose.json"],
+        "state diff": ["diff", ref, state, "--json", tmp / "state.json"],
+    }
+    results = run_concurrently(commands, env=cli_env)
+    json_paths = {name: Path(args[args.index("--json") + 1]) for name, args in commands.items()}
+    return {"results": results, "json": json_paths}
+
+
+def read_json(second_wave, name: str) -> dict:
+    path = second_wave["json"][name]
+    assert path.is_file(), f"no JSON written:\n{second_wave['results'][name]}"
+    return json.loads(path.read_text())
+
+
+def failed_records(result: dict) -> list[tuple[int, str]]:
+    return [(r["step"], r["stage"]) for r in result["records"] if not r["passed"]]
+
+
+# -- parity run -------------------------------------------------------------------------------
+
+
+def test_run_exits_0_and_prints_the_verdict(first_wave):
+    cli = first_wave["results"]["run"]
+    assert cli.rc == 0, cli
+    assert "Traceback" not in cli.stderr, cli
+    assert cli.stdout.strip().splitlines()[-1].startswith("no divergence"), cli
+
+
+def test_run_json_has_the_verdict_and_every_record(first_wave):
+    path = first_wave["out"] / "result.json"
+    assert path.is_file(), first_wave["results"]["run"]
+    result = json.loads(path.read_text())
+    assert "first_divergence" in result and result["first_divergence"] is None
+    assert result["verdict"] == "no divergence"
+    records = result["records"]
+    assert all({"step", "stage", "layer"} <= r.keys() for r in records)
+    order = stage_order(n_layer=N_LAYER)
+    for step in (0, 1, 2):  # prefill + 2 decode steps, every canonical stage in each
+        assert [r["stage"] for r in records if r["step"] == step] == order
+    assert {r["step"] for r in records} == {0, 1, 2}
+    assert all(r["layer"] == stage_info(r["stage"]).layer for r in records)
+    run = result["run"]
+    assert run["backends"] == ["reference", "tvm"]
+    assert run["prefill_ids"] == [1] * 10  # the default --ids ones:10
+    assert len(run["decode_ids"]) == 2 and all(0 <= i < VOCAB for i in run["decode_ids"])
+    assert run["model"]["n_layer"] == N_LAYER and run["model"]["vocab_size"] == VOCAB
+
+
+def test_run_writes_html_and_keeps_the_dumps(first_wave):
+    out = first_wave["out"]
+    html = (out / "report.html").read_text()
+    assert "<html" in html.lower() and "L0.att.wkv" in html
+    for backend in ("reference", "tvm"):
+        manifest = json.loads((out / "dumps" / backend / "manifest.json").read_text())
+        assert manifest["complete"] is True and len(manifest["steps"]) == 3
+
+
+def test_run_with_the_instrumented_backend(first_wave):
+    cli = first_wave["results"]["instrumented"]
+    assert cli.rc == 0, cli
+    assert "Traceback" not in cli.stderr, cli
+    assert cli.stdout.strip().splitlines()[-1].startswith("no divergence"), cli
+
+
+def test_quiet_prints_only_the_verdict_line(first_wave):
+    cli = first_wave["results"]["instrumented"]
+    assert cli.rc == 0, cli
+    assert len(cli.stdout.strip().splitlines()) == 1, cli
+    assert cli.stdout.startswith("no divergence"), cli
+    assert "preparing backend" not in cli.stderr and "reference steps" not in cli.stderr, cli  # no progress either
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "parity"
+    assert script.is_file(), f"no `parity` console script next to {sys.executable}"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert all(cmd in proc.stdout for cmd in ("run", "diff", "demo"))
+
+
+# -- parity diff ------------------------------------------------------------------------------
+
+
+def test_diff_names_the_tampered_prefill_stage_and_row(second_wave):
+    cli = second_wave["results"]["wkv diff"]
+    assert cli.rc == 1, cli
+    assert "Traceback" not in cli.stderr, cli
+    result = read_json(second_wave, "wkv diff")
+    fd = result["first_divergence"]
+    assert (fd["step"], fd["step_kind"], fd["layer"], fd["stage"], fd["row"]) == (0, "prefill", 2, "L2.att.wkv", 3)
+    assert fd["worst_index"][0] == 3
+    assert failed_records(result) == [(0, "L2.att.wkv")]  # nothing else was touched
+    verdict = cli.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("DIVERGENCE") and "L2.att.wkv" in verdict and "token row 3" in verdict, cli
+
+
+def test_diff_names_the_tampered_decode_step(second_wave):
+    cli = second_wave["results"]["state diff"]
+    assert cli.rc == 1, cli
+    assert "Traceback" not in cli.stderr, cli
+    result = read_json(second_wave, "state diff")
+    fd = result["first_divergence"]
+    assert (fd["step"], fd["step_kind"], fd["layer"], fd["stage"]) == (2, "decode", 1, "state.L1.att_kv")
+    assert list(fd["worst_index"]) == [1, 5, 7]
+    assert failed_records(result) == [(2, "state.L1.att_kv")]
+    assert "decode step 2" in cli.stdout and "state.L1.att_kv" in cli.stdout, cli
+
+
+def test_tol_override_that_loosens_everything_passes_the_tampered_dump(second_wave):
+    cli = second_wave["results"]["wkv diff, loosened"]
+    assert cli.rc == 0, cli
+    result = read_json(second_wave, "wkv diff, loosened")
+    assert result["first_divergence"] is None
+    assert result["policy"]["overrides"][0]["pattern"] == "*"
+
+
+# -- usage and input errors: exit 2, one line, no traceback -----------------------------------
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_input_error_is_one_line_and_exit_2(first_wave, name):
+    cli = first_wave["results"][name]
+    assert cli.rc == 2, cli
+    assert "Traceback" not in cli.stderr, cli
+    # Only the error line: no usage, no traceback, no progress residue.
+    assert cli.stderr.strip().splitlines() == cli.error_lines, cli
+    assert len(cli.error_lines) == 1, cli
+    assert ERROR_CASES[name][1] in cli.error_lines[0], cli
+
+
+@pytest.mark.parametrize("name", list(ARGPARSE_CASES))
+def test_usage_error_is_one_line_and_exit_2(first_wave, name):
+    cli = first_wave["results"][name]
+    assert cli.rc == 2, cli
+    assert "Traceback" not in cli.stderr, cli
+    assert len(cli.error_lines) == 1, cli  # after argparse's usage lines
+    assert ARGPARSE_CASES[name][1] in cli.error_lines[0], cli
+    assert cli.stdout == "", cli
