@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("actual", type=Path, help="dump directory under test")
     _add_output_args(diff)
 
+    from parity.tokenizer.cli import add_tokenize_parser
+
+    add_tokenize_parser(sub)
+
     demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
     demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
     demo.add_argument("--cache-dir", type=Path, help="compile cache directory")
@@ -281,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     try:
-        return {"run": cmd_run, "diff": cmd_diff, "demo": cmd_demo}[args.command](args, console)
+        from parity.tokenizer.cli import cmd_tokenize
+
+        commands = {"run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize}
+        return commands[args.command](args, console)
     except ParityError as exc:
         print(f"parity: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
