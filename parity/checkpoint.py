@@ -86,17 +86,54 @@ def detect_version(weights: dict[str, torch.Tensor]) -> ModelVersion:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
+    """An HF ``RwkvForCausalLM`` directory (config.json + weights), renamed to ChatRWKV keys."""
+    import json
+
+    from parity.hf_names import hf_to_chatrwkv
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ParityError(f"cannot read {path / 'config.json'}: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "rwkv":
+        raise ParityError(f"{path / 'config.json'} is not an HF RWKV (model_type 'rwkv') config")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            raw = _read_state_dict(path / name)
+            break
+    else:
+        raise ParityError(f"{path} has config.json but no model.safetensors or pytorch_model.bin")
+    weights = {hf_to_chatrwkv(k): v for k, v in raw.items()}
+    # The config must describe these weights: a mismatch means a mixed-up directory.
+    emb = weights.get("emb.weight")
+    if emb is not None:
+        for field, got in (("vocab_size", emb.shape[0]), ("hidden_size", emb.shape[1])):
+            if field in cfg and cfg[field] != got:
+                raise ParityError(f"{path / 'config.json'} says {field} {cfg[field]}, but the weights have {got}")
+    layers = {int(k.split(".")[1]) for k in weights if k.startswith("blocks.")}
+    if "num_hidden_layers" in cfg and layers and cfg["num_hidden_layers"] != max(layers) + 1:
+        raise ParityError(
+            f"{path / 'config.json'} says num_hidden_layers {cfg['num_hidden_layers']}, but the weights have {max(layers) + 1}"
+        )
+    return weights
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ParityError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise ParityError(f"checkpoint path is a directory, expected a .pth file: {path}")
+        if (path / "config.json").exists():
+            return _read_hf_dir(path)
+        raise ParityError(f"checkpoint path is a directory without config.json; expected a .pth, .safetensors or HF directory: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -226,3 +263,38 @@ def load_checkpoint(path: str | Path, *, require_supported: bool = True) -> Chec
             f"checkpoint {path} is RWKV-{config.version.value}; this release runs RWKV-{supported} only"
         )
     return Checkpoint(path=path, sha256=_sha256(path), config=config, weights=weights)
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
+    """Write ``checkpoint`` as a ChatRWKV .pth, a .safetensors with the same keys, or (v4) an HF directory.
+
+    The format follows the destination: ``*.pth``, ``*.safetensors``, anything else is a directory.
+    Tensors are written as stored (no dtype change), so a round trip is bit-exact.
+    """
+    path = Path(path)
+    weights = {k: v.contiguous() for k, v in checkpoint.weights.items()}
+    if path.suffix == ".pth":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(weights, path)
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(path))
+    else:
+        if checkpoint.config.version != ModelVersion.V4:
+            raise ParityError(
+                f"HF directories hold RWKV-4 only (RwkvForCausalLM); this checkpoint is RWKV-{checkpoint.config.version.value}"
+            )
+        if path.exists() and any(path.iterdir()):
+            raise ParityError(f"{path} exists and is not empty; choose a new directory")
+        import json
+
+        from safetensors.torch import save_file
+
+        from parity.hf_names import chatrwkv_to_hf, hf_config
+
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(hf_config(checkpoint.config), indent=2) + "\n")
+        save_file({chatrwkv_to_hf(k): v for k, v in weights.items()}, str(path / "model.safetensors"))
+    return path

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", required=True, type=Path, help="ChatRWKV .pth (or .safetensors) checkpoint")
     run.add_argument("--backends", default="reference,tvm",
                      help="comma-separated; the first is the yardstick (default: reference,tvm). "
-                          "Known: reference, tvm (debug build), tvm-instrumented (plain build + VM hook)")
+                          "Known: reference, tvm (debug build), tvm-instrumented (plain build + VM hook), "
+                          "chatrwkv (the official rwkv package), hf (transformers, RWKV-4 only)")
     run.add_argument("--ids", default="ones:10", help="prompt ids: 1,2,3 | ones:N | random:N[:SEED] (default ones:10)")
     run.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
@@ -61,9 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("actual", type=Path, help="dump directory under test")
     _add_output_args(diff)
 
+    convert = sub.add_parser("convert", help="convert a checkpoint: .pth <-> .safetensors <-> HF directory (v4)")
+    convert.add_argument("source", type=Path, help=".pth, .safetensors or HF RWKV directory")
+    convert.add_argument("dest", type=Path, help="*.pth, *.safetensors, or a new directory (HF layout, v4 only)")
+
+    from parity.report.cli import add_report_parser
     from parity.tokenizer.cli import add_tokenize_parser
 
     add_tokenize_parser(sub)
+    add_report_parser(sub)
 
     demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
     demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
@@ -155,6 +162,9 @@ def _print_summary(console, result: dict) -> None:
     console.print(table)
     if result.get("comparisons"):
         _print_pairs(console, result)
+    for k in result.get("known_differences", []):
+        flag = "[yellow]applies[/]" if k["applies"] else "[dim]no effect here[/]"
+        console.print(f"known difference of {k['backend']}: [bold]{k['name']}[/] ({flag}) — {k['detail']}")
     missing = result.get("missing") or []
     if missing:
         console.print(f"[dim]{len(missing)} stage records exist on one side only (not compared), "
@@ -279,15 +289,34 @@ def cmd_demo(args, console) -> int:
     return code
 
 
+def cmd_convert(args, console) -> int:
+    from parity.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(args.source)
+    if args.dest.resolve() == args.source.resolve():
+        raise ParityError("source and destination are the same path")
+    out = save_checkpoint(ck, args.dest)
+    again = load_checkpoint(out)  # read it back: a conversion that cannot be loaded is not done
+    same = again.weights.keys() == ck.weights.keys() and all(again.weights[k].equal(ck.weights[k]) for k in ck.weights)
+    if not same or again.config != ck.config:
+        raise ParityError(f"{out} does not read back as the same checkpoint")
+    console.print(f"wrote {out} ({ck.config.describe()}, {len(ck.weights)} tensors, bit-exact round trip)")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
     try:
+        from parity.report.cli import cmd_report
         from parity.tokenizer.cli import cmd_tokenize
 
-        commands = {"run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize}
+        commands = {
+            "run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize,
+            "convert": cmd_convert, "report": cmd_report,
+        }
         return commands[args.command](args, console)
     except ParityError as exc:
         print(f"parity: error: {exc}", file=sys.stderr)

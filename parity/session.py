@@ -161,6 +161,18 @@ def run_parity(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()},
         }
+        known = [
+            {"backend": spec, **item}
+            for spec, path in dumps.items()
+            for item in (DumpReader(path).extra or {}).get("known_differences", [])
+        ]
+        if known:
+            # Legitimate, named differences of a backend's math (e.g. HF's rescaling): shown with
+            # every verdict so they are never mistaken for — or hidden as — a porting bug.
+            result["known_differences"] = known
+            result["run"]["known_differences"] = "; ".join(
+                f"{k['backend']}: {k['name']} ({'applies' if k['applies'] else 'no effect here'})" for k in known
+            )
         if len(comparisons) > 1:
             result["comparisons"] = [
                 {

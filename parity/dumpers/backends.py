@@ -241,11 +241,11 @@ class TVMInstrumentedBackend(Backend):
             step.add(name, named[name])
 
 
-BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv")
+BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv", "hf")
 
 
 def make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None, target: str = "llvm") -> Backend:
-    """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``."""
+    """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``, ``hf`` (v4)."""
     if spec == "reference":
         return ReferenceBackend(checkpoint)
     if spec == "tvm":
@@ -256,4 +256,8 @@ def make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = 
         from parity.dumpers.official import ChatRWKVBackend
 
         return ChatRWKVBackend(checkpoint)
+    if spec == "hf":
+        from parity.dumpers.hf import HFBackend
+
+        return HFBackend(checkpoint)
     raise ParityError(f"unknown backend {spec!r}; choose from {', '.join(BACKEND_NAMES)}")

@@ -89,6 +89,8 @@ table.rec td{padding:1px 6px;border-bottom:1px solid #eee;white-space:nowrap}
 table.rec td.n{text-align:right}
 tr.bad{background:#fde7e7}tr.fd{background:#f8c4c4;font-weight:bold}
 tr:target{outline:2px solid #1565c0;background:#e3f0ff}
+/* a row a heat-map cell jumps to must land below the sticky header, not under it */
+table.rec tbody tr{scroll-margin-top:3em}
 details>summary{cursor:pointer;font-weight:600;margin:.3em 0}
 """
 _CSS += "".join(f".{cls}{{background:{colour}}}" for cls, _, colour, _ in _PASS_BINS + _FAIL_BINS)

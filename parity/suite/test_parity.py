@@ -10,6 +10,7 @@ import pytest
 from parity.cli import describe_divergence
 from parity.compare import TolerancePolicy, compare_arrays
 from parity.dumpers.backends import RunPlan
+from parity.pytest_plugin import record_report
 from parity.report.html import write_html
 from parity.session import default_decode_ids, parse_ids, run_parity
 from parity.stages import stage_order, state_slots, state_stage_names
@@ -25,6 +26,7 @@ def _assert_no_divergence(outcome, *, name: str) -> None:
     if result["first_divergence"] is not None:
         path = report_dir() / f"{name}.html"
         write_html(result, path)
+        record_report(path)  # listed in the terminal summary by the parity pytest plugin
         pytest.fail(f"{describe_divergence(result['first_divergence'])}\nreport: {path}", pytrace=False)
 
 

@@ -1,0 +1,125 @@
+"""Backend: HuggingFace transformers ``RwkvForCausalLM`` (RWKV-4 only), observed by forward hooks.
+
+The checkpoint's tensors are renamed once (parity/hf_names.py) and loaded strictly, so HF runs
+exactly our weights. Hooks only read module outputs, so they cannot change HF's math. Recorded:
+``emb`` (pre_ln output), ``L.att.ln1`` / ``L.ffn.ln2``, ``L.att.k`` / ``L.att.v`` (the Linear
+outputs), ``L.att.out``, ``L.ffn.out``, ``L.x_out`` (block output), ``logits`` (all rows), and
+the state after each step, adapted from HF's five (B, C, L) tensors [ffn_x, att_x, num, den, max]
+to the canonical slots (att_x, aa, bb, pp, ffn_x).
+
+Where HF's math legitimately differs from ChatRWKV's it is declared in ``KNOWN_DIFFERENCES`` and
+carried into every report, so a user sees a named difference rather than an unexplained one.
+"""
+
+from __future__ import annotations
+
+from parity.checkpoint import Checkpoint, ModelVersion
+from parity.dumpers.backends import Backend
+from parity.dumpers.format import StepWriter
+from parity.errors import ParityError
+
+RESCALE_EVERY = 6  # HF's default, and what RwkvConfig gets here: the model as HF users run it
+
+
+def known_differences(*, n_layer: int) -> list[dict]:
+    rescale_applies = n_layer > RESCALE_EVERY
+    return [
+        {
+            "name": "rescale_every",
+            "applies": rescale_applies,
+            "detail": (
+                f"in eval HF divides att.output and ffn.value of layer l by 2^(l//{RESCALE_EVERY}) and halves x "
+                f"after every {RESCALE_EVERY}th layer (in any dtype; ChatRWKV only in fp16): att.out, ffn.out and "
+                f"x_out of layers >= {RESCALE_EVERY} are scaled by 2^-(l//{RESCALE_EVERY}); logits agree up to "
+                "LayerNorm eps (~6e-5 relative)"
+                + ("" if rescale_applies else f"; this model has {n_layer} layers, so it changes nothing here")
+            ),
+        },
+        {
+            "name": "ln0_at_run_time",
+            "applies": True,
+            "detail": "HF applies ln0 (pre_ln) to the embedding at run time in the model dtype; ChatRWKV folds it "
+            "into the table at load. Identical in fp32; in fp16/bf16 the rounding differs",
+        },
+        {
+            "name": "logits_dtype",
+            "applies": False,
+            "detail": "HF returns logits in the model dtype; ChatRWKV in fp32. This run is fp32, so no difference",
+        },
+    ]
+
+
+class HFBackend(Backend):
+    """transformers' RwkvForCausalLM, fp32, eval mode, on our weights."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        if checkpoint.config.version != ModelVersion.V4:
+            raise ParityError(
+                f"the hf backend is RWKV-4 only (transformers' RwkvForCausalLM); checkpoint is RWKV-{checkpoint.config.version.value}"
+            )
+        try:
+            import transformers
+            from transformers import RwkvConfig, RwkvForCausalLM
+        except ImportError:
+            raise ParityError("the hf backend needs transformers: pip install transformers") from None
+        import torch
+
+        from parity.hf_names import chatrwkv_to_hf, hf_config
+
+        cfg = checkpoint.config
+        super().__init__(
+            checkpoint=checkpoint, name="hf", mode="hooks", dtype="float32",
+            extra={"package": f"transformers {transformers.__version__}", "known_differences": known_differences(n_layer=cfg.n_layer)},
+        )
+        hc = hf_config(cfg)
+        hc["rescale_every"] = RESCALE_EVERY
+        hc.pop("architectures")
+        hc.pop("model_type")
+        self.model = RwkvForCausalLM(RwkvConfig(**hc)).eval()
+        state = {chatrwkv_to_hf(k): v.float() for k, v in checkpoint.weights.items()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ParityError(f"HF RWKV parameters do not match the checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.torch = torch
+        self.state = None
+        self._capture: dict = {}
+        self._hook()
+
+    def _hook(self) -> None:
+        def keep(name, pick=lambda out: out):
+            def hook(module, args, out):
+                self._capture[name] = pick(out).detach()[0].float()  # drop the batch axis
+
+            return hook
+
+        first = lambda out: out[0]  # noqa: E731 - modules that return (tensor, state)
+        rwkv = self.model.rwkv
+        rwkv.blocks[0].pre_ln.register_forward_hook(keep("emb"))
+        for i, block in enumerate(rwkv.blocks):
+            block.ln1.register_forward_hook(keep(f"L{i}.att.ln1"))
+            block.ln2.register_forward_hook(keep(f"L{i}.ffn.ln2"))
+            block.attention.key.register_forward_hook(keep(f"L{i}.att.k"))
+            block.attention.value.register_forward_hook(keep(f"L{i}.att.v"))
+            block.attention.register_forward_hook(keep(f"L{i}.att.out", first))
+            block.feed_forward.register_forward_hook(keep(f"L{i}.ffn.out", first))
+            block.register_forward_hook(keep(f"L{i}.x_out", first))
+
+    def begin(self) -> None:
+        self.state = None
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        torch = self.torch
+        self._capture.clear()
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids]), state=self.state, use_cache=True)
+        self.state = out.state
+        captured = dict(self._capture)
+        captured["logits"] = out.logits[0].float()
+        # HF state: five (B, C, L) tensors [ffn_x, att_x, num, den, max] -> canonical per layer.
+        ffn_x, att_x, num, den, mx = (s[0] for s in out.state)
+        for layer in range(self.checkpoint.config.n_layer):
+            for slot, src in (("att_x", att_x), ("aa", num), ("bb", den), ("pp", mx), ("ffn_x", ffn_x)):
+                captured[f"state.L{layer}.{slot}"] = src[:, layer].float()
+        order = {n: i for i, n in enumerate(self.canonical_order())}
+        for name in sorted(captured, key=order.__getitem__):
+            step.add(name, captured[name].contiguous().numpy())

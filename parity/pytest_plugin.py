@@ -1,0 +1,200 @@
+"""pytest plugin for parity suites: options, the ``parity_options`` fixture, markers, and a closing
+list of every report a session wrote.
+
+Registered through the ``pytest11`` entry point (``parity = "parity.pytest_plugin"``), so any pytest
+run in an environment with rwkv-parity installed gets it; ``-p parity.pytest_plugin`` loads it where
+the package is on the path but not installed. Hooks are one-liners into ``ParitySession``, the one
+object that holds this session's state.
+
+    pytest parity/ --parity-backends reference,tvm --parity-mode instrumented --parity-report-dir out/
+
+A parity test that writes a report calls ``record_report(path)``; the terminal summary then lists
+it. Failing tests keep their own one-paragraph message (``describe_divergence``): the plugin adds
+a list at the end, never text to a failure.
+
+Importing this module must stay cheap (it loads into every pytest run of the environment), so it
+imports nothing that pulls in torch or tvm.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+__all__ = ["ParityOptions", "ParitySession", "current_session", "record_report"]
+
+REPORT_DIR_ENV = "PARITY_REPORT_DIR"  # what parity/suite/conftest.py's report_dir() reads
+DEFAULT_BACKENDS = "reference,tvm"
+MODES = ("all", "debug", "instrumented")
+
+# --parity-mode chooses how the compiled model is observed; these are its backends and their dump
+# ``mode``. Every other backend (the reference, the official package) is observed one way only.
+_COMPILED_MODES = {"tvm": "debug", "tvm-instrumented": "instrumented"}
+_COMPILED_MODEL = "tvm"
+
+_MARKERS = (
+    "slow: compiles TVM models or runs long sequences (deselect with -m 'not slow')",
+    "gpu: needs a CUDA GPU and a GPU build of the compiled model",
+)
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """What the command line asked of the parity suite; read it through the ``parity_options`` fixture."""
+
+    report_dir: Path  # where failing (or all) cases write their HTML reports
+    backends: tuple[str, ...]  # the first is the yardstick, as in `parity run --backends`
+    mode: str  # which capture modes of the compiled model to test: "all", "debug" or "instrumented"
+
+    @property
+    def yardstick(self) -> str:
+        return self.backends[0]
+
+    def wants(self, backend: str) -> bool:
+        """Whether the suite should run a case comparing ``backend`` (a `parity run` backend name).
+
+        ``tvm-instrumented`` is the ``tvm`` model observed another way, so ``--parity-backends
+        reference,tvm`` selects both capture modes, and ``--parity-mode`` narrows them to one.
+        """
+        listed = backend in self.backends or (backend in _COMPILED_MODES and _COMPILED_MODEL in self.backends)
+        if not listed:
+            return False
+        return self.mode == "all" or _COMPILED_MODES.get(backend, self.mode) == self.mode
+
+
+@dataclass(eq=False)  # identity: nested sessions with equal options are still different sessions
+class ParitySession:
+    """This pytest session's options and the reports its tests wrote, in the order written."""
+
+    options: ParityOptions
+    reports: list[tuple[Path, str | None]] = field(default_factory=list)  # (path, test node id)
+    current_test: str | None = None
+
+    def record_report(self, path: str | os.PathLike) -> Path:
+        report = Path(path)
+        if not any(p == report for p, _ in self.reports):
+            self.reports.append((report, self.current_test))
+        return report
+
+    def summary_lines(self) -> list[str]:
+        return [f"{path}" + (f"  ({test})" if test else "") for path, test in self.reports]
+
+
+# pytester runs a pytest session inside another, so sessions nest: the innermost is current.
+_SESSIONS: list[ParitySession] = []
+_SESSION_KEY = pytest.StashKey[ParitySession]()
+_ENV_KEY = pytest.StashKey[tuple[bool, str | None]]()
+
+
+def current_session() -> ParitySession | None:
+    """The running pytest session's parity state, or None outside pytest or without this plugin."""
+    return _SESSIONS[-1] if _SESSIONS else None
+
+
+def record_report(path: str | os.PathLike) -> Path:
+    """Note a report written by the running test, for the end-of-session list; a no-op without the plugin."""
+    session = current_session()
+    return session.record_report(path) if session is not None else Path(path)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("parity", "rwkv-parity")
+    group.addoption("--parity-report-dir", metavar="DIR", default=None,
+                    help=f"where parity tests write HTML reports (default: ${REPORT_DIR_ENV}, else reports/ "
+                         "under the rootdir)")
+    group.addoption("--parity-backends", metavar="LIST", default=DEFAULT_BACKENDS,
+                    help=f"comma-separated backends as for `parity run --backends`, the first is the "
+                         f"yardstick (default {DEFAULT_BACKENDS})")
+    group.addoption("--parity-mode", choices=MODES, default="all",
+                    help="capture modes of the compiled model to test: debug (the build returns every stage), "
+                         "instrumented (the plain build, observed by the VM hook) or all (default)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A project may declare the same markers in its own ini file; `pytest --markers` need not list them twice.
+    declared = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for line in _MARKERS:
+        if line.split(":", 1)[0] not in declared:
+            config.addinivalue_line("markers", line)
+    session = ParitySession(options=_options_from(config))
+    config.stash[_SESSION_KEY] = session
+    _SESSIONS.append(session)
+    if config.getoption("parity_report_dir") is not None:
+        # The suite's report_dir() reads the environment, as do subprocesses (xdist workers), so the
+        # option is passed on that way; the previous value comes back at unconfigure.
+        config.stash[_ENV_KEY] = (REPORT_DIR_ENV in os.environ, os.environ.get(REPORT_DIR_ENV))
+        os.environ[REPORT_DIR_ENV] = str(session.options.report_dir)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION_KEY, None)
+    if session is not None and session in _SESSIONS:
+        _SESSIONS.remove(session)
+    saved = config.stash.get(_ENV_KEY, None)
+    if saved is not None:
+        had, value = saved
+        if had:
+            os.environ[REPORT_DIR_ENV] = value
+        else:
+            os.environ.pop(REPORT_DIR_ENV, None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    session = item.config.stash[_SESSION_KEY]
+    session.current_test = item.nodeid
+    try:
+        return (yield)
+    finally:
+        session.current_test = None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    lines = config.stash[_SESSION_KEY].summary_lines()
+    if lines:
+        terminalreporter.section(f"parity reports ({len(lines)})")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def parity_options(pytestconfig: pytest.Config) -> ParityOptions:
+    """The --parity-* options of this run."""
+    return pytestconfig.stash[_SESSION_KEY].options
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _options_from(config: pytest.Config) -> ParityOptions:
+    given = config.getoption("parity_report_dir")
+    if given is not None:
+        report_dir = Path(given).resolve()
+    elif os.environ.get(REPORT_DIR_ENV):
+        report_dir = Path(os.environ[REPORT_DIR_ENV])
+    else:
+        report_dir = Path(config.rootpath) / "reports"
+    backends = tuple(b.strip() for b in str(config.getoption("parity_backends")).split(",") if b.strip())
+    if len(backends) < 2:
+        raise pytest.UsageError(
+            f"--parity-backends needs at least two backends, the first the yardstick (e.g. {DEFAULT_BACKENDS})"
+        )
+    if len(set(backends)) != len(backends):
+        raise pytest.UsageError(f"--parity-backends lists a backend twice: {','.join(backends)}")
+    if backends != tuple(DEFAULT_BACKENDS.split(",")):
+        # Only now: the list of backends lives beside them and importing it loads torch, which a
+        # pytest run that never mentions parity should not pay for.
+        from parity.dumpers.backends import BACKEND_NAMES
+
+        unknown = [b for b in backends if b not in BACKEND_NAMES]
+        if unknown:
+            raise pytest.UsageError(
+                f"unknown parity backend {unknown[0]!r} in --parity-backends; choose from {', '.join(BACKEND_NAMES)}"
+            )
+    return ParityOptions(report_dir=report_dir, backends=backends, mode=config.getoption("parity_mode"))

@@ -1,0 +1,160 @@
+"""The pytest plugin: --parity-* options reach the parity_options fixture, markers are registered,
+and the terminal summary lists every report the session wrote."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+import pytest
+
+# Imported here, not first inside an inner run: pytester drops modules an inner run imported, and
+# torch (which this pulls in) cannot be imported twice in one process.
+from parity.dumpers.backends import BACKEND_NAMES
+from parity.pytest_plugin import _COMPILED_MODES, REPORT_DIR_ENV, current_session, record_report
+
+pytest_plugins = ["pytester"]
+
+
+def _plugin_args() -> list[str]:
+    # Once the pytest11 entry point is installed the plugin loads by itself, and loading it a second
+    # time under its module name would be an error.
+    installed = any(ep.value == "parity.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
+    return [] if installed else ["-p", "parity.pytest_plugin"]
+
+
+@pytest.fixture
+def run(pytester, monkeypatch):
+    monkeypatch.delenv(REPORT_DIR_ENV, raising=False)
+
+    def _run(*args: str):
+        # hypothesis's plugin would re-import (and assertion-rewrite) hypothesis in every inner run: 1.5 s each.
+        return pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *args)
+
+    return _run
+
+
+def test_options_reach_the_fixture(pytester, run, tmp_path):
+    pytester.makepyfile(f"""
+        import os
+        from pathlib import Path
+
+        def test_options(parity_options):
+            assert parity_options.report_dir == Path({str(tmp_path / "out")!r})
+            assert parity_options.backends == ("reference", "tvm-instrumented")
+            assert parity_options.yardstick == "reference"
+            assert parity_options.mode == "instrumented"
+            assert parity_options.wants("tvm-instrumented") and not parity_options.wants("tvm")
+            assert not parity_options.wants("chatrwkv")  # not listed
+            # The suite's report_dir() reads the environment, so the option must show there too.
+            assert os.environ[{REPORT_DIR_ENV!r}] == str(parity_options.report_dir)
+    """)
+    result = run("--parity-report-dir", str(tmp_path / "out"), "--parity-backends", "reference, tvm-instrumented",
+                 "--parity-mode", "instrumented")
+    result.assert_outcomes(passed=1)
+    assert REPORT_DIR_ENV not in os.environ  # restored after the session
+
+
+def test_defaults(pytester, run):
+    pytester.makepyfile("""
+        def test_defaults(parity_options, pytestconfig):
+            assert parity_options.report_dir == pytestconfig.rootpath / "reports"
+            assert parity_options.backends == ("reference", "tvm") and parity_options.mode == "all"
+            # Both capture modes of the tvm model run by default, as the suite always did.
+            assert parity_options.wants("tvm") and parity_options.wants("tvm-instrumented")
+    """)
+    run().assert_outcomes(passed=1)
+
+
+def test_mode_debug_rules_out_the_instrumented_build(pytester, run):
+    pytester.makepyfile("""
+        def test_debug(parity_options):
+            assert parity_options.wants("tvm") and parity_options.wants("reference")
+            assert not parity_options.wants("tvm-instrumented")
+            assert parity_options.wants("chatrwkv")  # observed one way only: the mode does not apply
+    """)
+    run("--parity-mode", "debug", "--parity-backends", "reference,tvm,chatrwkv").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parity-backends", "reference,cuda"], "unknown parity backend 'cuda'"),
+    (["--parity-backends", "tvm"], "at least two backends"),
+    (["--parity-backends", "tvm,tvm"], "lists a backend twice"),
+])
+def test_bad_backends_are_usage_errors(pytester, run, args, message):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = run(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+def test_bad_mode_is_rejected(pytester, run):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = run("--parity-mode", "fast")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "invalid choice: 'fast'" in result.stderr.str()
+
+
+def test_markers_are_registered(pytester, run):
+    result = run("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.slow: *", "@pytest.mark.gpu: *"])
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.gpu
+        @pytest.mark.slow
+        def test_marked():
+            pass
+    """)
+    run("--strict-markers", "-m", "gpu").assert_outcomes(passed=1)
+
+
+def test_terminal_summary_lists_every_report_and_failures_stay_one_paragraph(pytester, run, tmp_path):
+    pytester.makepyfile(f"""
+        import pytest
+        from pathlib import Path
+        from parity.pytest_plugin import record_report
+
+        def test_writes_a_report():
+            record_report(Path({str(tmp_path)!r}) / "pass.html")
+
+        def test_fails_with_a_report():
+            path = record_report(Path({str(tmp_path)!r}) / "fail.html")
+            record_report(path)  # recorded once however often it is reported
+            pytest.fail("first divergence: decode step 1, layer 0, stage L0.att.wkv: max abs 1\\nreport: " + str(path),
+                        pytrace=False)
+
+        def test_plain():
+            pass
+    """)
+    result = run("-rA")
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*= parity reports (2) =*",
+        f"{tmp_path / 'pass.html'}  (test_terminal_summary_lists_every_report_and_failures_stay_one_paragraph.py"
+        "::test_writes_a_report)",
+        f"{tmp_path / 'fail.html'}  (*::test_fails_with_a_report)",
+    ])
+    failure = out[out.index("_ test_fails_with_a_report _"):out.index("parity reports")]
+    # pytest.fail(pytrace=False) shows only the message: no source lines, no traceback added.
+    assert "first divergence: decode step 1" in failure and "def test_" not in failure
+
+
+def test_no_summary_section_without_reports(pytester, run):
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    result = run()
+    result.assert_outcomes(passed=1)
+    assert "parity reports" not in result.stdout.str()
+
+
+def test_record_report_without_a_session_is_a_no_op(tmp_path, monkeypatch):
+    import parity.pytest_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_SESSIONS", [])
+    assert current_session() is None
+    assert record_report(tmp_path / "x.html") == tmp_path / "x.html"
+
+
+def test_compiled_capture_modes_are_real_backends():
+    assert set(_COMPILED_MODES) <= set(BACKEND_NAMES)
