@@ -125,3 +125,28 @@ def test_prompt_length_equal_to_head_count(checkpoint, cache_dir, tmp_path):
     outcome = run_parity(checkpoint, backends=["reference", "tvm"], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-T-eq-H")
     assert re.match(r"no divergence", outcome.result["verdict"])
+
+
+def test_three_independent_implementations_agree(checkpoint, cache_dir, tmp_path):
+    """reference vs tvm vs the official package (and HF for v4): every pair, no divergence."""
+    from parity.checkpoint import ModelVersion
+
+    cfg = checkpoint.config
+    backends = ["reference", "tvm", "chatrwkv"] + (["hf"] if cfg.version == ModelVersion.V4 else [])
+    plan = RunPlan(
+        prefill_ids=parse_ids("random:12:11", vocab_size=cfg.vocab_size),
+        decode_ids=default_decode_ids(steps=DECODE_STEPS, vocab_size=cfg.vocab_size),
+    )
+    outcome = run_parity(checkpoint, backends=backends, plan=plan, dump_dir=tmp_path, cache_dir=cache_dir)
+    result = outcome.result
+    for pair in result["comparisons"]:
+        assert pair["first_divergence"] is None, (
+            f"{pair['actual']} vs {pair['expected']}: {describe_divergence(pair['first_divergence'])}"
+        )
+    assert result["odd_one_out"]["backend"] is None
+    # Each pair compared at least the logits and the full state of every step.
+    for comparison in outcome.comparisons:
+        stages = {(r["step"], r["stage"]) for r in comparison["records"]}
+        for step in range(1 + DECODE_STEPS):
+            assert (step, "logits") in stages
+            assert all((step, s) in stages for s in state_stage_names(n_layer=cfg.n_layer, slots=state_slots(cfg.version.value)))
