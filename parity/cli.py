@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run backends on one checkpoint and compare every stage of every step")
-    run.add_argument("--checkpoint", required=True, type=Path, help="ChatRWKV .pth (or .safetensors) checkpoint")
+    run.add_argument("--checkpoint", type=Path, help="ChatRWKV .pth, .safetensors or HF directory (default: the --scenario's)")
     run.add_argument("--backends", default="reference,tvm",
                      help="comma-separated; the first is the yardstick (default: reference,tvm). "
                           "Known: reference, tvm (debug build), tvm-instrumented (plain build + VM hook), "
@@ -54,13 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
     run.add_argument("--dump-dir", type=Path, help="keep the dumps here (default: a temporary directory)")
+    run.add_argument(
+        "--mode", choices=("propagated", "isolated", "both"), default="propagated",
+        help="propagated: each backend runs on its own outputs (default); isolated: every compiled layer and "
+             "step runs on the yardstick's inputs, so each stage shows only the error it adds; both: side by side",
+    )
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
+    run.add_argument("--only-layer", type=int, metavar="L", help="isolated mode: record only layer L (a bisect repro)")
+    run.add_argument("--only-step", type=int, metavar="S", help="isolated mode: record only step S (0 = prefill)")
+    from parity.scenarios import add_text_args
+
+    add_text_args(run)
     _add_output_args(run)
 
     diff = sub.add_parser("diff", help="compare two saved dumps")
     diff.add_argument("expected", type=Path, help="dump directory of the yardstick (e.g. the reference)")
     diff.add_argument("actual", type=Path, help="dump directory under test")
     _add_output_args(diff)
+
+    bis = sub.add_parser("bisect", help="narrow a divergence to its step, layer and stage with isolated runs")
+    bis.add_argument("--checkpoint", required=True, type=Path)
+    bis.add_argument("--backends", default="reference,tvm", help="YARDSTICK,SUSPECT (default reference,tvm)")
+    bis.add_argument("--ids", default="ones:10", help="prompt ids (as for run)")
+    bis.add_argument("--decode-steps", type=int, default=4)
+    bis.add_argument("--decode-ids", help="the decode tokens, comma-separated")
+    bis.add_argument("--cache-dir", type=Path)
+    bis.add_argument("--tol", metavar="PATTERN=RTOL,ATOL[,SCALE]", action="append", default=[])
+
+    st = sub.add_parser("selftest", help="run the bug zoo: every injected porting bug must be found where it is")
+    st.add_argument("--only", help="comma-separated mutant names (default: all)")
+    st.add_argument("--cache-dir", type=Path)
+    st.add_argument("--json", type=Path, help="write the table as JSON")
+    st.add_argument("--list", action="store_true", help="list the mutants and exit")
 
     convert = sub.add_parser("convert", help="convert a checkpoint: .pth <-> .safetensors <-> HF directory (v4)")
     convert.add_argument("source", type=Path, help=".pth, .safetensors or HF RWKV directory")
@@ -234,28 +259,42 @@ def _finish(result: dict, *, args, console, json_path, html_path) -> int:
 
 def cmd_run(args, console) -> int:
     from parity.checkpoint import load_checkpoint
-    from parity.dumpers.backends import RunPlan
-    from parity.session import default_decode_ids, parse_ids, run_parity
+    from parity.greedy import run_greedy
+    from parity.scenarios import plan_from_args, resolve_checkpoint, run_keys
+    from parity.session import run_parity
 
-    if args.decode_steps < 0:
-        raise ParityError("--decode-steps must be >= 0")
     overrides = _overrides(args.tol)
-    ck = load_checkpoint(args.checkpoint)
-    prefill = parse_ids(args.ids, vocab_size=ck.config.vocab_size)
-    if args.decode_ids:
-        decode = parse_ids(args.decode_ids, vocab_size=ck.config.vocab_size)
-    else:
-        decode = default_decode_ids(steps=args.decode_steps, vocab_size=ck.config.vocab_size)
-    plan = RunPlan(prefill_ids=prefill, decode_ids=decode)
+    ck = load_checkpoint(resolve_checkpoint(args))
+    plan, info = plan_from_args(args, ck)
+    for line in info["warnings"]:
+        print(f"parity: warning: {line}", file=sys.stderr)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.quiet:
         console.print(f"{ck.config.describe()} from {ck.path} (sha256 {ck.sha256[:12]})")
+        if info.get("text") is not None:
+            console.print(f"prompt ({info['template']} template): {info['text']!r} -> {len(plan.prefill_ids)} ids")
     with _Progress(quiet=args.quiet) as prog:
         outcome = run_parity(
             ck, backends=backends, plan=plan, dump_dir=args.dump_dir, overrides=overrides,
-            cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step,
+            cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
+            only_layer=args.only_layer, only_step=args.only_step,
         )
-    return _finish(outcome.result, args=args, console=console, json_path=args.json, html_path=args.html)
+        greedy = run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event)
+    result = outcome.result
+    result["run"].update(run_keys(info))
+    if greedy is not None:
+        result["run"]["greedy"] = greedy
+        if not args.quiet:
+            _print_greedy(console, greedy)
+    return _finish(result, args=args, console=console, json_path=args.json, html_path=args.html)
+
+
+def _print_greedy(console, greedy: dict) -> None:
+    for name, side in greedy["backends"].items():
+        text = f" {side['text']!r}" if side.get("text") is not None else ""
+        console.print(f"greedy {name}: {side['tokens']}{text}")
+    fd = greedy["first_token_divergence"]
+    console.print("greedy: every backend chose the same tokens" if fd is None else f"greedy: {fd['explanation']}")
 
 
 def cmd_diff(args, console) -> int:
@@ -289,6 +328,76 @@ def cmd_demo(args, console) -> int:
     return code
 
 
+def cmd_bisect(args, console) -> int:
+    from parity.bisect import bisect
+    from parity.checkpoint import load_checkpoint
+    from parity.dumpers.backends import RunPlan
+    from parity.session import default_decode_ids, parse_ids
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if len(backends) != 2:
+        raise ParityError("bisect takes exactly two backends: YARDSTICK,SUSPECT")
+    ck = load_checkpoint(args.checkpoint)
+    prefill = parse_ids(args.ids, vocab_size=ck.config.vocab_size)
+    decode = (parse_ids(args.decode_ids, vocab_size=ck.config.vocab_size) if args.decode_ids
+              else default_decode_ids(steps=args.decode_steps, vocab_size=ck.config.vocab_size))
+    plan = RunPlan(prefill_ids=prefill, decode_ids=decode)
+    with _Progress(quiet=False) as prog:
+        out = bisect(ck, backends=backends, plan=plan, cache_dir=args.cache_dir, overrides=_overrides(args.tol),
+                     on_decision=lambda line: prog.progress.console.print(line, highlight=False), on_event=None)
+    if out.found is None:
+        console.print("bisect: no faulty stage", style="green")
+        return EXIT_OK
+    fd = out.found
+    console.print(f"bisect: first faulty stage {fd['stage']} at step {fd['step']} "
+                  f"({'prefill' if fd['step'] == 0 else 'decode'}), layer {fd['layer']}", style="bold red")
+    console.print(f"reproduce just that layer and step:\n  {out.repro}")
+    return EXIT_DIVERGED
+
+
+def cmd_selftest(args, console) -> int:
+    from rich.table import Table
+
+    from parity.mutants import CATALOGUE
+    from parity.selftest import run_selftest
+
+    if args.list:
+        for m in CATALOGUE.values():
+            console.print(f"{m.name:28s} {m.side:9s} {m.description}")
+        return EXIT_OK
+    names = [n.strip() for n in args.only.split(",")] if args.only else None
+    for n in names or []:
+        if n not in CATALOGUE:
+            raise ParityError(f"unknown mutant {n!r}; see parity selftest --list")
+    with _Progress(quiet=False) as prog:
+        task = prog.progress.add_task("mutants", total=len(names or CATALOGUE))
+        rows = run_selftest(names=names, cache_dir=args.cache_dir, on_row=lambda row: prog.progress.advance(task))
+    table = Table(title="bug zoo: where each injected bug must be found, and where it was")
+
+    def where(fd):
+        if fd is None:
+            return "[red]not found[/]"
+        step = "prefill" if fd["step"] == 0 else f"decode {fd['step']}"
+        return f"{step} {fd['stage']}"
+
+    for col in ("mutant", "expected", "found (propagated)", "found (isolated)", "result"):
+        table.add_column(col, no_wrap=col != "mutant")
+    for row in rows:
+        exp = row.mutant.propagated.describe()
+        if row.mutant.isolated != row.mutant.propagated:
+            exp += f" / iso {row.mutant.isolated.describe()}"
+        extra = f" (odd one out: {row.odd_one_out})" if row.mutant.side == "reference" else ""
+        table.add_row(row.mutant.name, exp, where(row.found_propagated), where(row.found_isolated) + extra,
+                      "[green]pass[/]" if row.passed else "[red]FAIL[/]")
+    console.print(table)
+    passed = sum(r.passed for r in rows)
+    console.print(f"{passed}/{len(rows)} mutants localised in both modes")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+    return EXIT_OK if passed == len(rows) else EXIT_DIVERGED
+
+
 def cmd_convert(args, console) -> int:
     from parity.checkpoint import load_checkpoint, save_checkpoint
 
@@ -315,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
         commands = {
             "run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize,
-            "convert": cmd_convert, "report": cmd_report,
+            "convert": cmd_convert, "report": cmd_report, "bisect": cmd_bisect, "selftest": cmd_selftest,
         }
         return commands[args.command](args, console)
     except ParityError as exc:

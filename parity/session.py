@@ -19,7 +19,7 @@ import numpy as np
 
 from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.compare import TolerancePolicy, compare_runs
-from parity.dumpers.backends import BACKEND_NAMES, RunPlan, make_backend, tool_versions
+from parity.dumpers.backends import RunPlan, check_backend_spec, dump_dir_name, make_backend, tool_versions
 from parity.dumpers.format import DumpReader
 from parity.errors import ParityError
 
@@ -80,6 +80,37 @@ def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | Non
     return compare_runs(actual=act, expected=exp, policy=policy).to_dict()
 
 
+def _isolatable(backend) -> bool:
+    from parity.dumpers.backends import TVMDebugBackend
+
+    return isinstance(backend, TVMDebugBackend)
+
+
+def _run_isolated(
+    ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, only_layer=None, only_step=None
+) -> list[dict]:
+    """Each compiled backend again, piece by piece on the first backend's dumped inputs."""
+    from parity.dumpers.isolated import TVMIsolatedBackend
+
+    yardstick = backends[0]
+    out = []
+    for spec in backends[1:]:
+        backend = made[spec]
+        if not _isolatable(backend):
+            say(f"{spec} has no per-layer entry points; it runs propagated only")
+            continue
+        say(f"running {spec} isolated: every layer of every step on {yardstick}'s inputs")
+        iso = TVMIsolatedBackend(
+            ck, reference_dump=dumps[yardstick], model=backend.model, only_layer=only_layer, only_step=only_step
+        )
+        path = iso.dump(plan, path=dump_dir / (dump_dir_name(spec) + "-isolated"), on_step=on_step)
+        dumps[f"{spec} (isolated)"] = path
+        out.append(compare_dumps(dumps[yardstick], path, overrides=overrides))
+    if not out:
+        raise ParityError("isolated mode needs a compiled backend (tvm or mutant/...) after the yardstick")
+    return out
+
+
 def odd_one_out(backends: list[str], agree: dict[tuple[str, str], bool]) -> dict:
     """Which backend disagrees with all the others while those all agree with each other.
 
@@ -114,19 +145,33 @@ def run_parity(
     on_event: EventFn | None = None,
     on_step: StepFn | None = None,
     command: str | None = None,
+    mode: str = "propagated",
+    only_layer: int | None = None,
+    only_step: int | None = None,
 ) -> RunOutcome:
-    """Run every backend on ``plan``, dump each, compare each against the first backend.
+    """Run every backend on ``plan``, dump each, compare every pair.
 
     The returned result's top level is one comparison (the first that diverged, else the first),
     with a ``run`` block of metadata and, when more than two backends ran, ``comparisons``: the
     verdict of every pair.
+
+    ``mode``: "propagated" (each backend on its own outputs), "isolated" (compiled backends run
+    piece by piece on the first backend's inputs, so a stage shows only the error it adds; see
+    parity/dumpers/isolated.py) or "both". With "both" the top level is the isolated comparison
+    — the verdict names the first stage whose *own* error is out of tolerance — and ``modes``
+    holds both verdicts side by side.
     """
+    if mode not in ("propagated", "isolated", "both"):
+        raise ParityError(f"unknown mode {mode!r}; choose propagated, isolated or both")
+    if (only_layer is not None or only_step is not None) and mode != "isolated":
+        raise ParityError("--only-layer / --only-step narrow an isolated run; add --mode isolated")
+    if only_step is not None and not 0 <= only_step <= len(plan.decode_ids):
+        raise ParityError(f"--only-step {only_step}: the plan has steps 0..{len(plan.decode_ids)}")
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if len(backends) < 2:
         raise ParityError("need at least two backends to compare, e.g. --backends reference,tvm")
     for b in backends:
-        if b not in BACKEND_NAMES:
-            raise ParityError(f"unknown backend {b!r}; choose from {', '.join(BACKEND_NAMES)}")
+        check_backend_spec(b)
     if len(set(backends)) != len(backends):
         raise ParityError(f"backend listed twice: {','.join(backends)}")
     plan.check(vocab_size=ck.config.vocab_size)
@@ -138,17 +183,33 @@ def run_parity(
         dump_dir = Path(tmp.name)
     try:
         dumps: dict[str, Path] = {}
+        made = {}
         for spec in backends:
             say(f"preparing backend {spec}")
-            backend = make_backend(spec, ck, cache_dir=cache_dir, on_event=say)
+            backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say)
+            if mode == "isolated" and spec != backends[0] and _isolatable(backend):
+                continue  # only its isolated run is wanted
             say(f"running {spec}: prefill of {len(plan.prefill_ids)} tokens + {len(plan.decode_ids)} decode steps")
-            dumps[spec] = backend.dump(plan, path=Path(dump_dir) / spec, on_step=on_step)
+            dumps[spec] = backend.dump(plan, path=Path(dump_dir) / dump_dir_name(spec), on_step=on_step)
         # Every pair, the earlier-listed backend as the yardstick: with three or more, agreement
         # between two of them is what tells which one is wrong.
-        pairs = [(a, b) for i, a in enumerate(backends) for b in backends[i + 1 :]]
+        ran = [b for b in backends if b in dumps]
+        pairs = [(a, b) for i, a in enumerate(ran) for b in ran[i + 1 :]]
         comparisons = [compare_dumps(dumps[a], dumps[b], overrides=overrides) for a, b in pairs]
-        primary = next((c for c in comparisons if c["first_divergence"] is not None), comparisons[0])
+        isolated = []
+        if mode in ("isolated", "both"):
+            isolated = _run_isolated(ck, backends=backends, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
+                                     overrides=overrides, say=say, on_step=on_step, only_layer=only_layer, only_step=only_step)
+        propagated_primary = next((c for c in comparisons if c["first_divergence"] is not None), comparisons[0]) if comparisons else None
+        isolated_primary = next((c for c in isolated if c["first_divergence"] is not None), isolated[0]) if isolated else None
+        primary = isolated_primary if isolated_primary is not None else propagated_primary
         result = dict(primary)
+        result["mode"] = "isolated" if primary is isolated_primary else "propagated"
+        if mode == "both":
+            result["modes"] = {
+                name: None if c is None else {"verdict": c["verdict"], "first_divergence": c["first_divergence"], "summary": c["summary"]}
+                for name, c in (("propagated", propagated_primary), ("isolated", isolated_primary))
+            }
         result["run"] = {
             "checkpoint": str(ck.path),
             "checkpoint_sha256": ck.sha256,
@@ -160,6 +221,7 @@ def run_parity(
             "tool_versions": tool_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()},
+            "mode": mode,
         }
         known = [
             {"backend": spec, **item}

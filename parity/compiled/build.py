@@ -26,7 +26,7 @@ from parity.checkpoint import ModelConfig, ModelVersion
 from parity.compiled import common, rwkv4_model, rwkv5_model, wkv4_kernel, wkv5_kernel
 from parity.errors import ParityError
 
-CACHE_SCHEMA = 2  # 2: state shapes/fill values in the sidecar (v4 joined)
+CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
 PIPELINE_ID = "FuseTransposeMatmul+default"
 VARIANTS = ("plain", "debug")
 
@@ -53,8 +53,18 @@ def make_target(name: str) -> tvm.target.Target:
     return tvm.target.Target(spec)
 
 
-def model_for(config: ModelConfig, *, debug: bool):
-    """The Relax module of the checkpoint's family: one file per family (rwkv4 / rwkv5)."""
+def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None):
+    """The Relax module of the checkpoint's family: one file per family (rwkv4 / rwkv5).
+
+    ``mutant`` names a deliberately broken model from the bug zoo (parity/mutants/)."""
+    if mutant is not None:
+        from parity.mutants import get_mutant
+        from parity.mutants.compiled import MODELS
+
+        m = get_mutant(mutant)
+        if m.side != "compiled":
+            raise ParityError(f"mutant {mutant!r} breaks the {m.side}, not the compiled model")
+        return MODELS[mutant](config, debug=debug)
     if config.version == ModelVersion.V4:
         return rwkv4_model.RWKV4Model(config, debug=debug)
     return rwkv5_model.RWKV5Model(config, debug=debug)
@@ -71,8 +81,14 @@ class BuildArtifact:
     cached: bool  # True when loaded from the cache without compiling
 
 
-def cache_key(*, config: ModelConfig, variant: str, target: str) -> str:
+def cache_key(*, config: ModelConfig, variant: str, target: str, mutant: str | None = None) -> str:
     h = hashlib.sha256()
+    if mutant is not None:
+        from parity.mutants import compiled as mutant_models, kernels as mutant_kernels
+
+        for part in (f"mutant={mutant}", Path(mutant_models.__file__).read_text(), Path(mutant_kernels.__file__).read_text()):
+            h.update(part.encode())
+            h.update(b"\0")
     for part in (
         f"schema={CACHE_SCHEMA}",
         json.dumps(config.to_dict(), sort_keys=True),
@@ -112,7 +128,7 @@ def _kernel_outputs(mod: tvm.IRModule) -> dict[str, list[int]]:
     return out
 
 
-_SIDECAR_FIELDS = ("params", "state_slots", "state_shapes", "state_fill", "tap_names", "kernel_outputs")
+_SIDECAR_FIELDS = ("params", "state_slots", "state_shapes", "state_fill", "tap_names", "function_taps", "kernel_outputs")
 
 
 def _read_sidecar(path: Path) -> dict | None:
@@ -135,6 +151,7 @@ def build_model(
     target: str = "llvm",
     cache_dir: Path | None = None,
     on_event: Callable[[str], None] | None = None,
+    mutant: str | None = None,
 ) -> BuildArtifact:
     """Return the compiled model for ``config``, compiling only on a cache miss."""
     if variant not in VARIANTS:
@@ -143,8 +160,10 @@ def build_model(
         raise ParityError(f"unknown target {target!r}; choose one of {', '.join(_TARGETS)}")
     say = on_event or (lambda msg: None)
     cache_dir = Path(cache_dir or default_cache_dir())
-    key = cache_key(config=config, variant=variant, target=target)
+    key = cache_key(config=config, variant=variant, target=target, mutant=mutant)
     family = "rwkv4" if config.version == ModelVersion.V4 else "rwkv5"
+    if mutant:
+        family += f"-mutant-{mutant}"
     lib_path = cache_dir / f"{family}-{variant}-{target}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
     meta = _read_sidecar(meta_path) if lib_path.exists() else None
@@ -152,9 +171,9 @@ def build_model(
         say(f"compile cache hit: {lib_path.name}")
         return BuildArtifact(library=lib_path, meta=meta, cached=True)
 
-    say(f"compiling {config.describe()} ({variant}, {target}) with TVM {tvm.__version__}")
+    say(f"compiling {config.describe()} ({variant}, {target}{', MUTANT ' + mutant if mutant else ''}) with TVM {tvm.__version__}")
     t0 = time.perf_counter()
-    model = model_for(config, debug=(variant == "debug"))
+    model = model_for(config, debug=(variant == "debug"), mutant=mutant)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     tvm_target = make_target(target)
     # Without FuseTransposeMatmul every call re-transposes every (out, in) weight (docs/TVM.md).
@@ -180,6 +199,7 @@ def build_model(
         "cache_schema": CACHE_SCHEMA,
         "config": config.to_dict(),
         "variant": variant,
+        "mutant": mutant,
         "target": target,
         "tvm_version": tvm.__version__,
         "pipeline": PIPELINE_ID,
@@ -188,6 +208,7 @@ def build_model(
         "state_shapes": [list(x) for x in model.layout.all_shapes(config.n_layer)],
         "state_fill": model.layout.all_fills(config.n_layer),
         "tap_names": model.tap_names if variant == "debug" else [],
+        "function_taps": model.function_taps if variant == "debug" else {},
         "kernel_outputs": kernel_outputs,
         "compile_seconds": round(t_compile, 3),
         "export_seconds": round(time.perf_counter() - t0 - t_compile, 3),

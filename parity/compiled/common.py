@@ -89,7 +89,13 @@ class StateLayout:
 
 
 class Block(nn.Module):
-    """One layer; the attention class is the family's (its state is everything between att_x and ffn_x)."""
+    """One layer; the attention class is the family's (its state is everything between att_x and ffn_x).
+
+    ``shift`` is a class attribute (the token-shift TE function) so a deliberately wrong model in
+    the bug zoo can swap it without copying this class.
+    """
+
+    shift = staticmethod(token_shift)
 
     def __init__(self, config: ModelConfig, *, layer: int, attention: type):
         C = config.n_embd
@@ -105,7 +111,7 @@ class Block(nn.Module):
         i = self.layer
         xx = self.ln1(x)
         tap(f"L{i}.att.ln1", xx)
-        sx = op.tensor_expr_op(token_shift, "token_shift", [xx, att_x])
+        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, att_x])
         tap(f"L{i}.att.shift", sx)
         att, new_att_state = self.att(xx, sx, *att_state, layer=i, tap=tap)
         new_att_x = op.tensor_expr_op(last_row, "last_row", [xx])
@@ -113,7 +119,7 @@ class Block(nn.Module):
         tap(f"L{i}.x_after_att", x)
         xx = self.ln2(x)
         tap(f"L{i}.ffn.ln2", xx)
-        sx = op.tensor_expr_op(token_shift, "token_shift", [xx, ffn_x])
+        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, ffn_x])
         tap(f"L{i}.ffn.shift", sx)
         x = x + self.ffn(xx, sx, layer=i, tap=tap)
         tap(f"L{i}.x_out", x)
@@ -129,32 +135,53 @@ class RWKVModel(nn.Module):
         decode (ids (1,),       state) -> (logits (1, V),       new_state[, taps])
     ``state`` is a flat tuple in ``layout.names(n_layer)`` order; the debug build also returns
     every canonical stage ("taps") in ``tap_names`` order.
+
+    The debug build also exports the model in pieces, for isolated (teacher-forced) runs in which
+    each piece is fed the *reference's* input, so its error is its own and not inherited:
+        iso_embed(ids)                 -> (x, taps)                 emb
+        iso_layer_<l>(x, layer_state)  -> (x_out, new_state, taps)  every L<l>.* stage
+        iso_head(x)                    -> (logits, taps)            ln_out, logits
+    ``function_taps`` names the taps of each exported function.
     """
+
+    block_cls = Block  # replaceable by the bug zoo (e.g. a Block with a wrong token shift)
 
     def __init__(self, config: ModelConfig, *, attention: type, layout: StateLayout, debug: bool = False):
         self.config = config
         self.debug = debug
         self.layout = layout
         self.emb = nn.Embedding(config.vocab_size, config.n_embd, dtype="float32")
-        self.blocks = nn.ModuleList([Block(config, layer=i, attention=attention) for i in range(config.n_layer)])
+        self.blocks = nn.ModuleList([self.block_cls(config, layer=i, attention=attention) for i in range(config.n_layer)])
         self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS, dtype="float32")
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False, dtype="float32")
         self.tap_names: list[str] = []
+        self.function_taps: dict[str, list[str]] = {}
 
-    def _forward(self, ids: Tensor, state):
-        tap = Taps(self.debug)
+    # -- pieces, shared by the whole-model and the isolated entry points -----------------------
+    def embed(self, ids: Tensor, tap: Taps) -> Tensor:
         x = self.blocks[0].ln0(self.emb(ids))  # (T, C): ln0 per row == the official precomputed table
         tap("emb", x)
-        new_state = []
-        n = len(self.layout.slots)
-        for i, block in enumerate(self.blocks):
-            mine = state[n * i : n * i + n]
-            x, slots = block(x, mine[0], mine[1:-1], mine[-1], tap=tap)
-            new_state += slots
+        return x
+
+    def run_layer(self, i: int, x: Tensor, layer_state, tap: Taps):
+        return self.blocks[i](x, layer_state[0], layer_state[1:-1], layer_state[-1], tap=tap)
+
+    def run_head(self, x: Tensor, tap: Taps) -> Tensor:
         x = self.ln_out(x)
         tap("ln_out", x)
         logits = self.head(x)  # (T, V) fp32
         tap("logits", logits)
+        return logits
+
+    def _forward(self, ids: Tensor, state):
+        tap = Taps(self.debug)
+        x = self.embed(ids, tap)
+        new_state = []
+        n = len(self.layout.slots)
+        for i in range(len(self.blocks)):
+            x, slots = self.run_layer(i, x, state[n * i : n * i + n], tap)
+            new_state += slots
+        logits = self.run_head(x, tap)
         self.tap_names = tap.names
         if self.debug:
             return logits, tuple(new_state), tuple(tap.values)
@@ -166,13 +193,52 @@ class RWKVModel(nn.Module):
     def decode(self, ids: Tensor, state):
         return self._forward(ids, state)
 
+    # -- isolated entry points (debug build only) ----------------------------------------------
+    def iso_embed(self, ids: Tensor):
+        tap = Taps(True)
+        x = self.embed(ids, tap)
+        self.function_taps["iso_embed"] = tap.names
+        return x, tuple(tap.values)
+
+    def iso_head(self, x: Tensor):
+        tap = Taps(True)
+        logits = self.run_head(x, tap)
+        self.function_taps["iso_head"] = tap.names
+        return logits, tuple(tap.values)
+
+    def _iso_layer(self, i: int, x: Tensor, state):
+        tap = Taps(True)
+        x, slots = self.run_layer(i, x, state, tap)
+        self.function_taps[f"iso_layer_{i}"] = tap.names
+        return x, tuple(slots), tuple(tap.values)
+
     def get_default_spec(self):
-        state_spec = [nn.spec.Tensor(list(s), "float32") for s in self.layout.all_shapes(self.config.n_layer)]
+        shapes = self.layout.all_shapes(self.config.n_layer)
+        state_spec = [nn.spec.Tensor(list(s), "float32") for s in shapes]
         mode = {"param_mode": "plain", "effect_mode": "none"}
-        return nn.spec.ModuleSpec.from_raw(
-            {
-                "prefill": {"ids": nn.spec.Tensor(["seq_len"], "int32"), "state": state_spec, "$": mode},
-                "decode": {"ids": nn.spec.Tensor([1], "int32"), "state": list(state_spec), "$": dict(mode)},
-            },
-            self,
-        )
+        spec = {
+            "prefill": {"ids": nn.spec.Tensor(["seq_len"], "int32"), "state": state_spec, "$": mode},
+            "decode": {"ids": nn.spec.Tensor([1], "int32"), "state": list(state_spec), "$": dict(mode)},
+        }
+        if self.debug:
+            C, n = self.config.n_embd, len(self.layout.slots)
+            x_spec = nn.spec.Tensor(["seq_len", C], "float32")
+            spec["iso_embed"] = {"ids": nn.spec.Tensor(["seq_len"], "int32"), "$": dict(mode)}
+            spec["iso_head"] = {"x": x_spec, "$": dict(mode)}
+            for i in range(self.config.n_layer):
+                # A named entry point per layer: export_tvm looks methods up by name.
+                setattr(self, f"iso_layer_{i}", _LayerEntry(self, i))
+                layer_spec = [nn.spec.Tensor(list(s), "float32") for s in shapes[:n]]
+                spec[f"iso_layer_{i}"] = {"x": x_spec, "state": layer_spec, "$": dict(mode)}
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+class _LayerEntry:
+    """``model.iso_layer_<i>(x, state)``: a named, inspectable entry point for one layer."""
+
+    def __init__(self, model: RWKVModel, index: int):
+        self.model = model
+        self.index = index
+
+    def __call__(self, x, state):
+        return self.model._iso_layer(self.index, x, state)

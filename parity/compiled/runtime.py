@@ -54,6 +54,8 @@ class CompiledRWKV:
         cache_dir: Path | None = None,
         on_event: Callable[[str], None] | None = None,
         artifact: BuildArtifact | None = None,
+        mutant: str | None = None,
+        repeat: bool = False,
     ):
         cfg = checkpoint.config
         if cfg.version not in SUPPORTED_VERSIONS:
@@ -61,7 +63,13 @@ class CompiledRWKV:
         self.config = cfg
         self.variant = variant
         self.target = target
-        self.artifact = artifact or build_model(cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event)
+        self.artifact = artifact or build_model(
+            cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant
+        )
+        self.backend_name = f"mutant/{mutant}" if mutant else "tvm"
+        # repeat: run every call twice from the same inputs and keep the second — a kernel that
+        # writes into its input buffers then shows as a divergence (a pure one cannot).
+        self.repeat = repeat
         meta = self.artifact.meta
         self.device = tvm.cpu() if target == "llvm" else tvm.cuda(0)
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.artifact.library)), self.device)
@@ -111,7 +119,10 @@ class CompiledRWKV:
         if observe is not None:
             self.vm.set_instrument(self._instrument(observe))
         try:
-            out = self.vm[fn](tids, [state.slots[n] for n in self.slot_names], *self.params)
+            args = (tids, [state.slots[n] for n in self.slot_names], *self.params)
+            if self.repeat:
+                self.vm[fn](*args)
+            out = self.vm[fn](*args)
         finally:
             if observe is not None:
                 self.vm.set_instrument(lambda *a: VMInstrumentReturnKind.NO_OP)
@@ -120,6 +131,37 @@ class CompiledRWKV:
         if self.variant == "debug":
             taps = {name: t.numpy() for name, t in zip(self.tap_names, list(out[2]))}
         return StepOutput(logits=out[0].numpy(), state=new_state, taps=taps)
+
+    # -- isolated (teacher-forced) pieces: debug build only -----------------------------------
+    def _require_pieces(self) -> None:
+        if self.variant != "debug":
+            raise ParityError("isolated runs need the debug build (variant='debug'), which exports the model in pieces")
+
+    def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
+        return tvm.runtime.tensor(np.ascontiguousarray(array, dtype="float32"), self.device)
+
+    def iso_embed(self, ids) -> dict[str, np.ndarray]:
+        self._require_pieces()
+        out = self.vm["iso_embed"](self._ids(ids), *self.params)
+        return dict(zip(self.artifact.meta["function_taps"]["iso_embed"], (t.numpy() for t in out[1])))
+
+    def iso_layer(self, layer: int, x: np.ndarray, layer_state: dict[str, np.ndarray]):
+        """Layer ``layer`` alone on input ``x`` (T, C) and its state slots (canonical names without
+        the ``state.L<l>.`` prefix). Returns (taps incl. every L<layer>.* stage, new state by canonical name)."""
+        self._require_pieces()
+        slots = [n.split(".", 2)[2] for n in self.slot_names if n.startswith(f"state.L{layer}.")]
+        args = (self._tensor(x), [self._tensor(layer_state[s]) for s in slots], *self.params)
+        if self.repeat:
+            self.vm[f"iso_layer_{layer}"](*args)
+        out = self.vm[f"iso_layer_{layer}"](*args)
+        taps = dict(zip(self.artifact.meta["function_taps"][f"iso_layer_{layer}"], (t.numpy() for t in out[2])))
+        new_state = {f"state.L{layer}.{s}": t.numpy() for s, t in zip(slots, list(out[1]))}
+        return taps, new_state
+
+    def iso_head(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self._require_pieces()
+        out = self.vm["iso_head"](self._tensor(x), *self.params)
+        return dict(zip(self.artifact.meta["function_taps"]["iso_head"], (t.numpy() for t in out[1])))
 
     def _instrument(self, observe: KernelObserver):
         counter = [0]

@@ -28,6 +28,8 @@ def state_layout(config: ModelConfig) -> StateLayout:
 
 
 class Attention4(nn.Module):
+    kernel = wkv4  # a class attribute, so the bug zoo can swap in a broken scan
+
     def __init__(self, config: ModelConfig):
         C, A = config.n_embd, config.dim_att
         self.config = config
@@ -59,7 +61,7 @@ class Attention4(nn.Module):
             tap(pre + name, val)
         w = op.negative(op.exp(self.time_decay))  # log-space decay, fp32
         wkv, aa2, bb2, pp2 = op.tensor_ir_op(
-            wkv4,
+            self.kernel,
             "wkv4",
             args=[k, v, w, self.time_first, aa, bb, pp],
             out=[Tensor.placeholder((T, A), "float32")] + [Tensor.placeholder((A,), "float32")] * 3,
@@ -73,5 +75,7 @@ class Attention4(nn.Module):
 
 
 class RWKV4Model(RWKVModel):
+    attention_cls = Attention4
+
     def __init__(self, config: ModelConfig, *, debug: bool = False):
-        super().__init__(config, attention=Attention4, layout=state_layout(config), debug=debug)
+        super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug)

@@ -60,6 +60,13 @@ class GroupNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """The v5 time-mix. Its replaceable parts are class attributes and small methods (``kernel``,
+    ``group_norm_cls``, ``receptance_act``, ``decay_and_bonus``, ``kernel_state``), so the bug zoo
+    (parity/mutants/) injects a porting bug by overriding one of them, never by copying this class."""
+
+    kernel = wkv5
+    group_norm_cls = GroupNorm
+
     def __init__(self, config: ModelConfig):
         C, A, H, N = config.n_embd, config.dim_att, config.n_head, config.head_size
         self.config = config
@@ -81,7 +88,25 @@ class Attention(nn.Module):
             self.time_mix_g = nn.Parameter((1, 1, C), "float32")
             self.gate = nn.Linear(C, A, bias=False, dtype="float32")
         self.output = nn.Linear(A, C, bias=False, dtype="float32")
-        self.ln_x = GroupNorm(H, A, eps=LN_X_EPS)
+        self.ln_x = self.group_norm_cls(H, A, eps=LN_X_EPS)
+
+    def receptance_act(self, r: Tensor) -> Tensor:
+        return r  # v5: no sigmoid on r
+
+    def decay_and_bonus(self) -> tuple[Tensor, Tensor]:
+        """(w, u), both (H, N) fp32: the only place the versions differ numerically."""
+        H, N = self.config.n_head, self.config.head_size
+        w = op.exp(op.negative(op.exp(self.time_decay)))
+        if self.per_channel:
+            return w, self.time_faaaa  # 5.2: per channel; u is time_faaaa raw
+        # 5.0/5.1: one value per head, broadcast over the head's N channels; u = exp(time_first)
+        w = op.broadcast_to(op.reshape(w, (H, 1)), (H, N))
+        u = op.broadcast_to(op.reshape(op.exp(self.time_first), (H, 1)), (H, N))
+        return w, u
+
+    def kernel_state(self, att_kv: Tensor) -> Tensor:
+        """The layout adapter into the kernel: identity, since wkv5 keeps the canonical [h, k, v]."""
+        return att_kv
 
     def forward(self, xx: Tensor, sx: Tensor, att_kv: Tensor, *, layer: int, tap: Taps):
         """(T, C) inputs and this layer's wkv state -> (att.out, (new att_kv,))."""
@@ -101,7 +126,7 @@ class Attention(nn.Module):
         if self.gated:
             xg = lerp(xx, sx, mix(self.time_mix_g))
             tap(pre + "xg", xg)
-        r = self.receptance(xr)  # (T, A); v5: no sigmoid on r
+        r = self.receptance_act(self.receptance(xr))  # (T, A)
         k = self.key(xk)
         v = self.value(xv)
         for name, val in (("r", r), ("k", k), ("v", v)):
@@ -109,16 +134,11 @@ class Attention(nn.Module):
         if self.gated:
             g = op.silu(self.gate(xg))
             tap(pre + "g", g)
-        w = op.exp(op.negative(op.exp(self.time_decay)))  # decay, fp32
-        if self.per_channel:
-            u = self.time_faaaa  # (H, N), used raw
-        else:  # one value per head, broadcast over the head's N channels
-            w = op.broadcast_to(op.reshape(w, (H, 1)), (H, N))
-            u = op.broadcast_to(op.reshape(op.exp(self.time_first), (H, 1)), (H, N))
+        w, u = self.decay_and_bonus()
         wkv, new_kv = op.tensor_ir_op(
-            wkv5,
+            self.kernel,
             "wkv5",
-            args=[op.reshape(r, (T, H, N)), op.reshape(k, (T, H, N)), op.reshape(v, (T, H, N)), w, u, att_kv],
+            args=[op.reshape(r, (T, H, N)), op.reshape(k, (T, H, N)), op.reshape(v, (T, H, N)), w, u, self.kernel_state(att_kv)],
             out=[Tensor.placeholder((T, H, N), "float32"), Tensor.placeholder((H, N, N), "float32")],
         )
         wkv = op.reshape(wkv, (T, C))
@@ -137,7 +157,9 @@ class Attention(nn.Module):
 
 
 class RWKV5Model(RWKVModel):
+    attention_cls = Attention
+
     def __init__(self, config: ModelConfig, *, debug: bool = False):
-        super().__init__(config, attention=Attention, layout=state_layout(config), debug=debug)
+        super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug)
 
 

@@ -108,11 +108,11 @@ class Backend:
 class ReferenceBackend(Backend):
     """The pure-torch reference, observed through its recorder hook."""
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", model=None, name: str = "reference"):
         from parity.reference import make_reference
 
-        super().__init__(checkpoint=checkpoint, name="reference", mode="eager", dtype=dtype)
-        self.model = make_reference(checkpoint, dtype=dtype)
+        super().__init__(checkpoint=checkpoint, name=name, mode="eager", dtype=dtype)
+        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype)
         self.state = None
 
     def begin(self) -> None:
@@ -132,13 +132,19 @@ class ReferenceBackend(Backend):
 class TVMDebugBackend(Backend):
     """The TVM debug build: the compiled graph also returns every canonical stage."""
 
-    def __init__(self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None):
+    def __init__(
+        self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None,
+        mutant: str | None = None, repeat: bool = False,
+    ):
         from parity.compiled.runtime import CompiledRWKV
 
-        self.model = CompiledRWKV(checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event)
+        self.model = CompiledRWKV(
+            checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant, repeat=repeat
+        )
         super().__init__(
-            checkpoint=checkpoint, name="tvm", mode="debug", dtype="float32",
-            extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached},
+            checkpoint=checkpoint, name=self.model.backend_name, mode="debug", dtype="float32",
+            extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached,
+                   "repeat_check": repeat},
         )
         self.state = None
 
@@ -244,12 +250,49 @@ class TVMInstrumentedBackend(Backend):
 BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv", "hf")
 
 
-def make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None, target: str = "llvm") -> Backend:
-    """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``, ``hf`` (v4)."""
+def check_backend_spec(spec: str) -> None:
+    """Refuse an unknown backend name before anything runs (mutants and plugins checked by form)."""
+    if spec in BACKEND_NAMES or spec.startswith("mutant/") or (":" in spec and not spec.startswith(":")):
+        if spec.startswith("mutant/"):
+            from parity.mutants import get_mutant
+
+            get_mutant(spec.split("/", 1)[1])
+        return
+    raise ParityError(
+        f"unknown backend {spec!r}; choose from {', '.join(BACKEND_NAMES)}, mutant/<name> or module:attribute"
+    )
+
+
+def dump_dir_name(spec: str) -> str:
+    return spec.replace("/", "-").replace(":", "-").replace("\\", "-")
+
+
+def make_backend(
+    spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None, target: str = "llvm",
+    repeat: bool = False,
+) -> Backend:
+    """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``,
+    ``hf`` (v4), ``mutant/<name>`` (the bug zoo), or ``package.module:attribute`` (your own; see
+    docs/backends.md)."""
+    if spec.startswith("mutant/"):
+        from parity.mutants import get_mutant
+
+        m = get_mutant(spec.split("/", 1)[1])
+        if m.side == "reference":
+            from parity.mutants.reference import REFERENCES
+
+            return ReferenceBackend(checkpoint, model=REFERENCES[m.name](checkpoint), name=spec)
+        return TVMDebugBackend(
+            checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, mutant=m.name, repeat=repeat or m.repeat_check
+        )
+    if ":" in spec:
+        from parity.dumpers.plugin import load_plugin_backend
+
+        return load_plugin_backend(spec, checkpoint)
     if spec == "reference":
         return ReferenceBackend(checkpoint)
     if spec == "tvm":
-        return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
+        return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, repeat=repeat)
     if spec == "tvm-instrumented":
         return TVMInstrumentedBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
     if spec == "chatrwkv":

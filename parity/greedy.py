@@ -1,0 +1,294 @@
+"""Greedy decoding on every backend, each feeding back its OWN argmax, and where the tokens part.
+
+A parity run is teacher-forced: every backend gets the same decode ids, so one wrong step cannot
+change what the next step sees. Greedy decoding is what a user actually runs, and there a tiny
+logit difference can flip an argmax and send the two texts apart. So the comparison reports both:
+
+- per backend, the tokens it chose (and the text, when a tokenizer is given and ids are not folded);
+- ``first_token_divergence``: the first step where the chosen tokens differ;
+- the teacher-forced drift: every other backend re-run on the FIRST backend's tokens, with the max
+  |logits_a − logits_b| per step, so equal tokens cannot hide logits that drift apart;
+- the first backend's top-2 margin per step: a flip where the margin is tiny (and the drift is
+  numerical noise) is legitimate; a flip with a large drift is a real divergence.
+
+Step i chooses token i: step 0 is the prefill of the prompt, step i > 0 the decode of token i − 1.
+Ties go to the lowest id (``np.argmax``), the same rule on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from parity.checkpoint import Checkpoint, load_checkpoint
+from parity.errors import ParityError
+
+# fp32 logits of two correct backends differ by ~1e-5 on the fixtures and grow with depth and
+# vocabulary; above this, a logit change is not rounding noise and an argmax flip is not a near-tie.
+FLIP_ATOL = 1e-3
+
+
+@runtime_checkable
+class Stepper(Protocol):
+    """A backend as greedy decoding needs it: a named model that carries its own state."""
+
+    name: str
+
+    def reset(self) -> None:
+        """Back to the zero state."""
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        """Run ``ids`` from the current state; return the LAST row of logits, shape (V,)."""
+
+
+class ReferenceStepper:
+    """The torch reference; ``model`` lets a test pass a deliberately wrong subclass."""
+
+    def __init__(self, checkpoint: Checkpoint, *, model=None, name: str = "reference"):
+        from parity.reference import make_reference
+
+        self.name = name
+        self.model = model if model is not None else make_reference(checkpoint)
+        self.state = None
+
+    def reset(self) -> None:
+        self.state = None  # the reference starts from its zero state when given None
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        logits, self.state = self.model.forward(list(ids), self.state)
+        return logits[-1].float().numpy()
+
+
+class TVMStepper:
+    """The plain (unmodified) TVM build: what would ship, with no taps in the graph."""
+
+    def __init__(self, checkpoint: Checkpoint, *, cache_dir: Path | None = None, target: str = "llvm",
+                 on_event: Callable[[str], None] | None = None, name: str = "tvm"):
+        from parity.compiled.runtime import CompiledRWKV
+
+        self.name = name
+        self.model = CompiledRWKV(checkpoint, variant="plain", target=target, cache_dir=cache_dir, on_event=on_event)
+        self.state = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        out = self.model.forward(list(ids), self.state)
+        self.state = out.state
+        return out.logits[-1]
+
+
+class ChatRWKVStepper:
+    """The official ``rwkv`` package, ``cpu fp32``, JIT and CUDA kernels off."""
+
+    def __init__(self, checkpoint: Checkpoint, *, name: str = "chatrwkv"):
+        from parity.dumpers.official import _load_official
+
+        RWKV = _load_official()
+        self.name = name
+        self.model = RWKV(str(Path(checkpoint.path)), "cpu fp32", verbose=False)
+        self.state = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        logits, self.state = self.model.forward(list(ids), self.state)  # last row only by default
+        return logits.detach().float().numpy()
+
+
+# tvm-instrumented is the plain build too; greedy decoding needs no instrument hook.
+STEPPER_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv")
+
+
+def make_stepper(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None) -> Stepper:
+    if spec == "reference":
+        return ReferenceStepper(checkpoint)
+    if spec in ("tvm", "tvm-instrumented"):
+        return TVMStepper(checkpoint, cache_dir=cache_dir, on_event=on_event, name=spec)
+    if spec == "chatrwkv":
+        return ChatRWKVStepper(checkpoint)
+    raise ParityError(f"no greedy stepper for backend {spec!r}; choose from {', '.join(STEPPER_NAMES)}")
+
+
+def decode_run(stepper: Stepper, *, prompt_ids: Sequence[int], steps: int,
+               forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+    """(chosen tokens, logits rows (steps, V)): greedy, or fed ``forced`` tokens when given.
+
+    With ``forced``, row i is what the stepper predicts after the prompt and ``forced[:i]`` —
+    the same context the forcing backend had — while the returned tokens are its own argmaxes.
+    """
+    stepper.reset()
+    logits = stepper.step(prompt_ids)
+    chosen: list[int] = []
+    rows = []
+    for i in range(steps):
+        rows.append(np.asarray(logits, dtype=np.float32).reshape(-1))
+        chosen.append(int(np.argmax(rows[-1])))
+        if i + 1 < steps:  # the last chosen token needs no forward pass: nothing reads its logits
+            logits = stepper.step([forced[i] if forced is not None else chosen[-1]])
+    return chosen, np.stack(rows)
+
+
+def top2_margins(rows: np.ndarray) -> list[float | None]:
+    """Per row, top-1 minus top-2 logit (None where not finite)."""
+    if rows.shape[1] < 2:
+        return [None] * rows.shape[0]
+    top2 = np.partition(rows.astype(np.float64), -2, axis=1)[:, -2:]
+    return [_finite(float(t[1] - t[0])) for t in top2]
+
+
+def _finite(x: float) -> float | None:
+    # JSON results are written with allow_nan=False; None says "not a number" there.
+    return x if math.isfinite(x) else None
+
+
+def _decode_text(tokenizer, tokens: list[int]) -> tuple[str | None, str | None]:
+    try:
+        return tokenizer.decode(tokens, errors="replace"), None
+    except ParityError as exc:  # e.g. id 0 or an id past the vocabulary file's last token
+        return None, str(exc)
+
+
+def greedy_compare(
+    checkpoint: Checkpoint | str | Path,
+    *,
+    backends: Sequence[str | Stepper],
+    prompt_ids: Sequence[int],
+    steps: int,
+    cache_dir: Path | None = None,
+    tokenizer=None,
+    vocab_folded: bool = False,
+    on_event: Callable[[str], None] | None = None,
+    flip_atol: float = FLIP_ATOL,
+) -> dict:
+    """Greedy-decode ``steps`` tokens from ``prompt_ids`` on every backend; compare with the first.
+
+    ``backends`` are names (``reference``, ``tvm``, ``tvm-instrumented``, ``chatrwkv``) or ready
+    ``Stepper`` objects. Returns a JSON-able dict: ``backends`` (tokens, text), ``margins`` (the
+    first backend's top-2 margin per step), ``comparisons`` (per other backend: its first token
+    divergence and the teacher-forced max |Δlogits| per step) and the earliest
+    ``first_token_divergence`` over all of them (None when every backend chose the same tokens).
+    """
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    vocab_size = ck.config.vocab_size
+    if type(steps) is not int or steps < 1:
+        raise ParityError(f"greedy steps must be an integer >= 1, got {steps!r}")
+    if len(backends) < 2:
+        raise ParityError("greedy comparison needs at least two backends, e.g. reference,tvm")
+    prompt_ids = [int(i) for i in prompt_ids]
+    if not prompt_ids:
+        raise ParityError("no prompt token ids given")
+    bad = next((i for i in prompt_ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise ParityError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+    say = on_event or (lambda msg: None)
+
+    steppers: list[Stepper] = []
+    for b in backends:
+        stepper = b if not isinstance(b, str) else make_stepper(b, ck, cache_dir=cache_dir, on_event=say)
+        steppers.append(stepper)
+    names = [s.name for s in steppers]
+    if len(set(names)) != len(names):
+        raise ParityError(f"backend listed twice: {','.join(names)}")
+
+    runs: dict[str, tuple[list[int], np.ndarray]] = {}
+    for s in steppers:
+        say(f"greedy decoding {steps} tokens on {s.name}")
+        runs[s.name] = decode_run(s, prompt_ids=prompt_ids, steps=steps)
+    yard = steppers[0].name
+    yard_tokens, yard_rows = runs[yard]
+    margins = top2_margins(yard_rows)
+
+    comparisons = []
+    for s in steppers[1:]:
+        tokens, rows = runs[s.name]
+        if tokens != yard_tokens:
+            # Its own run saw its own tokens after the split; re-run it on the yardstick's.
+            say(f"teacher-forcing {s.name} on {yard}'s tokens")
+            _, rows = decode_run(s, prompt_ids=prompt_ids, steps=steps, forced=yard_tokens)
+        drift = [_finite(float(d)) for d in np.max(np.abs(rows.astype(np.float64) - yard_rows), axis=1)]
+        first = next((i for i, (a, b) in enumerate(zip(yard_tokens, tokens)) if a != b), None)
+        divergence = None
+        if first is not None:
+            d = drift[first]
+            near_tie = d is not None and d <= flip_atol
+            divergence = {
+                "step": first,
+                "expected": yard,
+                "actual": s.name,
+                "expected_token": yard_tokens[first],
+                "actual_token": tokens[first],
+                "margin": margins[first],
+                "actual_margin": top2_margins(rows[first : first + 1])[0],
+                "logit_drift": d,
+                "near_tie": near_tie,
+                "explanation": (
+                    f"near-tie: {yard}'s top-2 margin is {_fmt(margins[first])} and the logits differ by only "
+                    f"{_fmt(d)} (<= {flip_atol:g}), so rounding alone can flip this argmax"
+                    if near_tie else
+                    f"the logits differ by {_fmt(d)} at this step (> {flip_atol:g}), more than rounding explains: "
+                    f"a real divergence, not a near-tie"
+                ),
+            }
+        finite = [d for d in drift if d is not None]
+        comparisons.append({
+            "expected": yard,
+            "actual": s.name,
+            "tokens_equal": first is None,
+            "first_token_divergence": divergence,
+            "teacher_forced_max_abs": drift,
+            "max_abs": max(finite) if len(finite) == len(drift) else None,
+        })
+
+    per_backend = {}
+    for name in names:
+        entry: dict = {"tokens": runs[name][0], "text": None}
+        if tokenizer is not None and not vocab_folded:
+            entry["text"], note = _decode_text(tokenizer, runs[name][0])
+            if note:
+                entry["text_error"] = note
+        per_backend[name] = entry
+
+    divergences = [c["first_token_divergence"] for c in comparisons if c["first_token_divergence"] is not None]
+    warnings = []
+    if vocab_folded:
+        warnings.append("vocab folded: the prompt ids were mapped id % V into the model's vocabulary; "
+                        "continuations are compared as ids, not decoded to text")
+    return {
+        "prompt_ids": prompt_ids,
+        "steps": steps,
+        "yardstick": yard,
+        "backends": per_backend,
+        "margins": margins,
+        "comparisons": comparisons,
+        "first_token_divergence": min(divergences, key=lambda d: d["step"]) if divergences else None,
+        "flip_atol": flip_atol,
+        "vocab_folded": vocab_folded,
+        "warnings": warnings,
+    }
+
+
+def _fmt(x) -> str:
+    return "non-finite" if x is None else f"{x:.3g}"
+
+
+def run_greedy(checkpoint: Checkpoint, *, backends: Sequence[str], info: dict, cache_dir: Path | None = None,
+               on_event=None) -> dict | None:
+    """``parity run --greedy N``: the greedy comparison of the prompt ``plan_from_args`` built (None when N = 0)."""
+    steps = info.get("greedy_steps") or 0
+    if steps == 0:
+        return None
+    tokenizer = None
+    if info.get("text") is not None and not info["vocab_folded"]:
+        from parity.tokenizer import WorldTokenizer
+
+        tokenizer = WorldTokenizer()
+    return greedy_compare(
+        checkpoint, backends=list(backends), prompt_ids=info["model_ids"], steps=steps, cache_dir=cache_dir,
+        tokenizer=tokenizer, vocab_folded=info["vocab_folded"], on_event=on_event,
+    )

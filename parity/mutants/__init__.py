@@ -1,0 +1,90 @@
+"""The bug zoo: real porting bugs with known locations, to prove the harness localises them.
+
+Each ``Mutant`` says what is wrong, which backend it replaces (the TVM model or the torch
+reference), the fixture and prompt it is run on, and where the first divergence must be found —
+(step, layer, stage) — in a propagated and in an isolated (teacher-forced) run. ``parity
+selftest`` runs them all; a mutant backend is also selectable anywhere as ``mutant/<name>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from parity.errors import ParityError
+
+
+@dataclass(frozen=True)
+class Expected:
+    step: int
+    layer: int | None
+    stage: str
+
+    def matches(self, fd: dict | None) -> bool:
+        return fd is not None and (fd["step"], fd["layer"], fd["stage"]) == (self.step, self.layer, self.stage)
+
+    def describe(self) -> str:
+        where = "prefill" if self.step == 0 else f"decode {self.step}"
+        return f"{where} {self.stage}"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    side: str  # "compiled" (replaces the TVM model) or "reference" (replaces the torch reference)
+    description: str
+    propagated: Expected
+    isolated: Expected
+    fixture: str = "rwkv5_2-L4-C128-H2"
+    ids: str = "random:10:7"
+    decode_steps: int = 3
+    # A second identical run from the same input state (catches kernels that write their inputs).
+    repeat_check: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _same(step: int, layer: int | None, stage: str) -> tuple[Expected, Expected]:
+    e = Expected(step, layer, stage)
+    return e, e
+
+
+CATALOGUE: dict[str, Mutant] = {
+    m.name: m
+    for m in [
+        Mutant("wkv-time-not-recurrent", "compiled",
+               "wkv5 scan whose time axis is not a true recurrence: every token reads the input state",
+               *_same(0, 0, "L0.att.wkv")),
+        Mutant("groupnorm-over-time", "compiled", "ln_x GroupNorm statistics taken over (T, N) — over time too",
+               *_same(0, 0, "L0.att.ln_x")),
+        Mutant("groupnorm-channel-axis", "compiled", "ln_x groups formed from (T, N, H) instead of (T, H, N)",
+               *_same(0, 0, "L0.att.ln_x")),
+        Mutant("groupnorm-eps-1e-5", "compiled", "ln_x eps 1e-5 (older ports) instead of 64e-5",
+               *_same(0, 0, "L0.att.ln_x")),
+        Mutant("state-transposed", "compiled", "wkv state read as [v, k] instead of [k, v]: prefill exact, next decode wrong",
+               *_same(1, 0, "L0.att.wkv")),
+        Mutant("decay-exp", "compiled", "decay w = exp(time_decay) instead of exp(-exp(time_decay))",
+               *_same(0, 0, "L0.att.wkv")),
+        Mutant("decay-neg-exp", "compiled", "decay w = -exp(time_decay) (v4's log-space decay) instead of exp(-exp(time_decay))",
+               *_same(0, 0, "L0.att.wkv")),
+        Mutant("sigmoid-r", "compiled", "sigmoid applied to r in RWKV-5 (a v4 habit)", *_same(0, 0, "L0.att.r")),
+        Mutant("token-shift-off-by-one", "compiled", "token shift takes row t-2 instead of t-1",
+               *_same(0, 0, "L0.att.shift")),
+        Mutant("emb-without-ln0", "compiled", "embedding not normalised by ln0", *_same(0, None, "emb")),
+        Mutant("emb-ln0-twice", "compiled", "embedding normalised by ln0 twice", *_same(0, None, "emb")),
+        Mutant("wkv-fp16-accumulator", "compiled", "wkv output accumulated in fp16", *_same(0, 0, "L0.att.wkv")),
+        Mutant("v4-wkv-without-max", "compiled",
+               "RWKV-4 wkv without the running-max subtraction, in fp16 (exp overflows above 11.09)",
+               *_same(0, 0, "L0.att.wkv"), fixture="rwkv4-L2-C64"),
+        Mutant("kernel-writes-input-state", "compiled",
+               "wkv5 kernel also writes its final state into its input buffer: a second identical run differs",
+               *_same(0, 0, "L0.att.wkv"), repeat_check=True),
+        Mutant("reference-sigmoid-r", "reference",
+               "the engineer's own reference applies sigmoid to r in RWKV-5; the official package and TVM agree",
+               *_same(0, 0, "L0.att.r")),
+    ]
+}
+
+
+def get_mutant(name: str) -> Mutant:
+    if name not in CATALOGUE:
+        raise ParityError(f"unknown mutant {name!r}; known: {', '.join(CATALOGUE)}")
+    return CATALOGUE[name]
