@@ -286,8 +286,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
             raise ParityError(
                 f"HF directories hold RWKV-4 only (RwkvForCausalLM); this checkpoint is RWKV-{checkpoint.config.version.value}"
             )
-        if path.exists() and any(path.iterdir()):
-            raise ParityError(f"{path} exists and is not empty; choose a new directory")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ParityError(f"{path} exists and is not an empty directory; choose a new directory")
         import json
 
         from safetensors.torch import save_file

@@ -13,6 +13,8 @@ carried into every report, so a user sees a named difference rather than an unex
 
 from __future__ import annotations
 
+import re
+
 from parity.checkpoint import Checkpoint, ModelVersion
 from parity.dumpers.backends import Backend
 from parity.dumpers.format import StepWriter
@@ -30,8 +32,9 @@ def known_differences(*, n_layer: int) -> list[dict]:
             "detail": (
                 f"in eval HF divides att.output and ffn.value of layer l by 2^(l//{RESCALE_EVERY}) and halves x "
                 f"after every {RESCALE_EVERY}th layer (in any dtype; ChatRWKV only in fp16): att.out, ffn.out and "
-                f"x_out of layers >= {RESCALE_EVERY} are scaled by 2^-(l//{RESCALE_EVERY}); logits agree up to "
-                "LayerNorm eps (~6e-5 relative)"
+                f"x_out of layers >= {RESCALE_EVERY} come out scaled by 2^-(l//{RESCALE_EVERY}). The hf backend "
+                "multiplies those recorded stages back by 2^(l//6) (exact in binary floating point), so they compare "
+                "in canonical units; what remains is the LayerNorm-eps effect of the smaller activations (~6e-5 relative)"
                 + ("" if rescale_applies else f"; this model has {n_layer} layers, so it changes nothing here")
             ),
         },
@@ -114,6 +117,12 @@ class HFBackend(Backend):
             out = self.model(input_ids=torch.tensor([ids]), state=self.state, use_cache=True)
         self.state = out.state
         captured = dict(self._capture)
+        # Undo HF's eval-time rescaling in what we record (see KNOWN_DIFFERENCES): layer l's
+        # att.out, ffn.out and x_out are 2^-(l//6) of ChatRWKV's. A power of two: exact.
+        for name in list(captured):
+            m = re.fullmatch(r"L(\d+)\.(att\.out|ffn\.out|x_out)", name)
+            if m:
+                captured[name] = captured[name] * float(2 ** (int(m.group(1)) // RESCALE_EVERY))
         captured["logits"] = out.logits[0].float()
         # HF state: five (B, C, L) tensors [ffn_x, att_x, num, den, max] -> canonical per layer.
         ffn_x, att_x, num, den, mx = (s[0] for s in out.state)
