@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
              "step runs on the yardstick's inputs, so each stage shows only the error it adds; both: side by side",
     )
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
+    run.add_argument("--arbiter", action="store_true",
+                     help="also run the reference in float64 and judge each backend by its error against fp64 relative "
+                          "to the fp32 reference's own (the rule of torch dynamo's accuracy checker)")
+    run.add_argument("--arbiter-multiplier", type=float, metavar="K", help="k in the arbiter rule (default 10)")
     run.add_argument("--only-layer", type=int, metavar="L", help="isolated mode: record only layer L (a bisect repro)")
     run.add_argument("--only-step", type=int, metavar="S", help="isolated mode: record only step S (0 = prefill)")
     from parity.scenarios import add_text_args
@@ -124,6 +128,10 @@ def describe_divergence(fd: dict) -> str:
     where = "prefill" if fd["step_kind"] == "prefill" else f"decode step {fd['step']}"
     row = f", token row {fd['row']}" if fd.get("row") is not None and fd["step_kind"] == "prefill" else ""
     layer = f"layer {fd['layer']}, " if fd.get("layer") is not None else ""
+    if fd.get("reason") == "arbiter":
+        return (f"first divergence ({fd.get('judged_by')}): {where}, {layer}stage {fd['stage']}: rms error against fp64 "
+                f"{_fmt(fd.get('actual_error'))} vs the fp32 reference's {_fmt(fd.get('reference_error'))} "
+                f"(needs multiplier {_fmt(fd.get('min_multiplier'))}, allowed {_fmt(fd.get('multiplier'))})")
     if fd.get("reason") == "shape":
         how = f"shape {fd.get('actual_shape')} vs expected {fd.get('shape')}"
     elif fd.get("reason") == "nonfinite":
@@ -187,6 +195,21 @@ def _print_summary(console, result: dict) -> None:
     console.print(table)
     if result.get("comparisons"):
         _print_pairs(console, result)
+    if result.get("modes"):
+        for name, m in result["modes"].items():
+            if m is not None:
+                fd = m["first_divergence"]
+                console.print(f"{name:>10}: " + (m["verdict"] if fd is None else describe_divergence(fd)))
+        console.print("[dim]the verdict is the isolated one: it names the first stage whose own error is out of tolerance[/]")
+    for block in result.get("arbiter", []):
+        fd = block["first_divergence"]
+        worst = max((r["min_multiplier"] for r in block["records"] if isinstance(r["min_multiplier"], float)), default=0.0)
+        line = (f"fp64 arbiter, {block['backend']}: " + ("within " if fd is None else "OUT of ")
+                + f"{block['multiplier']:g}x the fp32 reference's own error against fp64 + floor; "
+                + f"largest multiplier needed {worst:.3g}")
+        if fd is not None:
+            line += f"; first at step {fd['step']} {fd['stage']} (error {fd['actual_error']:.3g} vs reference's {fd['reference_error']:.3g})"
+        console.print(line)
     for k in result.get("known_differences", []):
         flag = "[yellow]applies[/]" if k["applies"] else "[dim]no effect here[/]"
         console.print(f"known difference of {k['backend']}: [bold]{k['name']}[/] ({flag}) — {k['detail']}")
@@ -278,6 +301,7 @@ def cmd_run(args, console) -> int:
             ck, backends=backends, plan=plan, dump_dir=args.dump_dir, overrides=overrides,
             cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
             only_layer=args.only_layer, only_step=args.only_step,
+            arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier,
         )
         greedy = run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event)
     result = outcome.result

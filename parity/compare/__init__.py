@@ -14,6 +14,7 @@ from parity.compare.divergence import (
     UnmatchedStep,
     compare_runs,
 )
+from parity.compare.arbiter import ArbiterResult, arbitrate_runs
 from parity.compare.metrics import RecordMetrics, compare_arrays, json_safe
 from parity.compare.tolerance import (
     DEFAULT_TOLERANCES,
@@ -24,7 +25,9 @@ from parity.compare.tolerance import (
 )
 
 __all__ = [
+    "ArbiterResult",
     "DEFAULT_TOLERANCES",
+    "arbitrate_runs",
     "MemoryRun",
     "MissingStage",
     "RecordMetrics",

@@ -32,7 +32,7 @@ FORMAT_NAME = "rwkv-parity-dump"
 # newer versions; optional fields added alongside existing ones do not bump it.
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 STEP_KINDS = ("prefill", "decode")
 _DAMAGED = "the dump is damaged; re-run the dump"
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from parity.checkpoint import Checkpoint, ModelConfig, ModelVersion
 from parity.errors import ParityError
-from parity.reference.rwkv5 import DTYPES, LN_EPS, Recorder, _no_record, check_ids
+from parity.reference.rwkv5 import DTYPES, LN_EPS, Recorder, _no_record, accumulate_dtype, check_ids
 
 # pp starts here: "minus infinity" that stays finite, so pp - q never makes a NaN (as ChatRWKV).
 PP_INIT = -1e30
@@ -54,7 +54,8 @@ class RWKV4Reference:
         self.config: ModelConfig = cfg
         self.dtype_name = dtype
         self.dtype = dt = DTYPES[dtype]
-        w = {k: v.float() for k, v in checkpoint.weights.items()}
+        acc = self.acc = accumulate_dtype(dt)
+        w = {k: v.to(acc) for k, v in checkpoint.weights.items()}
         self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers = []
         for i in range(cfg.n_layer):
@@ -81,9 +82,9 @@ class RWKV4Reference:
         return RWKV4State([
             LayerState4(
                 att_x=torch.zeros(c.n_embd, dtype=self.dtype),
-                aa=torch.zeros(c.dim_att),
-                bb=torch.zeros(c.dim_att),
-                pp=torch.full((c.dim_att,), PP_INIT),
+                aa=torch.zeros(c.dim_att, dtype=self.acc),
+                bb=torch.zeros(c.dim_att, dtype=self.acc),
+                pp=torch.full((c.dim_att,), PP_INIT, dtype=self.acc),
                 ffn_x=torch.zeros(c.n_embd, dtype=self.dtype),
             )
             for _ in range(c.n_layer)
@@ -132,7 +133,7 @@ class RWKV4Reference:
             record(pre + "r", r)
             record(pre + "k", k)
             record(pre + "v", v)
-            wkv, aa, bb, pp = self._wkv(k.float(), v.float(), w=p["w"], u=p["u"], aa=st.aa, bb=st.bb, pp=st.pp)
+            wkv, aa, bb, pp = self._wkv(k.to(self.acc), v.to(self.acc), w=p["w"], u=p["u"], aa=st.aa, bb=st.bb, pp=st.pp)
             record(pre + "wkv", wkv)
             gated = r * wkv.to(self.dtype)
             record(pre + "gated", gated)
@@ -160,7 +161,7 @@ class RWKV4Reference:
             new_layers.append(LayerState4(att_x=xx[-1].clone(), aa=aa, bb=bb, pp=pp, ffn_x=xx2[-1].clone()))
         x = F.layer_norm(x, (C,), self.ln_out_w, self.ln_out_b, LN_EPS)
         record("ln_out", x)
-        logits = (x @ self.head.T).float()
+        logits = (x @ self.head.T).to(self.acc)
         record("logits", logits)
         new_state = RWKV4State(new_layers)
         for name, val in new_state.slots().items():

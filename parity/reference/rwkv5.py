@@ -30,7 +30,13 @@ from parity.errors import ParityError
 LN_X_EPS = 64e-5
 LN_EPS = 1e-5
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# float64 is the arbiter: every stage, the wkv state and its accumulator included, in double.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of w, u, the wkv state and its sums: fp32, or fp64 when the whole model is fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Recorder(Protocol):
@@ -124,7 +130,8 @@ class RWKV5Reference:
         self.config: ModelConfig = cfg
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
-        w = {k: v.float() for k, v in checkpoint.weights.items()}
+        acc = self.acc = accumulate_dtype(self.dtype)
+        w = {k: v.to(acc) for k, v in checkpoint.weights.items()}
         dt = self.dtype
 
         # Embedding LayerNorm is folded into the table at load, as the official package does:
@@ -134,7 +141,7 @@ class RWKV5Reference:
         gated = cfg.version.gated
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
-            w_i, u_i = decay_and_bonus(w, prefix=b, config=cfg)
+            w_i, u_i = (t.to(acc) for t in decay_and_bonus(w, prefix=b, config=cfg))
             self.layers.append(
                 _Layer(
                     ln1_w=w[b + "ln1.weight"].to(dt), ln1_b=w[b + "ln1.bias"].to(dt),
@@ -164,7 +171,7 @@ class RWKV5Reference:
         return RWKV5State([
             LayerState(
                 att_x=torch.zeros(c.n_embd, dtype=self.dtype),
-                att_kv=torch.zeros(c.n_head, c.head_size, c.head_size, dtype=torch.float32),
+                att_kv=torch.zeros(c.n_head, c.head_size, c.head_size, dtype=self.acc),
                 ffn_x=torch.zeros(c.n_embd, dtype=self.dtype),
             )
             for _ in range(c.n_layer)
@@ -215,7 +222,8 @@ class RWKV5Reference:
             g = F.silu(xg @ p.Wg.T)
             record(pre + "g", g)
         wkv, s = self._wkv(
-            r.float().view(T, H, N), k.float().view(T, H, N), v.float().view(T, H, N), w=p.w, u=p.u, s=st.att_kv
+            r.to(self.acc).view(T, H, N), k.to(self.acc).view(T, H, N), v.to(self.acc).view(T, H, N),
+            w=p.w, u=p.u, s=st.att_kv
         )
         wkv = wkv.reshape(T, H * N)  # (T, A) fp32
         record(pre + "wkv", wkv)
@@ -273,7 +281,7 @@ class RWKV5Reference:
             new_layers.append(st)
         x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
         record("ln_out", x)
-        logits = (x @ self.head.T).float()  # (T, V)
+        logits = (x @ self.head.T).to(self.acc)  # (T, V) fp32 (fp64 for the arbiter)
         record("logits", logits)
         new_state = RWKV5State(new_layers)
         for name, val in new_state.slots().items():
