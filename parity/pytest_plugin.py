@@ -190,11 +190,12 @@ def _options_from(config: pytest.Config) -> ParityOptions:
     if backends != tuple(DEFAULT_BACKENDS.split(",")):
         # Only now: the list of backends lives beside them and importing it loads torch, which a
         # pytest run that never mentions parity should not pay for.
-        from parity.dumpers.backends import BACKEND_NAMES
+        from parity.dumpers.backends import check_backend_spec
+        from parity.errors import ParityError
 
-        unknown = [b for b in backends if b not in BACKEND_NAMES]
-        if unknown:
-            raise pytest.UsageError(
-                f"unknown parity backend {unknown[0]!r} in --parity-backends; choose from {', '.join(BACKEND_NAMES)}"
-            )
+        for b in backends:
+            try:
+                check_backend_spec(b)
+            except ParityError as exc:
+                raise pytest.UsageError(f"--parity-backends: {exc}") from None
     return ParityOptions(report_dir=report_dir, backends=backends, mode=config.getoption("parity_mode"))

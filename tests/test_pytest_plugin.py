@@ -77,7 +77,7 @@ def test_mode_debug_rules_out_the_instrumented_build(pytester, run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--parity-backends", "reference,cuda"], "unknown parity backend 'cuda'"),
+    (["--parity-backends", "reference,cuda"], "unknown backend 'cuda'"),
     (["--parity-backends", "tvm"], "at least two backends"),
     (["--parity-backends", "tvm,tvm"], "lists a backend twice"),
 ])
