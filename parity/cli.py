@@ -4,7 +4,8 @@
     parity diff DUMP_EXPECTED DUMP_ACTUAL [--json PATH] [--html PATH]
     parity demo
 
-Exit codes: 0 no divergence, 1 divergence found, 2 usage or input error.
+Exit codes: 0 no divergence, 1 divergence found, 2 usage or input error, 3 internal error (a bug:
+ours or a plug-in backend's; PARITY_DEBUG=1 shows the traceback).
 The CLI is an assembly of library calls (parity.session); it only parses, prints and exits.
 """
 
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from parity.errors import ParityError
 
-EXIT_OK, EXIT_DIVERGED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO_ROOT / "fixtures" / "rwkv5_2-L4-C128-H2.pth"
 
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backends", default="reference,tvm",
                      help="comma-separated; the first is the yardstick (default: reference,tvm). "
                           "Known: reference, tvm (debug build), tvm-instrumented (plain build + VM hook), "
-                          "chatrwkv (the official rwkv package), hf (transformers, RWKV-4 only)")
+                          "chatrwkv (the official rwkv package), hf (transformers, RWKV-4 only), "
+                          "mutant/<name> (the bug zoo: parity selftest --list), module:attribute or file.py:attribute "
+                          "(your own; docs/backends.md)")
     run.add_argument("--ids", default="ones:10", help="prompt ids: 1,2,3 | ones:N | random:N[:SEED] (default ones:10)")
     run.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
@@ -292,6 +296,13 @@ def cmd_run(args, console) -> int:
     for line in info["warnings"]:
         print(f"parity: warning: {line}", file=sys.stderr)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if info.get("greedy_steps"):
+        from parity.greedy import STEPPER_NAMES
+
+        # Checked before anything runs: a greedy comparison needs a token-by-token stepper per backend.
+        unsupported = [b for b in backends if b not in STEPPER_NAMES]
+        if unsupported:
+            raise ParityError(f"--greedy: no greedy stepper for backend {unsupported[0]!r}; choose from {', '.join(STEPPER_NAMES)}")
     if not args.quiet:
         console.print(f"{ck.config.describe()} from {ck.path} (sha256 {ck.sha256[:12]})")
         if info.get("text") is not None:
@@ -387,7 +398,7 @@ def cmd_selftest(args, console) -> int:
 
     if args.list:
         for m in CATALOGUE.values():
-            console.print(f"{m.name:28s} {m.side:9s} {m.description}")
+            console.print(f"{m.name:28s} {m.side:9s} {m.description}", markup=False)
         return EXIT_OK
     names = [n.strip() for n in args.only.split(",")] if args.only else None
     for n in names or []:
@@ -457,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug (ours, or a plug-in's): one line, its own exit code, never "divergence"
+        if os.environ.get("PARITY_DEBUG"):
+            raise
+        print(f"parity: internal error: {type(exc).__name__}: {exc} (rerun with PARITY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

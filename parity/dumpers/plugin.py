@@ -34,12 +34,15 @@ def _import(module: str):
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as exc:
+            raise ParityError(f"backend module {path} failed to import: {type(exc).__name__}: {exc}") from None
         return mod
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
-        raise ParityError(f"cannot import backend module {module!r}: {exc}") from None
+    except Exception as exc:
+        raise ParityError(f"cannot import backend module {module!r}: {type(exc).__name__}: {exc}") from None
 
 
 class PluginBackend(Backend):
@@ -55,10 +58,20 @@ class PluginBackend(Backend):
         self.spec = spec
 
     def begin(self) -> None:
-        self.impl.reset()
+        try:
+            self.impl.reset()
+        except ParityError:
+            raise
+        except Exception as exc:
+            raise ParityError(f"backend {self.spec}: reset() raised {type(exc).__name__}: {exc}") from None
 
     def record_step(self, ids: list[int], step: StepWriter) -> None:
-        stages = self.impl.step(list(ids))
+        try:
+            stages = self.impl.step(list(ids))
+        except ParityError:
+            raise
+        except Exception as exc:  # the plug-in's bug, not a divergence and not ours: say whose
+            raise ParityError(f"backend {self.spec}: step({ids}) raised {type(exc).__name__}: {exc}") from None
         if not isinstance(stages, dict) or "logits" not in stages:
             raise ParityError(f"backend {self.spec}: step() must return a dict of stage -> array with at least 'logits'")
         order = {n: i for i, n in enumerate(self.canonical_order())}
@@ -79,4 +92,10 @@ def load_plugin_backend(spec: str, checkpoint: Checkpoint) -> Backend:
     factory = getattr(_import(module), attribute, None)
     if factory is None or not callable(factory):
         raise ParityError(f"{module} has no callable {attribute!r}")
-    return PluginBackend(checkpoint, impl=factory(checkpoint), spec=spec)
+    try:
+        impl = factory(checkpoint)
+    except ParityError:
+        raise
+    except Exception as exc:
+        raise ParityError(f"backend {spec}: {attribute}(checkpoint) raised {type(exc).__name__}: {exc}") from None
+    return PluginBackend(checkpoint, impl=impl, spec=spec)

@@ -1,0 +1,285 @@
+"""Backends from outside the package, named as ``path/to/file.py:attribute`` or ``module:attribute``.
+
+The numpy port in examples/ must agree with the reference on both 5.2 fixtures; a port with a
+planted bug must be caught at the stage and step where it is planted; a bad plug-in must be
+refused with one line and exit 2. The passing runs and one broken run go through the real
+command in subprocesses, started before the first test (each costs ~1.5 s of torch start-up);
+everything else calls ``parity.cli.main`` in-process meanwhile, where torch is already imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parity.checkpoint import load_checkpoint
+from parity.cli import main
+from parity.dumpers.plugin import load_plugin_backend
+from parity.errors import ParityError
+from parity.stages import stage_order
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = "examples/numpy_rwkv5.py"  # relative, as docs/backends.md writes it; runs use cwd=REPO
+FIXTURE_L4 = "fixtures/rwkv5_2-L4-C128-H2.pth"  # the demo model
+FIXTURE_HN = "fixtures/rwkv5_2-L2-C144-H12.pth"  # H = N = 12: (H, N) / (N, H) mix-ups keep every shape
+TIMEOUT_S = 120
+
+# A port of someone else's, outside the package: it wraps the numpy example and plants one bug
+# per factory, or breaks the plug-in contract in one way per factory.
+PORT_SOURCE = '''
+import importlib.util
+
+import numpy as np
+
+_spec = importlib.util.spec_from_file_location("numpy_rwkv5_under_test", {example!r})
+numpy_rwkv5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(numpy_rwkv5)
+
+good = numpy_rwkv5.make_backend
+
+
+class _Wrapped:
+    def __init__(self, checkpoint, change):
+        self.inner, self.change, self.index = numpy_rwkv5.make_backend(checkpoint), change, 0
+
+    def reset(self):
+        self.inner.reset()
+        self.index = 0
+
+    def step(self, ids):
+        out = self.change(self.inner.step(ids), self.index)
+        self.index += 1
+        return out
+
+
+def _nudge_decode_logits(stages, index):
+    # Decode steps only: the prefill must stay exact, so the verdict has to name step 1.
+    if index > 0:
+        logits = stages["logits"]
+        logits[:, 7] += 0.01 * np.abs(logits).max() + 1e-3
+    return stages
+
+
+def _state_as_h_v_k(stages, index):
+    # The classic port bug: the kernel's [head, v, k] state recorded without its transpose.
+    for name in [n for n in stages if n.endswith(".att_kv")]:
+        stages[name] = np.ascontiguousarray(stages[name].swapaxes(-1, -2))
+    return stages
+
+
+def nudged_logits(checkpoint):
+    return _Wrapped(checkpoint, _nudge_decode_logits)
+
+
+def transposed_state(checkpoint):
+    return _Wrapped(checkpoint, _state_as_h_v_k)
+
+
+class _NoStep:
+    def reset(self):
+        pass
+
+
+def no_step(checkpoint):
+    return _NoStep()
+
+
+def no_logits(checkpoint):
+    return _Wrapped(checkpoint, lambda stages, index: {{"emb": stages["emb"]}})
+
+
+def odd_stage_name(checkpoint):
+    return _Wrapped(checkpoint, lambda stages, index: {{**stages, "L0.att.wkv_out": stages["L0.att.wkv"]}})
+
+
+not_callable = 42
+'''
+
+
+def write_port(directory: Path, *, module: str) -> None:
+    (directory / f"{module}.py").write_text(PORT_SOURCE.format(example=str(REPO / EXAMPLE)))
+
+
+# -- refusals, in-process -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def port(tmp_path, monkeypatch):
+    """``outside_port_inproc`` importable as a module (sys.path), and forgotten afterwards."""
+    module = "outside_port_inproc"
+    write_port(tmp_path, module=module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(REPO)
+    yield module
+    sys.modules.pop(module, None)
+
+
+def run_inproc(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["run", "-q", "--ids", "ones:3", "--decode-steps", "1", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_module_attribute_form_runs_in_process(port, capsys) -> None:
+    rc, out, _ = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:good")
+    assert rc == 0 and out.startswith("no divergence"), out
+
+
+def test_a_transposed_state_is_caught_at_the_state_slot(port, capsys, tmp_path) -> None:
+    # H = N: the transpose keeps the shape, so only the values can give it away.
+    rc, out, _ = run_inproc(capsys, "--checkpoint", FIXTURE_HN, "--backends", f"reference,{port}:transposed_state",
+                            "--json", str(tmp_path / "r.json"))
+    fd = json.loads((tmp_path / "r.json").read_text())["first_divergence"]
+    assert rc == 1 and (fd["step"], fd["stage"]) == (0, "state.L0.att_kv"), out
+    assert out.startswith("DIVERGENCE: first divergence: prefill, layer 0, stage state.L0.att_kv"), out
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("{module}_missing:make_backend", "cannot import backend module '{module}_missing'"),
+        ("examples/no_such_port.py:make_backend", "backend module file not found: examples/no_such_port.py"),
+        (EXAMPLE + ":no_such_factory", "has no callable 'no_such_factory'"),
+        ("{module}:not_callable", "has no callable 'not_callable'"),
+        ("{module}:no_step", "has no step() method"),
+        ("{module}:no_logits", "at least 'logits'"),
+        ("{module}:odd_stage_name", "non-canonical stage 'L0.att.wkv_out'"),
+    ],
+)
+def test_a_bad_plugin_is_one_line_and_exit_2(port, capsys, factory: str, message: str) -> None:
+    spec = factory.format(module=port)
+    # The plug-in first: it is refused before the reference spends any time.
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"{spec},reference")
+    assert rc == 2, (out, err)
+    assert err.strip().splitlines() == [err.strip()], err  # exactly one line, no traceback
+    assert err.startswith("parity: error:") and message.format(module=port) in err, err
+
+
+@pytest.mark.parametrize("fixture", ["fixtures/rwkv4-L2-C64.pth", "fixtures/rwkv5_1-L2-C64-H8.pth"])
+def test_the_numpy_port_refuses_other_versions(port, capsys, fixture: str) -> None:
+    rc, _, err = run_inproc(capsys, "--checkpoint", fixture, "--backends", f"{EXAMPLE}:make_backend,reference")
+    assert rc == 2 and err.count("\n") == 1 and "runs RWKV-5.2 only" in err, err
+
+
+# -- the example's own contract -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def numpy_port():
+    ck = load_checkpoint(REPO / FIXTURE_HN)
+    return ck, load_plugin_backend(f"{REPO / EXAMPLE}:make_backend", ck).impl
+
+
+def test_numpy_port_shapes_follow_the_dump_format(numpy_port) -> None:
+    ck, impl = numpy_port
+    cfg = ck.config
+    impl.reset()
+    prefill = impl.step([3, 1, 4, 1, 5])
+    decode = impl.step([9])
+    assert prefill["logits"].shape == (5, cfg.vocab_size) and decode["logits"].shape == (1, cfg.vocab_size)
+    assert prefill["L1.att.wkv"].shape == (5, cfg.dim_att)
+    assert prefill["state.L1.att_kv"].shape == (cfg.n_head, cfg.head_size, cfg.head_size)
+    assert prefill["state.L0.att_x"].shape == (cfg.n_embd,)
+    assert {v.dtype for v in prefill.values()} == {np.dtype(np.float32)}
+    # State slots hold the state after the step: the last ln1 row; and the state moves on per step.
+    np.testing.assert_array_equal(prefill["state.L0.att_x"], prefill["L0.att.ln1"][-1])
+    assert not np.array_equal(prefill["state.L0.att_kv"], decode["state.L0.att_kv"])
+
+
+def test_numpy_port_reset_starts_from_the_zero_state(numpy_port) -> None:
+    _, impl = numpy_port
+    impl.reset()
+    first = impl.step([7, 8])["logits"]
+    impl.step([2])
+    impl.reset()
+    np.testing.assert_array_equal(impl.step([7, 8])["logits"], first)
+
+
+def test_numpy_port_refusal_is_a_parity_error() -> None:
+    ck = load_checkpoint(REPO / "fixtures" / "rwkv5_0-L2-C64-H2.pth")
+    with pytest.raises(ParityError, match="RWKV-5.2 only; this checkpoint is RWKV-5.0"):
+        load_plugin_backend(f"{REPO / EXAMPLE}:make_backend", ck)
+
+
+# -- the real command, in subprocesses ----------------------------------------------------------
+
+
+@dataclass
+class Cli:
+    args: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+    result: dict | None
+
+    def __str__(self) -> str:
+        return f"parity {' '.join(self.args)} -> exit {self.rc}\n--- stdout\n{self.stdout[-2000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+class Pending:
+    """A ``parity`` subprocess started early; ``get()`` waits for it once and keeps the result."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str], json_path: Path):
+        self.args, self.json_path, self.cli = [*args, "--json", str(json_path)], json_path, None
+        self.proc = subprocess.Popen([sys.executable, "-m", "parity.cli", *self.args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def get(self) -> Cli:
+        if self.cli is None:
+            stdout, stderr = self.proc.communicate(timeout=TIMEOUT_S)
+            result = json.loads(self.json_path.read_text()) if self.json_path.exists() else None
+            self.cli = Cli(args=self.args, rc=self.proc.returncode, stdout=stdout, stderr=stderr, result=result)
+        return self.cli
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(tmp_path_factory):
+    """Started before the first test of the file, so the in-process tests run while they do."""
+    tmp = tmp_path_factory.mktemp("plugin-runs")
+    write_port(tmp, module="outside_port")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))}
+    env.pop("FORCE_COLOR", None)
+    env |= {"NO_COLOR": "1", "COLUMNS": "200"}  # plain text, so the asserted strings are stable
+    commands = {
+        "demo model": ["--checkpoint", FIXTURE_L4, "--backends", f"reference,{EXAMPLE}:make_backend"],
+        # T = H = N = 12 in the prefill: a (T, C) -> (H, T, N) mix-up would keep every shape too.
+        "H = N model": ["--checkpoint", FIXTURE_HN, "--backends", f"reference,{EXAMPLE}:make_backend",
+                        "--ids", "random:12:3"],
+        "nudged logits": ["--checkpoint", FIXTURE_L4, "--backends", "reference,outside_port:nudged_logits"],
+    }
+    pending = {name: Pending(["run", *args], env=env, json_path=tmp / f"{i}.json")
+               for i, (name, args) in enumerate(commands.items())}
+    yield pending
+    for p in pending.values():
+        if p.proc.poll() is None:  # a test failed before waiting for it
+            p.proc.kill()
+            p.proc.communicate()
+
+
+@pytest.mark.parametrize("name", ["demo model", "H = N model"])
+def test_numpy_port_agrees_with_the_reference(runs, name: str) -> None:
+    cli = runs[name].get()
+    assert cli.rc == 0, cli
+    assert "no divergence" in cli.stdout, cli
+    # Every canonical stage was compared, not just the logits: the port records all of them.
+    model = cli.result["run"]["model"]
+    n_stages = len(stage_order(n_layer=model["n_layer"], version=model["version"]))
+    assert cli.result["summary"]["records"] == n_stages * len(cli.result["steps"]), cli
+    assert not cli.result.get("missing"), cli
+
+
+def test_a_broken_port_is_caught_where_the_bug_is(runs) -> None:
+    cli = runs["nudged logits"].get()
+    assert cli.rc == 1, cli
+    fd = cli.result["first_divergence"]
+    assert (fd["step"], fd["stage"]) == (1, "logits"), cli  # the prefill was left exact
+    verdict = cli.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("DIVERGENCE: first divergence: decode step 1, stage logits"), cli
