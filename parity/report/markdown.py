@@ -278,8 +278,13 @@ def _comparisons(result: dict) -> str | None:
     for c in comparisons:
         fd = c.get("first_divergence") if isinstance(c.get("first_divergence"), dict) else None
         where = f": first at {_step_label(fd.get('step'), fd.get('step_kind'))}, {_code(fd.get('stage'))}" if fd else ""
-        lines.append(f"- {_text(_side(c, 'actual').get('backend', '?'))} vs "
-                     f"{_text(_side(c, 'expected').get('backend', '?'))}: {_text(c.get('verdict', '?'))}{where}")
+        # The session names each side by its backend spec (a string); a describe() dict also works.
+        names = [c.get(k) if isinstance(c.get(k), str) else _side(c, k).get("backend", "?") for k in ("actual", "expected")]
+        lines.append(f"- {_text(names[0])} vs {_text(names[1])}: {_text(c.get('verdict', '?'))}{where}")
+    odd = result.get("odd_one_out")
+    if isinstance(odd, dict) and odd.get("explanation"):
+        lines.append("")
+        lines.append(f"Odd one out: {_code(odd['backend']) if odd.get('backend') else 'none'} ({_text(odd['explanation'])})")
     return "Every pair:\n\n" + "\n".join(lines)
 
 

@@ -64,6 +64,68 @@ def _result(*, n_layer: int = 2, n_steps: int = 3, fail: tuple[int, str] | None 
     }
 
 
+def _full_result() -> dict:
+    """``_result()`` plus everything a session run adds: detail, repro, both modes, every pair, known
+    differences, and a folded text prompt with a greedy comparison that parts at step 2."""
+    result = _result()
+    first = result["first_divergence"]
+    result["first_divergence_detail"] = {
+        "stage": first["stage"], "step": first["step"],
+        "histogram": {"log10_edges": [-8.0, -7.5, -7.0, -6.5, -6.0, -5.5, -5.0, -4.5, -4.0, -3.5, -3.0, -2.5],
+                      "counts": [1, 2, 5, 9, 3, 0, 0, 0, 0, 1, 2], "exact": 1, "nonfinite": 0},
+        "row_max_abs": [3e-3],
+    }
+    result["repro"] = ("parity run --checkpoint /m/rwkv.pth --backends reference,tvm --ids 11,22,33 "
+                       "--decode-ids 41 --mode isolated --only-step 1 --only-layer 1")
+    result["mode"] = "isolated"
+    propagated = dict(first, stage="L0.att.k", layer=0)
+    result["modes"] = {
+        "propagated": {"verdict": "divergence", "first_divergence": propagated,
+                       "summary": {"records": 100, "failed": 77, "worst_logits_max_abs": 0.5}},
+        "isolated": {"verdict": "divergence", "first_divergence": first, "summary": result["summary"]},
+    }
+    result["comparisons"] = [
+        {"expected": "reference", "actual": "tvm", "verdict": "divergence", "first_divergence": first,
+         "summary": {"records": 10, "failed": 4, "worst_logits_max_abs": 0.25}},
+        {"expected": "reference", "actual": "chatrwkv", "verdict": "no divergence", "first_divergence": None,
+         "summary": {"records": 10, "failed": 0, "worst_logits_max_abs": 0.0}},
+        {"expected": "chatrwkv", "actual": "tvm", "verdict": "divergence", "first_divergence": first,
+         "summary": {"records": 10, "failed": 4, "worst_logits_max_abs": 0.25}},
+    ]
+    result["odd_one_out"] = {"backend": "tvm", "explanation": "reference, chatrwkv agree with each other; "
+                                                             "tvm diverges from all of them"}
+    result["known_differences"] = [
+        {"backend": "hf", "name": "rescale_every", "applies": False, "detail": "only layers >= 6"},
+        {"backend": "hf", "name": "ln0_at_run_time", "applies": True, "detail": "identical in fp32"},
+    ]
+    result["actual"].update(tool_versions={"apache-tvm": "0.27.0", "torch": "2.13.0", "numpy": "2.4.6"},
+                            extra={"target": "llvm -mcpu=znver3", "library": "rwkv5-debug.so"})
+    result["expected"]["tool_versions"] = {"apache-tvm": "0.27.0", "torch": "2.12.0", "numpy": "2.4.6"}
+    result["run"].update(
+        backends=["reference", "tvm", "chatrwkv"], mode="both", prefill_ids=[11, 22, 33], decode_ids=[41, 42],
+        tool_versions={"apache-tvm": "0.27.0", "torch": "2.13.0", "numpy": "2.4.6"},
+        scenario={"name": "chat-hello", "description": "one chat turn", "source": "fixtures/scenarios/chat-hello.json"},
+        template="chatrwkv", text="User: Hi!\n\nAssistant:", tokenizer_ids=[24281, 22, 1057],
+        model_ids=[729, 22, 33], vocab_folded=True,
+        warnings=["vocab folded: 2 of 3 ids were mapped to id % 1024"],
+        greedy={
+            "steps": 4, "yardstick": "reference",
+            "backends": {"reference": {"tokens": [5, 6, 7, 8], "text": "Hello there"},
+                         "tvm": {"tokens": [5, 6, 9, 10], "text": "Hello thing"}},
+            "margins": [0.5, 0.4, 2e-5, 0.3],
+            "comparisons": [{"expected": "reference", "actual": "tvm", "tokens_equal": False,
+                             "teacher_forced_max_abs": [1e-6, 2e-6, 4e-6, 3e-6], "max_abs": 4e-6,
+                             "first_token_divergence": None}],
+            "first_token_divergence": {
+                "step": 2, "expected": "reference", "actual": "tvm", "expected_token": 7, "actual_token": 9,
+                "margin": 2e-5, "actual_margin": 1e-5, "logit_drift": 4e-6, "near_tie": True,
+                "explanation": "near-tie: reference's top-2 margin is 2e-05 and the logits differ by only 4e-06"},
+            "flip_atol": 1e-3, "vocab_folded": False, "warnings": [],
+        },
+    )
+    return result
+
+
 class _Collector(HTMLParser):
     """Records ids, links and table cells, and checks that every non-void tag is closed in order."""
 
@@ -106,6 +168,13 @@ class _Collector(HTMLParser):
             self._in_heat -= 1
 
 
+def _section(page: str, section_id: str) -> str:
+    """The markup of one top-level ``<section id=...>`` (sections are never nested)."""
+    m = re.search(r'<section id="' + re.escape(section_id) + r'"[^>]*>(.*?)</section>', page, flags=re.S)
+    assert m, f"no section {section_id!r}"
+    return m.group(1)
+
+
 def _parse(page: str) -> _Collector:
     c = _Collector()
     c.feed(page)
@@ -116,7 +185,7 @@ def _parse(page: str) -> _Collector:
 def test_verdict_and_first_divergence_panel():
     page = render_html(_result())
     assert "verdict v-bad" in page and ">divergence</span>" in page
-    panel = page[page.index("First divergence"):page.index("Heat map")]
+    panel = _section(page, "first-divergence")
     assert "L1.att.wkv" in panel
     assert "decode step 1" in panel
     assert "token id 41" in panel  # row 0 of decode step 1, whose id is 41
@@ -125,7 +194,7 @@ def test_verdict_and_first_divergence_panel():
 
 def test_prefill_divergence_is_called_prefill():
     page = render_html(_result(fail=(0, "emb")))
-    panel = page[page.index("First divergence"):page.index("Heat map")]
+    panel = _section(page, "first-divergence")
     assert "prefill" in panel and "decode step" not in panel
     assert "token id 11" in panel
 
@@ -152,7 +221,27 @@ def test_malicious_strings_are_escaped():
     result["policy"]["overrides"][evil] = {"rtol": 1, "atol": 1, "reason": evil}
     result["missing"].append({"step": 0, "stage": evil, "missing_in": evil})
     result["steps"][0]["ids"] = [evil]
+    full = _full_result()
+    for key in ("first_divergence_detail", "modes", "comparisons", "odd_one_out", "known_differences"):
+        result[key] = full[key]
+    result["mode"] = "isolated"
+    result["repro"] = "parity run --ids '" + evil + "'"
+    result["first_divergence_detail"]["stage"] = evil
+    result["modes"]["propagated"]["first_divergence"] = dict(result["first_divergence"], stage=evil + "p")
+    result["comparisons"][0]["actual"] = evil
+    result["odd_one_out"] = {"backend": evil, "explanation": evil}
+    result["known_differences"][0].update(backend=evil, name=evil, detail=evil)
+    result["actual"]["extra"] = {"target": evil}
+    result["expected"]["tool_versions"] = {evil: evil}
+    result["run"].update({k: v for k, v in full["run"].items() if k not in result["run"]})
+    result["run"].update(text=evil, template=evil, tokenizer_ids=[evil], model_ids=[evil], command=evil,
+                         scenario={"name": evil, "description": evil, "source": evil}, warnings=[evil])
+    greedy = result["run"]["greedy"]
+    greedy["backends"] = {evil: {"tokens": [evil], "text": evil}, "tvm": {"tokens": [1], "text_error": evil}}
+    greedy["first_token_divergence"].update(explanation=evil, actual=evil, actual_token=evil)
     page = render_html(result, title=evil)
+    for section in ("first-divergence", "modes", "pairs", "known", "prompt", "greedy", "run"):
+        assert "&lt;script&gt;" in _section(page, section), section
     assert "<script>alert" not in page
     assert page.count("<script") == 1  # only the report's own inline script
     assert "&lt;script&gt;alert(1)&lt;/script&gt;.pth" in page
@@ -226,7 +315,7 @@ def test_inf_and_nan_strings_render():
     row = re.search(r'<tr id="' + re.escape(anchor) + r'".*?</tr>', page).group(0)
     assert ">inf<" in row and ">nan<" in row and ">-inf<" in row
     assert re.search(r'<td class="nf x fd"><a href="#' + re.escape(anchor) + '"', page)
-    panel = page[page.index("First divergence"):page.index("Heat map")]
+    panel = _section(page, "first-divergence")
     assert "nonfinite_side" in panel and "(0, 3)" in panel
     assert not _parse(page).errors
 
@@ -311,9 +400,289 @@ def test_renders_what_the_compare_engine_produces():
     result = compare.compare_runs(actual=run(actual, "tvm"), expected=run(expected, "torch"),
                                   policy=compare.TolerancePolicy.for_dtype("float32")).to_dict()
     page = render_html(result)
-    panel = page[page.index("First divergence"):page.index("Heat map")]
+    panel = _section(page, "first-divergence")
     assert "L0.att.wkv" in panel and "decode step 1" in panel and "token id 7" in panel
     assert "nonfinite_side" not in panel  # the engine's null non-finite fields are not shown as noise
     assert re.search(r'<td class="nf x"><a href="#' + re.escape(record_anchor(1, "logits")) + '"', page)
     c = _parse(page)
     assert not c.errors and all(h[1:] in set(c.ids) for h in c.hrefs)
+
+
+# ----------------------------------------------------------------------------- issue 5 / 6 sections
+
+
+def _svgs(markup: str) -> list[str]:
+    return re.findall(r"<svg\b.*?</svg>", markup, flags=re.S)
+
+
+def test_every_section_renders_well_formed_and_linked():
+    page = render_html(_full_result())
+    c = _parse(page)
+    assert not c.errors and c.stack == []
+    assert len(set(c.ids)) == len(c.ids), "duplicate ids"
+    assert all(h.startswith("#") and h[1:] in set(c.ids) for h in c.hrefs)
+    order = [page.index(f'<section id="{s}"') for s in
+             ("verdict", "first-divergence", "modes", "pairs", "known", "prompt", "greedy", "growth", "heatmap",
+              "records", "missing", "run", "policy")]
+    assert order == sorted(order)
+    assert page.count("<script") == 1 and "http" not in page  # inline SVG needs no xmlns URL either
+
+
+def test_repro_command_is_a_copyable_block_in_the_panel():
+    result = _full_result()
+    panel = _section(render_html(result), "first-divergence")
+    block = re.search(r'<pre class="cmd" id="repro"><code>(.*?)</code></pre>', panel)
+    assert block and block.group(1) == result["repro"]
+    assert '<button class="copy" type="button" data-for="repro">' in panel
+    assert "isolated run of this step and layer" in panel  # the repro is narrowed, and says so
+
+
+def test_repro_without_divergence_sits_under_the_verdict_and_falls_back_to_the_command():
+    result = _result(fail=None)
+    result["repro"] = "parity run --checkpoint a.pth --ids 1,2"
+    page = render_html(result)
+    assert "parity run --checkpoint a.pth --ids 1,2" in _section(page, "verdict")
+    del result["repro"]
+    verdict = _section(render_html(result), "verdict")
+    assert "The command of this run" in verdict and "rwkv-parity run" in verdict
+    del result["run"]
+    verdict = _section(render_html(result), "verdict")
+    assert "parity diff /d/ref /d/tvm" in verdict
+    del result["expected"]["path"]
+    assert 'id="repro"' not in render_html(result)
+
+
+def test_error_histogram_of_the_first_diverging_tensor():
+    result = _full_result()
+    panel = _section(render_html(result), "first-divergence")
+    assert "Error histogram of <code>L1.att.wkv</code> at decode step 1" in panel
+    hist, rows = _svgs(panel)
+    hist_counts = result["first_divergence_detail"]["histogram"]["counts"]
+    # one bar per bin, one for the exact elements; no non-finite bar when there are none
+    assert hist.count("<rect") == len(hist_counts) + 1
+    assert "1 elements exactly equal" in hist and "non-finite (NaN/Inf)" not in hist
+    for k in (-8, -7, -6, -5, -4, -3):
+        assert f">10{str(k).translate(str.maketrans('-0123456789', '⁻⁰¹²³⁴⁵⁶⁷⁸⁹'))}</text>" in hist
+    assert "atol 1e-05" in hist and 'class="tol"' in hist
+    # bins wholly above atol (1e-5) are red, those below green
+    assert re.search(r'fill="#d73027"><title>1 elements with \|Δ\| in \[0\.000316', hist)
+    assert re.search(r'fill="#85c77f"><title>9 elements with \|Δ\| in \[3\.16e-07', hist)
+    assert "|actual − expected| (log scale)" in hist and ">elements</text>" in hist
+    # the row chart: one bar, the first divergence's row, dark
+    assert rows.count("<rect") == 1 and 'fill="#7f0000"' in rows and "row 0 (token id 41)" in rows
+
+
+def test_histogram_absent_or_for_another_stage_says_so():
+    result = _full_result()
+    result["first_divergence_detail"] = None
+    panel = _section(render_html(result), "first-divergence")
+    assert "No error histogram" in panel and "<svg" not in panel
+    result = _full_result()
+    result["first_divergence_detail"].update(stage="L0.att.k", row_max_abs=None)
+    panel = _section(render_html(result), "first-divergence")
+    assert "not the stage named on the left" in panel and len(_svgs(panel)) == 1
+    result["first_divergence_detail"]["histogram"]["counts"] = [1, 2]  # does not match the edges
+    assert "malformed" in _section(render_html(result), "first-divergence")
+
+
+def test_error_growth_plot_one_line_per_step_with_legend_and_axes():
+    result = _result(n_steps=3)
+    growth = _section(render_html(result), "growth")
+    abs_plot, tol_plot = _svgs(growth)
+    for plot in (abs_plot, tol_plot):
+        assert plot.count("<path ") == 3  # prefill, step 1, step 2
+        assert all(f">{label}</text>" in plot for label in ("prefill", "step 1", "step 2"))
+        assert all(f">{x}</text>" in plot for x in ("emb", "L0", "L1", "head")) and ">layer</text>" in plot
+    assert "worst max |Δ| (log)" in abs_plot and ">tolerance</text>" in tol_plot
+    # step 1 fails from L1.att.wkv on at min_atol 2.9e-3 against atol 1e-5: 290x at L1, drawn as the
+    # first divergence (the big marker) and linked to its row
+    anchor = record_anchor(1, "L1.att.wkv")
+    point = re.search(r'<a href="#' + re.escape(anchor) + r'"><circle [^>]*r="6"[^>]*><title>([^<]*)</title>', tol_plot)
+    assert point and point.group(1) == "step 1 · L1: 290 at L1.att.wkv"
+    assert "prefill · L1: 0.01 at" in tol_plot  # passing: min_atol 1e-7 / atol 1e-5
+
+
+def test_error_growth_plot_greys_out_steps_past_the_legend_limit():
+    growth = _section(render_html(_result(n_layer=1, n_steps=13, fail=(1, "L0.att.wkv"))), "growth")
+    plot = _svgs(growth)[0]
+    assert plot.count("<path ") == 13
+    assert ">3 more steps</text>" in plot and ">step 9</text>" in plot and ">step 10</text>" not in plot
+    assert "step 11 ·" not in plot  # no markers (nor tooltips) for the greyed-out steps
+
+
+def test_growth_section_absent_without_records():
+    assert '<section id="growth"' not in render_html({"verdict": "no divergence", "records": []})
+
+
+def test_records_table_headers_are_sortable():
+    page = render_html(_result())
+    head = re.search(r'<table class="rec"><thead><tr>(.*?)</tr>', page).group(1)
+    headers = re.findall(r'<th data-t="([ns])"( data-d="a")?>([^<]+)</th>', head)
+    assert len(headers) == head.count("<th")  # every column sorts
+    kinds = {name: (t, bool(asc)) for t, asc, name in headers}
+    assert kinds["stage"] == ("s", False) and kinds["max_abs"] == ("n", False) and kinds["step"] == ("n", True)
+    row = re.search(r'<tr id="' + re.escape(record_anchor(1, "L1.att.wkv")) + r'".*?</tr>', page).group(0)
+    assert 'data-v="20.8">5 / 24 (20.8%)' in row  # mismatches sort by share, not by count
+    assert ">290<" in row  # the min_atol / atol column
+    assert "aria-sort" in page and "flt" in page  # the sort and the filter script
+
+
+def test_run_metadata_lists_versions_target_and_checkpoint():
+    result = _full_result()
+    run = _section(render_html(result), "run")
+    for text in ("<code>reference</code>, <code>tvm</code>, <code>chatrwkv</code>", "/m/rwkv.pth", "ab" * 32,
+                 "llvm -mcpu=znver3", "rwkv5-debug.so", "rwkv-parity run", "float32", "prefill+decode",
+                 "run mode</span> both", "this comparison</span> isolated"):
+        assert text in run, text
+    versions = re.search(r"<h3>Tool versions</h3><table.*?</table>", run, flags=re.S).group(0)
+    assert re.findall(r"<tr[^>]*><th>([^<]+)</th><td>", versions) == ["apache-tvm", "torch", "numpy"]
+    assert '<tr class="hl"><th>torch</th><td>2.13.0</td><td>2.12.0</td><td>2.13.0</td>' in versions
+    assert '<tr><th>numpy</th>' in versions  # the same everywhere: not highlighted
+    assert '<button class="copy" type="button" data-for="run-command">' in run
+
+
+def test_run_metadata_without_a_run_block():
+    assert "No run metadata recorded" in render_html({"records": []})
+    run = _section(render_html({"records": [], "expected": {"backend": "a"}, "actual": {"backend": "b"}}), "run")
+    assert "<code>b</code> against <code>a</code>" in run and "No tool versions recorded" in run
+
+
+def test_modes_side_by_side():
+    modes = _section(render_html(_full_result()), "modes")
+    assert "propagated</h3>" in modes and "isolated \u2014 the verdict above</h3>" in modes
+    assert "because it names the stage whose own error is out of tolerance" in modes
+    assert "77" in modes and "<code>L0.att.k</code>" in modes and "<code>L1.att.wkv</code>" in modes
+    assert "They differ: propagated first fails at" in modes
+
+
+def test_modes_when_isolated_did_not_run_or_passed():
+    result = _full_result()
+    result["modes"]["isolated"] = None
+    result["mode"] = "propagated"
+    modes = _section(render_html(result), "modes")
+    assert "Not run" in modes and "propagated \u2014 the verdict above" in modes
+    result = _full_result()
+    result["modes"]["isolated"].update(verdict="no divergence", first_divergence=None)
+    assert "small per-stage errors compound" in _section(render_html(result), "modes")
+
+
+def test_pairs_table_and_odd_one_out():
+    result = _full_result()
+    pairs = _section(render_html(result), "pairs")
+    rows = re.findall(r"<tr( class=\"bad\")?><td><code>([^<]+)</code></td><td><code>([^<]+)</code>", pairs)
+    assert [(r[1], r[2], bool(r[0])) for r in rows] == [
+        ("reference", "tvm", True), ("reference", "chatrwkv", False), ("chatrwkv", "tvm", True)]
+    assert "Odd one out: <code>tvm</code>" in pairs and "tvm diverges from all of them" in pairs
+    assert "detailed below" not in pairs  # the top level is the isolated run, none of these pairs
+    # describe()-style sides render by backend name too
+    result["comparisons"][1].update(expected={"backend": "reference"}, actual={"backend": "chatrwkv"})
+    result["mode"] = "propagated"
+    result["expected"]["backend"] = "reference"  # the top level is now the reference/tvm pair
+    pairs = _section(render_html(result), "pairs")
+    assert "<code>chatrwkv</code></td>" in pairs and pairs.count("detailed below") == 1
+
+
+def test_known_differences_applies_or_not():
+    known = _section(render_html(_full_result()), "known")
+    assert re.search(r"rescale_every</code></td><td>no effect here</td>", known)
+    assert re.search(r"ln0_at_run_time</code></td><td><b>applies</b></td>", known)
+
+
+def test_text_run_shows_prompt_ids_and_folding():
+    result = _full_result()
+    page = render_html(result)
+    prompt = _section(page, "prompt")
+    assert '<pre class="text">User: Hi!\n\nAssistant:</pre>' in prompt
+    assert "<code>chatrwkv</code>" in prompt and "chat-hello" in prompt
+    assert "tokenizer ids (3)" in prompt and "[24281, 22, 1057]" in prompt
+    assert "[<b>729</b>, 22, <b>33</b>]" in prompt  # the folded ids are marked
+    assert "Vocab folded:" in prompt and "2 of 3 ids were mapped" in prompt
+    assert "Vocab folded:" in _section(page, "verdict")
+    result["run"].update(model_ids=[24281, 22, 1057], vocab_folded=False, warnings=[])
+    page = render_html(result)
+    prompt = _section(page, "prompt")
+    assert "Vocab folded" not in page and "model ids (3)</th><td><div class=\"ids\">[24281, 22, 1057]</div>" in prompt
+    assert "the same as the tokenizer ids (not folded)" in prompt
+
+
+def test_greedy_continuations_and_first_token_divergence():
+    greedy = _section(render_html(_full_result()), "greedy")
+    assert "First token divergence at step 2" in greedy and "a near-tie" in greedy
+    assert "near-tie: reference&#x27;s top-2 margin is 2e-05" in greedy
+    assert "<b>7</b>" in greedy and "<b>9</b>" in greedy
+    assert '<pre class="text">Hello there</pre>' in greedy and '<pre class="text">Hello thing</pre>' in greedy
+    tvm_row = re.search(r"<tr><th><code>tvm</code></th>(.*?)</tr>", greedy).group(1)
+    assert re.findall(r"<td([^>]*)>(\d+)</td>", tvm_row) == [
+        ("", "5"), ("", "6"), (' class="d fs"', "9"), (' class="d"', "10")]
+    assert "2e-05" in greedy and "4e-06" in greedy  # margins and teacher-forced drift per step
+
+
+def test_greedy_without_divergence_and_folded_text():
+    result = _full_result()
+    greedy = result["run"]["greedy"]
+    greedy.update(first_token_divergence=None, vocab_folded=True)
+    greedy["backends"] = {"reference": {"tokens": [5, 6], "text": None}, "tvm": {"tokens": [5, 6], "text": None}}
+    section = _section(render_html(result), "greedy")
+    assert "every backend chose the same 2 tokens" in section and 'class="d' not in section
+    assert section.count("the ids are folded") == 2
+
+
+def test_text_sections_absent_for_an_ids_only_run():
+    result = _result()
+    result["run"].update(scenario=None, template=None, text=None, tokenizer_ids=None, model_ids=[11, 22, 33],
+                         vocab_folded=False, warnings=[])
+    page = render_html(result)
+    for section in ("prompt", "greedy", "modes", "pairs", "known"):
+        assert f'<section id="{section}"' not in page, section
+    assert "Vocab folded" not in page
+
+
+def test_output_size_with_every_section():
+    result = _full_result()
+    base = _result(n_layer=4, n_steps=5)
+    result.update(records=base["records"], steps=base["steps"], first_divergence=base["first_divergence"])
+    page = render_html(result)
+    assert len(page.encode()) < 650_000
+
+
+def test_policy_lists_one_row_per_tolerance_rule_not_per_record():
+    result = _result(fail=None)
+    records = result["records"]
+    for i, rec in enumerate(records):  # a scale term gives every record its own effective atol
+        rec.update(atol_base=1e-5, scale=2e-4, atol=1e-5 + i * 1e-8)
+    result["policy"] = {"dtype": "float32", "default": {"rtol": 1.3e-6, "atol": 1e-5, "scale": 2e-4, "reason": "why"},
+                        "overrides": [{"pattern": "logits", "rtol": 1e-4, "atol": 1e-4, "scale": 0.0,
+                                       "reason": "head"}]}
+    policy = _section(render_html(result), "policy")
+    assert "rtol 1.3e-06, atol 1e-05, scale 0.0002 \u2014 why" in policy
+    assert "override <code>logits</code></th><td>rtol 0.0001, atol 0.0001 \u2014 head" in policy
+    applied = policy[policy.index("Tolerances applied"):]
+    rows = re.findall(r"<tr><td>.*?</tr>", applied)
+    hi = 1e-5 + (len(records) - 1) * 1e-8
+    assert rows == [f"<tr><td>1.3e-06</td><td>1e-05</td><td>0.0002</td><td>1e-05 \u2013 {hi:.4g}</td>"
+                    f"<td>{len(records)}</td><td><code>emb</code></td><td>torch.testing default for float32</td></tr>"]
+
+
+def test_odd_or_partial_session_fields_still_render():
+    # Hand-edited or older results: wrong types and missing keys drop a detail, never the page.
+    result = _full_result()
+    result["first_divergence_detail"].update(
+        histogram={"log10_edges": [-3.0, -2.0], "counts": [4], "exact": 0, "nonfinite": 3},
+        row_max_abs=[1e-3, "nan", 0.0])
+    result["modes"] = {"propagated": "junk", "isolated": {"verdict": "divergence"}}
+    result["comparisons"].append("junk")
+    result["odd_one_out"] = {"backend": None, "explanation": "several pairs disagree"}
+    result["known_differences"] = [{"backend": "hf"}]
+    result["run"]["greedy"] = {"backends": {"reference": {"tokens": "junk"}, "tvm": None}, "margins": None}
+    result["run"]["model"] = "junk"
+    result["unmatched_steps"] = [{"index": 7, "present_in": "actual"}]
+    page = render_html(result)
+    c = _parse(page)
+    assert not c.errors and c.stack == []
+    hist, rows = _svgs(_section(page, "first-divergence"))
+    assert "3 elements non-finite (NaN/Inf)" in hist and ">NaN</text>" in hist
+    assert rows.count("<rect") == 2 and 'fill="#5e3c99"' in rows  # the exact row has no bar on a log axis
+    assert "Not run" in _section(page, "modes")  # a mode that is not a dict counts as not run
+    assert '<p class="note warn"><b>No odd one out</b> \u2014 several pairs disagree' in _section(page, "pairs")
+    assert "No token divergence" in _section(page, "greedy")
+    assert "step 7: only in actual" in _section(page, "missing")
