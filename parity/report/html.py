@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import ParityError
+from parity.report.values import format_number, metric_value
 from parity.stages import short_stage, stage_info, stage_order
 
 __all__ = ["render_html", "write_html", "record_anchor"]
@@ -261,18 +262,7 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _num(value: Any) -> float | None:
-    """A metric as a float; the engine writes inf/nan as strings so its JSON stays strict."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+_num = metric_value
 
 
 def _fmt(value: Any, *, digits: int = 3) -> str:
@@ -284,11 +274,7 @@ def _fmt(value: Any, *, digits: int = 3) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.{digits}g}"
+        return format_number(value, digits=digits)
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_fmt(v, digits=digits) for v in value) + ")"
     if isinstance(value, dict):

@@ -19,6 +19,7 @@ import shlex
 from typing import Any
 
 from parity.errors import ParityError
+from parity.report.values import format_number, metric_value
 
 __all__ = ["render_markdown", "tolerance_ratio"]
 
@@ -114,18 +115,7 @@ def _link_target(link: str) -> str:
 # ----------------------------------------------------------------------------- values
 
 
-def _num(value: Any) -> float | None:
-    """A metric as a float; the engine writes inf/nan as strings so its JSON stays strict."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+_num = metric_value
 
 
 def _fmt(value: Any, *, digits: int = 3) -> str:
@@ -138,11 +128,7 @@ def _fmt(value: Any, *, digits: int = 3) -> str:
         return str(value)
     number = _num(value)
     if number is not None:
-        if math.isnan(number):
-            return "nan"
-        if math.isinf(number):
-            return "inf" if number > 0 else "-inf"
-        return f"{number:.{digits}g}"
+        return format_number(number, digits=digits)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v, digits=digits) for v in value) + "]"
     return _text(value)
