@@ -11,10 +11,11 @@ expected magnitude, so an element passes when
 
 Why: a stage that ends in a long reduction (a matmul, the wkv scan, a norm) carries rounding
 error proportional to the magnitude of the *terms* it summed, not to each output element; where
-terms cancel, an element near zero carries an error that rtol*|b| can never cover. Two correct
-fp32 implementations of the whole model (torch vs TVM) differ by up to 4.1e-5 * max|b| on some
-stage of the bundled fixtures (measured over prefill + 8 decode steps, two prompts each), while
-torch's rtol alone would need 0.39 for the wkv state. ``scale`` = 0 is exactly torch's rule.
+terms cancel, an element near zero carries an error that rtol*|b| can never cover. Correct fp32
+implementations of the whole model (torch, TVM, the official package) differ by up to 1.1e-4 *
+max|b| outside ln_x (bundled fixtures and 5000 random configurations, errors propagated through
+every layer and step), while torch's rtol alone would need 0.39 for the wkv state. ``scale`` = 0
+is exactly torch's rule.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(
         rtol=1.3e-6, atol=1e-5, scale=2e-4,
         reason=_TORCH_REASON.format(dtype="float32")
-        + "scale 2e-4: 5x the worst error between two correct fp32 implementations (torch vs TVM) "
-        "measured on the bundled fixtures, errors propagated through every layer and 9 steps",
+        + "scale 2e-4: correct fp32 backends (torch, TVM, the official package) reach at most 0.55x of this "
+        "allowance outside ln_x, over the bundled fixtures and 5000 random configurations, errors "
+        "propagated through every layer and step",
     ),
     "float16": Tolerance(
         rtol=1e-3, atol=1e-5, scale=1e-2,
@@ -76,6 +78,26 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
         rtol=1.6e-2, atol=1e-5, scale=5e-2,
         reason=_TORCH_REASON.format(dtype="bfloat16") + "scale 5e-2: provisional, not yet calibrated on a bf16 backend",
     ),
+}
+
+# Built-in per-stage defaults, consulted after the user's overrides and before the dtype default.
+# GroupNorm (ln_x) normalises each head by its *own* spread: a head whose wkv nearly cancels
+# (std 0.018 beside a head of 0.45; 0.089 beside 82) carries an absolute error sized by the large
+# heads — legitimately, since the wkv record's floor scales with max|wkv| — and ln_x divides it by
+# that small std. A hypothesis search over correct fp32 backends (tests/test_no_false_alarms.py)
+# found ln_x and att.gated (= ln_x * g) at up to 1.85x the 2e-4 allowance in propagated runs, and
+# the fp32 torch reference erring as much against float64; isolated runs stay under 0.13x. 1e-3
+# is 2.7x the worst found, and every GroupNorm mutant of the bug zoo still fails at ln_x by >= 6x.
+_LN_X_REASON = (
+    "rtol/atol: torch defaults; scale 1e-3: GroupNorm divides each head by its own std, amplifying "
+    "upstream rounding in heads that nearly cancel (measured up to 3.7e-4 x max|b| between correct fp32 "
+    "backends); for such heads, --arbiter judges against float64 instead"
+)
+DEFAULT_STAGE_TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "float32": {
+        "L*.att.ln_x": Tolerance(rtol=1.3e-6, atol=1e-5, scale=1e-3, reason=_LN_X_REASON),
+        "L*.att.gated": Tolerance(rtol=1.3e-6, atol=1e-5, scale=1e-3, reason=_LN_X_REASON),
+    },
 }
 
 # Short spellings people type on the command line (and that strategy strings like "cpu fp32" use).
@@ -118,9 +140,14 @@ class TolerancePolicy:
     def default(self) -> Tolerance:
         return DEFAULT_TOLERANCES[self.dtype]
 
+    @property
+    def stage_defaults(self) -> dict[str, Tolerance]:
+        """The built-in per-stage tolerances of this dtype (after the user's overrides in priority)."""
+        return DEFAULT_STAGE_TOLERANCES.get(self.dtype, {})
+
     def for_stage(self, stage: str) -> Tolerance:
         # fnmatchcase, not fnmatch: stage names are case-sensitive on every OS.
-        for pattern, tol in self.overrides.items():
+        for pattern, tol in (*self.overrides.items(), *self.stage_defaults.items()):
             if fnmatchcase(stage, pattern):
                 return tol
         return self.default
@@ -131,6 +158,7 @@ class TolerancePolicy:
             "dtype": self.dtype,
             "default": self.default.to_dict(),
             "overrides": [{"pattern": p, **t.to_dict()} for p, t in self.overrides.items()],
+            "stage_defaults": [{"pattern": p, **t.to_dict()} for p, t in self.stage_defaults.items()],
         }
 
     @classmethod

@@ -1,0 +1,264 @@
+"""No false alarms: two *correct* backends never diverge in fp32, whatever hypothesis draws.
+
+The reference and the TVM debug build run the same drawn case step by step, in memory, and the
+diff engine judges every stage of every step under the DEFAULT fp32 policy — never loosened here:
+a failing example is a finding about the policy (or a backend), not something to tune away.
+
+Compiling is the expensive part, so the compiled *shapes* are a small fixed set, each built once
+per session; the compile cache key is the config alone, so weights (seed and decay profile),
+prompts, decode ids and the capture mode are drawn freely per example over those few builds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, event, example, given, settings
+from hypothesis import strategies as st
+
+from parity.checkpoint import Checkpoint, ModelConfig
+from parity.compare import MemoryRun, RunComparison, StepInfo, TolerancePolicy, compare_runs
+from parity.compiled.build import BuildArtifact, build_model
+from parity.compiled.runtime import CompiledRWKV
+from parity.reference import make_reference
+from parity.stages import stage_order, state_slots
+from parity.synthetic import DECAY_PROFILES, make_config, make_weights
+
+# Few enough to compile in seconds, varied enough to cover every version, one and several layers,
+# several heads, an odd vocabulary, and H = N (where an (H, N) / (N, H) mix-up keeps every shape).
+SHAPES: dict[str, ModelConfig] = {
+    "v5.2-L1-H2": make_config(version="5.2", n_layer=1, n_embd=64, head_size=32, vocab_size=64),
+    "v5.2-L2-H4": make_config(version="5.2", n_layer=2, n_embd=64, head_size=16, vocab_size=97),
+    "v5.2-L2-H8=N8": make_config(version="5.2", n_layer=2, n_embd=64, head_size=8, vocab_size=64),
+    "v5.1-L2-H2": make_config(version="5.1", n_layer=2, n_embd=64, head_size=32, vocab_size=64),
+    "v5.0-L2-H4": make_config(version="5.0", n_layer=2, n_embd=64, head_size=16, vocab_size=64),
+    "v4-L2": make_config(version="4", n_layer=2, n_embd=64, vocab_size=64),
+}
+MODES = ("propagated", "isolated")
+MAX_PROMPT = 12
+MAX_DECODE = 4
+
+# The policy under test, exactly as users get it.
+POLICY = TolerancePolicy.for_dtype("float32")
+
+# Stage kind ("att.wkv", "state.att_kv", "logits") -> (worst min_atol / effective atol seen, case).
+# Only bookkeeping: a script that runs this module in-process reads it for the headroom report.
+WORST_RATIO: dict[str, tuple[float, str]] = {}
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    seed: int
+    decay_profile: str
+    prompt: tuple[int, ...]
+    decode: tuple[int, ...]
+    mode: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return SHAPES[self.shape]
+
+    def steps(self) -> list[StepInfo]:
+        return [StepInfo(index=0, kind="prefill", ids=list(self.prompt))] + [
+            StepInfo(index=i, kind="decode", ids=[t]) for i, t in enumerate(self.decode, start=1)
+        ]
+
+
+@st.composite
+def cases(draw) -> Case:
+    shape = draw(st.sampled_from(sorted(SHAPES)))
+    cfg = SHAPES[shape]
+    # T = H on its own: a prompt as long as the head count is where a (T, H) transpose hides.
+    length = draw(st.integers(1, MAX_PROMPT) | st.just(cfg.n_head))
+    token = st.integers(0, cfg.vocab_size - 1)
+    return Case(
+        shape=shape,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        decay_profile=draw(st.sampled_from(sorted(DECAY_PROFILES))),
+        prompt=tuple(draw(st.lists(token, min_size=length, max_size=length))),
+        decode=tuple(draw(st.lists(token, max_size=MAX_DECODE))),
+        mode=draw(st.sampled_from(MODES)),
+    )
+
+
+class Builds:
+    """One debug build per shape, compiled on first use and shared by every example."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = cache_dir
+        self._artifacts: dict[str, BuildArtifact] = {}
+
+    def model(self, checkpoint: Checkpoint, *, shape: str) -> CompiledRWKV:
+        if shape not in self._artifacts:
+            self._artifacts[shape] = build_model(checkpoint.config, variant="debug", cache_dir=self.cache_dir)
+        # Binding fresh weights to a cached build costs about a millisecond.
+        return CompiledRWKV(checkpoint, variant="debug", artifact=self._artifacts[shape])
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
+    # The compile cache the other test modules use, so a shape they share is compiled once.
+    path = tmp_path_factory.getbasetemp() / "parity-compile-cache"
+    path.mkdir(exist_ok=True)
+    return Builds(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Alternating with TVM's worker pool, torch's intra-op threads fight it for the cores: on 2
+    # cores an example took 0.37 s with torch's default threads and 0.06 s with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    # Copy: a recorded tensor may be a view the reference later reuses.
+    return value.detach().float().numpy().copy()
+
+
+def run_case(case: Case, builds: Builds) -> tuple[MemoryRun, MemoryRun]:
+    """(reference run, compiled run) of ``case``, every canonical stage of every step."""
+    cfg = case.config
+    weights = make_weights(cfg, seed=case.seed, decay_profile=case.decay_profile)
+    checkpoint = Checkpoint(path=Path("<synthetic>"), sha256="synthetic", config=cfg, weights=weights)
+    reference = make_reference(checkpoint)
+    compiled = builds.model(checkpoint, shape=case.shape)
+    steps = case.steps()
+    ref_arrays: dict[int, dict[str, np.ndarray]] = {}
+    tvm_arrays: dict[int, dict[str, np.ndarray]] = {}
+
+    ref_state = None
+    for step in steps:
+        recorded: dict[str, np.ndarray] = {}
+
+        def record(name: str, value: torch.Tensor, into=recorded) -> None:
+            into[name] = _numpy(value)
+
+        _, ref_state = reference.forward(step.ids, ref_state, record=record)
+        ref_arrays[step.index] = recorded
+
+    if case.mode == "propagated":
+        state = compiled.zero_state()
+        for step in steps:
+            out = compiled.forward(step.ids, state)
+            state = out.state
+            tvm_arrays[step.index] = {**out.taps, **compiled.state_to_canonical(state)}
+    else:
+        # Teacher-forced, as parity.dumpers.isolated: every compiled piece starts from the
+        # reference's input to it and the reference's state before the step.
+        slots = state_slots(cfg.version.value)
+        before = compiled.state_to_canonical(compiled.zero_state())
+        for step in steps:
+            ref = ref_arrays[step.index]
+            arrays = {**compiled.iso_embed(step.ids), **compiled.iso_head(ref[f"L{cfg.n_layer - 1}.x_out"])}
+            for layer in range(cfg.n_layer):
+                x_in = ref["emb"] if layer == 0 else ref[f"L{layer - 1}.x_out"]
+                taps, new_state = compiled.iso_layer(layer, x_in, {s: before[f"state.L{layer}.{s}"] for s in slots})
+                arrays.update(taps)
+                arrays.update(new_state)
+            tvm_arrays[step.index] = arrays
+            before = {name: ref[name] for name in before}
+
+    order = stage_order(n_layer=cfg.n_layer, version=cfg.version.value)
+
+    def memory_run(arrays, backend: str) -> MemoryRun:
+        return MemoryRun(steps=steps, stage_order=order, dtype="float32", arrays=arrays, description={"backend": backend})
+
+    return memory_run(ref_arrays, "reference"), memory_run(tvm_arrays, f"tvm-{case.mode}")
+
+
+def stage_kind(stage: str) -> str:
+    return re.sub(r"L\d+\.", "", stage)
+
+
+def headroom(comparison: RunComparison) -> dict[str, float]:
+    """Stage kind -> worst min_atol / effective atol over its records: > 1 would be a failure."""
+    out: dict[str, float] = {}
+    for record in comparison.records:
+        m = record.metrics
+        ratio = m.min_atol / m.effective_atol
+        kind = stage_kind(record.stage)
+        out[kind] = max(out.get(kind, 0.0), ratio)
+    return out
+
+
+def describe_failure(case: Case, comparison: RunComparison) -> str:
+    first = comparison.first_divergence
+    m = first.metrics
+    return (
+        f"false alarm on {case.config.describe()} ({case}): step {first.step} ({first.step_kind}) "
+        f"stage {first.stage}: {m.message()}; min_atol {m.min_atol:.3g} vs atol {m.effective_atol:.3g}, "
+        f"max_rel {m.max_rel:.3g}, rms_rel {m.rms_rel:.3g}"
+    )
+
+
+# Former false alarms of the fp32 policy (scale 2e-4 everywhere), found by a targeted search (hypothesis.target on
+# min_atol / atol, ~4500 examples); random draws hit one about once in 5000. Both backends are
+# correct: run isolated, the same cases stay under 0.13 of the allowance everywhere. The cause is
+# GroupNorm (ln_x) renormalising each head on its own: a head whose wkv nearly cancels (std 0.018
+# beside a head of std 0.45; or 0.089 beside 82) carries an absolute error sized by the *other*
+# heads, which the wkv record's floor (2e-4 * max|wkv|) rightly allows, and ln_x then divides it
+# by that head's small std. The ~1e-6 relative error a propagated run brings into the layer so
+# becomes ~1e-4 of ln_x, above its floor of 2e-4 * max|ln_x|. Against float64 the fp32 reference
+# errs too (7e-5 and 1.6e-4 on ln_x here; on a v5.1 att.gated, 3.6e-4: twice the allowance).
+# They led to the built-in ln_x / att.gated tolerance (parity/compare/tolerance.py,
+# DEFAULT_STAGE_TOLERANCES); now they must pass like any other example.
+KNOWN_FALSE_ALARMS = (
+    # One token from the zero state: L1.att.ln_x step 0, |a-b| 4.76e-4 > atol 3.77e-4 (1.26x).
+    Case(shape="v5.0-L2-H4", seed=1470, decay_profile="default", prompt=(0,), decode=(), mode="propagated"),
+    # Long memory, two decode steps in: L1.att.ln_x step 2, |a-b| 7.99e-4 > atol 4.32e-4 (1.85x).
+    Case(
+        shape="v5.2-L2-H8=N8", seed=0, decay_profile="long", prompt=(0, 56, 0, 50, 0, 58, 0, 0), decode=(6, 50, 56),
+        mode="propagated",
+    ),
+)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@example(case=KNOWN_FALSE_ALARMS[0])
+@example(case=KNOWN_FALSE_ALARMS[1])
+# T = H = N with long memory; the largest vocabulary id; v4 decoding the same token again.
+@example(case=Case(shape="v5.2-L2-H8=N8", seed=0, decay_profile="long", prompt=tuple(range(8)), decode=(1, 2, 3, 4),
+                   mode="propagated"))
+@example(case=Case(shape="v5.2-L2-H4", seed=1, decay_profile="default", prompt=(96,) * 4, decode=(0,), mode="isolated"))
+@example(case=Case(shape="v4-L2", seed=2, decay_profile="default", prompt=(5,), decode=(5, 5), mode="propagated"))
+@given(case=cases())
+def test_correct_backends_never_diverge_in_fp32(case: Case, builds: Builds) -> None:
+    event(f"shape {case.shape}")
+    event(f"mode {case.mode}")
+    if len(case.prompt) == case.config.n_head:
+        event("prompt length = head count")
+    expected, actual = run_case(case, builds)
+    comparison = compare_runs(actual=actual, expected=expected, policy=POLICY)
+    # Vacuity guard: every canonical stage of every step was actually compared.
+    assert comparison.complete, f"{case}: missing {comparison.missing[:3]}, unmatched {comparison.unmatched_steps}"
+    assert len(comparison.records) == len(expected.stage_order) * len(expected.steps)
+    assert comparison.first_divergence is None, describe_failure(case, comparison)
+    for kind, ratio in headroom(comparison).items():
+        if ratio > WORST_RATIO.get(kind, (-1.0, ""))[0]:
+            WORST_RATIO[kind] = (ratio, repr(case))
+
+
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(case=cases(), pick=st.data())
+def test_a_one_percent_error_in_one_tap_is_the_first_divergence(
+    case: Case, pick: st.DataObject, builds: Builds
+) -> None:
+    expected, actual = run_case(case, builds)
+    step = pick.draw(st.sampled_from(expected.steps), label="step").index
+    stage = pick.draw(st.sampled_from(expected.stage_order), label="stage")
+    value = actual.arrays[step][stage]
+    # A record whose every value is ~0 sits under the absolute floor, where 1% is no error at all.
+    assume(float(np.max(np.abs(value))) > 1e-2)
+    actual.arrays[step][stage] = value * np.float32(1 + 1e-2)
+    first = compare_runs(actual=actual, expected=expected, policy=POLICY).first_divergence
+    assert first is not None, f"{case}: a 1% error in {stage} at step {step} went unnoticed"
+    assert (first.step, first.stage, first.metrics.reason) == (step, stage, "tolerance"), first.metrics.message()
