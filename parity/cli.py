@@ -416,7 +416,7 @@ def cmd_selftest(args, console) -> int:
         return f"{step} {fd['stage']}"
 
     for col in ("mutant", "expected", "found (propagated)", "found (isolated)", "result"):
-        table.add_column(col, no_wrap=col != "mutant")
+        table.add_column(col, no_wrap=col != "mutant", min_width=24 if col == "mutant" else None)
     for row in rows:
         exp = row.mutant.propagated.describe()
         if row.mutant.isolated != row.mutant.propagated:

@@ -229,7 +229,9 @@ def _first_divergence(first: dict, *, steps: list[dict]) -> str:
 
 def _reproduce(result: dict) -> str | None:
     run = _side(result, "run")
-    command = run.get("command")
+    # The focused repro (just enough steps, the failing layer in isolation) when the run made one,
+    # as the HTML report shows; else the command that produced the whole result.
+    command = result.get("repro") if isinstance(result.get("repro"), str) else run.get("command")
     if not isinstance(command, str) or not command.strip():
         # A `parity diff` result has no run block, but its two dump paths are the whole recipe.
         exp, act = _side(result, "expected").get("path"), _side(result, "actual").get("path")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -26,6 +27,8 @@ def _assert_no_divergence(outcome, *, name: str) -> None:
     if result["first_divergence"] is not None:
         path = report_dir() / f"{name}.html"
         write_html(result, path)
+        # The result JSON beside it: `parity report NAME.json --markdown` turns it into a PR comment.
+        path.with_suffix(".json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
         record_report(path)  # listed in the terminal summary by the parity pytest plugin
         pytest.fail(f"{describe_divergence(result['first_divergence'])}\nreport: {path}", pytrace=False)
 
