@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -154,3 +155,29 @@ def test_three_independent_implementations_agree(checkpoint, cache_dir, tmp_path
         for step in range(1 + DECODE_STEPS):
             assert (step, "logits") in stages
             assert all((step, s) in stages for s in state_stage_names(n_layer=cfg.n_layer, slots=state_slots(cfg.version.value)))
+
+
+# -- text scenarios (fixtures/scenarios/*.json): from text to a verdict ---------------------------
+SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "scenarios").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_scenario(path, cache_dir, tmp_path):
+    """Each bundled scenario end to end: template, World tokenizer, teacher-forced parity of every
+    stage (reference vs tvm), and — when it asks for greedy steps — every backend's own argmax."""
+    from parity.checkpoint import load_checkpoint
+    from parity.greedy import run_greedy
+    from parity.scenarios import load_scenario, scenario_plan
+    from parity.tokenizer import WorldTokenizer
+
+    scenario = load_scenario(path)
+    ck = load_checkpoint(scenario.checkpoint)
+    plan, info = scenario_plan(scenario, tokenizer=WorldTokenizer(), vocab_size=ck.config.vocab_size)
+    assert len(plan.prefill_ids) >= 1 and len(plan.decode_ids) == scenario.decode_steps
+    outcome = run_parity(ck, backends=["reference", "tvm"], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir)
+    _assert_no_divergence(outcome, name=f"scenario-{path.stem}")
+    greedy = run_greedy(ck, backends=["reference", "tvm"], info=info, cache_dir=cache_dir)
+    if scenario.greedy_steps:
+        assert greedy["first_token_divergence"] is None, greedy["first_token_divergence"]
+        tokens = [side["tokens"] for side in greedy["backends"].values()]
+        assert len(tokens[0]) == scenario.greedy_steps and tokens[0] == tokens[1]
