@@ -355,7 +355,6 @@ def cmd_demo(args, console) -> int:
             ck, backends=["reference", "tvm"], plan=plan, dump_dir=report_dir / "demo-dumps",
             cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, command="parity demo",
         )
-    args.tol = []
     code = _finish(outcome.result, args=args, console=console,
                    json_path=report_dir / "demo.json", html_path=report_dir / "demo.html")
     if not args.quiet:

@@ -180,5 +180,3 @@ class CompiledRWKV:
 
         return hook
 
-
-CompiledRWKV5 = CompiledRWKV  # the name before v4 joined
