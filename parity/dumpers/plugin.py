@@ -25,7 +25,8 @@ from parity.dumpers.format import StepWriter
 from parity.errors import ParityError
 
 
-def _import(module: str):
+def import_plugin_module(module: str):
+    """A dotted module on sys.path, or a ``.py`` file by path; import failures become ParityError."""
     if module.endswith(".py"):
         path = Path(module)
         if not path.is_file():
@@ -89,7 +90,7 @@ def load_plugin_backend(spec: str, checkpoint: Checkpoint) -> Backend:
     module, _, attribute = spec.rpartition(":")
     if not module or not attribute:
         raise ParityError(f"bad backend {spec!r}: use module:attribute, e.g. my_port.parity:make_backend")
-    factory = getattr(_import(module), attribute, None)
+    factory = getattr(import_plugin_module(module), attribute, None)
     if factory is None or not callable(factory):
         raise ParityError(f"{module} has no callable {attribute!r}")
     try:

@@ -24,8 +24,10 @@ def add_tokenize_parser(subparsers):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the text to encode")
     src.add_argument("--file", type=Path, metavar="PATH", help="read the text from a UTF-8 file (bytes kept as-is, CRLF included)")
-    p.add_argument("--against", choices=AGAINST, default="official",
-                   help="what to compare ours with: the official rwkv tokenizer (default) or the deliberately wrong first-miss mutant")
+    p.add_argument("--against", default="official", metavar="official|first-miss|MODULE:ATTR",
+                   help="what to compare ours with: the official rwkv tokenizer (default), the deliberately wrong "
+                        "first-miss mutant, or any other tokenizer as module:attribute or file.py:attribute "
+                        "(a zero-argument factory returning an object with encode(str) -> list[int])")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the comparison as JSON (with the full id lists)")
     p.add_argument("-q", "--quiet", action="store_true", help="only the verdict line")
     return p
@@ -42,16 +44,38 @@ def _read_text(path: Path) -> str:
         raise ParityError(f"--file {path} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
 
 
+def _load_tokenizer(spec: str):
+    """Another tokenizer to check, named like a plug-in backend (see parity/dumpers/plugin.py)."""
+    from parity.dumpers.plugin import import_plugin_module
+
+    module, _, attribute = spec.rpartition(":")
+    factory = getattr(import_plugin_module(module), attribute, None)
+    if not callable(factory):
+        raise ParityError(f"{module} has no callable {attribute!r}")
+    try:
+        tokenizer = factory()
+    except Exception as exc:
+        raise ParityError(f"tokenizer {spec}: {attribute}() raised {type(exc).__name__}: {exc}") from None
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise ParityError(f"tokenizer {spec} has no encode(str) method")
+    return tokenizer
+
+
 def cmd_tokenize(args, console) -> int:
     from parity.tokenizer.check import OfficialWorldTokenizer, compare_tokenizers
     from parity.tokenizer.mutants import FirstMissTokenizer
     from parity.tokenizer.world import WorldTokenizer
 
     text = _read_text(args.file) if args.file is not None else args.text
-    if args.against not in AGAINST:
-        raise ParityError(f"--against must be one of {', '.join(AGAINST)}, got {args.against!r}")
     ours = WorldTokenizer()
-    theirs = OfficialWorldTokenizer() if args.against == "official" else FirstMissTokenizer(vocabulary=ours.vocab)
+    if args.against == "official":
+        theirs = OfficialWorldTokenizer()
+    elif args.against == "first-miss":
+        theirs = FirstMissTokenizer(vocabulary=ours.vocab)
+    elif ":" in args.against:
+        theirs = _load_tokenizer(args.against)
+    else:
+        raise ParityError(f"--against must be one of {', '.join(AGAINST)} or module:attribute, got {args.against!r}")
     diff = compare_tokenizers(text, ours=ours, theirs=theirs)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -160,3 +160,26 @@ def test_cli_needs_exactly_one_source():
         _run([])
     with pytest.raises(SystemExit):
         _run(["--text", "a", "--file", "b"])
+
+
+def test_tokenize_against_any_other_tokenizer(tmp_path):
+    """--against module:attribute (here a .py file): another port's tokenizer gets the same check."""
+    import subprocess
+    import sys
+
+    (tmp_path / "other_port.py").write_text(
+        "from parity.tokenizer.mutants import FirstMissTokenizer\n"
+        "def make():\n"
+        "    return FirstMissTokenizer()\n"
+    )
+    spec = f"{tmp_path / 'other_port.py'}:make"
+    run = lambda text: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "parity.cli", "tokenize", "--text", text, "--against", spec, "-q"],
+        capture_output=True, text=True,
+    )
+    same, differs = run("hello world"), run("東京で日本語を勉強しています。")
+    assert same.returncode == 0 and "tokenizers agree" in same.stdout
+    assert differs.returncode == 1 and "TOKENIZERS DIFFER at token 9 (byte 27)" in differs.stdout
+    bad = subprocess.run([sys.executable, "-m", "parity.cli", "tokenize", "--text", "x", "--against", f"{tmp_path}/nope.py:make"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
