@@ -86,11 +86,10 @@ class ChatRWKVStepper:
     """The official ``rwkv`` package, ``cpu fp32``, JIT and CUDA kernels off."""
 
     def __init__(self, checkpoint: Checkpoint, *, name: str = "chatrwkv"):
-        from parity.dumpers.official import _load_official
+        from parity.dumpers.official import load_official_model
 
-        RWKV = _load_official()
         self.name = name
-        self.model = RWKV(str(Path(checkpoint.path)), "cpu fp32", verbose=False)
+        self.model = load_official_model(checkpoint.path)
         self.state = None
 
     def reset(self) -> None:

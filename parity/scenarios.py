@@ -25,6 +25,7 @@ from typing import Any
 
 from parity.dumpers.backends import RunPlan
 from parity.errors import ParityError
+from parity.tokenizer.world import read_utf8_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_DIR = REPO_ROOT / "fixtures" / "scenarios"
@@ -137,18 +138,6 @@ class Scenario:
 _FIELDS = ("name", "text", "prompt_file", "ids", "template", "decode_steps", "greedy_steps", "checkpoint", "description")
 
 
-def read_prompt_file(path: Path, *, what: str = "prompt file") -> str:
-    """A UTF-8 prompt file's text, byte for byte (a final newline is part of the prompt)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ParityError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ParityError(f"{what} {path} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
-
-
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario JSON file; any problem is one ParityError line naming the file."""
     path = Path(path)
@@ -183,7 +172,7 @@ def load_scenario(path: str | Path) -> Scenario:
     kwargs["source"] = path
     if "prompt_file" in data:
         prompt = path.parent / data["prompt_file"]
-        kwargs["text"] = read_prompt_file(prompt, what=f"scenario {path}: prompt file")
+        kwargs["text"] = read_utf8_file(prompt, what=f"scenario {path}: prompt file")
         kwargs["prompt_file"] = prompt
     if "ids" in data:
         kwargs["ids"] = tuple(data["ids"])
@@ -306,7 +295,7 @@ def plan_from_args(args, checkpoint) -> tuple[RunPlan, dict]:
         except ParityError as exc:
             raise ParityError(f"scenario {args.scenario} with the command-line flags: {exc}") from None
     elif args.text is not None or args.prompt_file is not None:
-        text = args.text if args.text is not None else read_prompt_file(args.prompt_file, what="--prompt-file")
+        text = args.text if args.text is not None else read_utf8_file(args.prompt_file, what="--prompt-file")
         scenario = Scenario(name="command line", text=text, prompt_file=args.prompt_file, **overrides)
     else:
         ids = parse_ids(args.ids or DEFAULT_IDS, vocab_size=vocab_size)

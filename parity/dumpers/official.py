@@ -32,6 +32,19 @@ _ATT_FUNCS = {
 _FFN_FUNCS = ("ffn_seq", "ffn_one")
 
 
+def load_official_model(path: str | Path):
+    """The official package's model for a checkpoint file, as every caller runs it: ``cpu fp32``."""
+    return _load_official()(str(Path(path)), "cpu fp32", verbose=False)
+
+
+def canonical_state(flat, *, version: str, n_layer: int) -> dict:
+    """The package's flat per-layer state list under canonical slot names (its v5 S is [h, k, v])."""
+    slots = state_slots(version)
+    if len(flat) != len(slots) * n_layer:
+        raise ParityError(f"the official package returned {len(flat)} state tensors, expected {len(slots) * n_layer}")
+    return {f"state.L{layer}.{slot}": flat[layer * len(slots) + k] for layer in range(n_layer) for k, slot in enumerate(slots)}
+
+
 def _load_official():
     # Both switches are read at import time; the JIT would also hide the functions we wrap.
     os.environ["RWKV_JIT_ON"] = "0"
@@ -49,12 +62,11 @@ class ChatRWKVBackend(Backend):
     """The official package, ``cpu fp32``."""
 
     def __init__(self, checkpoint: Checkpoint):
-        RWKV = _load_official()
         super().__init__(checkpoint=checkpoint, name="chatrwkv", mode="official", dtype="float32")
         import importlib.metadata
 
+        self.model = load_official_model(checkpoint.path)
         self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}", "strategy": "cpu fp32"}
-        self.model = RWKV(str(Path(checkpoint.path)), "cpu fp32", verbose=False)
         self.state = None
         self._capture: dict = {}
         self._wrap()
@@ -116,10 +128,9 @@ class ChatRWKVBackend(Backend):
         logits = logits.float()
         captured["logits"] = logits if logits.dim() == 2 else logits.unsqueeze(0)
         # The returned state list is authoritative (the wrappers saw the same tensors).
-        slots = state_slots(self.checkpoint.config.version.value)
-        for layer in range(self.checkpoint.config.n_layer):
-            for k, slot in enumerate(slots):
-                captured[f"state.L{layer}.{slot}"] = self.state[layer * len(slots) + k].detach().float()
+        cfg = self.checkpoint.config
+        for name, value in canonical_state(self.state, version=cfg.version.value, n_layer=cfg.n_layer).items():
+            captured[name] = value.detach().float()
         order = {n: i for i, n in enumerate(self.canonical_order())}
         for name in sorted(captured, key=order.__getitem__):
             step.add(name, captured[name].contiguous().numpy())

@@ -33,17 +33,6 @@ def add_tokenize_parser(subparsers):
     return p
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ParityError(f"cannot read --file {path}: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ParityError(f"--file {path} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
-
-
 def _load_tokenizer(spec: str):
     """Another tokenizer to check, named like a plug-in backend (see parity/dumpers/plugin.py)."""
     from parity.dumpers.plugin import import_plugin_module
@@ -64,9 +53,9 @@ def _load_tokenizer(spec: str):
 def cmd_tokenize(args, console) -> int:
     from parity.tokenizer.check import OfficialWorldTokenizer, compare_tokenizers
     from parity.tokenizer.mutants import FirstMissTokenizer
-    from parity.tokenizer.world import WorldTokenizer
+    from parity.tokenizer.world import WorldTokenizer, read_utf8_file
 
-    text = _read_text(args.file) if args.file is not None else args.text
+    text = read_utf8_file(args.file, what="--file") if args.file is not None else args.text
     ours = WorldTokenizer()
     if args.against == "official":
         theirs = OfficialWorldTokenizer()

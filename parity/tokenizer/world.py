@@ -19,6 +19,18 @@ from typing import Iterable
 
 from parity.errors import ParityError
 
+
+def read_utf8_file(path: str | os.PathLike, *, what: str = "prompt file") -> str:
+    """A UTF-8 text file's contents, byte for byte (a final newline is part of the text)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ParityError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParityError(f"{what} {path} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
+
 VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
 # A module attribute rather than a literal so a test can simulate "package not installed".
 _RWKV_PACKAGE = "rwkv"

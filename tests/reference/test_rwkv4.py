@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from parity.checkpoint import Checkpoint, load_checkpoint
+from parity.dumpers.official import canonical_state, load_official_model
 from parity.errors import ParityError
 from parity.reference.rwkv4 import PP_INIT, RWKV4Reference, RWKV4State
 from parity.stages import V4_STATE_SLOTS, stage_order
@@ -49,14 +50,9 @@ def reference(checkpoint: Checkpoint) -> RWKV4Reference:
 
 @pytest.fixture(scope="module")
 def official(checkpoint: Checkpoint) -> RWKV:
-    return RWKV(str(checkpoint.path), "cpu fp32", verbose=False)
+    return load_official_model(checkpoint.path)
 
 
-def official_slots(flat: list[torch.Tensor], *, n_layer: int) -> dict[str, torch.Tensor]:
-    """The package's flat per-layer list [att_x, aa, bb, pp, ffn_x, ...] under canonical names."""
-    n = len(V4_STATE_SLOTS)
-    assert len(flat) == n * n_layer
-    return {f"state.L{layer}.{slot}": flat[n * layer + k] for layer in range(n_layer) for k, slot in enumerate(V4_STATE_SLOTS)}
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -77,7 +73,7 @@ def test_matches_official_package(reference, official, checkpoint, prompt: str) 
         off_logits, off_state = official.forward(ids, None if off_state is None else list(off_state))
         assert logits.shape == (len(ids), checkpoint.config.vocab_size)
         errors[f"step {step} logits"] = scaled_error(logits[-1], off_logits)
-        off = official_slots(off_state, n_layer=n_layer)
+        off = canonical_state(off_state, version="4", n_layer=n_layer)
         assert off.keys() == ref_state.slots().keys()
         for name, value in ref_state.slots().items():
             errors[f"step {step} {name}"] = scaled_error(value, off[name])

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from parity.checkpoint import Checkpoint, ModelVersion, load_checkpoint
+from parity.dumpers.official import canonical_state, load_official_model
 from parity.errors import ParityError
 from parity.reference.rwkv5 import RWKV5Reference, RWKV5State
-from parity.stages import V5_STATE_SLOTS, stage_order
+from parity.stages import stage_order
 
 # Read at import time by the official package: no TorchScript, no CUDA kernel, plain CPU torch.
 os.environ["RWKV_JIT_ON"] = "0"
@@ -51,15 +52,9 @@ def reference(checkpoint: Checkpoint) -> RWKV5Reference:
 
 @pytest.fixture(scope="module")
 def official(checkpoint: Checkpoint) -> RWKV:
-    return RWKV(str(checkpoint.path), "cpu fp32", verbose=False)
+    return load_official_model(checkpoint.path)
 
 
-def official_slots(flat: list[torch.Tensor], *, n_layer: int) -> dict[str, torch.Tensor]:
-    """The package's flat per-layer list [att_x, att_kv, ffn_x, ...] under canonical names."""
-    assert len(flat) == 3 * n_layer
-    return {
-        f"state.L{layer}.{slot}": flat[3 * layer + k] for layer in range(n_layer) for k, slot in enumerate(V5_STATE_SLOTS)
-    }
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,7 +73,7 @@ def test_matches_official_package(reference, official, checkpoint, prompt: str) 
         off_logits, off_state = official.forward(ids, None if off_state is None else list(off_state))
         assert logits.shape == (len(ids), checkpoint.config.vocab_size)
         errors[f"step {step} logits"] = max_abs(logits[-1], off_logits)
-        off = official_slots(off_state, n_layer=n_layer)
+        off = canonical_state(off_state, version="5.2", n_layer=n_layer)
         for name, value in ref_state.slots().items():
             errors[f"step {step} {name}"] = max_abs(value, off[name])
     worst = max(errors, key=errors.get)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from parity.checkpoint import Checkpoint, ModelVersion, load_checkpoint
+from parity.dumpers.official import canonical_state, load_official_model
 from parity.reference.rwkv5 import RWKV5Reference
-from parity.stages import V5_STATE_SLOTS, stage_order
+from parity.stages import stage_order
 
 # Read at import time by the official package: no TorchScript, no CUDA kernel, plain CPU torch.
 os.environ["RWKV_JIT_ON"] = "0"
@@ -62,14 +63,9 @@ def reference(checkpoint: Checkpoint) -> RWKV5Reference:
 
 @pytest.fixture(scope="module")
 def official(checkpoint: Checkpoint) -> RWKV:
-    return RWKV(str(checkpoint.path), "cpu fp32", verbose=False)
+    return load_official_model(checkpoint.path)
 
 
-def official_slots(flat: list[torch.Tensor], *, n_layer: int) -> dict[str, torch.Tensor]:
-    """The package's flat per-layer list [att_x, att_kv, ffn_x, ...] under canonical names."""
-    n = len(V5_STATE_SLOTS)
-    assert len(flat) == n * n_layer
-    return {f"state.L{layer}.{slot}": flat[n * layer + k] for layer in range(n_layer) for k, slot in enumerate(V5_STATE_SLOTS)}
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -87,20 +83,20 @@ def worst_of(errors: dict[str, float]) -> tuple[str, float]:
 class OfficialRun:
     """The package stepping through one plan, its state threaded between calls."""
 
-    def __init__(self, model: RWKV, *, n_layer: int):
-        self.model, self.n_layer, self.state = model, n_layer, None
+    def __init__(self, model: RWKV, *, n_layer: int, version: str):
+        self.model, self.n_layer, self.version, self.state = model, n_layer, version, None
 
     def step(self, ids: list[int], *, one_at_a_time: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         for chunk in ([[i] for i in ids] if one_at_a_time else [ids]):
             # The package replaces entries of the list it is given: hand it a copy.
             logits, self.state = self.model.forward(chunk, None if self.state is None else list(self.state))
-        return logits, official_slots(self.state, n_layer=self.n_layer)
+        return logits, canonical_state(self.state, version=self.version, n_layer=self.n_layer)
 
 
 def measure(reference, official, checkpoint, ids_per_step: list[list[int]]) -> tuple[dict, dict]:
     """Errors of reference vs package, and of the package's chunked prefill vs its own per-token run."""
     n_layer = checkpoint.config.n_layer
-    chunked, stepwise = OfficialRun(official, n_layer=n_layer), OfficialRun(official, n_layer=n_layer)
+    chunked, stepwise = (OfficialRun(official, n_layer=n_layer, version=checkpoint.config.version.value) for _ in range(2))
     ref_state = None
     ours: dict[str, float] = {}
     self_gap: dict[str, float] = {}
@@ -141,7 +137,7 @@ def test_prompt_length_equal_to_head_count(reference, official, checkpoint) -> N
     off_logits, off_state = official.forward(ids, None, full_output=True)
     assert logits.shape == off_logits.shape == (cfg.n_head, cfg.vocab_size)
     assert scaled_error(logits, off_logits) <= K
-    off = official_slots(off_state, n_layer=cfg.n_layer)
+    off = canonical_state(off_state, version=cfg.version.value, n_layer=cfg.n_layer)
     for name, value in state.slots().items():
         assert scaled_error(value, off[name]) <= K, name
     ours, self_gap = measure(reference, official, checkpoint, [ids, [7], [8]])
