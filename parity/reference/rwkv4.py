@@ -75,7 +75,7 @@ class RWKV4Reference:
             self.layers.append(p)
         self.ln_out_w = w["ln_out.weight"].to(dt)
         self.ln_out_b = w["ln_out.bias"].to(dt)
-        self.head = w["head.weight"].to(dt)
+        self.head_weight = w["head.weight"].to(dt)
 
     def zero_state(self) -> RWKV4State:
         c = self.config
@@ -106,63 +106,90 @@ class RWKV4Reference:
             aa, bb, pp = e1 * aa + e2 * vv, e1 * bb + e2, q
         return out, aa, bb, pp
 
+    # embed / layer / head are also the replay's entry points (parity/dumpers/replay.py).
+    def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
+        ids = check_ids(ids, vocab_size=self.config.vocab_size)
+        x = self.emb[ids]  # (T, C)
+        (record or _no_record)("emb", x)
+        return x
+
+    def layer(self, i: int, x: torch.Tensor, st: LayerState4, *, record: Recorder | None = None):
+        """Layer ``i`` on input rows x (T, C) from state ``st``: (x_out (T, C), the layer's new state)."""
+        record = record or _no_record
+        p, C = self.layers[i], self.config.n_embd
+        pre = f"L{i}.att."
+        xx = F.layer_norm(x, (C,), p["ln1_w"], p["ln1_b"], LN_EPS)
+        record(pre + "ln1", xx)
+        sx = torch.cat((st.att_x.unsqueeze(0), xx[:-1]))
+        record(pre + "shift", sx)
+        xk = xx * p["mix_k"] + sx * (1 - p["mix_k"])
+        xv = xx * p["mix_v"] + sx * (1 - p["mix_v"])
+        xr = xx * p["mix_r"] + sx * (1 - p["mix_r"])
+        record(pre + "xk", xk)
+        record(pre + "xv", xv)
+        record(pre + "xr", xr)
+        r = torch.sigmoid(xr @ p["Wr"].T)  # v4: sigmoid on r (v5 has none)
+        k = xk @ p["Wk"].T
+        v = xv @ p["Wv"].T
+        record(pre + "r", r)
+        record(pre + "k", k)
+        record(pre + "v", v)
+        wkv, aa, bb, pp = self._wkv(k.to(self.acc), v.to(self.acc), w=p["w"], u=p["u"], aa=st.aa, bb=st.bb, pp=st.pp)
+        record(pre + "wkv", wkv)
+        gated = r * wkv.to(self.dtype)
+        record(pre + "gated", gated)
+        out = gated @ p["Wo"].T
+        record(pre + "out", out)
+        x = x + out
+        record(f"L{i}.x_after_att", x)
+        pre = f"L{i}.ffn."
+        xx2 = F.layer_norm(x, (C,), p["ln2_w"], p["ln2_b"], LN_EPS)
+        record(pre + "ln2", xx2)
+        sx2 = torch.cat((st.ffn_x.unsqueeze(0), xx2[:-1]))
+        record(pre + "shift", sx2)
+        fk = xx2 * p["ffn_mix_k"] + sx2 * (1 - p["ffn_mix_k"])
+        fr = xx2 * p["ffn_mix_r"] + sx2 * (1 - p["ffn_mix_r"])
+        record(pre + "xk", fk)
+        record(pre + "xr", fr)
+        rr = torch.sigmoid(fr @ p["ffn_Wr"].T)
+        record(pre + "r", rr)
+        kk = torch.relu(fk @ p["ffn_Wk"].T) ** 2
+        record(pre + "k", kk)
+        fout = rr * (kk @ p["ffn_Wv"].T)
+        record(pre + "out", fout)
+        x = x + fout
+        record(f"L{i}.x_out", x)
+        return x, LayerState4(att_x=xx[-1].clone(), aa=aa, bb=bb, pp=pp, ffn_x=xx2[-1].clone())
+
+    def head(self, x: torch.Tensor, *, record: Recorder | None = None) -> torch.Tensor:
+        record = record or _no_record
+        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
+        record("ln_out", x)
+        logits = (x @ self.head_weight.T).to(self.acc)
+        record("logits", logits)
+        return logits
+
+    def layer_state(self, slots) -> LayerState4:
+        """One layer's state from canonical slot values (numpy or torch), in this model's dtypes."""
+        C, A = self.config.n_embd, self.config.dim_att
+        return LayerState4(
+            att_x=torch.as_tensor(slots["att_x"]).to(self.dtype).reshape(C),
+            aa=torch.as_tensor(slots["aa"]).to(self.acc).reshape(A),
+            bb=torch.as_tensor(slots["bb"]).to(self.acc).reshape(A),
+            pp=torch.as_tensor(slots["pp"]).to(self.acc).reshape(A),
+            ffn_x=torch.as_tensor(slots["ffn_x"]).to(self.dtype).reshape(C),
+        )
+
     @torch.no_grad()
     def forward(self, ids, state: RWKV4State | None = None, *, record: Recorder | None = None):
         record = record or _no_record
-        ids = check_ids(ids, vocab_size=self.config.vocab_size)
         state = state or self.zero_state()
-        C = self.config.n_embd
-        x = self.emb[ids]
-        record("emb", x)
+        x = self.embed(ids, record=record)
         new_layers = []
-        for i, (p, st) in enumerate(zip(self.layers, state.layers)):
-            pre = f"L{i}.att."
-            xx = F.layer_norm(x, (C,), p["ln1_w"], p["ln1_b"], LN_EPS)
-            record(pre + "ln1", xx)
-            sx = torch.cat((st.att_x.unsqueeze(0), xx[:-1]))
-            record(pre + "shift", sx)
-            xk = xx * p["mix_k"] + sx * (1 - p["mix_k"])
-            xv = xx * p["mix_v"] + sx * (1 - p["mix_v"])
-            xr = xx * p["mix_r"] + sx * (1 - p["mix_r"])
-            record(pre + "xk", xk)
-            record(pre + "xv", xv)
-            record(pre + "xr", xr)
-            r = torch.sigmoid(xr @ p["Wr"].T)  # v4: sigmoid on r (v5 has none)
-            k = xk @ p["Wk"].T
-            v = xv @ p["Wv"].T
-            record(pre + "r", r)
-            record(pre + "k", k)
-            record(pre + "v", v)
-            wkv, aa, bb, pp = self._wkv(k.to(self.acc), v.to(self.acc), w=p["w"], u=p["u"], aa=st.aa, bb=st.bb, pp=st.pp)
-            record(pre + "wkv", wkv)
-            gated = r * wkv.to(self.dtype)
-            record(pre + "gated", gated)
-            out = gated @ p["Wo"].T
-            record(pre + "out", out)
-            x = x + out
-            record(f"L{i}.x_after_att", x)
-            pre = f"L{i}.ffn."
-            xx2 = F.layer_norm(x, (C,), p["ln2_w"], p["ln2_b"], LN_EPS)
-            record(pre + "ln2", xx2)
-            sx2 = torch.cat((st.ffn_x.unsqueeze(0), xx2[:-1]))
-            record(pre + "shift", sx2)
-            fk = xx2 * p["ffn_mix_k"] + sx2 * (1 - p["ffn_mix_k"])
-            fr = xx2 * p["ffn_mix_r"] + sx2 * (1 - p["ffn_mix_r"])
-            record(pre + "xk", fk)
-            record(pre + "xr", fr)
-            rr = torch.sigmoid(fr @ p["ffn_Wr"].T)
-            record(pre + "r", rr)
-            kk = torch.relu(fk @ p["ffn_Wk"].T) ** 2
-            record(pre + "k", kk)
-            fout = rr * (kk @ p["ffn_Wv"].T)
-            record(pre + "out", fout)
-            x = x + fout
-            record(f"L{i}.x_out", x)
-            new_layers.append(LayerState4(att_x=xx[-1].clone(), aa=aa, bb=bb, pp=pp, ffn_x=xx2[-1].clone()))
-        x = F.layer_norm(x, (C,), self.ln_out_w, self.ln_out_b, LN_EPS)
-        record("ln_out", x)
-        logits = (x @ self.head.T).to(self.acc)
-        record("logits", logits)
+        for i, st in enumerate(state.layers):
+            x, st = self.layer(i, x, st, record=record)
+            new_layers.append(st)
+        logits = self.head(x, record=record)
         new_state = RWKV4State(new_layers)
         for name, val in new_state.slots().items():
             record(name, val)

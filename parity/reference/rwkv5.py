@@ -163,7 +163,7 @@ class RWKV5Reference:
             )
         self.ln_out_w = w["ln_out.weight"].to(dt)
         self.ln_out_b = w["ln_out.bias"].to(dt)
-        self.head = w["head.weight"].to(dt)  # (V, C)
+        self.head_weight = w["head.weight"].to(dt)  # (V, C)
 
     # -- state ----------------------------------------------------------------------------------
     def zero_state(self) -> RWKV5State:
@@ -259,6 +259,43 @@ class RWKV5Reference:
         return out, LayerState(att_x=st.att_x, att_kv=st.att_kv, ffn_x=xx[-1].clone())
 
     # -- entry points ---------------------------------------------------------------------------
+    # embed / layer / head are also the replay's entry points (parity/dumpers/replay.py): the
+    # reference runs one layer on inputs some other backend recorded, so a stage can be judged by
+    # the error it adds itself, whatever error arrived with its inputs.
+    def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
+        ids = check_ids(ids, vocab_size=self.config.vocab_size)
+        x = self.emb[ids]  # (T, C)
+        (record or _no_record)("emb", x)
+        return x
+
+    def layer(self, index: int, x: torch.Tensor, state: LayerState, *, record: Recorder | None = None):
+        """Layer ``index`` on input rows x (T, C) from ``state``: (x_out (T, C), the layer's new state)."""
+        record = record or _no_record
+        att, st = self._att(x, index, state, record)
+        x = x + att
+        record(f"L{index}.x_after_att", x)
+        ffn, st = self._ffn(x, index, st, record)
+        x = x + ffn
+        record(f"L{index}.x_out", x)
+        return x, st
+
+    def head(self, x: torch.Tensor, *, record: Recorder | None = None) -> torch.Tensor:
+        """ln_out and the head on the last layer's output rows: logits (T, V) fp32 (fp64 for the arbiter)."""
+        record = record or _no_record
+        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
+        record("ln_out", x)
+        logits = (x @ self.head_weight.T).to(self.acc)
+        record("logits", logits)
+        return logits
+
+    def layer_state(self, slots) -> LayerState:
+        """One layer's state from canonical slot values (numpy or torch), in this model's dtypes."""
+        return LayerState(
+            att_x=torch.as_tensor(slots["att_x"]).to(self.dtype).reshape(self.config.n_embd),
+            att_kv=torch.as_tensor(slots["att_kv"]).to(self.acc).reshape(self.config.n_head, self.config.head_size, self.config.head_size),
+            ffn_x=torch.as_tensor(slots["ffn_x"]).to(self.dtype).reshape(self.config.n_embd),
+        )
+
     @torch.no_grad()
     def forward(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):
         """Run T tokens (T rows of every stage). Returns (logits (T, V) fp32, new state).
@@ -266,23 +303,13 @@ class RWKV5Reference:
         The input state is not modified, so a caller can rerun a step from the same state.
         """
         record = record or _no_record
-        ids = check_ids(ids, vocab_size=self.config.vocab_size)
         state = state or self.zero_state()
-        x = self.emb[ids]  # (T, C)
-        record("emb", x)
+        x = self.embed(ids, record=record)
         new_layers = []
         for i, st in enumerate(state.layers):
-            att, st = self._att(x, i, st, record)
-            x = x + att
-            record(f"L{i}.x_after_att", x)
-            ffn, st = self._ffn(x, i, st, record)
-            x = x + ffn
-            record(f"L{i}.x_out", x)
+            x, st = self.layer(i, x, st, record=record)
             new_layers.append(st)
-        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
-        record("ln_out", x)
-        logits = (x @ self.head.T).to(self.acc)  # (T, V) fp32 (fp64 for the arbiter)
-        record("logits", logits)
+        logits = self.head(x, record=record)
         new_state = RWKV5State(new_layers)
         for name, val in new_state.slots().items():
             record(name, val)
