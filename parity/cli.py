@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 from parity.errors import ParityError
+# Verdict text lives below both command lines; describe_divergence stays importable from here.
+from parity.report.verdict import describe_divergence  # noqa: F401
+from parity.report.verdict import fmt as _fmt
+from parity.report.verdict import verdict_line as _verdict_line
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,51 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- output -------------------------------------------------------------------------------------
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, str):
-        return x
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
-
-
-def _fmt6(x) -> str:
-    return f"{x:.6g}" if isinstance(x, float) else _fmt(x)
-
-
-def describe_divergence(fd: dict) -> str:
-    """One paragraph: where, how badly, and what tolerance would have passed."""
-    where = "prefill" if fd["step_kind"] == "prefill" else f"decode step {fd['step']}"
-    row = f", token row {fd['row']}" if fd.get("row") is not None and fd["step_kind"] == "prefill" else ""
-    layer = f"layer {fd['layer']}, " if fd.get("layer") is not None else ""
-    if fd.get("reason") == "arbiter":
-        return (f"first divergence ({fd.get('judged_by')}): {where}, {layer}stage {fd['stage']}: rms error against fp64 "
-                f"{_fmt(fd.get('actual_error'))} vs the fp32 reference's {_fmt(fd.get('reference_error'))} "
-                f"(needs multiplier {_fmt(fd.get('min_multiplier'))}, allowed {_fmt(fd.get('multiplier'))})")
-    if fd.get("reason") == "shape":
-        how = f"shape {fd.get('actual_shape')} vs expected {fd.get('shape')}"
-    elif fd.get("reason") == "nonfinite":
-        how = f"non-finite values in {fd.get('nonfinite_side')}, first at {fd.get('first_nonfinite_index')}"
-    else:
-        how = (
-            f"max abs {_fmt(fd.get('max_abs'))}, rms-rel {_fmt(fd.get('rms_rel'))}, "
-            f"{fd.get('mismatch_count')}/{fd.get('numel')} elements ({_fmt(fd.get('mismatch_pct'))}%) out of tolerance, "
-            f"worst at {fd.get('worst_index')} (actual {_fmt6(fd.get('worst_actual'))}, expected {_fmt6(fd.get('worst_expected'))}); "
-            f"passes only with atol >= {_fmt(fd.get('min_atol'))} (allowed {_fmt(fd.get('atol'))})"
-        )
-    return f"first divergence: {where}, {layer}stage {fd['stage']}{row}: {how}"
-
-
-def _verdict_line(result: dict) -> str:
-    fd = result["first_divergence"]
-    if fd is None:
-        worst = result["summary"].get("worst_logits_max_abs")
-        return f"no divergence ({result['summary']['records']} records; worst logits error {_fmt(worst)})"
-    return "DIVERGENCE: " + describe_divergence(fd)
-
-
 def _print_pairs(console, result: dict) -> None:
     from rich.table import Table
 

@@ -190,7 +190,7 @@ def _options_from(config: pytest.Config) -> ParityOptions:
     if backends != tuple(DEFAULT_BACKENDS.split(",")):
         # Only now: the list of backends lives beside them and importing it loads torch, which a
         # pytest run that never mentions parity should not pay for.
-        from parity.dumpers.backends import check_backend_spec
+        from parity.dumpers.registry import check_backend_spec
         from parity.errors import ParityError
 
         for b in backends:

@@ -19,8 +19,9 @@ import numpy as np
 
 from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.compare import TolerancePolicy, compare_runs
-from parity.dumpers.backends import RunPlan, check_backend_spec, dump_dir_name, make_backend, tool_versions
+from parity.dumpers.backends import RunPlan, tool_versions
 from parity.dumpers.format import DumpReader
+from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.errors import ParityError
 
 EventFn = Callable[[str], None]

@@ -10,7 +10,7 @@ import pytest
 
 # Imported here, not first inside an inner run: pytester drops modules an inner run imported, and
 # torch (which this pulls in) cannot be imported twice in one process.
-from parity.dumpers.backends import BACKEND_NAMES
+from parity.dumpers.registry import BACKEND_NAMES
 from parity.pytest_plugin import _COMPILED_MODES, REPORT_DIR_ENV, current_session, record_report
 
 pytest_plugins = ["pytester"]

@@ -23,10 +23,12 @@ import sys
 from pathlib import Path
 
 from parity.errors import ParityError
+from parity.report.verdict import diverged as _diverged
+from parity.report.verdict import verdict_line as _verdict_line
 
 __all__ = ["add_report_args", "add_report_parser", "cmd_report", "load_source", "main"]
 
-# The same codes as parity.cli; not imported from there because parity.cli imports this module.
+# The same codes as parity.cli, which imports this module (arrows point from parity.cli down to here).
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE = 0, 1, 2
 STDOUT = "-"
 _PARTIAL_MARK = ".partial-"  # an unfinished dump's staging directory (parity.dumpers.format)
@@ -83,28 +85,6 @@ def load_source(source: str | os.PathLike) -> dict:
     from parity.session import compare_dumps
 
     return compare_dumps(path / "reference", others[0])
-
-
-def _diverged(result: dict) -> bool:
-    return result.get("first_divergence") is not None or result.get("verdict") == "divergence"
-
-
-def _verdict_line(result: dict) -> str:
-    from parity.cli import describe_divergence
-
-    first = result.get("first_divergence")
-    if isinstance(first, dict):
-        try:
-            return "DIVERGENCE: " + describe_divergence(first)
-        except KeyError:  # a hand-edited or older result missing a field describe_divergence needs
-            return f"DIVERGENCE: first divergence at step {first.get('step')}, stage {first.get('stage')}"
-    if _diverged(result):
-        return "DIVERGENCE: the result names no first divergence; see its failing records"
-    summary = result.get("summary") if isinstance(result.get("summary"), dict) else {}
-    records = summary.get("records", len(result.get("records") or []))
-    worst = summary.get("worst_logits_max_abs")
-    worst_text = f"{worst:.3g}" if isinstance(worst, float) else ("-" if worst is None else str(worst))
-    return f"no divergence ({records} records; worst logits error {worst_text})"
 
 
 def _to_stdout(write) -> None:

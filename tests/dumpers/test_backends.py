@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from parity.checkpoint import Checkpoint, load_checkpoint
-from parity.dumpers.backends import RunPlan, make_backend, map_kernel_calls
+from parity.dumpers.backends import RunPlan, map_kernel_calls
+from parity.dumpers.registry import make_backend
 from parity.dumpers.format import DumpReader
 from parity.errors import ParityError
 from parity.stages import stage_order

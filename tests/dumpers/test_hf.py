@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from parity.checkpoint import Checkpoint, load_checkpoint
-from parity.dumpers.backends import RunPlan, make_backend
+from parity.dumpers.backends import RunPlan
+from parity.dumpers.registry import make_backend
 from parity.dumpers.format import DumpReader
 from parity.dumpers.hf import RESCALE_EVERY
 from parity.errors import ParityError

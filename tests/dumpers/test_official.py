@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from parity.checkpoint import Checkpoint, load_checkpoint
-from parity.dumpers.backends import RunPlan, make_backend
+from parity.dumpers.backends import RunPlan
+from parity.dumpers.registry import make_backend
 from parity.dumpers.format import DumpReader
 from parity.session import compare_dumps
 from parity.stages import stage_order, state_slots, state_stage_names

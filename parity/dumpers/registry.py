@@ -1,0 +1,92 @@
+"""Backend names -> backend objects: the one place that knows every backend.
+
+It sits above the modules it names (backends, hf, official, plugin, the mutants), which import
+only the ``Backend`` base from parity.dumpers.backends; nothing they import comes back here, so
+the arrows point one way: session -> registry -> backends.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from parity.checkpoint import Checkpoint
+from parity.dumpers.backends import Backend, ReferenceBackend, TVMDebugBackend, TVMInstrumentedBackend
+from parity.errors import ParityError
+
+__all__ = ["BACKEND_NAMES", "check_backend_spec", "did_you_mean", "dump_dir_name", "make_backend"]
+
+BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv", "hf")
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``; did you mean 'x'?`` for a near miss among ``choices``, else ``''``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _mutant(name: str):
+    from parity.mutants import CATALOGUE, get_mutant
+
+    if name not in CATALOGUE:
+        raise ParityError(f"unknown mutant {name!r}{did_you_mean(name, CATALOGUE)} (parity selftest --list names them)")
+    return get_mutant(name)
+
+
+def check_backend_spec(spec: str) -> None:
+    """Refuse an unknown backend name before anything runs (mutants and plugins checked by form)."""
+    if spec.startswith("mutant/"):
+        _mutant(spec.split("/", 1)[1])
+        return
+    if spec in BACKEND_NAMES or (":" in spec and not spec.startswith(":")):
+        return
+    hint = did_you_mean(spec, BACKEND_NAMES) or did_you_mean(spec, [f"mutant/{n}" for n in _mutant_names()])
+    raise ParityError(
+        f"unknown backend {spec!r}{hint}; choose from {', '.join(BACKEND_NAMES)}, mutant/<name> or module:attribute"
+    )
+
+
+def _mutant_names() -> list[str]:
+    from parity.mutants import CATALOGUE
+
+    return list(CATALOGUE)
+
+
+def dump_dir_name(spec: str) -> str:
+    return spec.replace("/", "-").replace(":", "-").replace("\\", "-")
+
+
+def make_backend(
+    spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None, target: str = "llvm",
+    repeat: bool = False,
+) -> Backend:
+    """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``,
+    ``hf`` (v4), ``mutant/<name>`` (the bug zoo), or ``package.module:attribute`` (your own; see
+    docs/backends.md)."""
+    check_backend_spec(spec)
+    if spec.startswith("mutant/"):
+        m = _mutant(spec.split("/", 1)[1])
+        if m.side == "reference":
+            from parity.mutants.reference import REFERENCES
+
+            return ReferenceBackend(checkpoint, model=REFERENCES[m.name](checkpoint), name=spec)
+        return TVMDebugBackend(
+            checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, mutant=m.name, repeat=repeat or m.repeat_check
+        )
+    if ":" in spec:
+        from parity.dumpers.plugin import load_plugin_backend
+
+        return load_plugin_backend(spec, checkpoint)
+    if spec == "reference":
+        return ReferenceBackend(checkpoint)
+    if spec == "tvm":
+        return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, repeat=repeat)
+    if spec == "tvm-instrumented":
+        return TVMInstrumentedBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event)
+    if spec == "chatrwkv":
+        from parity.dumpers.official import ChatRWKVBackend
+
+        return ChatRWKVBackend(checkpoint)
+    from parity.dumpers.hf import HFBackend  # the last name check_backend_spec lets through
+
+    return HFBackend(checkpoint)

@@ -1,0 +1,68 @@
+"""Verdicts as text: the one-paragraph account of a first divergence, and the closing verdict line.
+
+Both command lines (``parity`` in parity/cli.py and ``parity report`` in parity/report/cli.py)
+and the parity suite print these, so they live here, below all of them: this module imports
+nothing from the package, and an arrow into it never closes a circle.
+"""
+
+from __future__ import annotations
+
+__all__ = ["describe_divergence", "fmt", "fmt6", "verdict_line"]
+
+
+def fmt(x) -> str:
+    """Three significant digits for floats, ``-`` for a missing value."""
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def fmt6(x) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else fmt(x)
+
+
+def describe_divergence(fd: dict) -> str:
+    """One paragraph: where, how badly, and what tolerance would have passed."""
+    where = "prefill" if fd["step_kind"] == "prefill" else f"decode step {fd['step']}"
+    row = f", token row {fd['row']}" if fd.get("row") is not None and fd["step_kind"] == "prefill" else ""
+    layer = f"layer {fd['layer']}, " if fd.get("layer") is not None else ""
+    if fd.get("reason") == "arbiter":
+        return (f"first divergence ({fd.get('judged_by')}): {where}, {layer}stage {fd['stage']}: rms error against fp64 "
+                f"{fmt(fd.get('actual_error'))} vs the fp32 reference's {fmt(fd.get('reference_error'))} "
+                f"(needs multiplier {fmt(fd.get('min_multiplier'))}, allowed {fmt(fd.get('multiplier'))})")
+    if fd.get("reason") == "shape":
+        how = f"shape {fd.get('actual_shape')} vs expected {fd.get('shape')}"
+    elif fd.get("reason") == "nonfinite":
+        how = f"non-finite values in {fd.get('nonfinite_side')}, first at {fd.get('first_nonfinite_index')}"
+    else:
+        how = (
+            f"max abs {fmt(fd.get('max_abs'))}, rms-rel {fmt(fd.get('rms_rel'))}, "
+            f"{fd.get('mismatch_count')}/{fd.get('numel')} elements ({fmt(fd.get('mismatch_pct'))}%) out of tolerance, "
+            f"worst at {fd.get('worst_index')} (actual {fmt6(fd.get('worst_actual'))}, expected {fmt6(fd.get('worst_expected'))}); "
+            f"passes only with atol >= {fmt(fd.get('min_atol'))} (allowed {fmt(fd.get('atol'))})"
+        )
+    return f"first divergence: {where}, {layer}stage {fd['stage']}{row}: {how}"
+
+
+def diverged(result: dict) -> bool:
+    return result.get("first_divergence") is not None or result.get("verdict") == "divergence"
+
+
+def verdict_line(result: dict) -> str:
+    """``no divergence (...)`` or ``DIVERGENCE: first divergence: ...``; tolerant of a hand-edited or
+    older result (``parity report`` reads saved files), so a missing field never raises."""
+    first = result.get("first_divergence")
+    if isinstance(first, dict):
+        try:
+            return "DIVERGENCE: " + describe_divergence(first)
+        except KeyError:  # a result missing a field describe_divergence needs
+            return f"DIVERGENCE: first divergence at step {first.get('step')}, stage {first.get('stage')}"
+    if diverged(result):
+        return "DIVERGENCE: the result names no first divergence; see its failing records"
+    summary = result.get("summary") if isinstance(result.get("summary"), dict) else {}
+    records = summary.get("records", len(result.get("records") or []))
+    return f"no divergence ({records} records; worst logits error {fmt(summary.get('worst_logits_max_abs'))})"
