@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,12 +61,41 @@ class ModelConfig:
         )
 
 
+# TVM's DLPack import (and its kernels) need 64-byte-aligned data; torch's CPU allocator gives
+# that, a memory-mapped .safetensors tensor may not (its data starts 8-byte aligned).
+_ALIGN = 64
+
+
 @dataclass
 class Checkpoint:
     path: Path
     sha256: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # ChatRWKV key names, tensors exactly as stored
+    weights: dict[str, torch.Tensor]  # ChatRWKV key names, tensors exactly as stored (memory-mapped)
+    _fp32: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fp32_weights(self) -> dict[str, torch.Tensor]:
+        """Every tensor as contiguous, 64-byte-aligned fp32, made once and shared by every backend.
+
+        A real-size run holds several backends at once (reference, TVM, the official package);
+        each upcasting on its own would hold one fp32 copy apiece (a 1.5B model: 6.3 GB each).
+        Here an fp32 tensor stored in the file is used in place (memory-mapped, no copy); anything
+        else is upcast once (bf16/fp16 -> fp32 is exact). The tensors are shared: consumers must
+        never write into them. Returns a new dict each call, so a consumer may rebind its keys.
+        """
+        if self._fp32 is None:
+            fp32 = {}
+            for key, t in self.weights.items():
+                t = t.to(torch.float32)
+                if not t.is_contiguous() or t.data_ptr() % _ALIGN:
+                    t = t.clone(memory_format=torch.contiguous_format)
+                fp32[key] = t
+            self._fp32 = fp32
+        return dict(self._fp32)
+
+    def fp32_nbytes(self) -> int:
+        """Bytes of the weights in fp32: what one fp32 copy of this model costs."""
+        return sum(t.numel() * 4 for t in self.weights.values())
 
 
 def detect_version(weights: dict[str, torch.Tensor]) -> ModelVersion:
@@ -127,6 +156,16 @@ def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        # Files written by torch < 1.6 (not a zip archive) cannot be memory-mapped: read them whole.
+        if "mmap" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ParityError(f"checkpoint not found: {path}")
@@ -139,12 +178,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
+            # load_file memory-maps the file: tensors are views of the page cache, not copies.
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ParityError(f"cannot read safetensors checkpoint {path}: {exc}") from None
     try:
         # weights_only: a .pth is a pickle, and a pickle can run code; we never unpickle objects.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are views of the file, so a 3 GB checkpoint costs no private memory; only
+        # pages a backend reads come in (from the page cache, shared with other processes).
+        obj = _torch_load(path)
     except Exception as exc:  # torch raises many types for bad bytes; none may escape as a traceback
         # Our own words, never torch's: its message suggests weights_only=False, which is the
         # one thing a user of this tool must not do with an untrusted file.

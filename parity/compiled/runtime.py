@@ -76,10 +76,14 @@ class CompiledRWKV:
         missing = [n for n in meta["params"] if n not in checkpoint.weights]
         if missing:
             raise ParityError(f"checkpoint {checkpoint.path} lacks {missing[0]!r}, which the compiled model needs")
-        # Upcast once at bind time: the compiled model is fp32 throughout (weights stored bf16 on disk).
-        self.params = [
-            tvm.runtime.tensor(np.ascontiguousarray(checkpoint.weights[n].float().numpy()), self.device) for n in meta["params"]
-        ]
+        # The compiled model is fp32 throughout (weights stored bf16 on disk). On the CPU it binds
+        # the checkpoint's one shared fp32 copy zero-copy through DLPack (the reference reads the
+        # same tensors; the compiled functions never write their params); a GPU needs its own copy.
+        fp32 = checkpoint.fp32_weights()
+        if target == "llvm":
+            self.params = [tvm.runtime.from_dlpack(fp32[n]) for n in meta["params"]]
+        else:
+            self.params = [tvm.runtime.tensor(fp32[n].numpy(), self.device) for n in meta["params"]]
         self.slot_names: list[str] = meta["state_slots"]
         self.tap_names: list[str] = meta["tap_names"]
         self.kernel_outputs: dict[str, list[int]] = meta["kernel_outputs"]

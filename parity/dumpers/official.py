@@ -32,9 +32,43 @@ _ATT_FUNCS = {
 _FFN_FUNCS = ("ffn_seq", "ffn_one")
 
 
-def load_official_model(path: str | Path):
-    """The official package's model for a checkpoint file, as every caller runs it: ``cpu fp32``."""
-    return _load_official()(str(Path(path)), "cpu fp32", verbose=False)
+def load_official_model(source: Checkpoint | str | Path):
+    """The official package's model, as every caller runs it: ``cpu fp32``.
+
+    Given a path, the package reads the file itself, as it ships. Given a loaded ``Checkpoint``, it
+    gets the checkpoint's shared fp32 tensors instead of its own copy (a 1.5B model: 6.3 GB less),
+    and its math is unchanged: in ``cpu fp32`` it upcasts every tensor to fp32 before any
+    arithmetic (bf16 -> fp32 is exact), so fp32 input is the same input, and on the CPU it keeps
+    transposed views, never writing into them. The one exception is the embedding: it applies
+    ln0 to the table in the file's dtype when emb and ln0 share it, so those three tensors are
+    handed over exactly as stored. Tested bit-identical in tests/test_checkpoint.py.
+    """
+    RWKV = _load_official()
+    if not isinstance(source, Checkpoint):
+        return RWKV(str(Path(source)), "cpu fp32", verbose=False)
+    weights = source.fp32_weights()  # a new dict: the package renames and deletes keys in it
+    for key in _AS_STORED:
+        weights[key] = source.weights[key]
+    # The package takes a file name (it appends .pth when missing) and calls torch.load on it; that
+    # one call returns our tensors. Any other torch.load goes through untouched.
+    name = str(source.path)
+    name = name if name.endswith(".pth") else name + ".pth"
+    import torch
+
+    real_load = torch.load
+
+    def load(f, *args, **kwargs):
+        return weights if f == name else real_load(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        return RWKV(name, "cpu fp32", verbose=False)
+    finally:
+        torch.load = real_load
+
+
+# The package's embedding table is ln0(emb) computed in the file's dtype (see load_official_model).
+_AS_STORED = ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias")
 
 
 def canonical_state(flat, *, version: str, n_layer: int) -> dict:
@@ -65,7 +99,7 @@ class ChatRWKVBackend(Backend):
         super().__init__(checkpoint=checkpoint, name="chatrwkv", mode="official", dtype="float32")
         import importlib.metadata
 
-        self.model = load_official_model(checkpoint.path)
+        self.model = load_official_model(checkpoint)
         self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}", "strategy": "cpu fp32"}
         self.state = None
         self._capture: dict = {}
