@@ -327,3 +327,170 @@ def test_non_float_tensor(tmp_path, dtype):
     weights["ln_out.weight"] = torch.ones(16, dtype=dtype)
     msg = load_error(save(weights, tmp_path / "i.pth"))
     assert "ln_out.weight" in msg and str(dtype) in msg and "floating-point" in msg
+
+
+# -- memory-mapped loading and the one shared fp32 copy ------------------------------------------
+
+
+def _mapped_files() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every file mapping of this process."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5]))
+    return out
+
+
+def _mapped_from(t: torch.Tensor, path: Path) -> bool:
+    ptr = t.data_ptr()
+    return any(start <= ptr < end and Path(name) == path for start, end, name in _mapped_files())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see mappings")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_checkpoint_tensors_are_views_of_the_file_not_copies(tmp_path, suffix):
+    from parity.checkpoint import save_checkpoint
+
+    source = load_checkpoint(FIXTURE_H2)
+    path = save_checkpoint(source, tmp_path / f"model{suffix}")
+    ck = load_checkpoint(path)
+    big = ck.weights["head.weight"]  # 1024 x 128 bf16: 256 KB, far more than any header
+    assert _mapped_from(big, path.resolve()), "head.weight is not memory-mapped from the checkpoint file"
+    assert all(torch.equal(ck.weights[k], source.weights[k]) and ck.weights[k].dtype == source.weights[k].dtype
+               for k in source.weights)
+
+
+def test_a_pre_zip_pth_still_loads(tmp_path):
+    # torch < 1.6 wrote a non-zip format that cannot be memory-mapped: it is read whole instead.
+    weights = torch.load(FIXTURE_HN, weights_only=True)
+    path = tmp_path / "legacy.pth"
+    torch.save(weights, path, _use_new_zipfile_serialization=False)
+    ck = load_checkpoint(path)
+    assert all(torch.equal(ck.weights[k], weights[k]) for k in weights)
+
+
+def test_fp32_weights_are_exact_contiguous_aligned_and_made_once():
+    ck = load_checkpoint(FIXTURE_H2)
+    first, second = ck.fp32_weights(), ck.fp32_weights()
+    assert first is not second, "each caller must get its own dict (the official package deletes keys in it)"
+    assert first.keys() == ck.weights.keys()
+    for key, stored in ck.weights.items():
+        t = first[key]
+        assert t.dtype == torch.float32 and t.is_contiguous() and t.data_ptr() % 64 == 0, key
+        assert t.data_ptr() == second[key].data_ptr(), f"{key} was upcast twice"
+        # bf16 and fp32 values are compared in float64, where both are exact.
+        assert torch.equal(t.double(), stored.double()), key
+    assert ck.fp32_nbytes() == sum(t.numel() for t in first.values()) * 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see mappings")
+def test_fp32_tensors_in_the_file_are_used_in_place(tmp_path):
+    from parity.checkpoint import save_checkpoint
+
+    source = load_checkpoint(FIXTURE_H2)
+    fp32 = dataclasses.replace(source, weights={k: v.float() for k, v in source.weights.items()})
+    path = save_checkpoint(fp32, tmp_path / "fp32.pth")  # torch.save aligns each tensor to 64 bytes
+    ck = load_checkpoint(path)
+    shared = ck.fp32_weights()
+    assert shared["head.weight"].data_ptr() == ck.weights["head.weight"].data_ptr()
+    assert _mapped_from(shared["head.weight"], path.resolve())
+
+
+def test_unaligned_fp32_safetensors_tensors_get_an_aligned_copy(tmp_path):
+    from parity.checkpoint import save_checkpoint
+
+    source = load_checkpoint(FIXTURE_H2)
+    fp32 = dataclasses.replace(source, weights={k: v.float() for k, v in source.weights.items()})
+    ck = load_checkpoint(save_checkpoint(fp32, tmp_path / "fp32.safetensors"))
+    unaligned = [k for k, t in ck.weights.items() if t.data_ptr() % 64]
+    assert unaligned, "expected safetensors data offsets that are not 64-byte aligned"
+    shared = ck.fp32_weights()
+    for k in ck.weights:
+        assert shared[k].data_ptr() % 64 == 0 and torch.equal(shared[k], ck.weights[k]), k
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The path tests/compiled uses, so a build is compiled once per session.
+    path = tmp_path_factory.getbasetemp() / "parity-compile-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def test_reference_compiled_and_official_read_one_fp32_copy(compile_cache):
+    import numpy as np
+
+    from parity.compiled.runtime import CompiledRWKV
+    from parity.dumpers.official import load_official_model
+    from parity.reference.rwkv5 import RWKV5Reference
+
+    ck = load_checkpoint(FIXTURE_H2)
+    shared = ck.fp32_weights()
+    before = {k: t.clone() for k, t in shared.items()}
+    ref = RWKV5Reference(ck)
+    tvm_model = CompiledRWKV(ck, cache_dir=compile_cache)
+    official = load_official_model(ck)
+    key = "blocks.1.att.key.weight"
+    assert ref.layers[1].Wk.data_ptr() == shared[key].data_ptr()
+    assert ref.head_weight.data_ptr() == shared["head.weight"].data_ptr()
+    param = tvm_model.params[tvm_model.artifact.meta["params"].index(key)]
+    assert torch.from_dlpack(param).data_ptr() == shared[key].data_ptr()
+    assert official.w[key].data_ptr() == shared[key].data_ptr()  # its transposed view of our tensor
+    # Nobody writes into the shared tensors: run all three, then compare with the snapshot.
+    ids = [1, 2, 3, 4]
+    ref.forward(ids)
+    tvm_model.forward(ids)
+    tvm_model.forward([5], tvm_model.forward(ids).state)
+    official.forward(ids, None, full_output=True)
+    assert all(torch.equal(shared[k], before[k]) for k in shared)
+    assert np.isfinite(tvm_model.forward(ids).logits).all()
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.pth")), ids=lambda p: p.stem)
+def test_official_model_on_shared_weights_is_bit_identical_to_reading_the_file(path):
+    from parity.dumpers.official import load_official_model
+
+    ck = load_checkpoint(path)
+    own, shared = load_official_model(path), load_official_model(ck)
+    state_own = state_shared = None
+    for ids in ([3, 1, 4, 1, 5], [9], [2]):  # a prefill, then two decode steps
+        out_own, state_own = own.forward(ids, state_own, full_output=True)
+        out_shared, state_shared = shared.forward(ids, state_shared, full_output=True)
+        assert torch.equal(out_own, out_shared)
+        assert len(state_own) == len(state_shared) and all(torch.equal(a, b) for a, b in zip(state_own, state_shared))
+
+
+def test_compiled_model_on_shared_weights_is_bit_identical_to_private_copies(compile_cache):
+    import numpy as np
+    import tvm
+
+    from parity.compiled.runtime import CompiledRWKV
+
+    ck = load_checkpoint(FIXTURE_HN)
+    shared = CompiledRWKV(ck, cache_dir=compile_cache)
+    private = CompiledRWKV(ck, artifact=shared.artifact)
+    # What the runtime did before sharing: its own upcast copy of every param.
+    private.params = [tvm.runtime.tensor(np.ascontiguousarray(ck.weights[n].float().numpy()), private.device)
+                      for n in private.artifact.meta["params"]]
+    a, b = shared.forward([7, 3, 5]), private.forward([7, 3, 5])
+    assert np.array_equal(a.logits, b.logits)
+    a, b = shared.forward([11], a.state), private.forward([11], b.state)
+    assert np.array_equal(a.logits, b.logits)
+    assert all(np.array_equal(x, y) for x, y in zip(a.state.to_numpy().values(), b.state.to_numpy().values()))
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.pth")), ids=lambda p: p.stem)
+def test_reference_on_shared_weights_is_bit_identical_to_private_copies(path):
+    from parity.reference import make_reference
+
+    ck = load_checkpoint(path)
+    private_ck = dataclasses.replace(ck, weights={k: v.float().clone() for k, v in ck.weights.items()})
+    shared, private = make_reference(ck), make_reference(private_ck)
+    assert shared.head_weight.data_ptr() != private.head_weight.data_ptr()
+    stages_a, stages_b = [], []
+    a = shared.forward([3, 1, 4], record=lambda name, v: stages_a.append((name, v.clone())))
+    b = private.forward([3, 1, 4], record=lambda name, v: stages_b.append((name, v.clone())))
+    assert torch.equal(a[0], b[0]) and len(stages_a) == len(stages_b) > 10
+    assert all(na == nb and torch.equal(va, vb) for (na, va), (nb, vb) in zip(stages_a, stages_b))
