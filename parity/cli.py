@@ -63,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
     run.add_argument("--dump-dir", type=Path, help="keep the dumps here (default: a temporary directory)")
     run.add_argument(
-        "--mode", choices=("propagated", "isolated", "both"), default="propagated",
-        help="propagated: each backend runs on its own outputs (default); isolated: every compiled layer and "
-             "step runs on the yardstick's inputs, so each stage shows only the error it adds; both: side by side",
+        "--mode", choices=("replay", "propagated", "isolated", "both"), default="replay",
+        help="replay (default): the reference replays every layer of each backend on that backend's own inputs, "
+             "so a stage is blamed only for the error it adds, and propagated drift is judged against its "
+             "envelope; propagated: the strict per-stage verdict of the propagated run; isolated: our compiled "
+             "build runs every layer on the yardstick's inputs (others are replayed), own error only; "
+             "both: replay with the compiled build isolated, side by side",
     )
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     run.add_argument("--arbiter", action="store_true",
@@ -103,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", type=Path, help=".pth, .safetensors or HF RWKV directory")
     convert.add_argument("dest", type=Path, help="*.pth, *.safetensors, or a new directory (HF layout, v4 only)")
 
+    from parity.prompt.cli import add_prompt_parser
     from parity.report.cli import add_report_parser
     from parity.tokenizer.cli import add_tokenize_parser
 
     add_tokenize_parser(sub)
     add_report_parser(sub)
+    add_prompt_parser(sub)
 
     demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
     demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
@@ -412,10 +417,12 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     try:
+        from parity.prompt.cli import cmd_prompt
         from parity.report.cli import cmd_report
         from parity.tokenizer.cli import cmd_tokenize
 
         commands = {
+            "prompt": cmd_prompt,
             "run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize,
             "convert": cmd_convert, "report": cmd_report, "bisect": cmd_bisect, "selftest": cmd_selftest,
         }
