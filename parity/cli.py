@@ -63,12 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
     run.add_argument("--dump-dir", type=Path, help="keep the dumps here (default: a temporary directory)")
     run.add_argument(
-        "--mode", choices=("replay", "propagated", "isolated", "both"), default="replay",
-        help="replay (default): the reference replays every layer of each backend on that backend's own inputs, "
-             "so a stage is blamed only for the error it adds, and propagated drift is judged against its "
-             "envelope; propagated: the strict per-stage verdict of the propagated run; isolated: our compiled "
-             "build runs every layer on the yardstick's inputs (others are replayed), own error only; "
-             "both: replay with the compiled build isolated, side by side",
+        "--mode", choices=("propagated", "isolated", "both"), default="propagated",
+        help="propagated: each backend runs on its own outputs (default); isolated: every compiled layer and "
+             "step runs on the yardstick's inputs, so each stage shows only the error it adds; both: side by side",
     )
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     run.add_argument("--arbiter", action="store_true",
