@@ -11,6 +11,7 @@ region on one side (``⟦⟧``) and the inserted characters on the other (``⟦�
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,7 @@ class CharDiff:
     index: int | None = None
     line: int | None = None  # 1-based line and column of ``index`` in OUR prompt
     column: int | None = None
+    where: str | None = None  # which part of our prompt holds ``index`` (conversation.render_parts)
     ours_region: str | None = None  # the differing characters, raw
     theirs_region: str | None = None
     ours_snippet: str | None = None  # context + ⟦region⟧ + context, whitespace made visible
@@ -201,14 +203,15 @@ class PromptCheck:
 
 def compare_prompts(*, template: str, messages, theirs, tokenizer=None) -> PromptCheck:
     """Build our prompt for ``messages`` and compare it with ``theirs`` (a ``TheirPrompt``)."""
-    from parity.prompt.conversation import CHATRWKV_TURN_END, render_ours
+    from parity.prompt.conversation import CHATRWKV_TURN_END, part_at, render_parts
 
     if tokenizer is None:
         from parity.tokenizer import WorldTokenizer
 
         tokenizer = WorldTokenizer()
     messages = tuple(messages)
-    ours_text = render_ours(template, messages)
+    parts = render_parts(template, messages)
+    ours_text = "".join(text for _, text in parts)
     ours_ids = tuple(tokenizer.encode(ours_text))
     notes: list[str] = []
     if theirs.ids is not None:
@@ -232,6 +235,8 @@ def compare_prompts(*, template: str, messages, theirs, tokenizer=None) -> Promp
     if not theirs_ids:
         raise ParityError(f"their prompt ({theirs.description}) is empty")
     chars = char_diff(ours_text, theirs_text) if theirs_text is not None else None
+    if chars is not None and not chars.equal:
+        chars = dataclasses.replace(chars, where=part_at(parts, chars.index))
     tokens = token_diff(ours_text=ours_text, ours_ids=ours_ids, theirs_ids=theirs_ids, tokenizer=tokenizer)
     if chars is not None and chars.equal and not tokens.equal:
         notes.append("the same text, different ids: their tokenizer splits it differently from the World tokenizer "

@@ -94,21 +94,44 @@ def load_turns(path: str | Path) -> tuple[Message, ...]:
     return parse_turns(data, where=f"--turns file {path}")
 
 
-def render_ours(template: str, messages) -> str:
-    """Our prompt for the conversation under ``template`` (see the module docstring)."""
+def render_parts(template: str, messages) -> list[tuple[str, str]]:
+    """Our prompt as (what this part is, its text) pairs; joined, they are ``render_ours``.
+
+    The labels let a report say where a difference falls: a role name, a message, the blank line
+    after a turn, or the reply slot at the end.
+    """
     messages = check_conversation(messages)
     if template not in TEMPLATES:
         raise ParityError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
-    if len(messages) == 1:
-        return apply_template(template, messages[0].content)
     if template != "chatrwkv":
-        raise ParityError(f"template {template!r} frames one user message; a conversation with several turns "
-                          "needs --template chatrwkv")
+        if len(messages) != 1:
+            raise ParityError(f"template {template!r} frames one user message; a conversation with several turns "
+                              "needs --template chatrwkv")
+        return [(f"the {template} template around message 0 (user)", apply_template(template, messages[0].content))]
     parts = []
     for k, m in enumerate(messages):
         content = _chatrwkv_message(m.content)
         if not content:
             # "User: \n\n" would put a trailing space and an empty turn in front of the model.
             raise ParityError(f"message {k} ({m.role}) is empty after stripping")
-        parts.append(f"{CHATRWKV_ROLE_NAMES[m.role]}: {content}{CHATRWKV_TURN_END}")
-    return "".join(parts) + CHATRWKV_ROLE_NAMES["assistant"] + ":"
+        name = CHATRWKV_ROLE_NAMES[m.role]
+        parts += [(f"the role name of message {k} ({m.role})", f"{name}: "),
+                  (f"message {k} ({m.role})", content),
+                  (f"the blank line that ends message {k} ({m.role})", CHATRWKV_TURN_END)]
+    parts.append(("the reply slot 'Assistant:' at the end", CHATRWKV_ROLE_NAMES["assistant"] + ":"))
+    return parts
+
+
+def render_ours(template: str, messages) -> str:
+    """Our prompt for the conversation under ``template`` (see the module docstring)."""
+    return "".join(text for _, text in render_parts(template, messages))
+
+
+def part_at(parts: list[tuple[str, str]], index: int) -> str:
+    """Where character ``index`` of our prompt falls: "in <the part's label>", or past its end."""
+    pos = 0
+    for label, text in parts:
+        if index < pos + len(text):
+            return f"in {label}"
+        pos += len(text)
+    return "past the end of our prompt"

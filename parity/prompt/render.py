@@ -54,8 +54,8 @@ def describe_lines(check: PromptCheck) -> list[str]:
         lines.append("characters: the same")
     else:
         lines += [
-            f"characters: first difference at character {c.index} (line {c.line}, column {c.column}): "
-            f"ours has {_region(c.ours_region)} there, theirs {_region(c.theirs_region)}",
+            f"characters: first difference at character {c.index} (line {c.line}, column {c.column}), "
+            f"{c.where}: ours has {_region(c.ours_region)} there, theirs {_region(c.theirs_region)}",
             f"  ours:   {c.ours_snippet}",
             f"  theirs: {c.theirs_snippet}",
         ]

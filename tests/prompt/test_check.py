@@ -72,6 +72,7 @@ def test_trailing_space_after_assistant(port, world, official):
     assert result.chars.index == len(OURS) == 35
     assert (result.chars.line, result.chars.column) == (3, len("Assistant:") + 1)
     assert (result.chars.ours_region, result.chars.theirs_region) == ("", " ")
+    assert result.chars.where == "past the end of our prompt"
     assert result.chars.ours_snippet.endswith("Assistant:\u27e6\u27e7\u2403")  # ⟦⟧ then ␃: our prompt ends here
     assert result.chars.theirs_snippet.endswith("Assistant:\u27e6\u2420\u27e7\u2403")  # ⟦␠⟧
     t = first_token_difference(official, OURS, OURS + " ")
@@ -89,6 +90,7 @@ def test_missing_blank_line_between_turns(port, world, official):
     # lines: System..., "", User: Hi, "", Assistant: Hello!, then our blank line 6 (the port has none)
     assert (result.chars.line, result.chars.column) == (6, 1)
     assert (result.chars.ours_region, result.chars.theirs_region) == ("\n", "")
+    assert result.chars.where == "in the blank line that ends message 2 (assistant)"
     assert "Hello!\u23ce\u27e6\u23ce\u27e7User" in result.chars.ours_snippet  # Hello!⏎⟦⏎⟧User
     assert "Hello!\u23ce\u27e6\u27e7User" in result.chars.theirs_snippet
     t = first_token_difference(official, OURS_TURNS, theirs)
@@ -102,6 +104,7 @@ def test_system_prompt_in_the_wrong_role(port, world, official):
     theirs = "User: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye\n\nAssistant:"
     assert result.theirs_text == theirs
     assert (result.chars.index, result.chars.line, result.chars.column) == (0, 1, 1)
+    assert result.chars.where == "in the role name of message 0 (system)"
     assert result.tokens.index == first_token_difference(official, OURS_TURNS, theirs) == 0
 
 
@@ -124,6 +127,7 @@ def test_mlc_does_not_strip_the_message(world, official):
     theirs = "User:  Hi \n\nAssistant:"
     assert result.theirs_text == theirs
     assert result.chars.index == len("User: ")
+    assert result.chars.where == "in message 0 (user)"
     # from the first difference to the common suffix "\n\nAssistant:": both extra spaces are inside
     assert (result.chars.ours_region, result.chars.theirs_region) == ("Hi", " Hi ")
     assert result.tokens.index == first_token_difference(official, "User: Hi\n\nAssistant:", theirs)
