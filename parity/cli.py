@@ -105,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from parity.prompt.cli import add_prompt_parser
     from parity.report.cli import add_report_parser
+    from parity.synth import add_synth_parser
     from parity.tokenizer.cli import add_tokenize_parser
 
     add_tokenize_parser(sub)
     add_report_parser(sub)
+    add_synth_parser(sub)
     add_prompt_parser(sub)
 
     demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
@@ -416,11 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from parity.prompt.cli import cmd_prompt
         from parity.report.cli import cmd_report
+        from parity.synth import cmd_synth
         from parity.tokenizer.cli import cmd_tokenize
 
         commands = {
             "prompt": cmd_prompt,
-            "run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize,
+            "run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize, "synth": cmd_synth,
             "convert": cmd_convert, "report": cmd_report, "bisect": cmd_bisect, "selftest": cmd_selftest,
         }
         return commands[args.command](args, console)

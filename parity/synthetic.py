@@ -9,6 +9,7 @@ would not — their logits saturate and their decays are meaningless.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -62,8 +63,23 @@ def _linear(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return _orthogonal(rows, cols, gain=gain, gen=gen)
 
 
+def stored(key: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor as released checkpoints (and our fixtures and ``parity synth``) store it: bf16,
+    except emb.weight in fp32. The official package applies ln0 to the table in the file's dtype
+    when emb and ln0 share it, so a bf16 table would give it a bf16-rounded embedding (≈4e-3
+    relative) that no fp32 backend reproduces — a real trap, but not one a parity run should trip on."""
+    return (t.float() if key == "emb.weight" else t.to(torch.bfloat16)).contiguous()
+
+
 def make_weights(config: ModelConfig, *, seed: int, decay_profile: str = "default") -> dict[str, torch.Tensor]:
     """A ChatRWKV-layout state dict (fp32) for ``config``, any supported version."""
+    return {key: t for part in iter_weights(config, seed=seed, decay_profile=decay_profile) for key, t in part.items()}
+
+
+def iter_weights(config: ModelConfig, *, seed: int, decay_profile: str = "default") -> Iterator[dict[str, torch.Tensor]]:
+    """The same weights as ``make_weights``, in parts: the embedding (with ln0), then one dict per
+    layer, then ln_out and the head. A writer that stores each part before asking for the next
+    holds one layer at a time (a 3B model: ~0.4 GB instead of 12 GB of fp32)."""
     version = config.version
     gen = torch.Generator().manual_seed(seed)
     C, A, F, V, H, N, L = (config.n_embd, config.dim_att, config.dim_ffn, config.vocab_size,
@@ -82,7 +98,11 @@ def make_weights(config: ModelConfig, *, seed: int, decay_profile: str = "defaul
     w: dict[str, torch.Tensor] = {}
     w["emb.weight"] = ((torch.rand(V, C, generator=gen, dtype=torch.float64) * 2 - 1) * 1e-4).float()
     ln_pair("blocks.0.ln0")
+    # Yield a part, then start the next in a fresh dict: the same draws, in the same order, as
+    # building one dict (the fixtures are regenerated from this bit for bit).
+    yield w
     for layer in range(L):
+        w = {}
         r01 = layer / (L - 1) if L > 1 else 0.0
         r10 = 1 - layer / L
         b = f"blocks.{layer}"
@@ -119,7 +139,9 @@ def make_weights(config: ModelConfig, *, seed: int, decay_profile: str = "defaul
         w[f"{b}.ffn.key.weight"] = _linear(F, C, gen)
         w[f"{b}.ffn.receptance.weight"] = _linear(C, C, gen)
         w[f"{b}.ffn.value.weight"] = _linear(C, F, gen)
+        yield w
+    w = {}
     ln_pair("ln_out")
     w["head.weight"] = _orthogonal(V, C, gain=0.5 * math.sqrt(V / C), gen=gen)
-    return w
+    yield w
 
