@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
              "step runs on the yardstick's inputs, so each stage shows only the error it adds; both: side by side",
     )
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the compiled model runs: cpu (llvm build, default) or cuda (CUDA build; the torch "
+                          "reference stays on the CPU, in fp32 with TF32 off)")
     run.add_argument("--arbiter", action="store_true",
                      help="also run the reference in float64 and judge each backend by its error against fp64 relative "
                           "to the fp32 reference's own (the rule of torch dynamo's accuracy checker)")
@@ -275,7 +278,7 @@ def cmd_run(args, console) -> int:
             ck, backends=backends, plan=plan, dump_dir=args.dump_dir, overrides=overrides,
             cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
             only_layer=args.only_layer, only_step=args.only_step,
-            arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier,
+            arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier, device=args.device,
         )
         greedy = run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event)
     result = outcome.result

@@ -114,6 +114,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-mode", choices=MODES, default="all",
                     help="capture modes of the compiled model to test: debug (the build returns every stage), "
                          "instrumented (the plain build, observed by the VM hook) or all (default)")
+    group.addoption("--parity-device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the compiled model runs: cpu (the llvm build, default) or cuda (the CUDA build)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.compare import TolerancePolicy, compare_runs
-from parity.dumpers.backends import RunPlan, tool_versions
+from parity.dumpers.backends import RunPlan, target_for_device, tool_versions, torch_math_settings
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.errors import ParityError
@@ -234,6 +234,7 @@ def run_parity(
     only_step: int | None = None,
     arbiter: bool = False,
     arbiter_multiplier: float | None = None,
+    device: str = "cpu",
 ) -> RunOutcome:
     """Run every backend on ``plan``, dump each, compare every pair.
 
@@ -258,6 +259,7 @@ def run_parity(
         raise ParityError("--only-layer / --only-step narrow an isolated run; add --mode isolated")
     if only_step is not None and not 0 <= only_step <= len(plan.decode_ids):
         raise ParityError(f"--only-step {only_step}: the plan has steps 0..{len(plan.decode_ids)}")
+    target = target_for_device(device)  # where the compiled backends run; the reference stays in torch on the CPU
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if len(backends) < 2:
         raise ParityError("need at least two backends to compare, e.g. --backends reference,tvm")
@@ -277,7 +279,7 @@ def run_parity(
         made = {}
         for spec in backends:
             say(f"preparing backend {spec}")
-            backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say)
+            backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say, target=target)
             if mode == "isolated" and spec != backends[0] and _isolatable(backend):
                 continue  # only its isolated run is wanted
             say(f"running {spec}: prefill of {len(plan.prefill_ids)} tokens + {len(plan.decode_ids)} decode steps")
@@ -319,6 +321,8 @@ def run_parity(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()},
             "mode": mode,
+            "device": device,
+            "torch_math": torch_math_settings(),
         }
         known = [
             {"backend": spec, **item}

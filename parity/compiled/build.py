@@ -20,19 +20,22 @@ from pathlib import Path
 from typing import Callable
 
 import tvm
-from tvm import relax
 
 from parity.checkpoint import ModelConfig, ModelVersion
-from parity.compiled import common, rwkv4_model, rwkv5_model, wkv4_kernel, wkv5_kernel
 from parity.errors import ParityError
 
+# Nothing that needs TVM's compiler is imported at module level: on the GPU machine TVM is the
+# runtime-only bundle (docs/guide.md, "Running on a GPU"), where a warm cache hit must still work.
+
 CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
-PIPELINE_ID = "FuseTransposeMatmul+default"
+PIPELINE_ID = "FuseTransposeMatmul+default"  # for CUDA the default pipeline is DLight's GPU rules
 VARIANTS = ("plain", "debug")
 
 _TARGETS = {
     "llvm": {"kind": "llvm"},
-    "cuda": {"kind": "cuda", "arch": "sm_90a"},
+    # Hopper (H100 / H200). The limits are the card's; without them TVM assumes 48 KB of shared
+    # memory and says so on every kernel.
+    "cuda": {"kind": "cuda", "arch": "sm_90a", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024},
 }
 
 
@@ -44,7 +47,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "rwkv-parity"
 
 
-def make_target(name: str) -> tvm.target.Target:
+def make_target(name: str):
     if name not in _TARGETS:
         raise ParityError(f"unknown target {name!r}; choose one of {', '.join(_TARGETS)}")
     spec = dict(_TARGETS[name])
@@ -53,10 +56,13 @@ def make_target(name: str) -> tvm.target.Target:
     return tvm.target.Target(spec)
 
 
-def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None):
-    """The Relax module of the checkpoint's family: one file per family (rwkv4 / rwkv5).
+def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None, target: str = "llvm"):
+    """The Relax module of the checkpoint's family: one file per family (rwkv4 / rwkv5), with the
+    scan kernels of ``target`` (parity/compiled/targets.py).
 
     ``mutant`` names a deliberately broken model from the bug zoo (parity/mutants/)."""
+    from parity.compiled import rwkv4_model, rwkv5_model, targets
+
     if mutant is not None:
         from parity.mutants import get_mutant
         from parity.mutants.compiled import MODELS
@@ -64,14 +70,24 @@ def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None):
         m = get_mutant(mutant)
         if m.side != "compiled":
             raise ParityError(f"mutant {mutant!r} breaks the {m.side}, not the compiled model")
-        return MODELS[mutant](config, debug=debug)
-    if config.version == ModelVersion.V4:
-        return rwkv4_model.RWKV4Model(config, debug=debug)
-    return rwkv5_model.RWKV5Model(config, debug=debug)
+        model = MODELS[mutant](config, debug=debug)
+        what = f"mutant {mutant!r}"
+    elif config.version == ModelVersion.V4:
+        model, what = rwkv4_model.RWKV4Model(config, debug=debug), "the RWKV-4 model"
+    else:
+        model, what = rwkv5_model.RWKV5Model(config, debug=debug), "the RWKV-5 model"
+    targets.retarget(model, target=target, what=what)
+    return model
 
 
-# Every source whose text shapes the binary; a change to any of them is a new cache key.
-_SOURCES = (common, rwkv4_model, rwkv5_model, wkv4_kernel, wkv5_kernel)
+# Every source whose text shapes the binary; a change to any of them is a new cache key. Read as
+# files, not imported, so computing a key needs no TVM compiler.
+_HERE = Path(__file__).resolve().parent
+_SOURCES = tuple(
+    _HERE / name
+    for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py")
+)
+_MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in ("compiled.py", "kernels.py"))
 
 
 @dataclass(frozen=True)
@@ -84,15 +100,13 @@ class BuildArtifact:
 def cache_key(*, config: ModelConfig, variant: str, target: str, mutant: str | None = None) -> str:
     h = hashlib.sha256()
     if mutant is not None:
-        from parity.mutants import compiled as mutant_models, kernels as mutant_kernels
-
-        for part in (f"mutant={mutant}", Path(mutant_models.__file__).read_text(), Path(mutant_kernels.__file__).read_text()):
+        for part in (f"mutant={mutant}", *(p.read_text() for p in _MUTANT_SOURCES)):
             h.update(part.encode())
             h.update(b"\0")
     for part in (
         f"schema={CACHE_SCHEMA}",
         json.dumps(config.to_dict(), sort_keys=True),
-        *(Path(m.__file__).read_text() for m in _SOURCES),
+        *(p.read_text() for p in _SOURCES),
         Path(__file__).read_text(),  # the pipeline is defined here
         f"variant={variant}",
         json.dumps(_TARGETS[target], sort_keys=True),
@@ -172,11 +186,22 @@ def build_model(
         return BuildArtifact(library=lib_path, meta=meta, cached=True)
 
     say(f"compiling {config.describe()} ({variant}, {target}{', MUTANT ' + mutant if mutant else ''}) with TVM {tvm.__version__}")
+    try:
+        from tvm import relax
+    except (ImportError, AttributeError):
+        # The runtime-only TVM of the GPU bundle loads builds; it cannot make them.
+        raise ParityError(
+            f"no cached build {lib_path.name} in {cache_dir}, and this TVM is runtime-only (no compiler): "
+            "build on a machine with the full apache-tvm and carry the compile cache along"
+        ) from None
+
     t0 = time.perf_counter()
-    model = model_for(config, debug=(variant == "debug"), mutant=mutant)
+    model = model_for(config, debug=(variant == "debug"), mutant=mutant, target=target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     tvm_target = make_target(target)
     # Without FuseTransposeMatmul every call re-transposes every (out, in) weight (docs/TVM.md).
+    # For CUDA the default pipeline schedules every kernel with DLight's GPU rules (Matmul, GEMV,
+    # Reduction, GeneralReduction, Fallback); the scans are already scheduled (wkv_cuda.py).
     pipeline = tvm.transform.Sequential(
         [relax.transform.FuseTransposeMatmul(), relax.get_default_pipeline(tvm_target)]
     )
@@ -195,6 +220,13 @@ def build_model(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fatbins = []
+    if target == "cuda":
+        # Compile the CUDA source now, here, into the fatbin cache the loader reads (cuda.py): the
+        # GPU machine then never waits for nvcc. Without nvcc the source compiles at load instead.
+        from parity.compiled import cuda
+
+        fatbins = cuda.precompile(ex, cache_dir=cache_dir, on_event=say)
     meta = {
         "cache_schema": CACHE_SCHEMA,
         "config": config.to_dict(),
@@ -212,6 +244,7 @@ def build_model(
         "kernel_outputs": kernel_outputs,
         "compile_seconds": round(t_compile, 3),
         "export_seconds": round(time.perf_counter() - t0 - t_compile, 3),
+        "cuda_fatbins": fatbins,
     }
     # The sidecar is written last and atomically: its presence marks the entry complete.
     tmp_meta = meta_path.with_suffix(".json.tmp")

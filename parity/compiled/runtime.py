@@ -14,8 +14,7 @@ from typing import Callable
 
 import numpy as np
 import tvm
-from tvm import relax
-from tvm.runtime.vm import VMInstrumentReturnKind
+from tvm.runtime.vm import VirtualMachine, VMInstrumentReturnKind
 
 from parity.checkpoint import SUPPORTED_VERSIONS, Checkpoint
 from parity.compiled.build import BuildArtifact, build_model
@@ -63,6 +62,13 @@ class CompiledRWKV:
         self.config = cfg
         self.variant = variant
         self.target = target
+        if target != "llvm":
+            from parity.compiled.build import default_cache_dir
+            from parity.compiled.cuda import ensure_cuda_runtime
+
+            # Before any build: no GPU is a one-line error, not minutes of compiling first. The
+            # fatbin cache the loader reads is the compile cache's (cuda.py).
+            ensure_cuda_runtime(cache_dir=Path(cache_dir or default_cache_dir()))
         self.artifact = artifact or build_model(
             cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant
         )
@@ -71,8 +77,13 @@ class CompiledRWKV:
         # writes into its input buffers then shows as a divergence (a pure one cannot).
         self.repeat = repeat
         meta = self.artifact.meta
-        self.device = tvm.cpu() if target == "llvm" else tvm.cuda(0)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.artifact.library)), self.device)
+        if target == "llvm":
+            self.device = tvm.cpu()
+        else:
+            from parity.compiled.cuda import ensure_cuda_runtime
+
+            self.device = ensure_cuda_runtime(cache_dir=self.artifact.library.parent)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.artifact.library)), self.device)
         missing = [n for n in meta["params"] if n not in checkpoint.weights]
         if missing:
             raise ParityError(f"checkpoint {checkpoint.path} lacks {missing[0]!r}, which the compiled model needs")

@@ -245,3 +245,40 @@ class TVMInstrumentedBackend(Backend):
         order = {name: i for i, name in enumerate(self.canonical_order())}
         for name in sorted(named, key=lambda n: (order.get(n, len(order)), n)):
             step.add(name, named[name])
+
+
+DEVICES = {"cpu": "llvm", "cuda": "cuda"}  # --device -> the compiled model's TVM target
+
+
+def target_for_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ParityError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda":
+        pin_torch_math()
+    return DEVICES[device]
+
+
+def pin_torch_math() -> None:
+    """Full-precision fp32 math for torch on a GPU: no TF32 matmuls or convolutions, no reduced-
+    precision fp16/bf16 reductions. A "parity bug" that is really TF32 is not one this tool reports."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def torch_math_settings() -> dict:
+    """The torch math settings in force, for the run metadata."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    return {
+        "cuda.matmul.allow_tf32": bool(m.allow_tf32),
+        "cudnn.allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "cuda.matmul.allow_fp16_reduced_precision_reduction": bool(m.allow_fp16_reduced_precision_reduction),
+        "cuda.matmul.allow_bf16_reduced_precision_reduction": bool(m.allow_bf16_reduced_precision_reduction),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }

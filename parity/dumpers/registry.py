@@ -26,9 +26,9 @@ def did_you_mean(word: str, choices) -> str:
 
 
 def _mutant(name: str):
-    from parity.mutants import CATALOGUE, get_mutant
+    from parity.mutants import CATALOGUE, GPU_CATALOGUE, get_mutant
 
-    if name not in CATALOGUE:
+    if name not in CATALOGUE and name not in GPU_CATALOGUE:
         raise ParityError(f"unknown mutant {name!r}{did_you_mean(name, CATALOGUE)} (parity selftest --list names them)")
     return get_mutant(name)
 

@@ -84,7 +84,31 @@ CATALOGUE: dict[str, Mutant] = {
 }
 
 
+# GPU-only porting bugs: each kernel is correct as written (the unscheduled llvm build runs its
+# loops in order) and broken once scheduled onto CUDA threads, so they are judged on CUDA
+# (tests/compiled/test_gpu.py) and not by the llvm selftest, where each must show no divergence.
+GPU_CATALOGUE: dict[str, Mutant] = {
+    m.name: m
+    for m in [
+        Mutant("wkv-time-on-threads", "compiled",
+               "wkv5 scan with its time axis bound to CUDA threads (made spatial): every token updates the state at once",
+               *_same(0, 0, "L0.att.wkv")),
+        Mutant("wkv-key-on-threads-race", "compiled",
+               "wkv5 key index (the output's reduction axis) bound to CUDA threads: a race on out[t, h, j]",
+               *_same(0, 0, "L0.att.wkv")),
+        Mutant("wkv-missing-barrier", "compiled",
+               "two-phase wkv5 scan (read state by columns, update it by rows) with no barrier between the phases",
+               *_same(0, 0, "L0.att.wkv")),
+        Mutant("wkv-kv-swapped-binding", "compiled",
+               "wkv5 CUDA kernel indexes k with the thread (value) index and v with the key index",
+               *_same(0, 0, "L0.att.wkv")),
+    ]
+}
+
+
 def get_mutant(name: str) -> Mutant:
+    if name in GPU_CATALOGUE:
+        return GPU_CATALOGUE[name]
     if name not in CATALOGUE:
-        raise ParityError(f"unknown mutant {name!r}; known: {', '.join(CATALOGUE)}")
+        raise ParityError(f"unknown mutant {name!r}; known: {', '.join(CATALOGUE)}, {', '.join(GPU_CATALOGUE)}")
     return CATALOGUE[name]

@@ -52,6 +52,22 @@ class WritesInputState(Attention):
     kernel = kernels.wkv5_writes_input_state
 
 
+class TimeOnThreads(Attention):
+    kernel = kernels.wkv5_time_on_threads_llvm
+
+
+class KeyOnThreads(Attention):
+    kernel = kernels.wkv5_key_on_threads_llvm
+
+
+class MissingBarrier(Attention):
+    kernel = kernels.wkv5_two_phase_llvm
+
+
+class KVSwappedBinding(Attention):
+    kernel = kernels.wkv5_kv_swapped_llvm
+
+
 class GroupNormOverTime(GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         # BUG: statistics per head over (T, N) — over time too. A decode (T = 1) is still exact.
@@ -140,4 +156,19 @@ MODELS = {
     "emb-without-ln0": v5_model(embed=_embed_without_ln0),
     "emb-ln0-twice": v5_model(embed=_embed_ln0_twice),
     "v4-wkv-without-max": type("MutantRWKV4Model", (RWKV4Model,), {"attention_cls": NaiveWkv4}),
+    # GPU-only: correct as written (the llvm build), broken once scheduled onto CUDA threads.
+    "wkv-time-on-threads": v5_model(attention=TimeOnThreads),
+    "wkv-key-on-threads-race": v5_model(attention=KeyOnThreads),
+    "wkv-missing-barrier": v5_model(attention=MissingBarrier),
+    "wkv-kv-swapped-binding": v5_model(attention=KVSwappedBinding),
 }
+
+
+def builds_for(name: str, target: str) -> bool:
+    """Whether mutant ``name`` has a build for ``target`` (a CUDA build needs a CUDA scan kernel)."""
+    from parity.compiled.targets import has_cuda_kernel
+
+    if target == "llvm":
+        return True
+    model_cls = MODELS[name]
+    return has_cuda_kernel(model_cls.attention_cls.kernel)

@@ -56,5 +56,11 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    """--parity-device: cpu (the llvm build) or cuda (the CUDA build; the reference stays on the CPU)."""
+    return pytestconfig.getoption("--parity-device", default="cpu")
+
+
+@pytest.fixture(scope="session")
 def yardstick(pytestconfig) -> str:
     return _selected(pytestconfig)[0]

@@ -35,7 +35,7 @@ def _assert_no_divergence(outcome, *, name: str) -> None:
 
 
 @pytest.mark.parametrize("prompt", list(PROMPTS), ids=list(PROMPTS))
-def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_dir, tmp_path):
+def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_dir, device, tmp_path):
     """``candidate``: tvm and tvm-instrumented by default, or what --parity-backends names."""
     backend = candidate
     cfg = checkpoint.config
@@ -43,7 +43,8 @@ def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_d
         prefill_ids=parse_ids(PROMPTS[prompt], vocab_size=cfg.vocab_size),
         decode_ids=default_decode_ids(steps=DECODE_STEPS, vocab_size=cfg.vocab_size),
     )
-    outcome = run_parity(checkpoint, backends=[yardstick, backend], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir)
+    outcome = run_parity(checkpoint, backends=[yardstick, backend], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir,
+                         device=device)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-{backend.replace('/', '-')}-{prompt}")
 
     # A pass must have compared something: every step, and in every step the stages each capture
