@@ -1,0 +1,223 @@
+"""Peak memory of `parity run` at released model sizes: does one machine hold reference, TVM and chatrwkv?
+
+    python benchmarks/memory.py [--shapes 0.4b,1.5b] [--version 5.2] [--trees HEAD] [--synth-dir DIR]
+
+For each shape, `parity synth` writes a checkpoint (bf16, emb fp32; into a temporary directory, or
+--synth-dir to keep and reuse it), then for each tree (a git revision, exported with `git archive`,
+so a run measures committed code only) one fresh process runs
+
+    parity run --checkpoint CK --backends reference,tvm,chatrwkv --ids ones:16 --decode-steps 4 --dump-dir TMP
+
+and we record its peak RSS (ru_maxrss of that one child, from os.wait4), the largest private
+(RssAnon) and file-backed (RssFile: memory-mapped checkpoint pages) parts seen by polling
+/proc/PID/status every 0.2 s, wall time, the dump's bytes, and whether the run compiled the model
+(the compile cache is shared by every run of one invocation, so the first run of a shape compiles
+and later ones find it, unless a tree's model sources differ). The target (issue 9): peak RSS <=
+1.3 x the fp32 weights + the checkpoint file (the file's pages count in RSS once mapped and read).
+
+Writes benchmarks/results/memory-<date>-<commit>.md and .json (the commit of this checkout; each
+row names the commit it ran). Numbers are from this machine in this run only.
+
+    python benchmarks/memory.py --trees 058a855,HEAD --synth-dir /tmp/synth-bench   # before/after
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET_FACTOR = 1.3  # issue 9: peak RSS <= 1.3 x fp32 weights + checkpoint file
+
+
+def _git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def export_tree(rev: str, dest: Path) -> str:
+    """``git archive`` of ``rev`` into ``dest``; returns its full commit hash."""
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def measure(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> dict:
+    """Run ``cmd``; its exit code, wall time, peak RSS (wait4) and the largest sampled RSS parts."""
+    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for key, kb in _status_kb(proc.pid).items():
+                peaks[key] = max(peaks[key], kb)
+            done.wait(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    done.set()
+    poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "exit_code": proc.returncode,
+        "wall_s": round(wall, 1),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
+        "sampled_peak_anon_bytes": peaks["RssAnon"] * 1024,
+        "sampled_peak_file_bytes": peaks["RssFile"] * 1024,
+        "output_tail": [line for line in output.strip().splitlines() if "Warning:" not in line][-2:],
+    }
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def synth(shape: str, *, version: str, out: Path, env: dict[str, str], extra: list[str]) -> dict | None:
+    """Write the checkpoint unless it is there already (a --synth-dir from an earlier run)."""
+    if out.exists():
+        return None
+    cmd = [sys.executable, "-m", "parity.cli", "synth", "--shape", shape, "--version", version, *extra, "-q", str(out)]
+    print(f"  synth {shape} -> {out}", flush=True)
+    m = measure(cmd, cwd=ROOT, env=env)
+    if m["exit_code"] != 0:
+        sys.exit(f"parity synth failed: {m['output_tail']}")
+    return {"wall_s": m["wall_s"], "peak_rss_bytes": m["peak_rss_bytes"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="0.4b,1.5b", help="comma-separated released shapes (default 0.4b,1.5b; 3b needs ~20 GB)")
+    ap.add_argument("--version", default="5.2")
+    ap.add_argument("--trees", default="HEAD", help="comma-separated git revisions to measure (default HEAD)")
+    ap.add_argument("--backends", default="reference,tvm,chatrwkv")
+    ap.add_argument("--ids", default="ones:16")
+    ap.add_argument("--decode-steps", type=int, default=4)
+    ap.add_argument("--layers", type=int, help="synthesise only N layers (a quick check of this script, not a measurement)")
+    ap.add_argument("--vocab", type=int, help="synthesise a vocabulary of V tokens (likewise)")
+    ap.add_argument("--synth-dir", type=Path, help="keep (and reuse) the synthesised checkpoints here")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the Markdown and JSON go")
+    args = ap.parse_args()
+
+    here = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    rows, synths = [], {}
+    with tempfile.TemporaryDirectory(prefix="parity-memory-") as tmp:
+        tmp = Path(tmp)
+        synth_dir = args.synth_dir or tmp / "checkpoints"
+        synth_dir.mkdir(parents=True, exist_ok=True)
+        cache = tmp / "compile-cache"
+        env = dict(os.environ, PARITY_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+        trees = {}
+        for rev in args.trees.split(","):
+            trees[rev] = (tmp / f"tree-{len(trees)}", None)
+            trees[rev] = (trees[rev][0], export_tree(rev, trees[rev][0]))
+        from parity.checkpoint import load_checkpoint
+
+        for shape in args.shapes.split(","):
+            extra = [*(["--layers", str(args.layers)] if args.layers else []), *(["--vocab", str(args.vocab)] if args.vocab else [])]
+            suffix = "".join(f"-{a.lstrip('-')[0]}{b}" for a, b in zip(extra[::2], extra[1::2]))
+            ck_path = synth_dir / f"rwkv{args.version.replace('.', '_')}-{shape}{suffix}.pth"
+            synths[shape + suffix] = synth(shape, version=args.version, out=ck_path, env=env, extra=extra)
+            ck = load_checkpoint(ck_path)
+            fp32, file_bytes = ck.fp32_nbytes(), ck_path.stat().st_size
+            del ck
+            for rev, (tree, commit) in trees.items():
+                dump_dir = tmp / f"dumps-{shape}-{commit[:12]}"
+                cmd = [sys.executable, "-m", "parity.cli", "run", "--checkpoint", str(ck_path),
+                       "--backends", args.backends, "--ids", args.ids, "--decode-steps", str(args.decode_steps),
+                       "--dump-dir", str(dump_dir), "-q"]
+                before = set(cache.glob("*.so")) if cache.exists() else set()
+                print(f"  run {shape} on {rev} ({commit[:12]})", flush=True)
+                # PYTHONPATH and cwd: the exported tree's parity, never this checkout's.
+                m = measure(cmd, cwd=tree, env=dict(env, PYTHONPATH=str(tree)))
+                target = TARGET_FACTOR * fp32 + file_bytes
+                row = {
+                    "shape": shape + suffix, "version": args.version, "tree": rev, "commit": commit,
+                    "fp32_weight_bytes": fp32, "checkpoint_file_bytes": file_bytes,
+                    "target_bytes": int(target), **m,
+                    "rss_over_fp32": round(m["peak_rss_bytes"] / fp32, 2),
+                    "within_target": m["peak_rss_bytes"] <= target,
+                    "dump_bytes": _dir_bytes(dump_dir) if dump_dir.exists() else 0,
+                    "compiled": bool(set(cache.glob("*.so")) - before),
+                    "command": "parity " + " ".join(cmd[3:]),
+                }
+                rows.append(row)
+                print(f"    exit {m['exit_code']}, {m['wall_s']} s, peak RSS {m['peak_rss_bytes'] / 1e9:.2f} GB "
+                      f"({row['rss_over_fp32']}x fp32; target {target / 1e9:.2f} GB)", flush=True)
+                if dump_dir.exists():
+                    subprocess.run(["rm", "-rf", str(dump_dir)], check=True)
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    result = {
+        "benchmark": "memory", "created": now.isoformat(timespec="seconds"), "checkout_commit": here,
+        "checkout_dirty": dirty, "cpu_count": os.cpu_count(), "target_factor": TARGET_FACTOR,
+        "synth": synths, "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"memory-{now:%Y-%m-%d}-{here[:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {stem}.md and .json")
+    return 0
+
+
+def markdown(result: dict) -> str:
+    gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    lines = [
+        f"# Peak memory of `parity run` at released sizes ({result['created'][:10]}, checkout {result['checkout_commit'][:10]})",
+        "",
+        f"{result['cpu_count']} CPU cores. One fresh process per row: `{result['rows'][0]['command'] if result['rows'] else ''}`.",
+        f"Target (issue 9): peak RSS <= {result['target_factor']} x fp32 weights + checkpoint file. "
+        "RSS includes the checkpoint's memory-mapped pages (RssFile); RssAnon is private memory. "
+        "GB = 10^9 bytes.",
+        "",
+        "| shape | tree (commit) | fp32 weights GB | file GB | target GB | peak RSS GB | RSS / fp32 | within target | "
+        "peak RssAnon GB | peak RssFile GB | wall s | dump MB | compiled | exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['shape']} (v{r['version']}) | {r['tree']} ({r['commit'][:10]}) | {gb(r['fp32_weight_bytes'])} | "
+            f"{gb(r['checkpoint_file_bytes'])} | {gb(r['target_bytes'])} | {gb(r['peak_rss_bytes'])} | "
+            f"{r['rss_over_fp32']} | {'yes' if r['within_target'] else 'NO'} | {gb(r['sampled_peak_anon_bytes'])} | "
+            f"{gb(r['sampled_peak_file_bytes'])} | {r['wall_s']} | {r['dump_bytes'] / 1e6:.1f} | "
+            f"{'yes' if r['compiled'] else 'no'} | {r['exit_code']} |"
+        )
+    synths = {k: v for k, v in result["synth"].items() if v}
+    if synths:
+        lines += ["", "`parity synth` of each shape (when not reused):", ""]
+        lines += [f"- {k}: {v['wall_s']} s, peak RSS {gb(v['peak_rss_bytes'])} GB" for k, v in synths.items()]
+    lines += ["", "Last output lines of each run:", ""]
+    lines += [f"- {r['shape']} {r['tree']}: `{' / '.join(r['output_tail'])}`" for r in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
