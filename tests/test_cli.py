@@ -8,13 +8,10 @@ then the diffs that need the first run's dumps. The tests themselves only look a
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,55 +20,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from parity.stages import stage_info, stage_order
+from parity_cli import REPO, cli_env, run_concurrently
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "fixtures" / "rwkv5_2-L4-C128-H2.pth"  # L4 C128 H2 N64 V1024
 N_LAYER, VOCAB = 4, 1024
-TIMEOUT_S = 300
-
-
-@dataclass
-class Cli:
-    args: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:  # what a failing assertion shows; a traceback's end is what matters
-        return (f"parity {' '.join(self.args)} -> exit {self.rc}\n--- stdout\n{self.stdout[-2000:]}\n"
-                f"--- stderr\n{self.stderr[-3000:]}")
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("parity: error:")]
-
-
-def run_cli(args: list, *, env: dict[str, str]) -> Cli:
-    args = [str(a) for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "parity.cli", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    return Cli(args=args, rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
-
-
-def run_concurrently(commands: dict[str, list], *, env: dict[str, str]) -> dict[str, Cli]:
-    # No more processes than CPUs: a TVM run's thread pool wants every core, and oversubscribed
-    # (all at once on 2 CPUs) the first wave took twice as long. Heavy commands go first.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {name: pool.submit(run_cli, args, env=env) for name, args in commands.items()}
-        return {name: f.result() for name, f in futures.items()}
 
 
 @pytest.fixture(scope="session")
-def cli_env(tmp_path_factory) -> dict[str, str]:
-    # A private compile cache: tests never write to ~/.cache, and every session compiles afresh.
-    env = {**os.environ, "PARITY_CACHE_DIR": str(tmp_path_factory.mktemp("compile-cache"))}
-    # Plain text whatever the caller's terminal settings, so the asserted strings are stable.
-    env.pop("FORCE_COLOR", None)
-    env["NO_COLOR"] = "1"
-    env["COLUMNS"] = "200"
-    return env
+def env(compile_cache) -> dict[str, str]:
+    return cli_env()  # the session's compile cache (tests/conftest.py), plain text at 200 columns
 
 
 # name -> (arguments, text the one error line must contain). Files are created by the fixture.
@@ -80,7 +37,10 @@ ERROR_CASES = {
     "corrupt checkpoint": (["run", "--checkpoint", "{tmp}/garbage.pth"], "garbage.pth"),
     "bad --ids": (["run", "--checkpoint", FIXTURE, "--ids", "1,x"], "bad token ids '1,x'"),
     "id >= vocab": (["run", "--checkpoint", FIXTURE, "--ids", f"0,{VOCAB}"], f"token id {VOCAB} is outside"),
-    "unknown backend": (["run", "--checkpoint", FIXTURE, "--backends", "reference,tvmm"], "unknown backend 'tvmm'"),
+    "unknown backend": (["run", "--checkpoint", FIXTURE, "--backends", "reference,tvmm"],
+                        "unknown backend 'tvmm'; did you mean 'tvm'?"),
+    "misspelt mutant": (["run", "--checkpoint", FIXTURE, "--backends", "reference,mutant/sigmoid_r"],
+                        "unknown mutant 'sigmoid_r'; did you mean 'sigmoid-r'?"),
     "diff of a directory that is not a dump": (["diff", "{tmp}/not-a-dump", "{tmp}/not-a-dump"], "not a dump"),
     "bad --tol text": (["run", "--checkpoint", FIXTURE, "--tol", "L*.att.wkv=1e-5"], "bad tolerance override"),
 }
@@ -94,7 +54,7 @@ ARGPARSE_CASES = {
 
 
 @pytest.fixture(scope="module")
-def first_wave(cli_env, tmp_path_factory):
+def first_wave(env, tmp_path_factory):
     """The main run (keeping its dumps), the quiet instrumented run, and every error case."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "garbage.pth").write_bytes(random.Random(0).randbytes(4096))
@@ -110,7 +70,7 @@ def first_wave(cli_env, tmp_path_factory):
     }
     for name, (args, _) in {**ERROR_CASES, **ARGPARSE_CASES}.items():
         commands[name] = [str(a).format(tmp=tmp) for a in args]
-    return {"out": out, "results": run_concurrently(commands, env=cli_env)}
+    return {"out": out, "results": run_concurrently(commands, env=env)}
 
 
 # -- tampering with a saved dump --------------------------------------------------------------
@@ -144,7 +104,7 @@ def bump_one_state_element(a: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def second_wave(first_wave, cli_env, tmp_path_factory):
+def second_wave(first_wave, env, tmp_path_factory):
     """Diffs of tampered copies of the first run's dumps (untouched, they passed in the run)."""
     run = first_wave["results"]["run"]
     dumps = first_wave["out"] / "dumps"
@@ -162,7 +122,7 @@ def second_wave(first_wave, cli_env, tmp_path_factory):
         "wkv diff, loosened": ["diff", ref, wkv, "--tol", "*=1,1", "--json", tmp / "wkv-loose.json"],
         "state diff": ["diff", ref, state, "--json", tmp / "state.json"],
     }
-    results = run_concurrently(commands, env=cli_env)
+    results = run_concurrently(commands, env=env)
     json_paths = {name: Path(args[args.index("--json") + 1]) for name, args in commands.items()}
     return {"results": results, "json": json_paths}
 

@@ -10,11 +10,6 @@ machine: first the conversions from the v4 fixture and the refusals, then the co
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,38 +26,12 @@ from parity.checkpoint import (
 from parity.errors import ParityError
 from parity.hf_names import chatrwkv_to_hf
 from parity.synthetic import make_config, make_weights
+from parity_cli import REPO, Cli, cli_env, run_concurrently
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 FIXTURE_FILES = sorted(FIXTURES.glob("*.pth"))
 FIXTURE_V4 = FIXTURES / "rwkv4-L2-C64.pth"
 FIXTURE_V5_1 = FIXTURES / "rwkv5_1-L2-C64-H8.pth"
-TIMEOUT_S = 120
-
-
-@dataclass
-class Cli:
-    args: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"parity {' '.join(self.args)} -> exit {self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr[-3000:]}"
-
-
-def run_cli(args: list, *, env: dict[str, str]) -> Cli:
-    args = [str(a) for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "parity.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    return Cli(args=args, rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
-
-
-def run_concurrently(commands: dict[str, list], *, env: dict[str, str]) -> dict[str, Cli]:
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {name: pool.submit(run_cli, args, env=env) for name, args in commands.items()}
-        return {name: f.result() for name, f in futures.items()}
 
 
 def assert_same_checkpoint(got: Checkpoint, want: Checkpoint) -> None:
@@ -76,8 +45,7 @@ def assert_same_checkpoint(got: Checkpoint, want: Checkpoint) -> None:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    env.pop("FORCE_COLOR", None)
+    env = cli_env()
     tmp = tmp_path_factory.mktemp("convert")
     (tmp / "occupied").mkdir()
     (tmp / "occupied" / "notes.txt").write_text("keep me")

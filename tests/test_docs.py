@@ -11,13 +11,17 @@ The convention (docs/guide.md follows it, and so must any new page):
   collapsed, so terminal wrapping does not matter; ``...`` in the pasted line matches anything, for
   numbers that depend on the machine). That is a cheap guard against stale pasted output. Every
   other pasted line (progress, tables, trimmed parts) is illustration and is not checked.
-- Commands run with bash from the repository root, one after another in document order, because
-  a later command may read what an earlier one wrote (``parity report`` reads an earlier
-  ``--json``). The venv's bin comes first on PATH; PARITY_CACHE_DIR is a compile cache private to
-  this test session; COLUMNS=150, no colour.
-- Whatever the docs write goes under ``/tmp/parity-docs/`` or ``reports/`` (git-ignored). This test
-  runs every command with ``/tmp/parity-docs`` rewritten to a directory of its own session, so
-  a command that refuses to overwrite (``parity convert``) finds a clean place every time.
+- Commands run with bash, one after another in document order, because a later command may read
+  what an earlier one wrote (``parity report`` reads an earlier ``--json``). So the test of one
+  command first runs whatever of its file comes before it (once per session; each file in its
+  own directories), and any one test can run alone or in any order. The venv's bin comes first
+  on PATH; PARITY_CACHE_DIR is the session's compile cache (tests/conftest.py); COLUMNS=150, no
+  colour.
+- Whatever the docs write goes under ``/tmp/parity-docs/`` or ``reports/``, and neither is the
+  real one: commands run in a view of the checkout (a temporary directory of symlinks to every
+  top-level entry but ``reports/``, which is a fresh empty directory there), with
+  ``/tmp/parity-docs`` rewritten to a directory of the same session. So a test never writes into
+  the checkout, and a command that refuses to overwrite (``parity convert``) finds a clean place.
 - Commands in ```bash / ```sh / ```shell blocks are not run; each must also appear as a ``$ ``
   command somewhere (README's first two lines do: ``./scripts/demo`` in the guide's quick start),
   so no command can hide from this test in a differently fenced block.
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml  # pyyaml: a declared test dependency
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -160,32 +165,86 @@ def docs_env(*, scratch: Path, cache: Path) -> dict[str, str]:
     return env
 
 
-def run_doc_command(cmd: DocCommand, *, env: dict[str, str], scratch: Path) -> subprocess.CompletedProcess:
+def checkout_view(root: Path) -> Path:
+    """A directory that looks like the checkout (symlinks to its top-level entries) but has an empty
+    ``reports/`` of its own: what the documented commands write lands here, not in the checkout."""
+    view = root / "checkout"
+    view.mkdir(parents=True, exist_ok=True)
+    for entry in REPO.iterdir():
+        if entry.name not in ("reports", ".git") and not (view / entry.name).exists():
+            (view / entry.name).symlink_to(entry)
+    (view / "reports").mkdir(exist_ok=True)
+    return view
+
+
+def venv_is_current() -> bool:
+    """scripts/setup's stamp matches pyproject.toml, so ./scripts/* will not reinstall (which, run
+    from the view, would install the project from a temporary directory)."""
+    import hashlib
+
+    stamp = Path(sys.prefix) / ".parity-installed"
+    want = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    return stamp.is_file() and stamp.read_text().strip() == want
+
+
+def run_doc_command(cmd: DocCommand, *, env: dict[str, str], scratch: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", "-c", cmd.command.replace(DOCS_TMP, str(scratch))], cwd=REPO, env=env,
+        ["bash", "-c", cmd.command.replace(DOCS_TMP, str(scratch))], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S,
     )
+
+
+class DocFileRun:
+    """One doc file's commands, each run once, in document order, in the file's own view and scratch."""
+
+    def __init__(self, path: Path, *, root: Path, cache: Path):
+        self.commands = [c for c in COMMANDS if c.path == path and c.command not in EXCLUDED]
+        self.scratch = root / "parity-docs"
+        self.env = docs_env(scratch=self.scratch, cache=cache)
+        self.view = checkout_view(root)
+        self.done: dict[int, subprocess.CompletedProcess] = {}
+
+    def run_through(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        for earlier in self.commands[: self.commands.index(cmd) + 1]:
+            if earlier.line not in self.done:
+                if "./scripts/" in earlier.command and not venv_is_current():
+                    pytest.fail(f"{earlier.id}: the venv is older than pyproject.toml; run ./scripts/setup first "
+                                "(else the script would reinstall the project from this test's temporary view)")
+                self.done[earlier.line] = run_doc_command(earlier, env=self.env, scratch=self.scratch, cwd=self.view)
+        return self.done[cmd.line]
 
 
 # ----------------------------------------------------------------------------- tests
 
 
 @pytest.fixture(scope="module")
-def session_dirs(tmp_path_factory) -> tuple[dict[str, str], Path]:
-    root = tmp_path_factory.mktemp("docs")
-    scratch = root / "parity-docs"
-    return docs_env(scratch=scratch, cache=root / "compile-cache"), scratch
+def doc_runs(tmp_path_factory, compile_cache):
+    runs: dict[Path, DocFileRun] = {}
+
+    def get(path: Path) -> DocFileRun:
+        if path not in runs:
+            runs[path] = DocFileRun(path, root=tmp_path_factory.mktemp(f"docs-{path.stem}"), cache=compile_cache)
+        return runs[path]
+
+    return get
 
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.command not in EXCLUDED], ids=lambda c: c.id)
-def test_documented_command(cmd: DocCommand, session_dirs):
-    env, scratch = session_dirs
-    proc = run_doc_command(cmd, env=env, scratch=scratch)
+def test_documented_command(cmd: DocCommand, doc_runs):
+    run = doc_runs(cmd.path)
+    proc = run.run_through(cmd)
     shown = f"$ {cmd.command}\n{proc.stdout[-6000:]}"
     assert proc.returncode == cmd.exit_code, f"{cmd.id}: exit {proc.returncode}, the docs say {cmd.exit_code}\n{shown}"
-    real = normalise(proc.stdout.replace(str(scratch), DOCS_TMP))
+    real = normalise(proc.stdout.replace(str(run.scratch), DOCS_TMP))
     for pasted in cmd.verdicts:
         assert verdict_pattern(pasted).search(real), f"{cmd.id}: stale pasted output, not printed now:\n  {pasted}\n{shown}"
+
+
+def test_documented_commands_leave_the_checkout_alone(tmp_path):
+    view = checkout_view(tmp_path)
+    assert (view / "reports").is_dir() and not (view / "reports").is_symlink()
+    assert not any((view / "reports").iterdir())
+    assert (view / "fixtures").resolve() == REPO / "fixtures"
 
 
 def test_every_doc_has_runnable_commands():
@@ -218,7 +277,6 @@ def test_every_subcommand_is_documented():
 
 def test_ci_example_does_what_the_guide_says():
     # An example, never run (no GitHub here): at least it must parse and keep the promised steps.
-    yaml = pytest.importorskip("yaml")
     text = (REPO / "docs" / "ci-example.yml").read_text(encoding="utf-8")
     steps = [step for job in yaml.safe_load(text)["jobs"].values() for step in job["steps"]]
     runs = "\n".join(step.get("run", "") for step in steps)
@@ -250,10 +308,12 @@ if __name__ == "__main__":
 
     wanted = {Path(a).resolve() for a in sys.argv[1:]}
     with tempfile.TemporaryDirectory(prefix="parity-docs-") as tmp:
-        env = docs_env(scratch=Path(tmp) / "parity-docs", cache=Path(os.environ.get("PARITY_CACHE_DIR", Path(tmp) / "cache")))
-        for c in COMMANDS:
-            if (wanted and c.path not in wanted) or c.command in EXCLUDED:
+        for path in DOC_FILES:
+            if wanted and path not in wanted:
                 continue
-            proc = run_doc_command(c, env=env, scratch=Path(tmp) / "parity-docs")
-            print(f"==== {c.id}  (exit {proc.returncode}, docs say {c.exit_code})\n$ {c.command}")
-            print(proc.stdout.replace(str(Path(tmp) / "parity-docs"), DOCS_TMP), flush=True)
+            run = DocFileRun(path, root=Path(tmp) / path.stem,
+                             cache=Path(os.environ.get("PARITY_CACHE_DIR", Path(tmp) / "cache")))
+            for c in run.commands:
+                proc = run.run_through(c)
+                print(f"==== {c.id}  (exit {proc.returncode}, docs say {c.exit_code})\n$ {c.command}")
+                print(proc.stdout.replace(str(run.scratch), DOCS_TMP), flush=True)

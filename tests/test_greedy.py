@@ -20,17 +20,6 @@ PROMPT = [1] * 10
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory: pytest.TempPathFactory):
-    # The path tests/compiled and tests/dumpers use, so the plain build compiles once per session;
-    # PARITY_CACHE_DIR too, so nothing here can read or fill a developer's ~/.cache.
-    path = tmp_path_factory.getbasetemp() / "parity-compile-cache"
-    path.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PARITY_CACHE_DIR", str(path))
-        yield path
-
-
-@pytest.fixture(scope="session")
 def ck() -> Checkpoint:
     return load_checkpoint(FIXTURE)
 
@@ -86,13 +75,13 @@ def test_reference_and_tvm_choose_the_same_tokens(ck, compile_cache):
     assert result["first_token_divergence"] is None
     (cmp,) = result["comparisons"]
     assert cmp["tokens_equal"] and len(cmp["teacher_forced_max_abs"]) == 8
-    assert cmp["max_abs"] < 1e-3 and cmp["max_abs"] > 0  # fp32 rounding differs, but only a little
+    # fp32 rounding may differ, but only a little (and may not at all: equal logits are no failure).
+    assert cmp["max_abs"] < 1e-3
     assert len(result["margins"]) == 8 and all(m > 0 for m in result["margins"])
     json.dumps(result, allow_nan=False)
 
 
 def test_official_package_agrees(ck, compile_cache):
-    pytest.importorskip("rwkv")
     result = greedy_compare(ck, backends=["reference", "chatrwkv"], prompt_ids=PROMPT, steps=4)
     assert result["backends"]["chatrwkv"]["tokens"] == result["backends"]["reference"]["tokens"]
     assert result["comparisons"][0]["max_abs"] < 1e-3

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +22,11 @@ from parity.cli import main
 from parity.dumpers.plugin import load_plugin_backend
 from parity.errors import ParityError
 from parity.stages import stage_order
+from parity_cli import REPO, Pending, cli_env
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = "examples/numpy_rwkv5.py"  # relative, as docs/backends.md writes it; runs use cwd=REPO
 FIXTURE_L4 = "fixtures/rwkv5_2-L4-C128-H2.pth"  # the demo model
 FIXTURE_HN = "fixtures/rwkv5_2-L2-C144-H12.pth"  # H = N = 12: (H, N) / (N, H) mix-ups keep every shape
-TIMEOUT_S = 120
 
 # A port of someone else's, outside the package: it wraps the numpy example and plants one bug
 # per factory, or breaks the plug-in contract in one way per factory.
@@ -128,8 +125,8 @@ def run_inproc(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_module_attribute_form_runs_in_process(port, capsys) -> None:
-    rc, out, _ = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:good")
-    assert rc == 0 and out.startswith("no divergence"), out
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:good")
+    assert rc == 0 and out.startswith("no divergence"), out + err
 
 
 def test_a_transposed_state_is_caught_at_the_state_slot(port, capsys, tmp_path) -> None:
@@ -211,42 +208,12 @@ def test_numpy_port_refusal_is_a_parity_error() -> None:
 # -- the real command, in subprocesses ----------------------------------------------------------
 
 
-@dataclass
-class Cli:
-    args: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-    result: dict | None
-
-    def __str__(self) -> str:
-        return f"parity {' '.join(self.args)} -> exit {self.rc}\n--- stdout\n{self.stdout[-2000:]}\n--- stderr\n{self.stderr[-3000:]}"
-
-
-class Pending:
-    """A ``parity`` subprocess started early; ``get()`` waits for it once and keeps the result."""
-
-    def __init__(self, args: list[str], *, env: dict[str, str], json_path: Path):
-        self.args, self.json_path, self.cli = [*args, "--json", str(json_path)], json_path, None
-        self.proc = subprocess.Popen([sys.executable, "-m", "parity.cli", *self.args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def get(self) -> Cli:
-        if self.cli is None:
-            stdout, stderr = self.proc.communicate(timeout=TIMEOUT_S)
-            result = json.loads(self.json_path.read_text()) if self.json_path.exists() else None
-            self.cli = Cli(args=self.args, rc=self.proc.returncode, stdout=stdout, stderr=stderr, result=result)
-        return self.cli
-
-
 @pytest.fixture(scope="module", autouse=True)
 def runs(tmp_path_factory):
     """Started before the first test of the file, so the in-process tests run while they do."""
     tmp = tmp_path_factory.mktemp("plugin-runs")
     write_port(tmp, module="outside_port")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))}
-    env.pop("FORCE_COLOR", None)
-    env |= {"NO_COLOR": "1", "COLUMNS": "200"}  # plain text, so the asserted strings are stable
+    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")])))
     commands = {
         "demo model": ["--checkpoint", FIXTURE_L4, "--backends", f"reference,{EXAMPLE}:make_backend"],
         # T = H = N = 12 in the prefill: a (T, C) -> (H, T, N) mix-up would keep every shape too.
@@ -254,13 +221,11 @@ def runs(tmp_path_factory):
                         "--ids", "random:12:3"],
         "nudged logits": ["--checkpoint", FIXTURE_L4, "--backends", "reference,outside_port:nudged_logits"],
     }
-    pending = {name: Pending(["run", *args], env=env, json_path=tmp / f"{i}.json")
+    pending = {name: Pending(["run", *args, "--json", tmp / f"{i}.json"], env=env)
                for i, (name, args) in enumerate(commands.items())}
     yield pending
     for p in pending.values():
-        if p.proc.poll() is None:  # a test failed before waiting for it
-            p.proc.kill()
-            p.proc.communicate()
+        p.stop()
 
 
 @pytest.mark.parametrize("name", ["demo model", "H = N model"])

@@ -10,6 +10,10 @@ Needs Playwright for Python (pip) and a Chromium: the system one (Debian's ``chr
 ``$PARITY_CHROMIUM``) or one that ``playwright install chromium`` fetched. Without them the tests
 skip, except where ``$CI`` or ``$PARITY_REQUIRE_BROWSER`` is set: there a missing browser fails,
 so CI cannot go green without having looked at the page.
+
+The full-page screenshot goes under pytest's base temp dir, never into the checkout:
+``/tmp/pytest-of-$USER/pytest-N/browser/report.png`` (pytest keeps the last three runs'
+directories; ``pytest-current`` links the newest), or wherever ``$PARITY_SCREENSHOT`` names.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import pytest
 from parity.report.html import record_anchor, write_html
 
 REPO = Path(__file__).resolve().parents[2]
-SCREENSHOT = REPO / "reports" / "browser" / "report.png"
 # The smallest v5.2 fixture (the mutant is a v5.2 GroupNorm bug): two layers keep the compile and a
 # full-page screenshot (whose time grows with the table) short.
 CHECKPOINT = REPO / "fixtures" / "rwkv5_2-L2-C144-H12.pth"
@@ -79,7 +82,7 @@ def report(browser, tmp_path_factory) -> tuple[Path, dict]:
     from parity.session import run_parity
 
     outcome = run_parity(CHECKPOINT, backends=["reference", MUTANT], plan=RunPlan(prefill_ids=PREFILL, decode_ids=DECODE),
-                         mode="both", cache_dir=tmp_path_factory.mktemp("cache"),
+                         mode="both",  # the session's compile cache: $PARITY_CACHE_DIR (tests/conftest.py)
                          command="parity run (browser test)")
     result = outcome.result
     # What the rest of the file relies on: the mutant's own stage is named, by the isolated verdict.
@@ -213,7 +216,7 @@ def test_failing_only_filter_hides_passing_rows(page, report):
     assert page.problems == []
 
 
-def test_copy_button_and_full_page_screenshot(page, report):
+def test_copy_button_and_full_page_screenshot(page, report, tmp_path_factory):
     button = page.locator('button.copy[data-for="repro"]')
     button.click()
     page.wait_for_function("() => document.querySelector('button.copy[data-for=repro]').textContent !== 'copy'")
@@ -221,7 +224,8 @@ def test_copy_button_and_full_page_screenshot(page, report):
     assert page.evaluate("() => window.getSelection().toString()") == report[1]["repro"]
     page.click(f'table.hm td a[href="#{record_anchor(0, "L0.att.ln_x")}"]')
     page.evaluate("() => { window.getSelection().removeAllRanges(); window.scrollTo(0, 0); }")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shot = Path(os.environ.get("PARITY_SCREENSHOT") or tmp_path_factory.getbasetemp() / "browser" / "report.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.problems == []
