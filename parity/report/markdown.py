@@ -72,7 +72,7 @@ def render_markdown(result: dict, *, html_link: str = HTML_LINK_PLACEHOLDER, top
     elif diverged:
         parts.append("The verdict is divergence but the result names no first divergence; see the failing "
                      "records below.")
-    parts += [p for p in (_reproduce(result), _warnings(result), _comparisons(result)) if p]
+    parts += [p for p in (_reproduce(result), _model_checks(result), _warnings(result), _comparisons(result)) if p]
     parts.append(_worst_table(records, top=top))
     parts.append(f"[Full HTML report]({_link_target(html_link)})")
     return "\n\n".join(parts) + "\n"
@@ -240,6 +240,25 @@ def _reproduce(result: dict) -> str | None:
         command = shlex.join(["parity", "diff", exp, act])
     # The fence keeps the command copy-pasteable byte for byte; escaping it would break the copy.
     return "Reproduce:\n\n" + _fence(command.strip(), info="sh")
+
+
+def _model_checks(result: dict) -> str | None:
+    """One line each for the optional model-level blocks a run may carry (absent: nothing)."""
+    lines = []
+    e2e, own, drift = (_side(result, k) for k in ("end_to_end", "own_error", "drift"))
+    if e2e:
+        lines.append(f"- End-to-end: KL mean {_fmt(e2e.get('kl_mean'))} / max {_fmt(e2e.get('kl_max'))} nats, top-1 "
+                     f"agreement {_fmt(e2e.get('top1_agreement'), digits=4)} ({_fmt(e2e.get('top1_flips'))} flips), "
+                     f"top-5 overlap {_fmt(e2e.get('top5_overlap'), digits=4)} over {_fmt(e2e.get('rows'))} rows")
+    if own:
+        fd = _side(own, "first_divergence")
+        where = f"; first at {_step_label(fd.get('step'), fd.get('step_kind'))} {_code(fd.get('stage'))}" if fd else ""
+        lines.append(f"- Error each stage adds ({_text(own.get('method') or '?')}): {_text(own.get('verdict') or '?')}, "
+                     f"worst {_fmt(own.get('worst_ratio'))}\u00d7 its tolerance at {_code(own.get('worst_stage'))}{where}")
+    if drift:
+        lines.append(f"- Drift through the layers: {_text(drift.get('status') or '?')} (worst {_fmt(drift.get('worst_ratio'))}"
+                     f", envelope {_fmt(drift.get('envelope'))})")
+    return "\n".join(lines) if lines else None
 
 
 def _warnings(result: dict) -> str | None:

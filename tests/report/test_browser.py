@@ -145,10 +145,17 @@ def test_loads_offline_and_shows_verdict_panel_and_heat_map(page, report):
     assert "First divergence" in text and "L0.att.ln_x" in text and "prefill" in text
     assert f"token id {PREFILL[first['row']]}" in text
     assert result["repro"] in page.locator("#repro").inner_text()
-    assert panel.locator("svg.chart").first.is_visible()  # the error histogram
+    assert panel.locator("svg.chart").first.is_visible()  # the error histogram, drawn by the page's script
+    hist = result["first_divergence_detail"]["histogram"]
+    n_bars = len(hist["counts"]) + bool(hist["exact"]) + bool(hist["nonfinite"])
+    assert panel.locator("svg.chart").first.locator("rect.bar").count() == n_bars
     assert page.locator("table.hm").first.is_visible()
     assert page.locator("table.hm td.fd").is_visible()
     assert page.locator("#modes").is_visible() and page.locator("#growth svg.chart").count() == 2
+    n_steps = len({r["step"] for r in result["records"]})
+    assert page.locator("#growth svg.chart").first.locator("path").count() == n_steps  # one line per step
+    # Fits a 1280 px window: nothing scrolls sideways (the records table scrolls inside its own box).
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 1280
     assert page.locator("table.rec tbody tr").count() == len(result["records"])
     assert page.problems == []
     assert all(url.startswith("file://") for url in page.requests), page.requests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -411,8 +412,10 @@ def test_renders_what_the_compare_engine_produces():
 # ----------------------------------------------------------------------------- issue 5 / 6 sections
 
 
-def _svgs(markup: str) -> list[str]:
-    return re.findall(r"<svg\b.*?</svg>", markup, flags=re.S)
+def _charts(markup: str) -> list[dict]:
+    """The data of each chart (``<figure class="plot" data-chart=...>``) that report.js draws; the
+    drawing itself is checked in a real browser (tests/report/test_browser.py)."""
+    return [json.loads(html.unescape(d)) for d in re.findall(r'<figure class="plot" data-chart="([^"]*)">', markup)]
 
 
 def test_every_section_renders_well_formed_and_linked():
@@ -456,31 +459,31 @@ def test_error_histogram_of_the_first_diverging_tensor():
     result = _full_result()
     panel = _section(render_html(result), "first-divergence")
     assert "Error histogram of <code>L1.att.wkv</code> at decode step 1" in panel
-    hist, rows = _svgs(panel)
+    hist, rows = _charts(panel)
     hist_counts = result["first_divergence_detail"]["histogram"]["counts"]
-    # one bar per bin, one for the exact elements; no non-finite bar when there are none
-    assert hist.count("<rect") == len(hist_counts) + 1
-    assert "1 elements exactly equal" in hist and "non-finite (NaN/Inf)" not in hist
-    for k in (-8, -7, -6, -5, -4, -3):
-        assert f">10{str(k).translate(str.maketrans('-0123456789', '⁻⁰¹²³⁴⁵⁶⁷⁸⁹'))}</text>" in hist
-    assert "atol 1e-05" in hist and 'class="tol"' in hist
+    # one bar per bin, and the exact elements counted beside them; no non-finite ones
+    assert [b["count"] for b in hist["bars"]] == hist_counts and hist["exact"] == 1 and hist["nonfinite"] == 0
+    assert (hist["lo"], hist["hi"]) == (-8.0, -2.5) and hist["log_atol"] == pytest.approx(-5.0)
+    assert hist["atol_label"] == "atol 1e-05"
     # bins wholly above atol (1e-5) are red, those below green
-    assert re.search(r'fill="#d73027"><title>1 elements with \|Δ\| in \[0\.000316', hist)
-    assert re.search(r'fill="#85c77f"><title>9 elements with \|Δ\| in \[3\.16e-07', hist)
-    assert "|actual − expected| (log scale)" in hist and ">elements</text>" in hist
+    colours = {b["tip"]: b["colour"] for b in hist["bars"]}
+    assert colours["1 elements with |Δ| in [0.000316, 0.001)"] == "#d73027"
+    assert colours["9 elements with |Δ| in [3.16e-07, 1e-06)"] == "#85c77f"
+    assert "<p class=\"muted\">24 elements: 1 exact, 0 non-finite." in panel
     # the row chart: one bar, the first divergence's row, dark
-    assert rows.count("<rect") == 1 and 'fill="#7f0000"' in rows and "row 0 (token id 41)" in rows
+    (bar,) = rows["bars"]
+    assert bar["colour"] == "#7f0000" and bar["tip"].startswith("row 0 (token id 41)")
 
 
 def test_histogram_absent_or_for_another_stage_says_so():
     result = _full_result()
     result["first_divergence_detail"] = None
     panel = _section(render_html(result), "first-divergence")
-    assert "No error histogram" in panel and "<svg" not in panel
+    assert "No error histogram" in panel and not _charts(panel)
     result = _full_result()
     result["first_divergence_detail"].update(stage="L0.att.k", row_max_abs=None)
     panel = _section(render_html(result), "first-divergence")
-    assert "not the stage named on the left" in panel and len(_svgs(panel)) == 1
+    assert "not the stage named on the left" in panel and len(_charts(panel)) == 1
     result["first_divergence_detail"]["histogram"]["counts"] = [1, 2]  # does not match the edges
     assert "malformed" in _section(render_html(result), "first-divergence")
 
@@ -488,26 +491,27 @@ def test_histogram_absent_or_for_another_stage_says_so():
 def test_error_growth_plot_one_line_per_step_with_legend_and_axes():
     result = _result(n_steps=3)
     growth = _section(render_html(result), "growth")
-    abs_plot, tol_plot = _svgs(growth)
+    abs_plot, tol_plot = _charts(growth)
     for plot in (abs_plot, tol_plot):
-        assert plot.count("<path ") == 3  # prefill, step 1, step 2
-        assert all(f">{label}</text>" in plot for label in ("prefill", "step 1", "step 2"))
-        assert all(f">{x}</text>" in plot for x in ("emb", "L0", "L1", "head")) and ">layer</text>" in plot
-    assert "worst max |Δ| (log)" in abs_plot and ">tolerance</text>" in tol_plot
+        assert len(plot["series"]) == 3  # prefill, step 1, step 2
+        assert [label for _, label in plot["legend"]] == ["prefill", "step 1", "step 2"]
+        assert plot["positions"] == ["emb", "L0", "L1", "head"]
+    assert abs_plot["ylabel"] == "worst max |Δ|" and not abs_plot["tolerance"] and tol_plot["tolerance"]
     # step 1 fails from L1.att.wkv on at min_atol 2.9e-3 against atol 1e-5: 290x at L1, drawn as the
     # first divergence (the big marker) and linked to its row
-    anchor = record_anchor(1, "L1.att.wkv")
-    point = re.search(r'<a href="#' + re.escape(anchor) + r'"><circle [^>]*r="6"[^>]*><title>([^<]*)</title>', tol_plot)
-    assert point and point.group(1) == "step 1 · L1: 290 at L1.att.wkv"
-    assert "prefill · L1: 0.01 at" in tol_plot  # passing: min_atol 1e-7 / atol 1e-5
+    points = [p for series in tol_plot["series"] for p in series["points"]]
+    (first,) = [p for p in points if p["first"]]
+    assert first["href"] == record_anchor(1, "L1.att.wkv") and first["tip"] == "step 1 · L1: 290 at L1.att.wkv"
+    assert any(p["tip"].startswith("prefill · L1: 0.01 at") for p in points)  # passing: min_atol 1e-7 / atol 1e-5
 
 
 def test_error_growth_plot_greys_out_steps_past_the_legend_limit():
     growth = _section(render_html(_result(n_layer=1, n_steps=13, fail=(1, "L0.att.wkv"))), "growth")
-    plot = _svgs(growth)[0]
-    assert plot.count("<path ") == 13
-    assert ">3 more steps</text>" in plot and ">step 9</text>" in plot and ">step 10</text>" not in plot
-    assert "step 11 ·" not in plot  # no markers (nor tooltips) for the greyed-out steps
+    plot = _charts(growth)[0]
+    assert len(plot["series"]) == 13
+    labels = [label for _, label in plot["legend"]]
+    assert labels[-1] == "3 more steps" and "step 9" in labels and "step 10" not in labels
+    assert [s["own"] for s in plot["series"]] == [True] * 10 + [False] * 3  # greyed out: no markers
 
 
 def test_growth_section_absent_without_records():
@@ -608,7 +612,7 @@ def test_text_run_shows_prompt_ids_and_folding():
 def test_greedy_continuations_and_first_token_divergence():
     greedy = _section(render_html(_full_result()), "greedy")
     assert "First token divergence at step 2" in greedy and "a near-tie" in greedy
-    assert "near-tie: reference&#x27;s top-2 margin is 2e-05" in greedy
+    assert "near-tie: reference&#39;s top-2 margin is 2e-05" in greedy  # autoescaped
     assert "<b>7</b>" in greedy and "<b>9</b>" in greedy
     assert '<pre class="text">Hello there</pre>' in greedy and '<pre class="text">Hello thing</pre>' in greedy
     tvm_row = re.search(r"<tr><th><code>tvm</code></th>(.*?)</tr>", greedy).group(1)
@@ -679,10 +683,52 @@ def test_odd_or_partial_session_fields_still_render():
     page = render_html(result)
     c = _parse(page)
     assert not c.errors and c.stack == []
-    hist, rows = _svgs(_section(page, "first-divergence"))
-    assert "3 elements non-finite (NaN/Inf)" in hist and ">NaN</text>" in hist
-    assert rows.count("<rect") == 2 and 'fill="#5e3c99"' in rows  # the exact row has no bar on a log axis
+    hist, rows = _charts(_section(page, "first-divergence"))
+    assert hist["nonfinite"] == 3
+    # the exact row has no bar on a log axis (log None); the NaN row is drawn full height
+    assert [(b["log"] is None, b["colour"]) for b in rows["bars"]] == [
+        (False, "#7f0000"), (False, "#5e3c99"), (True, "#85c77f")]
     assert "Not run" in _section(page, "modes")  # a mode that is not a dict counts as not run
     assert '<p class="note warn"><b>No odd one out</b> \u2014 several pairs disagree' in _section(page, "pairs")
     assert "No token divergence" in _section(page, "greedy")
     assert "step 7: only in actual" in _section(page, "missing")
+
+
+def _model_checks() -> dict:
+    first = _result()["first_divergence"]
+    return {
+        "end_to_end": {"kl_mean": 1.5e-9, "kl_max": 4e-8, "kl_p999": 3e-8, "top1_agreement": 1.0, "top1_flips": 0,
+                       "top1_ties": 2, "top5_overlap": 0.998, "cosine_min": 0.9999991, "rows": 14},
+        "own_error": {"method": "replay", "verdict": "divergence", "worst_ratio": 290.0, "worst_stage": "L1.att.wkv",
+                      "first_divergence": first},
+        "drift": {"status": "beyond", "worst_ratio": 12.0, "envelope": 4.0, "first_over_tolerance": first,
+                  "by_layer": [{"layer": 0, "ratio": 1.5}, {"layer": 1, "ratio": 12.0}, {"layer": 2, "ratio": "inf"}]},
+    }
+
+
+def test_model_level_cards_show_each_block_present_and_nothing_when_absent():
+    page = render_html(_result())
+    assert '<section id="cards"' not in page and "End-to-end" not in page
+    result = _result()
+    result.update(_model_checks())
+    cards = _section(render_html(result), "cards")
+    assert "End-to-end" in cards and "1.5e-09 / 3e-08 / 4e-08" in cards and "(0 flips, 2 ties)" in cards
+    assert "Error each stage adds" in cards and "(replay)" in cards and "<code>290</code>" in cards
+    assert "decode step 1, L1, <code>L1.att.wkv</code>" in cards  # own error's and drift's first divergence
+    assert "Drift through the layers" in cards and "beyond" in cards and "(envelope 4)" in cards
+    widths = re.findall(r'<th>L(\d)</th><td class="n">([^<]+)</td><td><span class="bar" style="width:(\d+)px">', cards)
+    assert widths == [("0", "1.5", "15"), ("1", "12", "120"), ("2", "inf", "120")]  # scaled to the largest finite
+    for key in ("end_to_end", "own_error", "drift"):  # each alone
+        alone = _result()
+        alone[key] = _model_checks()[key]
+        assert '<section id="cards"' in render_html(alone) and not _parse(render_html(alone)).errors
+
+
+def test_model_level_cards_escape_their_strings():
+    evil = "<script>alert(1)</script>"
+    result = _result()
+    result.update(_model_checks())
+    result["own_error"].update(method=evil, worst_stage=evil)
+    result["drift"]["status"] = evil
+    page = render_html(result)
+    assert "<script>alert" not in page and _section(page, "cards").count("&lt;script&gt;") == 3

@@ -162,3 +162,22 @@ def test_tolerance_ratio():
     assert tolerance_ratio({"passed": False, "reason": "shape"}) == math.inf
     assert tolerance_ratio({"passed": False, "reason": "tolerance", "min_atol": "inf", "atol": 1e-5}) == math.inf
     assert tolerance_ratio({"passed": True, "atol": 1e-5}) is None
+
+
+def test_model_level_blocks_get_one_line_each_when_present():
+    from parity.report.markdown import render_markdown
+
+    plain = render_markdown({"verdict": "no divergence", "records": []})
+    assert "End-to-end" not in plain and "Drift" not in plain and "Error each stage adds" not in plain
+    result = {"verdict": "no divergence", "records": [],
+              "end_to_end": {"kl_mean": 1e-9, "kl_max": 2e-8, "top1_agreement": 1.0, "top1_flips": 0,
+                             "top5_overlap": 1.0, "rows": 14},
+              "own_error": {"method": "replay", "verdict": "no divergence", "worst_ratio": 0.4, "worst_stage": "L0.att.wkv",
+                            "first_divergence": None},
+              "drift": {"status": "within", "worst_ratio": 2.0, "envelope": 4.0, "by_layer": []}}
+    lines = render_markdown(result).splitlines()
+    assert [l for l in lines if l.startswith("- End-to-end")] == [
+        "- End-to-end: KL mean 1e-09 / max 2e-08 nats, top-1 agreement 1 (0 flips), top-5 overlap 1 over 14 rows"]
+    assert [l for l in lines if l.startswith("- Error each stage adds")] == [
+        "- Error each stage adds (replay): no divergence, worst 0.4\u00d7 its tolerance at `L0.att.wkv`"]
+    assert [l for l in lines if l.startswith("- Drift")] == ["- Drift through the layers: within (worst 2, envelope 4)"]
