@@ -16,6 +16,7 @@ SPEC is one of (a prefix says which; without one, the form is guessed as listed)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -23,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parity.errors import ParityError
-from parity.prompt.conversation import Message
+from parity.prompt.conversation import Message, read_text_file
 from parity.prompt.mlc import MLCConversation, load_conversation, looks_like_mlc
-from parity.tokenizer.world import read_utf8_file
 
 KINDS = ("text", "file", "ids", "builder", "mlc")
 _BUILDER = re.compile(r"(?P<module>.+\.py|[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_]\w*)")
@@ -108,9 +108,16 @@ def _call_builder(spec: str, *, messages: tuple[Message, ...]) -> TheirPrompt:
                        description=f"builder {spec} called with {given}, returned {'a string' if ids is None else 'token ids'}")
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a literal prompt is often no valid path: too long, NUL, ...
+        return False
+
+
 def _importable(module: str) -> bool:
     if module.endswith(".py"):
-        return Path(module).is_file()
+        return _is_file(module)
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -133,10 +140,10 @@ def resolve_against(spec: str, *, messages: tuple[Message, ...]) -> TheirPrompt:
         if kind == "text":
             return TheirPrompt(kind="text", spec=spec, text=rest, description=f"literal prompt ({len(rest)} characters)")
         if kind == "file":
-            return TheirPrompt(kind="file", spec=spec, text=read_utf8_file(rest, what="prompt file"),
+            return TheirPrompt(kind="file", spec=spec, text=read_text_file(rest, what="prompt file"),
                                description=f"prompt text file {rest}")
         if kind == "ids":
-            ids = parse_ids_text(read_utf8_file(rest, what="ids file"), where=f"ids file {rest}")
+            ids = parse_ids_text(read_text_file(rest, what="ids file"), where=f"ids file {rest}")
             return TheirPrompt(kind="ids", spec=spec, ids=ids, description=f"token ids file {rest} ({len(ids)} ids)")
         if kind == "builder":
             return _call_builder(rest, messages=messages)
@@ -144,9 +151,9 @@ def resolve_against(spec: str, *, messages: tuple[Message, ...]) -> TheirPrompt:
 
     # No prefix: guess, and say so in the description.
     path = Path(spec)
-    if len(spec) < 4096 and "\n" not in spec and path.is_file():
+    if "\n" not in spec and _is_file(spec):
         if path.suffix == ".json":
-            raw = read_utf8_file(path, what="--against file")
+            raw = read_text_file(path, what="--against file")
             try:
                 data = json.loads(raw)
             except json.JSONDecodeError as exc:
@@ -160,13 +167,12 @@ def resolve_against(spec: str, *, messages: tuple[Message, ...]) -> TheirPrompt:
             raise ParityError(f"--against {path}: a JSON file must hold a list of token ids or an MLC conversation "
                               "template (an object with 'roles' and 'seps', or an mlc-chat-config.json with 'conv_template')")
         if path.suffix == ".ids":
-            ids = parse_ids_text(read_utf8_file(path, what="ids file"), where=f"ids file {path}")
+            ids = parse_ids_text(read_text_file(path, what="ids file"), where=f"ids file {path}")
             return TheirPrompt(kind="ids", spec=spec, ids=ids, guessed=True, description=f"token ids file {path} ({len(ids)} ids)")
-        return TheirPrompt(kind="file", spec=spec, text=read_utf8_file(path, what="prompt file"), guessed=True,
+        return TheirPrompt(kind="file", spec=spec, text=read_text_file(path, what="prompt file"), guessed=True,
                            description=f"prompt text file {path}")
     m = _BUILDER.fullmatch(spec)
     if m is not None and _importable(m.group("module")):
-        prompt = _call_builder(spec, messages=messages)
-        return TheirPrompt(**{**prompt.__dict__, "guessed": True})
+        return dataclasses.replace(_call_builder(spec, messages=messages), guessed=True)
     return TheirPrompt(kind="text", spec=spec, text=spec, guessed=True,
                        description=f"literal prompt ({len(spec)} characters; no file or builder by that name)")

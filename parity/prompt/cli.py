@@ -54,16 +54,15 @@ def run_prompt_check(args):
     """The ``PromptCheck`` that the parsed arguments ask for."""
     from parity.prompt.against import resolve_against
     from parity.prompt.check import compare_prompts
-    from parity.prompt.conversation import load_turns, single_turn
+    from parity.prompt.conversation import load_turns, read_text_file, single_turn
     from parity.tokenizer import WorldTokenizer
-    from parity.tokenizer.world import read_utf8_file
 
     if args.greedy is not None and args.checkpoint is None:
         raise ParityError("--greedy needs --checkpoint (it decodes from both prompts with the reference)")
     if args.turns is not None:
         messages = load_turns(args.turns)
     elif args.text_file is not None:
-        messages = single_turn(read_utf8_file(args.text_file, what="--text-file"))
+        messages = single_turn(read_text_file(args.text_file, what="--text-file"))
     else:
         messages = single_turn(args.text)
     tokenizer = WorldTokenizer()

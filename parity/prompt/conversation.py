@@ -42,6 +42,13 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
+def read_text_file(path, *, what: str) -> str:
+    """``read_utf8_file`` that also turns a NUL in the path (a ValueError from os) into a ParityError."""
+    if "\x00" in str(path):
+        raise ParityError(f"cannot read {what} {str(path)!r}: a path cannot contain a NUL character")
+    return read_utf8_file(path, what=what)
+
+
 def single_turn(text: str) -> tuple[Message, ...]:
     if not isinstance(text, str):
         raise ParityError(f"the message must be a string, got {type(text).__name__}")
@@ -86,7 +93,7 @@ def parse_turns(data, *, where: str) -> tuple[Message, ...]:
 
 def load_turns(path: str | Path) -> tuple[Message, ...]:
     """``--turns FILE``: a JSON list of messages."""
-    raw = read_utf8_file(path, what="--turns file")
+    raw = read_text_file(path, what="--turns file")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:

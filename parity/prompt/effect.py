@@ -83,7 +83,7 @@ def model_effect(checkpoint, *, ours_ids, theirs_ids, tokenizer, greedy_steps: i
     from parity.checkpoint import Checkpoint, load_checkpoint
     from parity.greedy import ReferenceStepper, decode_run
     from parity.prompt.check import token_text
-    from parity.scenarios import fit_ids, fold_warning
+    from parity.scenarios import fit_ids
 
     if type(greedy_steps) is not int or greedy_steps < 1:
         raise ParityError(f"--greedy must be an integer >= 1, got {greedy_steps!r}")
@@ -93,7 +93,13 @@ def model_effect(checkpoint, *, ours_ids, theirs_ids, tokenizer, greedy_steps: i
     folded = ours_model != tuple(ours_ids) or theirs_model != tuple(theirs_ids)
     warnings = []
     if folded:
-        warnings.append(fold_warning(tokenizer_ids=tuple(ours_ids) + tuple(theirs_ids), vocab_size=vocab))
+        every = tuple(ours_ids) + tuple(theirs_ids)
+        changed = sum(1 for i in every if i >= vocab)
+        warnings.append(f"vocab folded: the model has {vocab} token ids but the prompts' ids go up to {max(every)}; "
+                        f"{changed} of {len(every)} ids were mapped to id % {vocab}, so the model runs on ids that no "
+                        "longer spell either prompt")
+        if ours_model == theirs_model:
+            warnings.append("the two prompts fold to the same ids: on this model their difference cannot show")
 
     stepper = ReferenceStepper(ck)
     ours_tokens, ours_rows = decode_run(stepper, prompt_ids=list(ours_model), steps=greedy_steps)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parity.errors import ParityError
-from parity.tokenizer.world import read_utf8_file
 
 SYSTEM_PLACEHOLDER = "{system_message}"
 FUNCTION_PLACEHOLDER = "{function_string}"
@@ -166,7 +165,9 @@ def load_conversation(path: str | Path, *, data=None) -> MLCConversation:
     """A conversation template JSON file, or an ``mlc-chat-config.json`` (its ``conv_template``)."""
     where = str(path)
     if data is None:
-        raw = read_utf8_file(path, what="MLC template")
+        from parity.prompt.conversation import read_text_file
+
+        raw = read_text_file(path, what="MLC template")
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:

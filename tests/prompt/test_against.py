@@ -46,6 +46,8 @@ def test_literal_text(tmp_path):
     assert (p.kind, p.text, p.guessed) == ("text", "User: Hi", True)
     p = resolve_against("text:file:x", messages=ONE)  # the prefix wins over what follows
     assert (p.kind, p.text) == ("text", "file:x")
+    for literal in ("x" * 300, "a\x00b", "User: " + "w/" * 200):  # no valid path: still a literal, no OSError
+        assert resolve_against(literal, messages=ONE).text == literal
 
 
 def test_prompt_file_kept_byte_for_byte(tmp_path):
@@ -102,6 +104,12 @@ def test_mlc(tmp_path):
     path.write_text(json.dumps({"a": 1}), encoding="utf-8")
     with pytest.raises(ParityError, match="list of token ids or an MLC conversation template"):
         resolve_against(str(path), messages=ONE)
+
+
+@pytest.mark.parametrize("kind", ["file", "ids", "mlc"])
+def test_nul_in_a_path_is_an_input_error(kind):
+    with pytest.raises(ParityError, match="NUL"):
+        resolve_against(f"{kind}:a\x00b", messages=ONE)
 
 
 def test_empty_spec():
