@@ -90,7 +90,8 @@ def describe_lines(check: PromptCheck) -> list[str]:
 
 
 def _md_code(text: str) -> str:
-    return "`" + text.replace("`", "ˋ") + "`"
+    # A backtick would end the code span and a bare "|" the table cell; both are shown escaped.
+    return "`" + text.replace("`", "\u02cb").replace("|", "\\|") + "`"
 
 
 def markdown(check: PromptCheck) -> str:
@@ -105,7 +106,7 @@ def markdown(check: PromptCheck) -> str:
             f"| characters | {len(check.ours_text)} | {len(check.theirs_text) if check.theirs_text is not None else '-'} |",
             f"| tokens | {t.ours_count} | {t.theirs_count} |"]
     if c is not None and not c.equal:
-        out.append(f"| first character difference: {c.index} (line {c.line}, col {c.column}) | "
+        out.append(f"| first character difference: {c.index} (line {c.line}, col {c.column}), {c.where} | "
                    f"{_md_code(c.ours_snippet)} | {_md_code(c.theirs_snippet)} |")
     if not t.equal:
         out.append(f"| first token difference: {t.index} | "
