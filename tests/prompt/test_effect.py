@@ -71,3 +71,22 @@ def test_kl_divergence_edges():
     assert kl_divergence(p, p) == 0.0
     assert kl_divergence(p, np.array([0.25, 0.25, 0.5])) == pytest.approx(math.log(2))
     assert kl_divergence(p, np.array([1.0, 0.0, 0.0])) == math.inf
+
+
+def test_full_vocabulary_is_not_folded(tmp_path, world):
+    """A model with the World vocabulary (V = 65536): ids run as they are, and tokens show as text."""
+    from parity.synthetic import make_config, make_weights
+
+    cfg = make_config(n_layer=1, n_embd=16, head_size=8, vocab_size=65536, version="5.2")
+    path = tmp_path / "world-vocab.pth"
+    torch.save(make_weights(cfg, seed=0), path)
+    ours_ids, theirs_ids = world.encode(OURS), world.encode(OURS + " ")
+    effect = model_effect(path, ours_ids=ours_ids, theirs_ids=theirs_ids, tokenizer=world, greedy_steps=3)
+    assert not effect.vocab_folded and effect.warnings == ()
+    assert effect.ours_model_ids == tuple(ours_ids)
+    for token_id, _, text in effect.ours_top + effect.theirs_top:
+        if token_id in world.vocab.id_to_bytes:  # the model's rows past the vocabulary file have no text
+            assert text == world.decode_bytes([token_id]).decode("utf-8", errors="backslashreplace") \
+                .replace(" ", "\u2420").replace("\n", "\u23ce")
+    model = make_reference(load_checkpoint(path))
+    assert list(effect.ours_greedy) == greedy(model, ours_ids, 3)
