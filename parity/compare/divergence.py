@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from parity.compare.endtoend import RowMetrics, logit_rows, summarize
 from parity.compare.metrics import RecordMetrics, compare_arrays, json_safe
 from parity.compare.tolerance import TolerancePolicy
 from parity.errors import ParityError
@@ -105,6 +106,8 @@ class RunComparison:
     policy: TolerancePolicy
     expected_description: dict
     actual_description: dict
+    # End-to-end metrics of the logits rows, per step (parity/compare/endtoend.py).
+    logit_metrics: dict[int, RowMetrics] = field(default_factory=dict)
 
     @property
     def first_divergence(self) -> StageRecord | None:
@@ -136,6 +139,21 @@ class RunComparison:
         ]
         return max(values) if values else None
 
+    def end_to_end(self) -> dict | None:
+        """KL / top-1 / top-5 / cosine over every compared logits row, and per step; None without logits."""
+        if not self.logit_metrics:
+            return None
+        every = RowMetrics()
+        per_step = []
+        for index in sorted(self.logit_metrics):
+            rows = self.logit_metrics[index]
+            every.extend(rows)
+            s = summarize(rows)
+            per_step.append({"step": index, "rows": s["rows"], "kl_max": s["kl_max"],
+                             "top1_agreement": s["top1_agreement"], "top1_flips": s["top1_flips"]})
+        # Every row's KL is kept so a corpus of runs can be aggregated into exact percentiles.
+        return {**summarize(every), "per_step": per_step, "kl_rows": json_safe(every.kl)}
+
     def to_dict(self) -> dict:
         first = self.first_divergence
         return {
@@ -150,6 +168,7 @@ class RunComparison:
             "unmatched_steps": [
                 {"index": u.index, "kind": u.kind, "present_in": u.present_in} for u in self.unmatched_steps
             ],
+            "end_to_end": self.end_to_end(),
             "summary": {
                 "records": len(self.records),
                 "failed": len(self.failed),
@@ -197,6 +216,7 @@ def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy)
 
     records: list[StageRecord] = []
     missing: list[MissingStage] = []
+    logit_metrics: dict[int, RowMetrics] = {}
     for step in steps:
         # One step per side in memory at a time: a long decode run's dump can exceed RAM.
         expected_arrays = expected.read_step(step.index)
@@ -220,6 +240,10 @@ def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy)
                     step=step.index, step_kind=step.kind, stage=stage, layer=info.layer, metrics=metrics
                 )
             )
+            if stage == "logits" and metrics.reason != "shape" and np.asarray(expected_arrays[stage]).ndim >= 1:
+                # A flip between two logits closer than the logits' own tolerance is a tie, not a miss.
+                tie = metrics.effective_atol if metrics.effective_atol is not None else policy.for_stage(stage).atol
+                logit_metrics[step.index] = logit_rows(actual_arrays[stage], expected_arrays[stage], tie_atol=tie)
         del expected_arrays, actual_arrays
 
     return RunComparison(
@@ -230,4 +254,5 @@ def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy)
         policy=policy,
         expected_description=expected.describe(),
         actual_description=actual.describe(),
+        logit_metrics=logit_metrics,
     )
