@@ -1,9 +1,11 @@
 """``parity bisect``: the engineer's workflow, automated — step, then layer, then stage.
 
 1. A propagated run says *whether* and roughly where the two implementations part.
-2. An isolated run (every compiled layer of every step fed the yardstick's inputs) says where the
-   error is *made*: the first step with any stage out of tolerance, then the first layer in it,
-   then the first stage of that layer. Each decision is printed with the numbers behind it.
+2. An own-error run says where the error is *made*: our compiled build runs isolated (every layer
+   of every step fed the yardstick's inputs), any other backend — plug-ins, chatrwkv, hf, a saved
+   port — is replayed (the reference re-runs each layer on the backend's own recorded inputs).
+   Then: the first step with any stage out of tolerance, the first layer in it, the first stage of
+   that layer. Each decision is printed with the numbers behind it.
 3. It ends with a one-line command that reruns just that layer of that step.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from parity.checkpoint import Checkpoint
 from parity.dumpers.backends import RunPlan
+from parity.errors import ParityError
 from parity.session import run_parity
 
 
@@ -49,15 +52,21 @@ def bisect(
     result = run.result
     prop = result["modes"]["propagated"]
     out.propagated = prop["first_divergence"] if prop else None
+    own = run.own_comparisons.get(suspect) or run.own_comparisons.get(yardstick)
+    if own is None:
+        raise ParityError(f"{suspect} cannot be replayed: it records no layer's input and state "
+                          "(docs/backends.md, 'replay'); bisect needs each layer's emb/x_out and state")
+    judged = suspect if suspect in run.own_comparisons else yardstick
+    method = result["own_errors"][judged]["method"]
     if out.propagated is None:
         decide(f"propagated: {suspect} matches {yardstick} on every stage of every step")
     else:
         fd = out.propagated
         decide(f"propagated: first divergence at step {fd['step']} ({fd['step_kind']}), {fd['stage']} "
                f"(max abs {_fmt(fd['max_abs'])}); errors propagate, so this is where to start, not the answer")
-    records = [r for r in result["records"]]  # the isolated comparison is the top level
-    if result["first_divergence"] is None:
-        decide("isolated: every layer of every step adds only in-tolerance error: no faulty stage")
+    records = own["records"]
+    if own["first_divergence"] is None:
+        decide(f"{method}: every layer of every step adds only in-tolerance error: no faulty stage")
         return out
     by_step: dict[int, list[dict]] = {}
     for r in records:
@@ -67,7 +76,7 @@ def bisect(
         kind = "prefill" if step == 0 else f"decode step {step}"
         if not failed:
             worst = max(by_step[step], key=lambda r: r["max_abs"] if isinstance(r["max_abs"], float) else 0.0)
-            decide(f"step {step} ({kind}): clean in isolation (largest own error {_fmt(worst['max_abs'])} at {worst['stage']})")
+            decide(f"step {step} ({kind}): clean in {method} (largest own error {_fmt(worst['max_abs'])} at {worst['stage']})")
             continue
         decide(f"step {step} ({kind}): {len(failed)} stage(s) add error out of tolerance -> this step")
         layers = sorted({r["layer"] for r in by_step[step] if r["layer"] is not None})
@@ -92,8 +101,9 @@ def bisect(
     decode = list(plan.decode_ids)[: out.found["step"]]
     argv = ["parity", "run", "--checkpoint", str(ck.path), "--backends", f"{yardstick},{suspect}", "--ids", ids]
     argv += ["--decode-ids", ",".join(map(str, decode))] if decode else ["--decode-steps", "0"]
-    argv += ["--mode", "isolated", "--only-step", str(out.found["step"])]
-    if layer is not None:
-        argv += ["--only-layer", str(layer)]
+    if method == "isolated":
+        argv += ["--mode", "isolated", "--only-step", str(out.found["step"])]
+        if layer is not None:
+            argv += ["--only-layer", str(layer)]
     out.repro = shlex.join(argv)
     return out

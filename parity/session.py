@@ -24,6 +24,12 @@ from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.errors import ParityError
 
+# replay (default): propagated drift judged against its envelope + each stage's own error by replay;
+# propagated: the strict per-stage verdict of the propagated run alone; isolated: own error only
+# (our compiled build run layer by layer on the yardstick's inputs, every other backend replayed);
+# both: as replay, with our compiled build isolated instead of replayed, both shown side by side.
+MODES = ("replay", "propagated", "isolated", "both")
+
 EventFn = Callable[[str], None]
 StepFn = Callable[[str, int, int], None]
 
@@ -66,6 +72,8 @@ class RunOutcome:
     result: dict  # JSON-able; top level is the primary comparison (see ``run_parity``)
     dumps: dict[str, Path]
     comparisons: list[dict] = field(default_factory=list)
+    # spec -> the comparison that shows the error each of its stages adds (replay or isolated)
+    own_comparisons: dict[str, dict] = field(default_factory=dict)
 
     @property
     def diverged(self) -> bool:
@@ -170,29 +178,99 @@ def _isolatable(backend) -> bool:
     return isinstance(backend, TVMDebugBackend)
 
 
-def _run_isolated(
-    ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, only_layer=None, only_step=None
-) -> list[dict]:
-    """Each compiled backend again, piece by piece on the first backend's dumped inputs."""
+def _shared_reference(ck, made: dict):
+    """The torch reference model the replays run: the yardstick's own when it is the plain
+    reference, so a real-size model is held once."""
+    from parity.dumpers.backends import ReferenceBackend
+    from parity.reference import make_reference
+
+    ref = made.get("reference")
+    if isinstance(ref, ReferenceBackend) and ref.dtype == "float32":
+        return ref.model
+    return make_reference(ck, dtype="float32")
+
+
+def _own_errors(
+    ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None
+) -> dict[str, tuple[dict, dict]]:
+    """The error each backend's stages add themselves: spec -> (own-error summary, comparison).
+
+    Our compiled build can run isolated (its layers on the yardstick's inputs; --mode isolated or
+    both); every other backend — plug-ins, chatrwkv, hf, mutants of the reference — is replayed:
+    the reference re-runs each layer on the backend's own recorded inputs (parity/dumpers/replay.py).
+    The plain fp32 reference is skipped: replaying it would run the same code on the same inputs.
+    """
+    from parity.compare.verdict import own_error_summary
     from parity.dumpers.isolated import TVMIsolatedBackend
+    from parity.dumpers.replay import replay_dump
 
     yardstick = backends[0]
-    out = []
-    for spec in backends[1:]:
-        backend = made[spec]
-        if not _isolatable(backend):
-            say(f"{spec} has no per-layer entry points; it runs propagated only")
+    out: dict[str, tuple[dict, dict]] = {}
+    reference_model = None
+    for spec in backends:
+        if spec == "reference":
             continue
-        say(f"running {spec} isolated: every layer of every step on {yardstick}'s inputs")
-        iso = TVMIsolatedBackend(
-            ck, reference_dump=dumps[yardstick], model=backend.model, only_layer=only_layer, only_step=only_step
-        )
-        path = iso.dump(plan, path=dump_dir / (dump_dir_name(spec) + "-isolated"), on_step=on_step)
-        dumps[f"{spec} (isolated)"] = path
-        out.append(compare_dumps(dumps[yardstick], path, overrides=overrides))
-    if not out:
-        raise ParityError("isolated mode needs a compiled backend (tvm or mutant/...) after the yardstick")
+        backend = made[spec]
+        if mode in ("isolated", "both") and spec != yardstick and _isolatable(backend):
+            say(f"running {spec} isolated: every layer of every step on {yardstick}'s inputs")
+            iso = TVMIsolatedBackend(
+                ck, reference_dump=dumps[yardstick], model=backend.model, only_layer=only_layer, only_step=only_step
+            )
+            path = iso.dump(plan, path=dump_dir / (dump_dir_name(spec) + "-isolated"), on_step=on_step)
+            dumps[f"{spec} (isolated)"] = path
+            comparison = compare_dumps(dumps[yardstick], path, overrides=overrides)
+            out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": yardstick}, comparison)
+            continue
+        if spec not in dumps:
+            continue
+        say(f"replaying {spec}: the reference re-runs every layer on {spec}'s own inputs")
+        reference_model = reference_model or _shared_reference(ck, made)
+        path, gaps = replay_dump(ck, candidate_dump=dumps[spec], path=dump_dir / (dump_dir_name(spec) + "-replay"),
+                                 model=reference_model, on_step=on_step)
+        dumps[f"{spec} (replay)"] = path
+        comparison = compare_dumps(path, dumps[spec], overrides=overrides)
+        if gaps:
+            say(f"{spec}: {len(gaps)} (step, layer) pair(s) not replayable, e.g. step {gaps[0]['step']} layer "
+                f"{gaps[0]['layer']} lacks {gaps[0]['missing'][0]}")
+        judge = "reference" if "reference" in backends else "reference (replay only)"
+        out[spec] = ({**own_error_summary(comparison, method="replay", not_replayable=gaps), "judge": judge}, comparison)
     return out
+
+
+def _judge_pair(a: str, b: str, comparison: dict, *, own: dict, mode: str, backends: list[str]) -> dict:
+    """One pair's verdict: added error (own), drift within / beyond the envelope, or strict."""
+    from parity.compare.verdict import VERDICT_ADDED, VERDICT_PASS, classify, drift_summary
+
+    drift = drift_summary(comparison, dtype=comparison["actual"].get("dtype", "float32"))
+    # An own error is measured against a judge: the yardstick for isolated runs, the torch
+    # reference for replays. It speaks for this pair only when the judge is one of the two, or is
+    # no backend of the run (an independent reference): between two other backends it says
+    # nothing about whether *these two* agree — and when the judge itself is the wrong one, both
+    # would be blamed and the three-way vote could not name it. Such a pair is judged by its
+    # propagated drift against the envelope alone.
+    def speaks(spec: str) -> bool:
+        judge = own[spec][0].get("judge")
+        return judge in (a, b) or judge not in backends
+
+    if mode != "isolated" and any(s in own and not speaks(s) for s in (a, b)):
+        verdict, fd = classify(drift=drift, own=[])
+        return {"verdict": verdict, "first_divergence": fd, "drift": drift, "own_side": b}
+    owns = [own[s][0] for s in (b, a) if s in own and own[s][0]["records"] > 0 and speaks(s)]
+    # A backend that is neither the plain reference nor replayable (it records too little, e.g.
+    # logits only) leaves nothing to separate added error from drift: judge it per stage, strictly.
+    unjudged = [s for s in (a, b) if s != "reference" and not (s in own and own[s][0]["records"] > 0)]
+    if mode == "propagated" or unjudged:
+        fd = comparison["first_divergence"]
+        verdict = VERDICT_PASS if fd is None else VERDICT_ADDED
+        fd = None if fd is None else {**fd, "judged_by": "propagated" if mode == "propagated" else
+                                      f"propagated ({unjudged[0]} cannot be replayed)"}
+    elif mode == "isolated":
+        fd = next((o["first_divergence"] for o in owns if o["first_divergence"] is not None), None)
+        verdict = VERDICT_PASS if fd is None else VERDICT_ADDED
+    else:
+        verdict, fd = classify(drift=drift, own=owns)
+    culprit = next((s for s in (b, a) if s in own and own[s][0]["first_divergence"] is not None), None)
+    return {"verdict": verdict, "first_divergence": fd, "drift": drift, "own_side": culprit or b}
 
 
 def odd_one_out(backends: list[str], agree: dict[tuple[str, str], bool]) -> dict:
@@ -229,7 +307,7 @@ def run_parity(
     on_event: EventFn | None = None,
     on_step: StepFn | None = None,
     command: str | None = None,
-    mode: str = "propagated",
+    mode: str = "replay",
     only_layer: int | None = None,
     only_step: int | None = None,
     arbiter: bool = False,
@@ -238,23 +316,26 @@ def run_parity(
 ) -> RunOutcome:
     """Run every backend on ``plan``, dump each, compare every pair.
 
-    The returned result's top level is one comparison (the first that diverged, else the first),
-    with a ``run`` block of metadata and, when more than two backends ran, ``comparisons``: the
-    verdict of every pair.
+    The returned result's top level is one comparison: the pair judged first to fail, else the
+    first pair — its own-error comparison when a stage adds error, else its propagated one — with
+    ``verdict``, ``first_divergence``, ``drift``, ``own_error``, ``end_to_end`` (docs/result-format.md),
+    a ``run`` block of metadata and, when more than two backends ran, ``comparisons``: every pair.
 
-    ``mode``: "propagated" (each backend on its own outputs), "isolated" (compiled backends run
-    piece by piece on the first backend's inputs, so a stage shows only the error it adds; see
-    parity/dumpers/isolated.py) or "both". With "both" the top level is the isolated comparison
-    — the verdict names the first stage whose *own* error is out of tolerance — and ``modes``
-    holds both verdicts side by side.
+    ``mode`` (see MODES): "replay", the default, separates the error a stage adds (each backend's
+    layers replayed by the reference on the backend's own inputs, parity/dumpers/replay.py) from
+    drift it inherits (the propagated run, judged against the dtype's envelope,
+    parity/compare/verdict.py). "propagated" is the strict per-stage verdict of the propagated run;
+    "isolated" judges own error only (our compiled build run piece by piece on the first backend's
+    inputs, parity/dumpers/isolated.py; other backends replayed); "both" is "replay" with our
+    compiled build isolated, and ``modes`` holds the verdicts side by side.
 
     ``arbiter``: also run the first backend (the torch reference) in float64 and judge every other
     backend by the dynamo rule of parity/compare/arbiter.py: error against fp64 within a multiple
     of the fp32 reference's own error against fp64. The result then has ``arbiter`` blocks, and
     the arbiter's verdict is the run's verdict.
     """
-    if mode not in ("propagated", "isolated", "both"):
-        raise ParityError(f"unknown mode {mode!r}; choose propagated, isolated or both")
+    if mode not in MODES:
+        raise ParityError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
     if (only_layer is not None or only_step is not None) and mode != "isolated":
         raise ParityError("--only-layer / --only-step narrow an isolated run; add --mode isolated")
     if only_step is not None and not 0 <= only_step <= len(plan.decode_ids):
@@ -289,26 +370,57 @@ def run_parity(
         ran = [b for b in backends if b in dumps]
         pairs = [(a, b) for i, a in enumerate(ran) for b in ran[i + 1 :]]
         comparisons = [compare_dumps(dumps[a], dumps[b], overrides=overrides) for a, b in pairs]
-        isolated = []
-        if mode in ("isolated", "both"):
-            isolated = _run_isolated(ck, backends=backends, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
-                                     overrides=overrides, say=say, on_step=on_step, only_layer=only_layer, only_step=only_step)
-        propagated_primary = next((c for c in comparisons if c["first_divergence"] is not None), comparisons[0]) if comparisons else None
-        isolated_primary = next((c for c in isolated if c["first_divergence"] is not None), isolated[0]) if isolated else None
-        primary = isolated_primary if isolated_primary is not None else propagated_primary
-        result = dict(primary)
-        result["mode"] = "isolated" if primary is isolated_primary else "propagated"
-        if mode == "both":
+        own: dict[str, tuple[dict, dict]] = {}
+        if mode != "propagated":
+            own = _own_errors(ck, backends=backends, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
+                              overrides=overrides, say=say, on_step=on_step, mode=mode,
+                              only_layer=only_layer, only_step=only_step)
+        if mode == "isolated":
+            # Only the own-error comparisons ran for compiled backends: judge those, yardstick first.
+            iso_pairs = [(backends[0], spec) for spec in backends[1:] if spec in own and spec not in dumps]
+            pairs += iso_pairs
+            comparisons += [own[spec][1] for _, spec in iso_pairs]
+        if not pairs:
+            raise ParityError("isolated mode needs a compiled backend (tvm or mutant/...) or a replayable one after the yardstick")
+        judged = [_judge_pair(a, b, c, own=own, mode=mode, backends=backends) for (a, b), c in zip(pairs, comparisons)]
+        index = next((i for i, j in enumerate(judged) if j["first_divergence"] is not None), 0)
+        (pa, pb), primary, verdict = pairs[index], comparisons[index], judged[index]
+        side = verdict["own_side"]
+        own_summary, own_comparison = own.get(side, (None, None))
+        if verdict["first_divergence"] is not None and verdict["first_divergence"].get("judged_by") in ("replay", "isolated"):
+            # The top level shows the comparison that names the error: the stage that adds it.
+            result = dict(own_comparison)
+            result["mode"] = own_summary["method"]
+        else:
+            result = dict(primary)
+            result["mode"] = "isolated" if (mode == "isolated" and pb not in dumps) else "propagated"
+        result["verdict"] = verdict["verdict"]
+        result["first_divergence"] = verdict["first_divergence"]
+        result["pair"] = {"expected": pa, "actual": pb}
+        if mode != "isolated" or primary.get("end_to_end"):
+            result["end_to_end"] = primary.get("end_to_end")
+        if mode != "isolated":
+            result["drift"] = verdict["drift"]
+        if own_summary is not None:
+            result["own_error"] = {"backend": side, **own_summary}
+        if own:
+            result["own_errors"] = {spec: summary for spec, (summary, _) in own.items()}
+        if mode != "propagated":
+            method = own_summary["method"] if own_summary else None
+            modes = {"propagated": None if pb not in dumps or pa not in dumps else primary}
+            if mode == "both":
+                modes.setdefault("isolated", None)
+            if method is not None:
+                modes[method] = own_comparison
             result["modes"] = {
                 name: None if c is None else {"verdict": c["verdict"], "first_divergence": c["first_divergence"], "summary": c["summary"]}
-                for name, c in (("propagated", propagated_primary), ("isolated", isolated_primary))
+                for name, c in modes.items()
             }
         if arbiter:
             _run_arbiter(ck, result=result, backends=backends, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                          overrides=overrides, say=say, on_step=on_step, multiplier=arbiter_multiplier)
         result["first_divergence_detail"] = divergence_detail(result, dumps=dumps)
-        result["repro"] = repro_command(ck, backends=[result["expected"]["backend"], result["actual"]["backend"]],
-                                        plan=plan, result=result)
+        result["repro"] = repro_command(ck, backends=[pa, pb], plan=plan, result=result)
         result["run"] = {
             "checkpoint": str(ck.path),
             "checkpoint_sha256": ck.sha256,
@@ -341,14 +453,20 @@ def run_parity(
                 {
                     "expected": a,
                     "actual": b,
-                    "verdict": c["verdict"],
-                    "first_divergence": c["first_divergence"],
+                    "verdict": j["verdict"],
+                    "first_divergence": j["first_divergence"],
                     "summary": c["summary"],
+                    "drift": {k: j["drift"][k] for k in ("status", "worst_ratio", "envelope")},
+                    "end_to_end": None if c.get("end_to_end") is None else
+                    {k: v for k, v in c["end_to_end"].items() if k not in ("per_step", "kl_rows")},
                 }
-                for (a, b), c in zip(pairs, comparisons)
+                for (a, b), c, j in zip(pairs, comparisons, judged)
             ]
-            result["odd_one_out"] = odd_one_out(backends, {pair: c["first_divergence"] is None for pair, c in zip(pairs, comparisons)})
-        return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons)
+            result["odd_one_out"] = odd_one_out(
+                backends, {pair: j["first_divergence"] is None for pair, j in zip(pairs, judged)}
+            )
+        return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons,
+                          own_comparisons={spec: c for spec, (_, c) in own.items()})
     finally:
         if tmp is not None:
             tmp.cleanup()

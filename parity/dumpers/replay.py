@@ -1,0 +1,135 @@
+"""Replay: the reference re-runs each layer on the inputs *another backend* recorded.
+
+Isolated mode (parity/dumpers/isolated.py) feeds the reference's inputs to a compiled layer, so it
+needs a backend with per-layer entry points — our own TVM build only. Replay turns that around and
+works for any backend that records enough: for every step and layer, the torch reference runs
+layer l on the candidate's own recorded input to that layer (its ``emb`` or ``L{l-1}.x_out``) and
+the candidate's own state of layer l before the step (its ``state.L{l}.*`` after the previous
+step). Compared with the replay, each of the candidate's stages then shows only the error its own
+layer adds — whatever error the candidate inherited from earlier layers and steps arrived in the
+inputs both sides share. Propagated drift (every correct fp32 implementation rounds differently,
+and a deep network amplifies that) cannot reach this comparison; a porting bug in a layer can.
+
+What a candidate must record for layer l of step k to be replayable (docs/backends.md):
+    the layer's input   ``emb`` (l = 0) or ``L{l-1}.x_out``, at step k;
+    its state before    every ``state.L{l}.<slot>`` at step k-1 (none at step 0: the zero state).
+The head (ln_out, logits) is replayed on ``L{n-1}.x_out``. Layers that are not replayable are
+listed, with what is missing, in the replay dump's ``extra.not_replayable``; they are not judged.
+
+Data flows dump -> dump: the candidate's dump is read, never its backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from parity.checkpoint import Checkpoint
+from parity.dumpers.backends import Backend, RunPlan
+from parity.dumpers.format import DumpReader, StepWriter
+from parity.errors import ParityError
+from parity.stages import state_slots
+
+
+def layer_input_name(layer: int) -> str:
+    return "emb" if layer == 0 else f"L{layer - 1}.x_out"
+
+
+def replay_gaps(candidate: DumpReader, *, n_layer: int, version: str) -> list[dict]:
+    """Which (step, layer) pairs of ``candidate`` cannot be replayed, and what each lacks.
+
+    Read from the manifest's per-step stage lists alone: no array is loaded.
+    """
+    slots = state_slots(version)
+    gaps = []
+    previous: set[str] | None = None
+    for step in candidate.steps:
+        have = set(candidate.step_stages(step.index))
+        for layer in range(n_layer):
+            missing = [] if layer_input_name(layer) in have else [layer_input_name(layer)]
+            if previous is not None:
+                missing += [f"state.L{layer}.{s} (step {step.index - 1})" for s in slots if f"state.L{layer}.{s}" not in previous]
+            if missing:
+                gaps.append({"step": step.index, "layer": layer, "missing": missing})
+        previous = have
+    return gaps
+
+
+class ReplayBackend(Backend):
+    """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
+
+    def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str = "float32"):
+        from parity.reference import make_reference
+
+        self.candidate = DumpReader(candidate_dump)
+        if self.candidate.model != checkpoint.config.to_dict():
+            raise ParityError(f"dump {candidate_dump} is of another model than {checkpoint.path}; cannot replay it")
+        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype)
+        cfg = checkpoint.config
+        self.gaps = replay_gaps(self.candidate, n_layer=cfg.n_layer, version=cfg.version.value)
+        super().__init__(
+            checkpoint=checkpoint, name=f"reference (replaying {self.candidate.backend})", mode="replay",
+            dtype=getattr(self.model, "dtype_name", dtype),
+            extra={"replays": str(self.candidate.path), "candidate": self.candidate.backend,
+                   "not_replayable": self.gaps},
+        )
+        self._missing = {(g["step"], g["layer"]) for g in self.gaps}
+        self._step = 0
+        self._state_before: dict[str, np.ndarray] | None = None
+
+    def plan(self) -> RunPlan:
+        """The candidate's own steps: replay walks exactly what it recorded."""
+        steps = sorted(self.candidate.steps, key=lambda s: s.index)
+        if not steps or steps[0].kind != "prefill":
+            raise ParityError(f"dump {self.candidate.path} does not start with a prefill step; nothing to replay")
+        return RunPlan(prefill_ids=tuple(steps[0].ids), decode_ids=tuple(s.ids[0] for s in steps[1:]))
+
+    def begin(self) -> None:
+        self._step = 0
+        self._state_before = None
+
+    def record_step(self, ids: list[int], step: StepWriter) -> None:
+        import torch
+
+        index = self._step
+        self._step += 1
+        cfg = self.checkpoint.config
+        slots = state_slots(cfg.version.value)
+        seen = self.candidate.read_step(index)
+        out: dict[str, np.ndarray] = {}
+
+        def record(stage: str, value: torch.Tensor) -> None:
+            value = value.detach()
+            out[stage] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+
+        with torch.no_grad():
+            self.model.embed(ids, record=record)
+            zero = self.model.zero_state().layers if index == 0 else None
+            for layer in range(cfg.n_layer):
+                if (index, layer) in self._missing:
+                    continue
+                x = torch.as_tensor(seen[layer_input_name(layer)]).to(self.model.dtype)
+                if zero is not None:
+                    state = zero[layer]
+                else:
+                    state = self.model.layer_state({s: self._state_before[f"state.L{layer}.{s}"] for s in slots})
+                _, new_state = self.model.layer(layer, x, state, record=record)
+                for s in slots:
+                    record(f"state.L{layer}.{s}", getattr(new_state, s))
+            last = f"L{cfg.n_layer - 1}.x_out"
+            if last in seen:
+                self.model.head(torch.as_tensor(seen[last]).to(self.model.dtype), record=record)
+        # Only the candidate's state is carried to the next step: the replay never feeds itself.
+        self._state_before = {k: v for k, v in seen.items() if k.startswith("state.")}
+        order = {n: i for i, n in enumerate(self.canonical_order())}
+        for name in sorted(out, key=lambda n: order.get(n, len(order))):
+            step.add(name, out[name])
+
+
+def replay_dump(
+    checkpoint: Checkpoint, *, candidate_dump: Path, path: Path, model=None, on_step=None
+) -> tuple[Path, list[dict]]:
+    """Write the replay of ``candidate_dump`` to ``path``; returns (path, the layers not replayable)."""
+    backend = ReplayBackend(checkpoint, candidate_dump=candidate_dump, model=model)
+    return backend.dump(backend.plan(), path=path, on_step=on_step), backend.gaps

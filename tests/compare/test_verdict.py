@@ -1,0 +1,80 @@
+"""The verdict: own (replayed / isolated) error decides; propagated drift is judged by depth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from parity.compare.verdict import (
+    DRIFT_ENVELOPES,
+    VERDICT_ADDED,
+    VERDICT_DRIFT,
+    VERDICT_PASS,
+    classify,
+    drift_summary,
+    own_error_summary,
+    record_depth,
+    record_ratio,
+)
+
+
+def rec(stage: str, *, layer, ratio: float, step: int = 0, reason=None) -> dict:
+    atol = 1e-3
+    return {"stage": stage, "layer": layer, "step": step, "step_kind": "prefill", "row": 0, "max_abs": ratio * atol,
+            "min_atol": ratio * atol, "atol": atol, "passed": ratio <= 1.0, "reason": reason or (None if ratio <= 1 else "tolerance")}
+
+
+def comparison(records: list[dict]) -> dict:
+    first = next((r for r in records if not r["passed"]), None)
+    return {"records": records, "first_divergence": first, "verdict": "no divergence" if first is None else "divergence",
+            "summary": {"records": len(records), "failed": sum(not r["passed"] for r in records)}}
+
+
+K = DRIFT_ENVELOPES["float32"].per_layer
+
+
+def test_ratio_is_min_atol_over_atol_and_infinite_for_nonfinite():
+    assert record_ratio(rec("L0.att.r", layer=0, ratio=2.5)) == pytest.approx(2.5)
+    assert record_ratio(rec("L0.att.r", layer=0, ratio=2.5, reason="nonfinite")) == math.inf
+
+
+def test_depth_of_head_stages_is_past_the_last_layer():
+    assert record_depth({"stage": "emb", "layer": None}, n_layer=24) == 0
+    assert record_depth({"stage": "logits", "layer": None}, n_layer=24) == 24
+    assert record_depth({"stage": "L7.att.wkv", "layer": 7}, n_layer=24) == 7
+
+
+def test_drift_within_the_envelope_at_depth_passes():
+    # Layer 10 may drift K * 11 allowances; 0.9 of that is within.
+    recs = [rec("emb", layer=None, ratio=0.1), rec("L10.att.out", layer=10, ratio=0.9 * K * 11)]
+    d = drift_summary(comparison(recs), dtype="float32")
+    assert d["status"] == "within" and d["envelope_fraction"] == pytest.approx(0.9)
+    assert classify(drift=d, own=[]) == (VERDICT_PASS, None)
+
+
+def test_the_same_drift_at_layer_zero_is_beyond_the_envelope():
+    recs = [rec("L0.att.out", layer=0, ratio=0.9 * K * 11), rec("L10.att.out", layer=10, ratio=0.5)]
+    d = drift_summary(comparison(recs), dtype="float32")
+    assert d["status"] == "beyond" and d["first_beyond_envelope"]["stage"] == "L0.att.out"
+    verdict, fd = classify(drift=d, own=[])
+    assert verdict == VERDICT_DRIFT and fd["judged_by"] == "drift envelope"
+
+
+def test_no_record_over_tolerance_is_no_drift():
+    d = drift_summary(comparison([rec("L0.att.out", layer=0, ratio=0.99)]), dtype="float32")
+    assert d["status"] == "none"
+
+
+def test_an_own_error_decides_before_drift_and_names_its_stage():
+    own = own_error_summary(comparison([rec("L3.att.ln_x", layer=3, ratio=4.0, step=2)]), method="replay")
+    d = drift_summary(comparison([rec("L3.att.ln_x", layer=3, ratio=4.0)]), dtype="float32")  # within: K*4 > 4
+    verdict, fd = classify(drift=d, own=[own])
+    assert verdict == VERDICT_ADDED and fd["stage"] == "L3.att.ln_x" and fd["step"] == 2 and fd["judged_by"] == "replay"
+
+
+def test_by_layer_is_the_growth_curve():
+    recs = [rec(f"L{l}.x_out", layer=l, ratio=0.1 * (l + 1)) for l in range(4)]
+    d = drift_summary(comparison(recs), dtype="float32")
+    assert [b["ratio"] for b in d["by_layer"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert [b["envelope"] for b in d["by_layer"]] == pytest.approx([K * (l + 1) for l in range(4)])
