@@ -1,7 +1,8 @@
 """RWKV-5.2 in plain numpy, as a parity plug-in backend (docs/backends.md).
 
-Written from the math in docs/RWKV.md §2, not from parity's torch reference, so agreeing with it
-means something. Everything is float32, the wkv state included. Use it as
+Written from the RWKV-5.2 equations (token shift, per-head matrix-valued wkv state with decay
+exp(-exp(w)) and bonus u, GroupNorm ln_x, SiLU gate; squared-ReLU channel mix), not from parity's
+torch reference, so agreeing with it means something. Everything is float32, the wkv state included. Use it as
 
     parity run --checkpoint fixtures/rwkv5_2-L4-C128-H2.pth \
         --backends reference,examples/numpy_rwkv5.py:make_backend

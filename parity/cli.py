@@ -22,6 +22,7 @@ from parity.errors import ParityError
 # Verdict text lives below both command lines; describe_divergence stays importable from here.
 from parity.report.verdict import describe_divergence  # noqa: F401
 from parity.report.verdict import fmt as _fmt
+from parity.report.verdict import console_width
 from parity.report.verdict import verdict_line as _verdict_line
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -46,8 +47,18 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or tables; only the verdict line")
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("rwkv-parity")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="parity", description="Prove a compiled RWKV model computes what the reference computes.")
+    ap.add_argument("--version", action="version", version=f"parity {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run backends on one checkpoint and compare every stage of every step")
@@ -88,17 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(diff)
 
     bis = sub.add_parser("bisect", help="narrow a divergence to its step, layer and stage with isolated runs")
-    bis.add_argument("--checkpoint", required=True, type=Path)
+    bis.add_argument("--checkpoint", required=True, type=Path, help="ChatRWKV .pth, .safetensors or HF directory")
     bis.add_argument("--backends", default="reference,tvm", help="YARDSTICK,SUSPECT (default reference,tvm)")
     bis.add_argument("--ids", default="ones:10", help="prompt ids (as for run)")
-    bis.add_argument("--decode-steps", type=int, default=4)
+    bis.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
     bis.add_argument("--decode-ids", help="the decode tokens, comma-separated")
-    bis.add_argument("--cache-dir", type=Path)
-    bis.add_argument("--tol", metavar="PATTERN=RTOL,ATOL[,SCALE]", action="append", default=[])
+    bis.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
+    bis.add_argument("--tol", metavar="PATTERN=RTOL,ATOL[,SCALE]", action="append", default=[],
+                     help="tolerance override, as for run; repeatable")
+    bis.add_argument("--json", metavar="PATH", type=Path,
+                     help="write the outcome as JSON: every decision, the faulty stage's record, the repro command")
+    bis.add_argument("-q", "--quiet", action="store_true", help="no decisions or progress; only the verdict line")
 
     st = sub.add_parser("selftest", help="run the bug zoo: every injected porting bug must be found where it is")
     st.add_argument("--only", help="comma-separated mutant names (default: all)")
-    st.add_argument("--cache-dir", type=Path)
+    st.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     st.add_argument("--json", type=Path, help="write the table as JSON")
     st.add_argument("--list", action="store_true", help="list the mutants and exit")
 
@@ -119,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
     demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
     demo.add_argument("--cache-dir", type=Path, help="compile cache directory")
-    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress or tables; only the verdict line")
     return ap
 
 
@@ -140,6 +155,51 @@ def _print_pairs(console, result: dict) -> None:
     console.print(f"odd one out: [bold]{odd['backend']}[/] — {odd['explanation']}" if odd["backend"] else odd["explanation"])
 
 
+# A table row per step reads well up to about this many steps; a longer run (a 3,000-step decode)
+# shows the first and last steps, every failing one and the worst, and folds each stretch between
+# them into one row of its totals, so the log stays short and nothing that failed is folded away.
+MAX_STEP_ROWS = 24
+
+
+def step_rows(steps: list[dict], records: list[dict], *, limit: int = MAX_STEP_ROWS) -> list[dict]:
+    """Per step: label, records, failed, worst record (by max_abs), worst logits max_abs; folded past ``limit``."""
+    def worst_of(recs):
+        return max(recs, key=lambda r: r["max_abs"] if isinstance(r["max_abs"], float) else float("inf"))
+
+    by_step: dict[int, list[dict]] = {}
+    for r in records:
+        by_step.setdefault(r["step"], []).append(r)
+    rows = []
+    for step in steps:
+        recs = by_step.get(step["index"], [])
+        if recs:
+            logits = [r["max_abs"] for r in recs if r["stage"] == "logits"]
+            rows.append({"label": "prefill" if step["kind"] == "prefill" else f"decode {step['index']}",
+                         "records": len(recs), "failed": sum(not r["passed"] for r in recs),
+                         "worst": worst_of(recs), "logits": logits[0] if logits else None, "recs": recs})
+    if len(rows) <= limit:
+        return rows
+    worst_i = rows.index(max(rows, key=lambda row: row["worst"]["max_abs"] if isinstance(row["worst"]["max_abs"], float)
+                             else float("inf")))
+    keep = {0, 1, 2, len(rows) - 1, worst_i} | {i for i, row in enumerate(rows) if row["failed"]}
+    keep = set(sorted(keep)[: limit - 1]) | {len(rows) - 1}
+    out, fold = [], []
+    for i, row in enumerate(rows + [None]):
+        if row is not None and i not in keep:
+            fold.append(row)
+            continue
+        if fold:
+            recs = [r for f in fold for r in f["recs"]]
+            logits = [f["logits"] for f in fold if isinstance(f["logits"], float)]
+            out.append({"label": f"{fold[0]['label']} .. {fold[-1]['label'].split()[-1]} ({len(fold)} steps)",
+                        "records": len(recs), "failed": sum(f["failed"] for f in fold), "worst": worst_of(recs),
+                        "logits": max(logits) if logits else None, "recs": recs})
+            fold = []
+        if row is not None:
+            out.append(row)
+    return out
+
+
 def _print_summary(console, result: dict) -> None:
     from rich.table import Table
 
@@ -147,21 +207,10 @@ def _print_summary(console, result: dict) -> None:
     table = Table(title=f"{act.get('backend')} ({act.get('mode')}) vs {exp.get('backend')} ({exp.get('mode')}), {act.get('dtype')}")
     for col in ("step", "records", "failed", "worst stage", "max abs", "rms-rel", "logits"):
         table.add_column(col, justify="left" if col in ("step", "worst stage") else "right", no_wrap=True)
-    by_step: dict[int, list[dict]] = {}
-    for r in result["records"]:
-        by_step.setdefault(r["step"], []).append(r)
-    for step in result["steps"]:
-        recs = by_step.get(step["index"], [])
-        if not recs:
-            continue
-        worst = max(recs, key=lambda r: r["max_abs"] if isinstance(r["max_abs"], float) else float("inf"))
-        logits = next((r for r in recs if r["stage"] == "logits"), None)
-        failed = sum(not r["passed"] for r in recs)
-        label = "prefill" if step["kind"] == "prefill" else f"decode {step['index']}"
-        table.add_row(
-            label, str(len(recs)), f"[red]{failed}[/]" if failed else "0", worst["stage"],
-            _fmt(worst["max_abs"]), _fmt(worst["rms_rel"]), _fmt(logits["max_abs"]) if logits else "-",
-        )
+    for row in step_rows(result["steps"], result["records"]):
+        table.add_row(row["label"], str(row["records"]), f"[red]{row['failed']}[/]" if row["failed"] else "0",
+                      row["worst"]["stage"], _fmt(row["worst"]["max_abs"]), _fmt(row["worst"]["rms_rel"]),
+                      _fmt(row["logits"]))
     console.print(table)
     if result.get("comparisons"):
         _print_pairs(console, result)
@@ -217,7 +266,7 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, width=console_width(sys.stderr))
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self.console, transient=False, disable=quiet,
@@ -342,16 +391,25 @@ def cmd_bisect(args, console) -> int:
     decode = (parse_ids(args.decode_ids, vocab_size=ck.config.vocab_size) if args.decode_ids
               else default_decode_ids(steps=args.decode_steps, vocab_size=ck.config.vocab_size))
     plan = RunPlan(prefill_ids=prefill, decode_ids=decode)
-    with _Progress(quiet=False) as prog:
+    with _Progress(quiet=args.quiet) as prog:
         out = bisect(ck, backends=backends, plan=plan, cache_dir=args.cache_dir, overrides=_overrides(args.tol),
-                     on_decision=lambda line: prog.progress.console.print(line, highlight=False), on_event=None)
+                     on_decision=None if args.quiet else lambda line: prog.progress.console.print(line, highlight=False),
+                     on_event=None)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"backends": backends, "decisions": out.decisions, "found": out.found,
+                                         "propagated": out.propagated, "repro": out.repro}, indent=1) + "\n")
+        if not args.quiet:
+            console.print(f"JSON outcome: {args.json}")
     if out.found is None:
-        console.print("bisect: no faulty stage", style="green")
+        console.print("bisect: no faulty stage", style=None if args.quiet else "green")
         return EXIT_OK
     fd = out.found
     console.print(f"bisect: first faulty stage {fd['stage']} at step {fd['step']} "
-                  f"({'prefill' if fd['step'] == 0 else 'decode'}), layer {fd['layer']}", style="bold red")
-    console.print(f"reproduce just that layer and step:\n  {out.repro}")
+                  f"({'prefill' if fd['step'] == 0 else 'decode'}), layer {fd['layer']}",
+                  style=None if args.quiet else "bold red")
+    if not args.quiet:
+        console.print(f"reproduce just that layer and step:\n  {out.repro}")
     return EXIT_DIVERGED
 
 
@@ -368,7 +426,9 @@ def cmd_selftest(args, console) -> int:
     names = [n.strip() for n in args.only.split(",")] if args.only else None
     for n in names or []:
         if n not in CATALOGUE:
-            raise ParityError(f"unknown mutant {n!r}; see parity selftest --list")
+            from parity.dumpers.registry import did_you_mean
+
+            raise ParityError(f"unknown mutant {n!r}{did_you_mean(n, CATALOGUE)} (parity selftest --list names them)")
     with _Progress(quiet=False) as prog:
         task = prog.progress.add_task("mutants", total=len(names or CATALOGUE))
         rows = run_selftest(names=names, cache_dir=args.cache_dir, on_row=lambda row: prog.progress.advance(task))
@@ -417,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, width=console_width(sys.stdout))
     try:
         from parity.prompt.cli import cmd_prompt
         from parity.report.cli import cmd_report

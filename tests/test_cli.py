@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -257,3 +258,71 @@ def test_usage_error_is_one_line_and_exit_2(first_wave, name):
     assert len(cli.error_lines) == 1, cli  # after argparse's usage lines
     assert ARGPARSE_CASES[name][1] in cli.error_lines[0], cli
     assert cli.stdout == "", cli
+
+
+# -- output read through a pipe, as a CI log reads it -------------------------------------------
+
+FIXTURE_V4 = REPO / "fixtures" / "rwkv4-L2-C64.pth"  # the cheapest model to compile
+
+
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory, compile_cache):
+    """No COLUMNS and no terminal: the width is the command's own choice. The long run compiles into
+    a cache of its own, so TVM's compile warnings (which a cache hit never prints) would show."""
+    fresh = {"PARITY_CACHE_DIR": str(tmp_path_factory.mktemp("fresh-cache"))}
+    results = run_concurrently({
+        "long run": ["run", "--checkpoint", FIXTURE_V4, "--ids", "ones:3", "--decode-steps", 40],
+        "version": ["--version"],
+    }, env=cli_env(columns=None, **fresh))
+    results |= run_concurrently({"selftest": ["selftest", "--only", "sigmoid-r"]}, env=cli_env(columns=None))
+    return results
+
+
+def _table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("\u2502")]  # rich's body rows: │ ... │
+
+
+def test_version(piped):
+    import importlib.metadata
+
+    cli = piped["version"]
+    assert cli.rc == 0 and cli.stdout.strip() == f"parity {importlib.metadata.version('rwkv-parity')}", cli
+
+
+def test_a_long_run_through_a_pipe_keeps_every_column_and_folds_its_steps(piped):
+    cli = piped["long run"]
+    assert cli.rc == 0, cli
+    assert "\u2026" not in cli.stdout + cli.stderr, cli  # no cut column, number or label
+    rows = _table_rows(cli.stdout)
+    assert {row.count("\u2502") for row in rows} == {8}, cli  # all seven columns on every row
+    labels = [row.split("\u2502")[1].strip() for row in rows]
+    # 41 steps in far fewer rows: the first steps, the last, and folded stretches between them
+    assert labels[:3] == ["prefill", "decode 1", "decode 2"] and labels[-1] == "decode 40" and len(rows) <= 24, cli
+    folded = [label for label in labels if label.endswith("steps)")]
+    assert folded and sum(int(label.split("(")[1].split()[0]) for label in folded) + len(rows) - len(folded) == 41
+    for row in rows:  # every number whole: a float in full %.3g form
+        for cell in row.split("\u2502")[5:8]:
+            assert re.fullmatch(r"\s*(-|\d+(\.\d+)?(e[-+]\d+)?)\s*", cell), row
+    assert "Fast mode segfaults" not in cli.stderr and "compiling" in cli.stderr, cli  # a compile, its warning hidden
+
+
+def test_selftest_through_a_pipe_keeps_every_column(piped):
+    cli = piped["selftest"]
+    assert cli.rc in (0, 1), cli
+    assert "\u2026" not in cli.stdout, cli
+    (row,) = _table_rows(cli.stdout)
+    cells = [c.strip() for c in row.split("\u2502")[1:-1]]
+    assert len(cells) == 5 and cells[0] == "sigmoid-r" and cells[4] in ("pass", "FAIL"), cli
+    assert all(cell.split()[0] in ("prefill", "decode", "not") for cell in cells[1:4]), cli
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from parity.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, parser in sub.choices.items() for action in parser._actions
+               if not action.help and not isinstance(action, argparse._HelpAction)]
+    assert not missing, missing

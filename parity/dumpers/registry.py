@@ -12,6 +12,7 @@ from pathlib import Path
 
 from parity.checkpoint import Checkpoint
 from parity.dumpers.backends import Backend, ReferenceBackend, TVMDebugBackend, TVMInstrumentedBackend
+from parity.dumpers.quiet import known_tvm_warnings_hidden
 from parity.errors import ParityError
 
 __all__ = ["BACKEND_NAMES", "check_backend_spec", "did_you_mean", "dump_dir_name", "make_backend"]
@@ -62,8 +63,13 @@ def make_backend(
 ) -> Backend:
     """``reference``, ``tvm`` (debug build), ``tvm-instrumented`` (plain build + VM hook), ``chatrwkv``,
     ``hf`` (v4), ``mutant/<name>`` (the bug zoo), or ``package.module:attribute`` (your own; see
-    docs/backends.md)."""
+    docs/backends.md). Built with TVM's known-harmless compile warning filtered (parity.dumpers.quiet)."""
     check_backend_spec(spec)
+    with known_tvm_warnings_hidden():
+        return _make_backend(spec, checkpoint, cache_dir=cache_dir, on_event=on_event, target=target, repeat=repeat)
+
+
+def _make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir, on_event, target: str, repeat: bool) -> Backend:
     if spec.startswith("mutant/"):
         m = _mutant(spec.split("/", 1)[1])
         if m.side == "reference":

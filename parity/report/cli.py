@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from parity.errors import ParityError
+from parity.report.verdict import console_width
 from parity.report.verdict import diverged as _diverged
 from parity.report.verdict import verdict_line as _verdict_line
 
@@ -121,7 +122,7 @@ def cmd_report(args, console) -> int:
         from rich.console import Console
 
         # stdout carries the document; anything else would corrupt it.
-        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console = Console(stderr=True, highlight=False, soft_wrap=True, width=console_width(sys.stderr))
 
     result = load_source(args.source)
     written: list[tuple[str, str]] = []
@@ -151,6 +152,10 @@ def cmd_report(args, console) -> int:
             records_to_csv(result, args.csv)
         written.append(("CSV records", args.csv))
 
+    if not written and not args.quiet:
+        # Reading a result back only for its verdict is allowed, but usually the flag was forgotten.
+        print("parity report: nothing written; add --html PATH, --markdown PATH or --csv PATH ('-' writes to stdout)",
+              file=sys.stderr)
     if not args.quiet:
         for what, path in written:
             if path != STDOUT:
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = add_report_args(argparse.ArgumentParser(prog="parity report")).parse_args(argv)
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, width=console_width(sys.stdout))
     try:
         return cmd_report(args, console)
     except ParityError as exc:

@@ -7,7 +7,7 @@ nothing from the package, and an arrow into it never closes a circle.
 
 from __future__ import annotations
 
-__all__ = ["describe_divergence", "fmt", "fmt6", "verdict_line"]
+__all__ = ["console_width", "describe_divergence", "fmt", "fmt6", "verdict_line"]
 
 
 def fmt(x) -> str:
@@ -66,3 +66,21 @@ def verdict_line(result: dict) -> str:
     summary = result.get("summary") if isinstance(result.get("summary"), dict) else {}
     records = summary.get("records", len(result.get("records") or []))
     return f"no divergence ({records} records; worst logits error {fmt(summary.get('worst_logits_max_abs'))})"
+
+
+# Through a pipe (a CI log) there is no terminal to measure, and rich would assume 80 columns: the
+# selftest table lost its last columns and numbers were cut ("0.0008…"). A log has no width, so
+# tables get room for every column; where COLUMNS is set, or on a terminal, rich measures as usual.
+PIPE_WIDTH = 240
+
+
+def console_width(stream) -> int | None:
+    """The width for a rich Console writing to ``stream``: None (rich decides) on a terminal or
+    where COLUMNS is set, else PIPE_WIDTH."""
+    import os
+
+    try:
+        is_tty = stream.isatty()
+    except (AttributeError, ValueError):  # a closed or fake stream
+        is_tty = False
+    return None if is_tty or os.environ.get("COLUMNS") else PIPE_WIDTH

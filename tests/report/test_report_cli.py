@@ -144,3 +144,12 @@ def test_module_runs_as_a_command(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "**First divergence:** decode step 1, layer 0, stage `L0.att.wkv`" in proc.stdout
     assert proc.stderr.startswith("DIVERGENCE: ")
+
+
+def test_no_output_flag_gives_a_hint_and_still_the_verdict(tmp_path, capsys):
+    source = _result_file(tmp_path, bump=1.0)
+    assert main([str(source)]) == 1
+    captured = capsys.readouterr()
+    assert "nothing written; add --html PATH, --markdown PATH or --csv PATH" in captured.err
+    assert captured.out.startswith("DIVERGENCE:")
+    assert main([str(source), "-q"]) == 1 and "nothing written" not in capsys.readouterr().err  # quiet asked for none
