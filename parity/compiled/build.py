@@ -28,7 +28,9 @@ from parity.errors import ParityError
 # runtime-only bundle (docs/guide.md, "Running on a GPU"), where a warm cache hit must still work.
 
 CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
-PIPELINE_ID = "FuseTransposeMatmul+default"  # for CUDA the default pipeline is DLight's GPU rules
+# llvm: the CPU pipeline with every matmul scheduled (schedule_cpu.py); cuda: DLight's GPU rules,
+# each rule that raises on a kernel passing it on to the next (see _tolerant below).
+PIPELINE_ID = "FuseTransposeMatmul+cpu-matmul-schedule|dlight-gpu-tolerant"
 VARIANTS = ("plain", "debug")
 
 _TARGETS = {
@@ -47,13 +49,74 @@ def default_cache_dir() -> Path:
     return Path(base) / "rwkv-parity"
 
 
-def make_target(name: str):
+def llvm_cpu() -> str:
+    """The CPU the llvm build is compiled for: $PARITY_LLVM_CPU, else this machine's (LLVM's name,
+    e.g. znver5). Part of the cache key: a build for one CPU is never loaded on another."""
+    env = os.environ.get("PARITY_LLVM_CPU")
+    if env:
+        return env
+    try:
+        from tvm.target import codegen
+
+        return str(codegen.llvm_get_system_cpu())
+    except Exception:  # noqa: BLE001 - the runtime-only TVM has no LLVM to ask
+        raise ParityError("cannot ask LLVM for this machine's CPU (runtime-only TVM); set PARITY_LLVM_CPU") from None
+
+
+def target_spec(name: str) -> dict:
     if name not in _TARGETS:
         raise ParityError(f"unknown target {name!r}; choose one of {', '.join(_TARGETS)}")
     spec = dict(_TARGETS[name])
     if name == "llvm":
+        spec["mcpu"] = llvm_cpu()  # without it LLVM emits baseline x86-64 (SSE2): 4-float vectors
+    return spec
+
+
+def make_target(name: str):
+    spec = target_spec(name)
+    if name == "llvm":
         spec["num-cores"] = os.cpu_count() or 1
     return tvm.target.Target(spec)
+
+
+def _tolerant(rule):
+    """A DLight rule that returns None (leave the kernel to the next rule) where it would raise:
+    DLight's GPU Reduction rule asserts on some reductions (a sum of a sum, in the bug zoo)."""
+    from tvm.s_tir import dlight as dl
+
+    class Tolerant(dl.ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - any failure of this rule: try the next
+                return None
+
+    return Tolerant()
+
+
+def compile_pipeline(target: str, tvm_target):
+    """Relax -> scheduled TIR. Both targets start with FuseTransposeMatmul: without it every call
+    re-transposes every (out, in) weight (docs/TVM.md)."""
+    from tvm import relax
+
+    if target == "llvm":
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+        from parity.compiled.schedule_cpu import schedule_cpu_matmuls
+
+        passes = [*cpu.library_dispatch_passes(tvm_target), *cpu.legalize_passes(tvm_target), schedule_cpu_matmuls]
+        lower = [*cpu.dataflow_lower_passes(tvm_target), *cpu.finalize_passes(tvm_target)]
+    else:
+        from tvm.relax.backend.cuda import pipeline as cuda
+        from tvm.s_tir import dlight as dl
+
+        # The CUDA pipeline's own legalisation, with DLight's GPU rules made tolerant. The scans
+        # are marked scheduled (wkv_cuda.py), so DLight leaves them alone.
+        legalize = [p for p in cuda.legalize_passes(tvm_target) if not isinstance(p, dl.ApplyDefaultSchedule)]
+        rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+        passes = [*cuda.library_dispatch_passes(tvm_target), *legalize,
+                  dl.ApplyDefaultSchedule(*(_tolerant(r) for r in rules))]
+        lower = [*cuda.dataflow_lower_passes(tvm_target), *cuda.finalize_passes(tvm_target)]
+    return tvm.transform.Sequential([relax.transform.FuseTransposeMatmul(), *passes, *lower])
 
 
 def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None, target: str = "llvm"):
@@ -85,7 +148,8 @@ def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None, ta
 _HERE = Path(__file__).resolve().parent
 _SOURCES = tuple(
     _HERE / name
-    for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py")
+    for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py",
+                 "schedule_cpu.py")
 )
 _MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in ("compiled.py", "kernels.py"))
 
@@ -109,7 +173,7 @@ def cache_key(*, config: ModelConfig, variant: str, target: str, mutant: str | N
         *(p.read_text() for p in _SOURCES),
         Path(__file__).read_text(),  # the pipeline is defined here
         f"variant={variant}",
-        json.dumps(_TARGETS[target], sort_keys=True),
+        json.dumps(target_spec(target), sort_keys=True),
         f"pipeline={PIPELINE_ID}",
         f"tvm={tvm.__version__}",
     ):
@@ -199,12 +263,7 @@ def build_model(
     model = model_for(config, debug=(variant == "debug"), mutant=mutant, target=target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     tvm_target = make_target(target)
-    # Without FuseTransposeMatmul every call re-transposes every (out, in) weight (docs/TVM.md).
-    # For CUDA the default pipeline schedules every kernel with DLight's GPU rules (Matmul, GEMV,
-    # Reduction, GeneralReduction, Fallback); the scans are already scheduled (wkv_cuda.py).
-    pipeline = tvm.transform.Sequential(
-        [relax.transform.FuseTransposeMatmul(), relax.get_default_pipeline(tvm_target)]
-    )
+    pipeline = compile_pipeline(target, tvm_target)
     with tvm_target:
         mod = pipeline(mod)
     kernel_outputs = _kernel_outputs(mod)

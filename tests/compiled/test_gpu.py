@@ -156,7 +156,10 @@ def test_runtime_only_tvm_loads_a_cached_build(cache, tmp_path):
         "out = CompiledRWKV(ck, variant='plain', cache_dir=sys.argv[2]).forward([1, 2, 3]).logits; "
         "np.save(sys.argv[3], out)"
     )
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    from parity.compiled.build import llvm_cpu
+
+    # The runtime-only TVM has no LLVM to ask which CPU this is (a part of the cache key): say it.
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "PARITY_LLVM_CPU": llvm_cpu()}
     proc = subprocess.run([sys.executable, "-c", script, str(ck.path), str(cache), str(tmp_path / "l.npy")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
