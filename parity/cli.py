@@ -311,13 +311,6 @@ def cmd_run(args, console) -> int:
     for line in info["warnings"]:
         print(f"parity: warning: {line}", file=sys.stderr)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if info.get("greedy_steps"):
-        from parity.greedy import STEPPER_NAMES
-
-        # Checked before anything runs: a greedy comparison needs a token-by-token stepper per backend.
-        unsupported = [b for b in backends if b not in STEPPER_NAMES]
-        if unsupported:
-            raise ParityError(f"--greedy: no greedy stepper for backend {unsupported[0]!r}; choose from {', '.join(STEPPER_NAMES)}")
     if not args.quiet:
         console.print(f"{ck.config.describe()} from {ck.path} (sha256 {ck.sha256[:12]})")
         if info.get("text") is not None:

@@ -44,74 +44,37 @@ class Stepper(Protocol):
         """Run ``ids`` from the current state; return the LAST row of logits, shape (V,)."""
 
 
-class ReferenceStepper:
+class BackendStepper:
+    """Any backend (``parity.dumpers.registry``: built-in, mutant, hf, plug-in) as a ``Stepper``: the
+    same object a teacher-forced dump drives, stepped one token at a time, its logits' last row read."""
+
+    def __init__(self, backend):
+        self.backend, self.name = backend, backend.name
+
+    def reset(self) -> None:
+        self.backend.reset()
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        logits = self.backend.step(list(ids)).get("logits")
+        if logits is None:
+            raise ParityError(f"backend {self.name} recorded no 'logits' stage; greedy decoding needs them")
+        return np.asarray(logits, dtype=np.float32).reshape(-1, np.shape(logits)[-1])[-1]
+
+
+class ReferenceStepper(BackendStepper):
     """The torch reference; ``model`` lets a test pass a deliberately wrong subclass."""
 
     def __init__(self, checkpoint: Checkpoint, *, model=None, name: str = "reference"):
-        from parity.reference import make_reference
+        from parity.dumpers.backends import ReferenceBackend
 
-        self.name = name
-        self.model = model if model is not None else make_reference(checkpoint)
-        self.state = None
-
-    def reset(self) -> None:
-        self.state = None  # the reference starts from its zero state when given None
-
-    def step(self, ids: Sequence[int]) -> np.ndarray:
-        logits, self.state = self.model.forward(list(ids), self.state)
-        return logits[-1].float().numpy()
-
-
-class TVMStepper:
-    """The plain (unmodified) TVM build: what would ship, with no taps in the graph."""
-
-    def __init__(self, checkpoint: Checkpoint, *, cache_dir: Path | None = None, target: str = "llvm",
-                 on_event: Callable[[str], None] | None = None, name: str = "tvm"):
-        from parity.compiled.runtime import CompiledRWKV
-
-        self.name = name
-        self.model = CompiledRWKV(checkpoint, variant="plain", target=target, cache_dir=cache_dir, on_event=on_event)
-        self.state = None
-
-    def reset(self) -> None:
-        self.state = None
-
-    def step(self, ids: Sequence[int]) -> np.ndarray:
-        out = self.model.forward(list(ids), self.state)
-        self.state = out.state
-        return out.logits[-1]
-
-
-class ChatRWKVStepper:
-    """The official ``rwkv`` package, ``cpu fp32``, JIT and CUDA kernels off."""
-
-    def __init__(self, checkpoint: Checkpoint, *, name: str = "chatrwkv"):
-        from parity.dumpers.official import load_official_model
-
-        self.name = name
-        self.model = load_official_model(checkpoint.path)
-        self.state = None
-
-    def reset(self) -> None:
-        self.state = None
-
-    def step(self, ids: Sequence[int]) -> np.ndarray:
-        logits, self.state = self.model.forward(list(ids), self.state)  # last row only by default
-        return logits.detach().float().numpy()
-
-
-# tvm-instrumented is the plain build too; greedy decoding needs no instrument hook.
-STEPPER_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv")
+        super().__init__(ReferenceBackend(checkpoint, model=model, name=name))
 
 
 def make_stepper(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = None, on_event=None) -> Stepper:
-    if spec == "reference":
-        return ReferenceStepper(checkpoint)
-    if spec in ("tvm", "tvm-instrumented"):
-        return TVMStepper(checkpoint, cache_dir=cache_dir, on_event=on_event, name=spec)
-    if spec == "chatrwkv":
-        return ChatRWKVStepper(checkpoint)
-    raise ParityError(f"no greedy stepper for backend {spec!r}; choose from {', '.join(STEPPER_NAMES)}")
+    """Every backend name ``parity run --backends`` takes; unknown names fail as they do there."""
+    from parity.dumpers.registry import make_backend
+
+    return BackendStepper(make_backend(spec, checkpoint, cache_dir=cache_dir, on_event=on_event))
 
 
 def decode_run(stepper: Stepper, *, prompt_ids: Sequence[int], steps: int,
@@ -167,7 +130,7 @@ def greedy_compare(
 ) -> dict:
     """Greedy-decode ``steps`` tokens from ``prompt_ids`` on every backend; compare with the first.
 
-    ``backends`` are names (``reference``, ``tvm``, ``tvm-instrumented``, ``chatrwkv``) or ready
+    ``backends`` are names (any that ``parity run --backends`` takes, plug-ins included) or ready
     ``Stepper`` objects. Returns a JSON-able dict: ``backends`` (tokens, text), ``margins`` (the
     first backend's top-2 margin per step), ``comparisons`` (per other backend: its first token
     divergence and the teacher-forced max |Δlogits| per step) and the earliest
@@ -187,6 +150,11 @@ def greedy_compare(
         raise ParityError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
     say = on_event or (lambda msg: None)
 
+    from parity.dumpers.registry import check_backend_spec
+
+    for b in backends:  # every name checked before anything is built or compiled
+        if isinstance(b, str):
+            check_backend_spec(b)
     steppers: list[Stepper] = []
     for b in backends:
         stepper = b if not isinstance(b, str) else make_stepper(b, ck, cache_dir=cache_dir, on_event=say)

@@ -11,7 +11,7 @@ import pytest
 
 from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.errors import ParityError
-from parity.greedy import ReferenceStepper, Stepper, decode_run, greedy_compare, run_greedy, top2_margins
+from parity.greedy import FLIP_ATOL, ReferenceStepper, Stepper, decode_run, greedy_compare, run_greedy, top2_margins
 from parity.reference.rwkv5 import RWKV5Reference
 from parity.scenarios import Scenario, scenario_plan
 
@@ -32,14 +32,26 @@ class BiasedReference(RWKV5Reference):
         self.token, self.from_step, self.bias = token, from_step, bias
         self.calls = 0
 
+    def zero_state(self):  # a new run starts from the zero state: count greedy steps from here
+        self.calls = 0
+        return super().zero_state()
+
     def forward(self, ids, state=None, *, record=None):
-        if state is None:  # a new run (the stepper resets to None): count greedy steps from here
-            self.calls = 0
-        logits, new_state = super().forward(ids, state, record=record)
-        if self.calls >= self.from_step:
+        # The bias is on the logits the port records and returns alike: what every backend reports.
+        active = self.calls >= self.from_step
+        self.calls += 1
+
+        def biased(stage, value):
+            if stage == "logits" and active:
+                value = value.clone()
+                value[:, self.token] += self.bias
+            if record is not None:
+                record(stage, value)
+
+        logits, new_state = super().forward(ids, state, record=biased)
+        if active:
             logits = logits.clone()
             logits[:, self.token] += self.bias
-        self.calls += 1
         return logits, new_state
 
 
@@ -186,7 +198,7 @@ def test_top2_margins():
         ({"backends": ["reference"]}, "at least two backends"),
         ({"prompt_ids": [5000]}, "token id 5000 is outside"),
         ({"prompt_ids": []}, "no prompt token ids"),
-        ({"backends": ["reference", "tvm-debug"]}, "no greedy stepper for backend 'tvm-debug'"),
+        ({"backends": ["reference", "tvm-debug"]}, "unknown backend 'tvm-debug'"),
         ({"backends": ["reference", "reference"]}, "backend listed twice"),
     ],
 )
@@ -199,3 +211,39 @@ def test_bad_arguments(ck, kwargs, message):
 
 def test_cache_fixture_isolates_the_compile_cache(compile_cache):
     assert os.environ["PARITY_CACHE_DIR"] == str(compile_cache)
+
+
+# -- every backend decodes greedily: the same objects a dump drives --------------------------------
+def test_a_reference_side_mutant_decodes_greedily_by_name(ck):
+    result = greedy_compare(ck, backends=["reference", "mutant/reference-sigmoid-r"], prompt_ids=PROMPT, steps=3)
+    cmp = result["comparisons"][0]
+    assert cmp["actual"] == "mutant/reference-sigmoid-r" and len(cmp["teacher_forced_max_abs"]) == 3
+    assert cmp["max_abs"] > FLIP_ATOL  # sigmoid(r) dropped: the logits are far off, not rounding noise
+
+
+@pytest.fixture(scope="module")
+def greedy_runs(tmp_path_factory, compile_cache):
+    from parity_cli import REPO, cli_env, run_concurrently
+
+    tmp = tmp_path_factory.mktemp("greedy-cli")
+    common = ["--ids", "1,2,3", "--decode-steps", "1", "--greedy", "4"]
+    return run_concurrently({
+        "plug-in": ["run", "--checkpoint", REPO / "fixtures" / "rwkv5_2-L4-C128-H2.pth",
+                    "--backends", "reference,examples/numpy_rwkv5.py:make_backend", *common, "--json", tmp / "p.json"],
+        "hf": ["run", "--checkpoint", REPO / "fixtures" / "rwkv4-L2-C64.pth", "--backends", "reference,hf",
+               *common, "--json", tmp / "h.json"],
+    }, env=cli_env())
+
+
+@pytest.mark.parametrize("name,other", [("plug-in", "numpy-rwkv5"), ("hf", "hf")])  # a plug-in names itself
+def test_parity_run_greedy_works_with_any_backend(greedy_runs, name, other):
+    cli = greedy_runs[name]
+    assert cli.rc == 0 and cli.result is not None, cli
+    greedy = cli.result["run"]["greedy"]
+    assert list(greedy["backends"]) == ["reference", other]
+    assert all(len(b["tokens"]) == 4 for b in greedy["backends"].values())
+    (cmp,) = greedy["comparisons"]
+    assert len(cmp["teacher_forced_max_abs"]) == 4 and cmp["max_abs"] < FLIP_ATOL  # two correct ports: rounding only
+    fd = greedy["first_token_divergence"]
+    assert fd is None or fd["near_tie"], fd  # a flip between correct ports can only be a near-tie
+    assert f"greedy {other}: " in cli.stdout, cli

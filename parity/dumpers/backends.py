@@ -58,9 +58,24 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
+class StagesOfOneStep:
+    """What ``record_step`` writes to, kept in memory: ``StepWriter.add``'s signature, for ``Backend.step``."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        self.arrays[name] = np.asarray(array)
+
+
 @dataclass
 class Backend:
-    """Base of the built-in backends: a name, a capture mode, a dtype, and ``record(plan, writer)``."""
+    """Base of every backend: a name, a capture mode, a dtype, ``begin()`` and ``record_step(ids, step)``.
+
+    The same object serves both ways a model is run: ``dump`` (teacher-forced, every step written
+    to disk) and ``reset``/``step`` (one step at a time, its stages returned; greedy decoding reads
+    the logits from there). Both call ``record_step``, so a backend is written once for both.
+    """
 
     checkpoint: Checkpoint
     name: str = "backend"
@@ -100,6 +115,16 @@ class Backend:
     def begin(self) -> None:
         """Reset to the zero state before the first step."""
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """Back to the zero state: the start of a run driven step by step."""
+        self.begin()
+
+    def step(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """Run ``ids`` from the current state; every stage it observes, by name (``logits`` (T, V) always)."""
+        stages = StagesOfOneStep()
+        self.record_step([int(i) for i in ids], stages)
+        return stages.arrays
 
     def record_step(self, ids: list[int], step: StepWriter) -> None:
         raise NotImplementedError
