@@ -4,6 +4,14 @@ The reference and the TVM debug build run the same drawn case step by step, in m
 diff engine judges every stage of every step under the DEFAULT fp32 policy — never loosened here:
 a failing example is a finding about the policy (or a backend), not something to tune away.
 
+Three ways of judging, as a user's run does (parity/compare/verdict.py): "isolated" (the compiled
+layers on the reference's inputs) and "replayed" (the reference's layers on the compiled run's
+own inputs, parity/dumpers/replay.py) must show no stage out of tolerance at all; "propagated"
+(each on its own outputs) must stay within the drift envelope of its depth — and, on the shallow
+shapes the per-stage policy was calibrated on, within the per-stage tolerance itself. Deep (12
+layers) and wide (C = 1024) shapes are drawn too: there, drift past the per-stage tolerance is
+expected and is exactly what the envelope is for.
+
 Compiling is the expensive part, so the compiled *shapes* are a small fixed set, each built once
 per session; the compile cache key is the config alone, so weights (seed and decay profile),
 prompts, decode ids and the capture mode are drawn freely per example over those few builds.
@@ -23,6 +31,7 @@ from hypothesis import strategies as st
 
 from parity.checkpoint import Checkpoint, ModelConfig
 from parity.compare import MemoryRun, RunComparison, StepInfo, TolerancePolicy, compare_runs
+from parity.compare.verdict import drift_summary
 from parity.compiled.build import BuildArtifact, build_model
 from parity.compiled.runtime import CompiledRWKV
 from parity.reference import make_reference
@@ -38,8 +47,14 @@ SHAPES: dict[str, ModelConfig] = {
     "v5.1-L2-H2": make_config(version="5.1", n_layer=2, n_embd=64, head_size=32, vocab_size=64),
     "v5.0-L2-H4": make_config(version="5.0", n_layer=2, n_embd=64, head_size=16, vocab_size=64),
     "v4-L2": make_config(version="4", n_layer=2, n_embd=64, vocab_size=64),
+    # Deep and wide (issue 9): released models have 12-32 layers and C 768-4096.
+    "v5.2-L12-H2": make_config(version="5.2", n_layer=12, n_embd=128, head_size=64, vocab_size=256),
+    "v5.2-L2-C1024-H16": make_config(version="5.2", n_layer=2, n_embd=1024, head_size=64, vocab_size=256),
+    "v4-L12": make_config(version="4", n_layer=12, n_embd=64, vocab_size=64),
 }
-MODES = ("propagated", "isolated")
+# Where the per-stage tolerance itself must hold in propagated runs: the depth it was calibrated at.
+SHALLOW = {name for name, cfg in SHAPES.items() if cfg.n_layer <= 2 and cfg.n_embd <= 256}
+MODES = ("propagated", "isolated", "replayed")
 MAX_PROMPT = 12
 MAX_DECODE = 4
 
@@ -145,12 +160,14 @@ def run_case(case: Case, builds: Builds) -> tuple[MemoryRun, MemoryRun]:
         _, ref_state = reference.forward(step.ids, ref_state, record=record)
         ref_arrays[step.index] = recorded
 
-    if case.mode == "propagated":
+    if case.mode in ("propagated", "replayed"):
         state = compiled.zero_state()
         for step in steps:
             out = compiled.forward(step.ids, state)
             state = out.state
             tvm_arrays[step.index] = {**out.taps, **compiled.state_to_canonical(state)}
+        if case.mode == "replayed":
+            ref_arrays = replay(reference, tvm_arrays, steps=steps)
     else:
         # Teacher-forced, as parity.dumpers.isolated: every compiled piece starts from the
         # reference's input to it and the reference's state before the step.
@@ -173,6 +190,36 @@ def run_case(case: Case, builds: Builds) -> tuple[MemoryRun, MemoryRun]:
         return MemoryRun(steps=steps, stage_order=order, dtype="float32", arrays=arrays, description={"backend": backend})
 
     return memory_run(ref_arrays, "reference"), memory_run(tvm_arrays, f"tvm-{case.mode}")
+
+
+def replay(reference, compiled_arrays: dict[int, dict[str, np.ndarray]], *, steps) -> dict[int, dict[str, np.ndarray]]:
+    """The reference's layers on the compiled run's own recorded inputs and state, as
+    parity/dumpers/replay.py does from a dump (here in memory)."""
+    cfg = reference.config
+    slots = state_slots(cfg.version.value)
+    out: dict[int, dict[str, np.ndarray]] = {}
+    before = None
+    for step in steps:
+        seen = compiled_arrays[step.index]
+        recorded: dict[str, np.ndarray] = {}
+
+        def record(name: str, value: torch.Tensor, into=recorded) -> None:
+            into[name] = _numpy(value)
+
+        with torch.no_grad():
+            reference.embed(step.ids, record=record)
+            zero = reference.zero_state().layers
+            for layer in range(cfg.n_layer):
+                x = torch.as_tensor(seen["emb" if layer == 0 else f"L{layer - 1}.x_out"])
+                state = zero[layer] if before is None else reference.layer_state(
+                    {s: before[f"state.L{layer}.{s}"] for s in slots})
+                _, new = reference.layer(layer, x, state, record=record)
+                for s in slots:
+                    record(f"state.L{layer}.{s}", getattr(new, s))
+            reference.head(torch.as_tensor(seen[f"L{cfg.n_layer - 1}.x_out"]), record=record)
+        out[step.index] = recorded
+        before = seen
+    return out
 
 
 def stage_kind(stage: str) -> str:
@@ -241,6 +288,13 @@ def test_correct_backends_never_diverge_in_fp32(case: Case, builds: Builds) -> N
     # Vacuity guard: every canonical stage of every step was actually compared.
     assert comparison.complete, f"{case}: missing {comparison.missing[:3]}, unmatched {comparison.unmatched_steps}"
     assert len(comparison.records) == len(expected.stage_order) * len(expected.steps)
+    if case.mode == "propagated" and case.shape not in SHALLOW:
+        drift = drift_summary(comparison.to_dict(), dtype="float32")
+        assert drift["status"] != "beyond", (
+            f"drift beyond the envelope on {case.config.describe()} ({case}): {drift['worst_ratio']:.3g}x at "
+            f"{drift['worst_stage']} step {drift['worst_step']}, {drift['envelope_fraction']:.3g} of the envelope")
+        event(f"deep propagated drift status {drift['status']}")
+        return
     assert comparison.first_divergence is None, describe_failure(case, comparison)
     for kind, ratio in headroom(comparison).items():
         if ratio > WORST_RATIO.get(kind, (-1.0, ""))[0]:
@@ -252,6 +306,10 @@ def test_correct_backends_never_diverge_in_fp32(case: Case, builds: Builds) -> N
 def test_a_one_percent_error_in_one_tap_is_the_first_divergence(
     case: Case, pick: st.DataObject, builds: Builds
 ) -> None:
+    # Deep propagated runs may already carry drift past a per-stage tolerance before the planted
+    # error (the envelope's business, above); the engine's first-divergence logic is tested where
+    # nothing else fails.
+    assume(case.shape in SHALLOW or case.mode != "propagated")
     expected, actual = run_case(case, builds)
     step = pick.draw(st.sampled_from(expected.steps), label="step").index
     stage = pick.draw(st.sampled_from(expected.stage_order), label="stage")
