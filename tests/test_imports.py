@@ -3,7 +3,8 @@
 Read with the stdlib's ``ast``, so nothing is imported: every ``import`` and ``from ... import``
 counts, at module level and inside functions alike (a deferred import still closes a circle; it
 only hides it until run time). Importing ``a.b.c`` is an edge to ``a.b.c``, not to its parent
-packages: a package's ``__init__`` running first is not a circle.
+packages: a package's ``__init__`` running first is not a circle. Imports under ``if TYPE_CHECKING:``
+never run (they exist for type checkers only), so they are no edge.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def module_graph(root: Path, package: str) -> dict[str, set[str]]:
     for name, path in files.items():
         here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         deps: set[str | None] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                     for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 deps.update(known(a.name) for a in node.names if a.name.split(".")[0] == package)
             elif isinstance(node, ast.ImportFrom):
@@ -45,6 +51,11 @@ def module_graph(root: Path, package: str) -> dict[str, set[str]]:
                     deps.add(f"{base}.{a.name}" if f"{base}.{a.name}" in files else known(base))
         graph[name] = {d for d in deps if d is not None and d != name}
     return graph
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -104,4 +115,7 @@ def test_the_check_finds_a_cycle_through_a_function_level_import(tmp_path: Path)
     (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import g\n")
     (pkg / "c.py").write_text("import pkg.a\n")
     (pkg / "d.py").write_text("from pkg import c\n")  # leads into the circle, is not on it
+    # type-only: never runs, so d -> e -> d is no circle
+    (pkg / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n")
+    (pkg / "d.py").write_text("from pkg import c\nfrom pkg import e\n")
     assert cycles(module_graph(tmp_path, "pkg")) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
