@@ -73,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
     run.add_argument("--dump-dir", type=Path, help="keep the dumps here (default: a temporary directory)")
+    run.add_argument("--corpus", type=Path, metavar="FILE|DIR",
+                     help="many prompts: a text file (one prompt per line, through --template) or a directory of "
+                          "scenario *.json files; one comparison each, KL and top-1 pooled over every token")
     run.add_argument(
-        "--mode", choices=("propagated", "isolated", "both"), default="propagated",
-        help="propagated: each backend runs on its own outputs (default); isolated: every compiled layer and "
-             "step runs on the yardstick's inputs, so each stage shows only the error it adds; both: side by side",
+        "--mode", choices=("replay", "propagated", "isolated", "both"), default="replay",
+        help="replay (default): the reference replays every layer of each backend on that backend's own inputs, "
+             "so a stage is blamed only for the error it adds, and propagated drift is judged against its "
+             "envelope; propagated: the strict per-stage verdict of the propagated run; isolated: our compiled "
+             "build runs every layer on the yardstick's inputs (others are replayed), own error only; "
+             "both: replay with the compiled build isolated, side by side",
     )
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -96,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     diff = sub.add_parser("diff", help="compare two saved dumps")
     diff.add_argument("expected", type=Path, help="dump directory of the yardstick (e.g. the reference)")
     diff.add_argument("actual", type=Path, help="dump directory under test")
+    diff.add_argument("--checkpoint", type=Path,
+                      help="the model both dumps ran: the reference then replays each dump's layers on its own "
+                           "inputs, so the verdict separates error a stage adds from drift (without it: the strict "
+                           "per-stage verdict)")
     _add_output_args(diff)
 
     bis = sub.add_parser("bisect", help="narrow a divergence to its step, layer and stage with isolated runs")
@@ -219,7 +229,22 @@ def _print_summary(console, result: dict) -> None:
             if m is not None:
                 fd = m["first_divergence"]
                 console.print(f"{name:>10}: " + (m["verdict"] if fd is None else describe_divergence(fd)))
-        console.print("[dim]the verdict is the isolated one: it names the first stage whose own error is out of tolerance[/]")
+    own, drift, e2e = result.get("own_error"), result.get("drift"), result.get("end_to_end")
+    if own:
+        console.print(f"own error ({own['method']}, {own['backend']}): worst {own['worst_ratio']:.3g}x its allowance"
+                      + (f" at step {own['worst_step']} {own['worst_stage']}" if own.get("worst_stage") else "")
+                      + (f"; {len(own['not_replayable'])} (step, layer) pairs not replayable" if own.get("not_replayable") else ""))
+    if drift:
+        status = {"none": "none (every stage within its allowance)", "within": "within the envelope (a pass)",
+                  "beyond": "[bold]BEYOND the envelope[/]"}[drift["status"]]
+        console.print(f"propagated drift: worst {drift['worst_ratio']:.3g}x the per-stage allowance"
+                      + (f" at step {drift['worst_step']} {drift['worst_stage']}" if drift.get("worst_stage") else "")
+                      + f", {drift['envelope_fraction']:.2g} of the envelope there ({drift['envelope']:g}x): {status}")
+    if e2e and e2e.get("rows"):
+        console.print(f"end to end ({e2e['rows']} logits rows): KL max {_fmt(e2e['kl_max'])} nats, mean {_fmt(e2e['kl_mean'])}, "
+                      f"p99.9 {_fmt(e2e['kl_p999'])}; top-1 agreement {100 * e2e['top1_agreement']:.4g}% "
+                      f"({e2e['top1_flips']} flips, {e2e['top1_ties']} near-ties); top-5 overlap "
+                      f"{100 * e2e['top5_overlap']:.4g}%; min cosine {_fmt(e2e['cosine_min'])}")
     for block in result.get("arbiter", []):
         fd = block["first_divergence"]
         worst = max((r["min_multiplier"] for r in block["records"] if isinstance(r["min_multiplier"], float)), default=0.0)
@@ -307,6 +332,8 @@ def cmd_run(args, console) -> int:
 
     overrides = _overrides(args.tol)
     ck = load_checkpoint(resolve_checkpoint(args))
+    if args.corpus is not None:
+        return _run_corpus(args, console, ck=ck, overrides=overrides)
     plan, info = plan_from_args(args, ck)
     for line in info["warnings"]:
         print(f"parity: warning: {line}", file=sys.stderr)
@@ -332,6 +359,45 @@ def cmd_run(args, console) -> int:
     return _finish(result, args=args, console=console, json_path=args.json, html_path=args.html)
 
 
+def _run_corpus(args, console, *, ck, overrides) -> int:
+    from parity.corpus import run_corpus
+
+    if args.greedy or args.dump_dir or args.html or args.only_layer is not None or args.only_step is not None or args.arbiter:
+        raise ParityError("--corpus runs many prompts: --greedy, --dump-dir, --html, --only-* and --arbiter take one")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    warned: set[str] = set()
+
+    def on_prompt(name: str, summary: dict) -> None:
+        for warning in summary["warnings"]:
+            key = warning.split(":")[0]
+            if key not in warned:  # e.g. vocab folding: said once, not once per prompt
+                warned.add(key)
+                print(f"parity: warning: {name}: {warning}", file=sys.stderr)
+        e2e = summary["end_to_end"] or {}
+        line = (f"{name}: {summary['verdict']} ({summary['prefill_tokens']} + {summary['decode_steps']} tokens; "
+                f"KL max {_fmt(e2e.get('kl_max'))}, top-1 {100 * e2e.get('top1_agreement', 0):.4g}%)")
+        if summary["first_divergence"] is not None:
+            line += f"; {describe_divergence(summary['first_divergence'])}"
+        if not args.quiet:
+            console.print(line, markup=False, highlight=False)
+
+    with _Progress(quiet=args.quiet) as prog:
+        out = run_corpus(args, ck, backends=backends, overrides=overrides, on_prompt=on_prompt,
+                         run_kwargs=dict(cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
+                                         device=args.device))
+    agg = out["corpus"]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
+    verdict = "no divergence" if agg["diverged"] == 0 else f"DIVERGENCE in {agg['diverged']} of {agg['prompts']} prompts"
+    console.print(f"corpus: {verdict} ({agg['prompts']} prompts, {agg['rows']} logits rows; KL mean {_fmt(agg['kl_mean'])}, "
+                  f"p99 {_fmt(agg['kl_p99'])}, p99.9 {_fmt(agg['kl_p99_9'])}, max {_fmt(agg['kl_max'])} nats; "
+                  f"top-1 agreement {100 * (agg['top1_agreement'] or 0):.4g}%, {agg['top1_ties']} near-ties)",
+                  markup=False, highlight=False)
+    return EXIT_OK if agg["diverged"] == 0 else EXIT_DIVERGED
+
+
 def _print_greedy(console, greedy: dict) -> None:
     for name, side in greedy["backends"].items():
         text = f" {side['text']!r}" if side.get("text") is not None else ""
@@ -341,9 +407,9 @@ def _print_greedy(console, greedy: dict) -> None:
 
 
 def cmd_diff(args, console) -> int:
-    from parity.session import compare_dumps
+    from parity.session import diff_dumps
 
-    result = compare_dumps(args.expected, args.actual, overrides=_overrides(args.tol))
+    result = diff_dumps(args.expected, args.actual, checkpoint=args.checkpoint, overrides=_overrides(args.tol))
     return _finish(result, args=args, console=console, json_path=args.json, html_path=args.html)
 
 

@@ -89,6 +89,44 @@ def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | Non
     return compare_runs(actual=act, expected=exp, policy=policy).to_dict()
 
 
+def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None) -> dict:
+    """``parity diff``: two saved dumps. With the checkpoint they ran, each dump (but a plain
+    reference's) is replayed and judged as ``run_parity`` judges a live run; without it, the
+    strict per-stage verdict of the propagated comparison."""
+    from parity.compare.verdict import own_error_summary
+    from parity.dumpers.replay import replay_dump
+    from parity.reference import make_reference
+
+    comparison = compare_dumps(expected, actual, overrides=overrides)
+    if checkpoint is None:
+        return comparison
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    names = {"expected": DumpReader(expected).backend, "actual": DumpReader(actual).backend}
+    if names["expected"] == names["actual"]:
+        names = {side: f"{name} ({side})" for side, name in names.items()}
+    own: dict[str, tuple[dict, dict]] = {}
+    model = make_reference(ck, dtype="float32")
+    with tempfile.TemporaryDirectory(prefix="parity-replay-") as tmp:
+        for side, path in (("expected", expected), ("actual", actual)):
+            if DumpReader(path).backend == "reference" and DumpReader(path).mode == "eager":
+                continue  # the plain reference replays itself exactly
+            replayed, gaps = replay_dump(ck, candidate_dump=Path(path), path=Path(tmp) / side, model=model)
+            c = compare_dumps(replayed, path, overrides=overrides)
+            own[names[side]] = ({**own_error_summary(c, method="replay", not_replayable=gaps),
+                                 "judge": "reference (replay only)"}, c)
+    a, b = names["expected"], names["actual"]
+    judged = _judge_pair(a, b, comparison, own=own, mode="replay", backends=[a, b])
+    side = judged["own_side"]
+    result = dict(own[side][1]) if judged["first_divergence"] is not None and side in own and \
+        judged["first_divergence"].get("judged_by") == "replay" else dict(comparison)
+    result.update(verdict=judged["verdict"], first_divergence=judged["first_divergence"], drift=judged["drift"],
+                  end_to_end=comparison.get("end_to_end"), mode="replay")
+    if side in own:
+        result["own_error"] = {"backend": side, **own[side][0]}
+    result["own_errors"] = {spec: summary for spec, (summary, _) in own.items()}
+    return result
+
+
 def divergence_detail(result: dict, *, dumps: dict[str, Path]) -> dict | None:
     """What a report needs beyond the metrics: the error histogram of the first diverging tensor
     and its per-token-row worst error, read back from the two dumps (never held in the result)."""

@@ -181,3 +181,16 @@ def test_long_decodes_drift_but_add_no_error(ck, tmp_path, compile_cache):
     assert out.result["drift"]["worst_ratio"] <= strict_worst + 1e-12  # the same propagated records, judged by depth
     assert out.result["own_error"]["failed"] == 0
     assert out.result["end_to_end"]["top1_agreement"] == 1.0
+
+
+def test_diff_with_the_checkpoint_replays_saved_dumps(ck, tmp_path):
+    from parity.session import diff_dumps
+
+    out = run_parity(ck, backends=["reference", f"{HERE}:eps_port_layer3", "chatrwkv"], plan=plan(ck, steps=1),
+                     dump_dir=tmp_path, mode="propagated")
+    bad = diff_dumps(out.dumps["reference"], out.dumps[f"{HERE}:eps_port_layer3"], checkpoint=ck)
+    assert bad["verdict"] == "divergence" and bad["first_divergence"]["stage"] == "L3.att.ln_x"
+    assert bad["first_divergence"]["judged_by"] == "replay"
+    good = diff_dumps(out.dumps["reference"], out.dumps["chatrwkv"], checkpoint=ck)
+    assert good["verdict"] == "no divergence" and good["own_errors"]["chatrwkv"]["failed"] == 0
+    assert "drift" not in diff_dumps(out.dumps["reference"], out.dumps["chatrwkv"])  # no checkpoint: strict only

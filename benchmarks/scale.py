@@ -1,0 +1,164 @@
+"""Verdicts at released model sizes: every correct backend, every shape, every prompt.
+
+For each shape (synthesised with ``parity synth``: realistic random weights, bf16, emb fp32) and
+each prompt, one ``parity run --backends reference,tvm,chatrwkv`` (``hf`` too for RWKV-4) with
+64 decode steps, in a process of its own so its peak RSS is its own. One row per run:
+
+    verdict, worst own-error ratio (replay: the error a stage adds, in allowances), drift (the
+    propagated error, as a fraction of the depth envelope), KL max and top-1 agreement of the
+    next-token distributions, wall time, peak RSS, fp32 weight bytes, dump bytes.
+
+Every backend here is correct, so every row must say "no divergence"; a row that does not is a
+false alarm, and the table shows it. Results: benchmarks/results/scale.md and scale.json, with
+date and commit.
+
+    python benchmarks/scale.py                       # the full table (hours on 2 cores)
+    python benchmarks/scale.py --shapes 0.1b --prompts ones:16 --decode-steps 8   # a quick row
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SCENARIO = "chat-hello"  # a bundled text scenario (fixtures/scenarios/chat-hello.json)
+# shape -> versions. 512-token prompts only where the unscheduled CPU build finishes in minutes.
+PLAN = [("0.1b", "5.2"), ("0.4b", "5.2"), ("1.5b", "5.2"), ("3b", "5.2"), ("0.4b", "4")]
+PROMPTS = ["ones:16", "random:64:3", f"scenario:{SCENARIO}", "random:512:5"]
+LONG_PROMPT_SHAPES = {"0.1b", "0.4b"}
+
+
+def one_run(argv: list[str]) -> None:
+    """Child mode: run ``parity`` in this process, then report this process's peak RSS."""
+    from parity.cli import main
+
+    t0 = time.perf_counter()
+    code = main(argv)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print("SCALE-ROW " + json.dumps({"exit": code, "wall_s": wall, "peak_rss": rss}), flush=True)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def fp32_weight_bytes(checkpoint: Path) -> int:
+    from parity.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    return sum(t.numel() * 4 for t in ck.weights.values())
+
+
+def row_from(result: dict, child: dict, *, shape: str, version: str, prompt: str, weights: int, ckpt: int, dumps: int) -> dict:
+    own = result.get("own_errors", {})
+    worst_own = max((o["worst_ratio"] for o in own.values() if isinstance(o.get("worst_ratio"), (int, float))), default=None)
+    pairs = result.get("comparisons") or [result]
+    drift = [c.get("drift") or {} for c in pairs]
+    e2e = [c.get("end_to_end") or {} for c in pairs]
+    kl = [e["kl_max"] for e in e2e if isinstance(e.get("kl_max"), (int, float))]
+    top1 = [e["top1_agreement"] for e in e2e if isinstance(e.get("top1_agreement"), (int, float))]
+    fractions = [d.get("envelope_fraction") for d in [result.get("drift") or {}] if d]
+    return {
+        "shape": shape, "version": version, "prompt": prompt, "verdict": result["verdict"],
+        "pairs": [f"{c.get('expected')}~{c.get('actual')}: {c.get('verdict')}" for c in result.get("comparisons", [])],
+        "worst_own_ratio": worst_own,
+        "drift_worst_ratio": max((d.get("worst_ratio", 0) for d in drift if isinstance(d.get("worst_ratio"), (int, float))), default=None),
+        "drift_envelope_fraction": fractions[0] if fractions else None,
+        "kl_max": max(kl) if kl else None, "top1_agreement": min(top1) if top1 else None,
+        "wall_s": child["wall_s"], "peak_rss": child["peak_rss"], "fp32_weight_bytes": weights,
+        "checkpoint_bytes": ckpt, "rss_over_weights_plus_file": child["peak_rss"] / (weights + ckpt),
+        "dump_bytes": dumps, "exit": child["exit"],
+    }
+
+
+def fmt_row(r: dict) -> str:
+    def g(x, spec=".3g"):
+        return "-" if x is None else format(x, spec)
+
+    return (f"| {r['shape']} | {r['version']} | `{r['prompt']}` | {r['verdict']} | {g(r['worst_own_ratio'])} | "
+            f"{g(r['drift_worst_ratio'])} ({g(r['drift_envelope_fraction'], '.2f')} of envelope) | {g(r['kl_max'])} | "
+            f"{g(100 * r['top1_agreement'] if r['top1_agreement'] is not None else None, '.4g')}% | {r['wall_s']:.0f} s | "
+            f"{r['peak_rss'] / 2**30:.2f} GiB ({r['rss_over_weights_plus_file']:.2f}x) | {r['dump_bytes'] / 2**20:.0f} MiB |")
+
+
+def write_results(rows: list[dict], *, args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {"date": dt.date.today().isoformat(), "commit": commit, "decode_steps": args.decode_steps,
+            "machine": f"{os.cpu_count()} cores", "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
+    (RESULTS / "scale.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        f"# Verdicts at released sizes ({meta['date']}, commit {commit}, {meta['machine']})", "",
+        f"`{meta['command']}`; {args.decode_steps} decode steps; backends reference, tvm, chatrwkv (+ hf for v4).",
+        "Own error: worst replayed stage, in allowances (< 1 passes). Drift: worst propagated record in allowances,",
+        "and as a fraction of the depth envelope (<= 1 passes). RSS ratio: peak RSS / (fp32 weights + checkpoint file).", "",
+        "| shape | v | prompt | verdict | own error | drift | KL max (nats) | top-1 | wall | peak RSS | dumps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[fmt_row(r) for r in rows],
+    ]
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        one_run(sys.argv[2:])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", help="comma-separated shape[@version], e.g. 0.1b,0.4b@4 (default: the full plan)")
+    ap.add_argument("--prompts", help=f"comma-separated (default: {', '.join(PROMPTS)})")
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--work", type=Path, help="where checkpoints and dumps go (default: a temp dir, removed)")
+    ap.add_argument("--append", action="store_true", help="add to the committed rows instead of replacing them")
+    args = ap.parse_args()
+    plan = PLAN if not args.shapes else [tuple((s.split("@") + ["5.2"])[:2]) for s in args.shapes.split(",")]
+    prompts = PROMPTS if not args.prompts else args.prompts.split(",")
+    work = args.work or Path(tempfile.mkdtemp(prefix="parity-scale-"))
+    rows = json.loads((RESULTS / "scale.json").read_text())["rows"] if args.append and (RESULTS / "scale.json").exists() else []
+    py = sys.executable
+    for shape, version in plan:
+        ckpt = work / f"rwkv{version}-{shape}.pth"
+        if not ckpt.exists():
+            print(f"synthesising {shape} RWKV-{version} -> {ckpt}", flush=True)
+            subprocess.run([py, "-m", "parity.cli", "synth", "--shape", shape, "--version", version, str(ckpt)], check=True)
+        weights, size = fp32_weight_bytes(ckpt), ckpt.stat().st_size
+        backends = "reference,tvm,chatrwkv" + (",hf" if version == "4" else "")
+        for prompt in prompts:
+            if prompt.startswith("random:512") and shape not in LONG_PROMPT_SHAPES:
+                continue
+            dump_dir, out = work / "dumps", work / "result.json"
+            shutil.rmtree(dump_dir, ignore_errors=True)
+            out.unlink(missing_ok=True)
+            source = ["--scenario", str(REPO / "fixtures" / "scenarios" / (prompt.split(":", 1)[1] + ".json"))] if prompt.startswith("scenario:") else ["--ids", prompt]
+            argv = ["run", "--checkpoint", str(ckpt), "--backends", backends, *source, "--decode-steps",
+                    str(args.decode_steps), "--dump-dir", str(dump_dir), "--json", str(out), "-q"]
+            print(f"{shape} v{version} {prompt}: parity {' '.join(argv)}", flush=True)
+            proc = subprocess.run([py, __file__, "--one", *argv], capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("SCALE-ROW ")), None)
+            if line is None or not out.exists():
+                print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"run failed: {shape} {prompt}")
+            row = row_from(json.loads(out.read_text()), json.loads(line[len("SCALE-ROW "):]), shape=shape, version=version,
+                           prompt=prompt, weights=weights, ckpt=size, dumps=dir_bytes(dump_dir))
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+            write_results(rows, args=args)
+            shutil.rmtree(dump_dir, ignore_errors=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
