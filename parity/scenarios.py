@@ -139,8 +139,15 @@ _FIELDS = ("name", "text", "prompt_file", "ids", "template", "decode_steps", "gr
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario JSON file; any problem is one ParityError line naming the file."""
+    """Read and validate a scenario JSON file, or a bundled one by name (``chat-hello`` is
+    fixtures/scenarios/chat-hello.json); any problem is one ParityError line naming the file."""
     path = Path(path)
+    bundled = SCENARIO_DIR / f"{path.name}.json"
+    if not path.exists() and path.name == str(path) and path.suffix != ".json":
+        if not bundled.is_file():
+            names = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.json")))
+            raise ParityError(f"no scenario file {path} and no bundled scenario of that name; bundled: {names}")
+        path = bundled
     try:
         raw = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -199,7 +206,8 @@ def scenario_plan(scenario: Scenario, *, tokenizer=None, vocab_size: int, decode
         bad = next((i for i in scenario.ids if i >= vocab_size), None)
         if bad is not None:
             # Given ids are the user's exact intent: fail rather than fold them silently.
-            raise ParityError(f"scenario {scenario.name!r}: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+            where = f"scenario {scenario.name!r}: " if scenario.source is not None else ""  # else the user's --ids
+            raise ParityError(f"{where}token id {bad} is outside the model's vocabulary [0, {vocab_size})")
         text = tokenizer_ids = None
         model_ids = tuple(scenario.ids)
         folded = False
@@ -244,7 +252,8 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--text", help="prompt text (tokenized with the World tokenizer; see --template)")
     src.add_argument("--prompt-file", type=Path, metavar="PATH", help="read the prompt text from a UTF-8 file, bytes kept as-is")
-    src.add_argument("--scenario", type=Path, metavar="FILE", help="a scenario JSON file (see fixtures/scenarios/)")
+    src.add_argument("--scenario", type=Path, metavar="FILE|NAME",
+                     help="a scenario JSON file, or a bundled one by name (chat-hello: fixtures/scenarios/chat-hello.json)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                         help="chat template for --text/--prompt-file (default raw; chatrwkv = 'User: TEXT\\n\\nAssistant:')")
     parser.add_argument("--greedy", type=int, metavar="N", default=None,

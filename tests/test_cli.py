@@ -37,7 +37,9 @@ ERROR_CASES = {
     "missing checkpoint": (["run", "--checkpoint", "{tmp}/missing.pth"], "not found"),
     "corrupt checkpoint": (["run", "--checkpoint", "{tmp}/garbage.pth"], "garbage.pth"),
     "bad --ids": (["run", "--checkpoint", FIXTURE, "--ids", "1,x"], "bad token ids '1,x'"),
-    "id >= vocab": (["run", "--checkpoint", FIXTURE, "--ids", f"0,{VOCAB}"], f"token id {VOCAB} is outside"),
+    "id >= vocab": (["run", "--checkpoint", FIXTURE, "--ids", f"0,{VOCAB}"], f"error: token id {VOCAB} is outside"),  # the user's --ids, not a "scenario"
+    "unknown scenario name": (["run", "--scenario", "chat-helo"],
+                              "no bundled scenario of that name; bundled: chat-hello, multilingual, ones"),
     "unknown backend": (["run", "--checkpoint", FIXTURE, "--backends", "reference,tvmm"],
                         "unknown backend 'tvmm'; did you mean 'tvm'?"),
     "misspelt mutant": (["run", "--checkpoint", FIXTURE, "--backends", "reference,mutant/sigmoid_r"],
@@ -65,6 +67,7 @@ def first_wave(env, tmp_path_factory):
     commands = {
         "run": ["run", "--checkpoint", FIXTURE, "--decode-steps", 2, "--json", out / "result.json",
                 "--html", out / "report.html", "--dump-dir", out / "dumps"],
+        "bundled scenario by name": ["run", "--scenario", "ones", "--backends", "reference,chatrwkv", "--quiet"],
         # Quiet as well: one run checks both, and each run costs seconds.
         "instrumented": ["run", "--checkpoint", FIXTURE, "--backends", "reference,tvm-instrumented",
                          "--ids", "ones:3", "--decode-steps", 1, "--quiet"],
@@ -182,6 +185,11 @@ def test_run_with_the_instrumented_backend(first_wave):
     assert cli.rc == 0, cli
     assert "Traceback" not in cli.stderr, cli
     assert cli.stdout.strip().splitlines()[-1].startswith("no divergence"), cli
+
+
+def test_a_bundled_scenario_runs_by_name(first_wave):
+    cli = first_wave["results"]["bundled scenario by name"]
+    assert cli.rc == 0 and cli.stdout.startswith("no divergence"), cli
 
 
 def test_quiet_prints_only_the_verdict_line(first_wave):
