@@ -220,6 +220,10 @@ def markdown(result: dict) -> str:
             f"{gb(r['sampled_peak_file_bytes'])} | {r['wall_s']} | {r['dump_bytes'] / 1e6:.1f} | "
             f"{'yes' if r['compiled'] else 'no'} | {r['exit_code']} |"
         )
+    if any(r["exit_code"] == -9 for r in result["rows"]):
+        lines += ["", "Exit -9: killed by the kernel's OOM killer (this script makes each run its first pick); "
+                  "its peak RSS is where it was stopped, a lower bound on what it needed."]
+    lines += ["", "Exit 1 is a DIVERGENCE verdict (the run finished); this table is about memory, not verdicts."]
     synths = {k: v for k, v in result["synth"].items() if v}
     if synths:
         lines += ["", "`parity synth` of each shape (when not reused):", ""]
