@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     st.add_argument("--json", type=Path, help="write the table as JSON")
     st.add_argument("--list", action="store_true", help="list the mutants and exit")
+    st.add_argument("--checkpoint", type=Path,
+                    help="run the zoo on this checkpoint instead of the bundled fixtures (e.g. a released shape made by "
+                         "parity synth); mutants of another RWKV version are skipped")
 
     convert = sub.add_parser("convert", help="convert a checkpoint: .pth <-> .safetensors <-> HF directory (v4)")
     convert.add_argument("source", type=Path, help=".pth, .safetensors or HF RWKV directory")
@@ -488,9 +491,21 @@ def cmd_selftest(args, console) -> int:
             from parity.dumpers.registry import did_you_mean
 
             raise ParityError(f"unknown mutant {n!r}{did_you_mean(n, CATALOGUE)} (parity selftest --list names them)")
+    from parity.selftest import applicable
+
+    ck = None
+    if args.checkpoint is not None:
+        from parity.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(args.checkpoint)
+        skipped = [n for n, m in CATALOGUE.items() if not applicable(m, ck) and (names is None or n in names)]
+        if skipped:
+            console.print(f"[dim]skipped (another RWKV version than {ck.config.describe()}): {', '.join(skipped)}[/]")
+        names = [n for n in (names or CATALOGUE) if n not in skipped]
     with _Progress(quiet=False) as prog:
         task = prog.progress.add_task("mutants", total=len(names or CATALOGUE))
-        rows = run_selftest(names=names, cache_dir=args.cache_dir, on_row=lambda row: prog.progress.advance(task))
+        rows = run_selftest(names=names, cache_dir=args.cache_dir, on_row=lambda row: prog.progress.advance(task),
+                            checkpoint=ck)
     table = Table(title="bug zoo: where each injected bug must be found, and where it was")
 
     def where(fd):

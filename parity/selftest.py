@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from parity.checkpoint import load_checkpoint
+from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.dumpers.backends import RunPlan
 from parity.mutants import CATALOGUE, Mutant
 from parity.session import default_decode_ids, parse_ids, run_parity
@@ -50,41 +50,57 @@ class SelftestRow:
         }
 
 
-def run_mutant(mutant: Mutant, *, cache_dir: Path | None, work: Path, on_event: Callable[[str], None] | None = None) -> SelftestRow:
-    ck = load_checkpoint(FIXTURES / f"{mutant.fixture}.pth")
+def run_mutant(
+    mutant: Mutant, *, cache_dir: Path | None, work: Path, on_event: Callable[[str], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> SelftestRow:
+    """Run one mutant twice: the default verdict (own error by replay, then drift against its
+    envelope: "propagated" in the table, what a user's plain ``parity run`` says) and isolated
+    mode (our compiled build's layers on the reference's inputs). ``checkpoint`` replaces the
+    mutant's bundled fixture, e.g. a released shape from ``parity synth`` (``--checkpoint``)."""
+    ck = checkpoint or load_checkpoint(FIXTURES / f"{mutant.fixture}.pth")
     plan = RunPlan(
         prefill_ids=parse_ids(mutant.ids, vocab_size=ck.config.vocab_size),
         decode_ids=default_decode_ids(steps=mutant.decode_steps, vocab_size=ck.config.vocab_size),
     )
     spec = f"mutant/{mutant.name}"
-    if mutant.side == "reference":
-        backends = [spec, "tvm", "chatrwkv"]
-    else:
-        backends = ["reference", spec]
-    outcome = run_parity(ck, backends=backends, plan=plan, dump_dir=work / mutant.name, cache_dir=cache_dir,
-                         on_event=on_event, mode="both")
-    modes = outcome.result["modes"]
-    if mutant.side == "reference":
-        # The pair that holds the wrong reference against the compiled model (the yardstick is the mutant).
-        pair = next(c for c in outcome.comparisons if c["expected"]["backend"] == spec and c["actual"]["backend"] == "tvm")
-        found_propagated = pair["first_divergence"]
-    else:
-        found_propagated = modes["propagated"]["first_divergence"]
-    return SelftestRow(
-        mutant=mutant,
-        found_propagated=found_propagated,
-        found_isolated=modes["isolated"]["first_divergence"] if modes["isolated"] else None,
-        odd_one_out=(outcome.result.get("odd_one_out") or {}).get("backend"),
-    )
+    backends = [spec, "tvm", "chatrwkv"] if mutant.side == "reference" else ["reference", spec]
+    found = {}
+    odd = None
+    for mode in ("replay", "isolated"):
+        outcome = run_parity(ck, backends=backends, plan=plan, dump_dir=work / f"{mutant.name}-{mode}",
+                             cache_dir=cache_dir, on_event=on_event, mode=mode)
+        result = outcome.result
+        if mutant.side == "reference":
+            # The pair that holds the wrong reference against the compiled model (the yardstick is the mutant).
+            pair = next(c for c in result["comparisons"] if c["expected"] == spec and c["actual"] == "tvm")
+            found[mode] = pair["first_divergence"]
+            if mode == "replay":
+                odd = (result.get("odd_one_out") or {}).get("backend")
+        else:
+            found[mode] = result["first_divergence"]
+    return SelftestRow(mutant=mutant, found_propagated=found["replay"], found_isolated=found["isolated"], odd_one_out=odd)
+
+
+def applicable(mutant: Mutant, checkpoint: Checkpoint | None) -> bool:
+    """A mutant runs on a given checkpoint when that is of its fixture's RWKV version."""
+    if checkpoint is None:
+        return True
+    return load_fixture_version(mutant) == checkpoint.config.version.value
+
+
+def load_fixture_version(mutant: Mutant) -> str:
+    return "4" if mutant.fixture.startswith("rwkv4") else mutant.fixture.split("-")[0].removeprefix("rwkv").replace("_", ".")
 
 
 def run_selftest(
-    *, names: list[str] | None = None, cache_dir: Path | None = None, on_event=None, on_row=None
+    *, names: list[str] | None = None, cache_dir: Path | None = None, on_event=None, on_row=None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[SelftestRow]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="parity-selftest-") as tmp:
-        for name in names or list(CATALOGUE):
-            row = run_mutant(CATALOGUE[name], cache_dir=cache_dir, work=Path(tmp), on_event=on_event)
+        for name in names or [n for n, m in CATALOGUE.items() if applicable(m, checkpoint)]:
+            row = run_mutant(CATALOGUE[name], cache_dir=cache_dir, work=Path(tmp), on_event=on_event, checkpoint=checkpoint)
             rows.append(row)
             if on_row:
                 on_row(row)
