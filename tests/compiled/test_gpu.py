@@ -188,7 +188,10 @@ def test_cuda_parity_every_fixture(name, cache, tmp_path):
     assert out.result["modes"]["isolated"]["first_divergence"] is None
     logits = [r for r in out.result["records"] if r["stage"] == "logits"]
     assert len(logits) == 4  # every step compared
-    _record("fixtures", name, {c["actual"]["backend"] + " " + c["actual"].get("mode", ""): c["summary"] for c in out.comparisons})
+    _record("fixtures", name, {
+        f"{c['expected']['backend']} ({c['expected'].get('mode')}) vs {c['actual']['backend']} ({c['actual'].get('mode')})": c["summary"]
+        for c in out.comparisons
+    })
 
 
 @pytest.mark.gpu
