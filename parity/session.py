@@ -23,6 +23,7 @@ from parity.dumpers.backends import RunPlan, target_for_device, tool_versions, t
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.errors import ParityError
+from parity.results import RunResult
 
 # replay (default): propagated drift judged against its envelope + each stage's own error by replay;
 # propagated: the strict per-stage verdict of the propagated run alone; isolated: own error only
@@ -120,11 +121,11 @@ def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None)
     result = dict(own[side][1]) if judged["first_divergence"] is not None and side in own and \
         judged["first_divergence"].get("judged_by") == "replay" else dict(comparison)
     result.update(verdict=judged["verdict"], first_divergence=judged["first_divergence"], drift=judged["drift"],
-                  end_to_end=comparison.get("end_to_end"), mode="replay")
+                  end_to_end=comparison.get("end_to_end"), mode="replay", pair={"expected": a, "actual": b})
     if side in own:
         result["own_error"] = {"backend": side, **own[side][0]}
     result["own_errors"] = {spec: summary for spec, (summary, _) in own.items()}
-    return result
+    return RunResult.from_dict(result).to_dict()
 
 
 def divergence_detail(result: dict, *, dumps: dict[str, Path]) -> dict | None:
@@ -503,6 +504,8 @@ def run_parity(
             result["odd_one_out"] = odd_one_out(
                 backends, {pair: j["first_divergence"] is None for pair, j in zip(pairs, judged)}
             )
+        # Typed on the way out (parity/results.py): one schema, versioned, that every renderer reads.
+        result = RunResult.from_dict(result).to_dict()
         return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons,
                           own_comparisons={spec: c for spec, (_, c) in own.items()})
     finally:

@@ -73,6 +73,13 @@ def load_result_dict(source: Any) -> dict:
         raise ParityError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(result, dict) or not isinstance(result.get("records"), list):
         raise ParityError(f"{path} is not a comparison result (no records list); is it a `parity --json` result?")
+    if "format" in result:  # a run's result (format 2 on): refuse a newer format in one line
+        from parity.results import RunResult
+
+        try:
+            RunResult.from_dict(result)
+        except ParityError as e:
+            raise ParityError(f"{path}: {e}") from None
     return result
 
 
