@@ -215,16 +215,24 @@ def test_gpu_zoo(name, cache, tmp_path):
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_parity_04b_shape(cache, tmp_path):
-    """A released shape (0.4B: L24 C1024, head 64, V 65536), realistic random weights."""
+    """A released shape (0.4B: L24 C1024, head 64, V 65536), realistic random weights.
+
+    At depth the strict per-stage comparison of a propagated run is crossed by inherited drift
+    alone (parity/compare/verdict.py), so what must pass is the error each stage *adds*: isolated
+    mode (every CUDA layer on the reference's inputs). The drift verdict and the fp64 arbiter's
+    (error against float64 within k x the fp32 reference's own) are recorded beside it; the
+    arbiter must pass too — a CUDA build less accurate than fp32 allows is a finding."""
     from parity.synth import synthesize
 
     path, _ = synthesize(tmp_path / "rwkv5_2-0.4b.safetensors", shape="0.4b", version="5.2", seed=0)
     ck = load_checkpoint(path)
     out = run_parity(ck, backends=["reference", "tvm"], plan=_plan(ck, ids="random:16:3", steps=2), dump_dir=tmp_path / "d",
-                     cache_dir=cache, mode="both", device="cuda")
-    _record("0.4b", "rwkv5_2-0.4b", {"verdict": out.result["verdict"], "modes": out.result["modes"], "summary": out.result["summary"]})
-    assert out.result["modes"]["propagated"]["first_divergence"] is None
-    assert out.result["modes"]["isolated"]["first_divergence"] is None
+                     cache_dir=cache, mode="both", device="cuda", arbiter=True)
+    r = out.result
+    _record("0.4b", "rwkv5_2-0.4b", {k: r.get(k) for k in ("verdict", "tolerance_verdict", "modes", "summary", "drift", "own_error")}
+            | {"arbiter": [{k: b.get(k) for k in ("backend", "verdict", "first_divergence", "summary")} for b in r.get("arbiter", [])]})
+    assert r["modes"]["isolated"]["first_divergence"] is None
+    assert all(b["first_divergence"] is None for b in r["arbiter"]), r["arbiter"][0]["first_divergence"]
 
 
 def _record(section: str, key: str, value) -> None:
