@@ -52,10 +52,12 @@ def make_config(
 def _orthogonal(rows: int, cols: int, *, gain: float, gen: torch.Generator) -> torch.Tensor:
     a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r))  # unique, uniformly distributed Q
+    del a  # in place from here: a released head (65536 x C) is 0.5-2 GB per float64 copy
+    q.mul_(torch.sign(torch.diagonal(r)))  # unique, uniformly distributed Q
+    q.mul_(gain)
     if rows < cols:
         q = q.T
-    return (gain * q).to(torch.float32).contiguous()
+    return q.to(torch.float32).contiguous()
 
 
 def _linear(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
