@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_text_args(run)
     _add_output_args(run)
+    from parity.explain.cli import add_explain_flags
+
+    add_explain_flags(run)
 
     diff = sub.add_parser("diff", help="compare two saved dumps")
     diff.add_argument("expected", type=Path, help="dump directory of the yardstick (e.g. the reference)")
@@ -117,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     bis.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     bis.add_argument("--tol", metavar="PATTERN=RTOL,ATOL[,SCALE]", action="append", default=[],
                      help="tolerance override, as for run; repeatable")
+    add_explain_flags(bis)
     bis.add_argument("--json", metavar="PATH", type=Path,
                      help="write the outcome as JSON: every decision, the faulty stage's record, the repro command")
+    bis.add_argument("--html", metavar="PATH", type=Path,
+                     help="write the HTML report of the comparison the bisect ran (both capture modes)")
     bis.add_argument("-q", "--quiet", action="store_true", help="no decisions or progress; only the verdict line")
 
     st = sub.add_parser("selftest", help="run the bug zoo: every injected porting bug must be found where it is")
@@ -134,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", type=Path, help=".pth, .safetensors or HF RWKV directory")
     convert.add_argument("dest", type=Path, help="*.pth, *.safetensors, or a new directory (HF layout, v4 only)")
 
+    from parity.explain.cli import add_explain_parser
     from parity.prompt.cli import add_prompt_parser
     from parity.report.cli import add_report_parser
     from parity.synth import add_synth_parser
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_synth_parser(sub)
     add_prompt_parser(sub)
+    add_explain_parser(sub)
 
     demo = sub.add_parser("demo", help="reference vs TVM on the bundled fixture, ten all-ones ids, 4 decode steps")
     demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
@@ -345,21 +353,33 @@ def cmd_run(args, console) -> int:
         console.print(f"{ck.config.describe()} from {ck.path} (sha256 {ck.sha256[:12]})")
         if info.get("text") is not None:
             console.print(f"prompt ({info['template']} template): {info['text']!r} -> {len(plan.prefill_ids)} ids")
-    with _Progress(quiet=args.quiet) as prog:
+    from parity.explain.cli import attach_explanation, kept_dumps
+
+    with _Progress(quiet=args.quiet) as prog, kept_dumps(args) as dump_dir:
         outcome = run_parity(
-            ck, backends=backends, plan=plan, dump_dir=args.dump_dir, overrides=overrides,
+            ck, backends=backends, plan=plan, dump_dir=dump_dir, overrides=overrides,
             cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
             only_layer=args.only_layer, only_step=args.only_step,
             arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier, device=args.device,
         )
         greedy = run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event)
+        if args.explain:  # after the verdict, while the dumps still exist
+            prog.event("explaining the first divergence")
+            attach_explanation(outcome.result, checkpoint=ck, hypotheses=args.hypothesis)
+            if args.dump_dir is None:
+                outcome.result["run"].pop("dumps", None)  # a temporary directory, gone now
     result = outcome.result
     result["run"].update(run_keys(info))
     if greedy is not None:
         result["run"]["greedy"] = greedy
         if not args.quiet:
             _print_greedy(console, greedy)
-    return _finish(result, args=args, console=console, json_path=args.json, html_path=args.html)
+    code = _finish(result, args=args, console=console, json_path=args.json, html_path=args.html)
+    if result.get("explanation"):
+        from parity.explain.cli import print_explanation
+
+        print_explanation(console, result["explanation"], quiet=args.quiet)
+    return code
 
 
 def _run_corpus(args, console, *, ck, overrides) -> int:
@@ -457,12 +477,25 @@ def cmd_bisect(args, console) -> int:
         out = bisect(ck, backends=backends, plan=plan, cache_dir=args.cache_dir, overrides=_overrides(args.tol),
                      on_decision=None if args.quiet else lambda line: prog.progress.console.print(line, highlight=False),
                      on_event=None)
+    explanation = None
+    if args.explain and out.found is not None:
+        from parity.explain.cli import explain_bisect
+
+        explanation = explain_bisect(ck, backends=backends, plan=plan, found=out.found, cache_dir=args.cache_dir,
+                                     hypotheses=args.hypothesis)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"backends": backends, "decisions": out.decisions, "found": out.found,
-                                         "propagated": out.propagated, "repro": out.repro}, indent=1) + "\n")
+                                         "propagated": out.propagated, "repro": out.repro,
+                                         "explanation": explanation}, indent=1) + "\n")
         if not args.quiet:
             console.print(f"JSON outcome: {args.json}")
+    if args.html and out.result is not None:
+        from parity.report.html import write_html
+
+        write_html(out.result, args.html)
+        if not args.quiet:
+            console.print(f"HTML report: {args.html}")
     if out.found is None:
         console.print("bisect: no faulty stage", style=None if args.quiet else "green")
         return EXIT_OK
@@ -472,6 +505,10 @@ def cmd_bisect(args, console) -> int:
                   style=None if args.quiet else "bold red")
     if not args.quiet:
         console.print(f"reproduce just that layer and step:\n  {out.repro}")
+    if explanation is not None:
+        from parity.explain.cli import print_explanation
+
+        print_explanation(console, explanation, quiet=args.quiet)
     return EXIT_DIVERGED
 
 
@@ -553,13 +590,14 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(highlight=False, soft_wrap=True, width=console_width(sys.stdout))
     try:
+        from parity.explain.cli import cmd_explain
         from parity.prompt.cli import cmd_prompt
         from parity.report.cli import cmd_report
         from parity.synth import cmd_synth
         from parity.tokenizer.cli import cmd_tokenize
 
         commands = {
-            "prompt": cmd_prompt,
+            "prompt": cmd_prompt, "explain": cmd_explain,
             "run": cmd_run, "diff": cmd_diff, "demo": cmd_demo, "tokenize": cmd_tokenize, "synth": cmd_synth,
             "convert": cmd_convert, "report": cmd_report, "bisect": cmd_bisect, "selftest": cmd_selftest,
         }

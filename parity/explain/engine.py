@@ -1,0 +1,288 @@
+"""Rank known porting bugs by how exactly each reproduces a candidate's first divergence.
+
+Data flows dump -> dump: the candidate's recorded tensors are read from its dump, never from its
+backend. For the faulty layer, each step examined is replayed as parity/dumpers/replay.py does
+(the candidate's own layer input and its own state of the previous step), once with the clean
+reference and once per hypothesis planted (hypotheses.py). Every stage of that layer — and its
+state after the step — is compared with the candidate's under the run's own tolerance policy; a
+hypothesis's reproduction error is its worst ratio (smallest passing atol / allowed atol) over the
+faulty stage, the stages after it and the steps examined (the faulty step, the one before and the
+next two). A ratio <= 1 reproduces the candidate within tolerance.
+
+"Explained" only when the best hypothesis reproduces the candidate and the clean reference does
+not; otherwise "not explained by any known porting bug" — never a guess dressed as a finding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from parity.compare import TolerancePolicy
+from parity.compare.metrics import compare_arrays
+from parity.dumpers.format import DumpReader
+from parity.errors import ParityError
+from parity.stages import short_stage, stage_info, state_slots
+
+EXPLAINED = "explained"
+NOT_EXPLAINED = "not explained"
+NOTHING = "no divergence"
+# Steps examined around the faulty step k: k-1 (a hypothesis must not diverge before the candidate
+# did) through k+2 (nor fail to follow it afterwards).
+STEPS_BEFORE, STEPS_AFTER = 1, 2
+
+
+@dataclass
+class Context:
+    """What a hypothesis may look at while planting itself."""
+
+    checkpoint: object
+    candidate: DumpReader
+    step: int
+    layer: int | None
+    stage: str
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    @property
+    def version(self) -> str:
+        return self.checkpoint.config.version.value
+
+    @property
+    def weights(self):
+        return self.checkpoint.fp32_weights()
+
+    def candidate_arrays(self, step: int) -> dict[str, np.ndarray]:
+        if step not in self._cache:
+            self._cache[step] = self.candidate.read_step(step)
+        return self._cache[step]
+
+
+def load_hypothesis(spec: str):
+    """A user's hypothesis named ``module:attr`` or ``file.py:attr`` (as plug-in backends are)."""
+    from parity.dumpers.plugin import import_plugin_module
+    from parity.explain.hypotheses import Hypothesis
+
+    module, _, attr = spec.rpartition(":")
+    if not module or not attr:
+        raise ParityError(f"bad hypothesis {spec!r}: use module:attribute or file.py:attribute")
+    h = getattr(import_plugin_module(module), attr, None)
+    if not isinstance(h, Hypothesis):
+        raise ParityError(f"{spec} is not a Hypothesis (make one with parity.explain.hypotheses.hypothesis(...))")
+    return h
+
+
+def _ratio(metrics) -> float:
+    """How far one record is from passing: smallest passing atol / allowed atol (inf: non-finite
+    values in other places, or another shape)."""
+    if metrics.reason in ("shape", "nonfinite"):
+        return math.inf
+    if metrics.min_atol is None or metrics.effective_atol is None:
+        return 0.0 if metrics.passed else math.inf
+    return metrics.min_atol / metrics.effective_atol if metrics.effective_atol > 0 else math.inf
+
+
+def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | None:
+    """The model's stages of the faulty layer (or emb) at ``step``, on the candidate's own inputs."""
+    import torch
+
+    seen = ctx.candidate_arrays(step)
+    out: dict[str, np.ndarray] = {}
+
+    def record(stage, value):
+        value = value.detach()
+        out[stage] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+
+    ids = next(s.ids for s in ctx.candidate.steps if s.index == step)
+    with torch.no_grad():
+        if ctx.layer is None:
+            model.embed(ids, record=record)
+            return out
+        name = "emb" if ctx.layer == 0 else f"L{ctx.layer - 1}.x_out"
+        if name not in seen:
+            return None
+        slots = state_slots(ctx.version)
+        if step == 0:
+            state = model.zero_state().layers[ctx.layer]
+        else:
+            before = ctx.candidate_arrays(step - 1)
+            keys = [f"state.L{ctx.layer}.{s}" for s in slots]
+            if any(k not in before for k in keys):
+                return None
+            state = model.layer_state({s: before[k] for s, k in zip(slots, keys)})
+        _, new = model.layer(ctx.layer, torch.as_tensor(seen[name]).to(model.dtype), state, record=record)
+        for s in slots:
+            record(f"state.L{ctx.layer}.{s}", getattr(new, s))
+    return out
+
+
+def _score(model, ctx: Context, *, steps: list[int], policy: TolerancePolicy) -> dict:
+    """Worst ratio over the faulty stage and everything after it in the layer, at ``steps``;
+    at earlier steps, over every stage of the layer (nothing may diverge before the candidate did)."""
+    worst, at_stage, where, rows = 0.0, None, None, None
+    for step in steps:
+        got = _replay_layer(model, ctx, step=step)
+        if got is None:
+            continue
+        seen = ctx.candidate_arrays(step)
+        names = [n for n in ctx.candidate.stage_order if n in got and n in seen]
+        if step == ctx.step and ctx.stage in names:
+            names = names[names.index(ctx.stage):]
+        for name in names:
+            m = compare_arrays(seen[name], got[name], tolerance=policy.for_stage(name), per_token=stage_info(name).per_token)
+            r = _ratio(m)
+            if step == ctx.step and name == ctx.stage:
+                at_stage = r
+                rows = _row_profile(seen[name], got[name]) if stage_info(name).per_token else None
+            if where is None or r > worst:
+                worst, where = r, (step, name)
+    return {"worst_ratio": worst, "stage_ratio": at_stage, "worst_at": where, "rows": rows}
+
+
+def _row_profile(actual: np.ndarray, expected: np.ndarray) -> list[float]:
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    d = np.abs(a - b).reshape(a.shape[0], -1)
+    d[~np.isfinite(d)] = np.inf
+    return [float(x) for x in d.max(axis=1)]
+
+
+def _evidence(fd_stage: str, step: int, clean: dict) -> list[str]:
+    lines = []
+    rows = clean.get("rows")
+    if rows and len(rows) > 1:
+        worst = int(np.argmax(rows))
+        zero = [i for i, r in enumerate(rows) if r == 0.0]
+        line = f"clean reference vs candidate at {fd_stage}: error largest at token row {worst} of {len(rows)}"
+        if step == 0 and worst == 0:
+            line += ", where the state is still zero (the stage's own math, not the recurrence)"
+        elif step == 0 and rows[0] < max(rows) * 1e-3:
+            line += "; row 0 (zero state) is nearly exact: the error comes with the recurrence"
+        if zero:
+            line += f"; rows {_ranges(zero)} exact"
+        lines.append(line)
+    return lines
+
+
+def _ranges(xs: list[int]) -> str:
+    return ", ".join(str(x) for x in xs[:8]) + (" ..." if len(xs) > 8 else "")
+
+
+def _fmt(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return "inf" if math.isinf(r) else f"{r:.3g}x"
+
+
+def explain_dump(
+    checkpoint, *, candidate_dump: Path, first_divergence: dict, policy: TolerancePolicy | None = None,
+    extra_hypotheses=(), only: list[str] | None = None,
+) -> dict:
+    """Explain ``first_divergence`` (step, layer, stage) of the candidate dump. JSON-able dict."""
+    from parity.explain.hypotheses import CATALOGUE
+    from parity.reference import make_reference
+
+    candidate = DumpReader(candidate_dump)
+    if candidate.model != checkpoint.config.to_dict():
+        raise ParityError(f"dump {candidate_dump} is of another model than {checkpoint.path}; cannot explain it")
+    step, stage = int(first_divergence["step"]), first_divergence["stage"]
+    layer = stage_info(stage).layer
+    ctx = Context(checkpoint=checkpoint, candidate=candidate, step=step, layer=layer, stage=stage)
+    policy = policy or TolerancePolicy.for_dtype(candidate.dtype)
+    indices = sorted(s.index for s in candidate.steps)
+    steps = [s for s in indices if step - STEPS_BEFORE <= s <= step + STEPS_AFTER]
+    base = {"candidate": candidate.backend, "dump": str(candidate.path), "step": step, "layer": layer,
+            "stage": stage, "steps_examined": steps}
+    if stage in ("ln_out", "logits"):
+        return {**base, "status": NOT_EXPLAINED, "summary": f"not explained: no hypotheses for the head ({stage})",
+                "hypotheses": [], "not_applicable": [], "evidence": [], "clean": None, "fix": None}
+
+    family = short_stage(stage)
+    hyps = {**CATALOGUE, **{h.name: h for h in extra_hypotheses}}
+    if only:
+        hyps = {n: h for n, h in hyps.items() if n in only}
+    version = ctx.version
+    in_family = [h for h in hyps.values() if family in h.stages]
+    not_applicable = [{"name": h.name, "title": h.title, "reason": f"RWKV-{'/'.join(h.versions)} only; this model is RWKV-{version}"}
+                      for h in in_family if version not in h.versions]
+    candidates = [h for h in in_family if version in h.versions]
+
+    clean = _score(make_reference(checkpoint, dtype="float32"), ctx, steps=steps, policy=policy)
+    ranked = []
+    for h in candidates:
+        model = make_reference(checkpoint, dtype="float32")
+        planted = h.plant(model, ctx)
+        # plant() may return a detail line, or a dict with "detail" and fitted values (e.g. "eps").
+        values = dict(planted) if isinstance(planted, dict) else {"detail": planted}
+        detail = values.pop("detail", None)
+        s = _score(model, ctx, steps=steps, policy=policy)
+        ranked.append({"name": h.name, "title": h.title, "detail": detail, "values": values, "worst_ratio": s["worst_ratio"],
+                       "stage_ratio": s["stage_ratio"], "worst_at": s["worst_at"], "reproduces": s["worst_ratio"] <= 1.0,
+                       "fix": h.fix, "doc": h.doc})
+    ranked.sort(key=lambda r: (r["worst_ratio"], r["stage_ratio"] if r["stage_ratio"] is not None else math.inf))
+    best = ranked[0] if ranked else None
+    clean_reproduces = clean["worst_ratio"] <= 1.0
+    evidence = _evidence(stage, step, clean)
+    where = f"{stage} at step {step}"
+    if best is not None and best["reproduces"] and not clean_reproduces:
+        status = EXPLAINED
+        summary = f"explained: {best['title']}" + (f" ({best['detail']})" if best["detail"] else "") + \
+                  f" reproduces the candidate at {where} to {_fmt(best['worst_ratio'])} of tolerance " \
+                  f"(clean reference: {_fmt(clean['worst_ratio'])})"
+        evidence.append(f"with {best['name']} planted, the reference reproduces {where} and every later stage of the "
+                        f"layer over steps {steps[0]}..{steps[-1]} within tolerance (worst {_fmt(best['worst_ratio'])})")
+        fix = best["fix"]
+    else:
+        status, fix = NOT_EXPLAINED, None
+        if clean_reproduces:
+            summary = f"not explained: the clean reference already reproduces the candidate at {where}; nothing to explain"
+        else:
+            tried = f"{len(ranked)} hypotheses tried" if ranked else f"no known porting bug first shows at {family}"
+            closest = f"; closest {best['name']} at {_fmt(best['worst_ratio'])} of tolerance" if best else ""
+            summary = f"not explained by any known porting bug ({tried}{closest})"
+    return {**base, "status": status, "summary": summary, "fix": fix, "evidence": evidence,
+            "clean": {"worst_ratio": clean["worst_ratio"], "stage_ratio": clean["stage_ratio"]},
+            "hypotheses": ranked, "not_applicable": not_applicable}
+
+
+def candidate_of(result: dict) -> str:
+    """The backend a result blames: the one whose own error diverged, else the odd one out, else
+    the compared side."""
+    own = result.get("own_error") or {}
+    if own.get("first_divergence") is not None:
+        return own["backend"]
+    for spec, summary in (result.get("own_errors") or {}).items():
+        if summary.get("first_divergence") is not None:
+            return spec
+    odd = (result.get("odd_one_out") or {}).get("backend")
+    return odd or result["actual"]["backend"]
+
+
+def explain_result(result: dict, *, checkpoint=None, extra_hypotheses=(), only=None) -> dict:
+    """Explain a ``parity run --json`` result (it must have kept its dumps: ``--dump-dir``)."""
+    from parity.checkpoint import load_checkpoint
+
+    fd = result.get("first_divergence")
+    if fd is None:
+        return {"status": NOTHING, "summary": "no divergence: nothing to explain", "hypotheses": []}
+    dumps = (result.get("run") or {}).get("dumps") or {}
+    spec = candidate_of(result)
+    if spec not in dumps:
+        raise ParityError(f"the result keeps no dump of {spec}: rerun parity run with --dump-dir DIR --json PATH")
+    if checkpoint is None:
+        path = (result.get("run") or {}).get("checkpoint")
+        if not path:
+            raise ParityError("the result names no checkpoint; pass --checkpoint")
+        checkpoint = load_checkpoint(Path(path))
+    elif not hasattr(checkpoint, "config"):
+        checkpoint = load_checkpoint(Path(checkpoint))
+    policy = TolerancePolicy.from_dict(result["policy"]) if result.get("policy") else None
+    if not Path(dumps[spec]).is_dir():
+        raise ParityError(f"dump {dumps[spec]} of {spec} no longer exists; rerun with --dump-dir")
+    return explain_dump(checkpoint, candidate_dump=Path(dumps[spec]), first_divergence=fd, policy=policy,
+                        extra_hypotheses=extra_hypotheses, only=only)
