@@ -28,6 +28,7 @@ class BisectOutcome:
     found: dict | None = None  # the first failing record of the isolated run
     propagated: dict | None = None  # the propagated run's first divergence
     repro: str | None = None
+    result: dict | None = None  # the comparison the bisect ran (parity bisect --html renders it)
 
 
 def _fmt(x) -> str:
@@ -49,7 +50,7 @@ def bisect(
     with tempfile.TemporaryDirectory(prefix="parity-bisect-") as tmp:
         run = run_parity(ck, backends=[yardstick, suspect], plan=plan, dump_dir=Path(tmp), cache_dir=cache_dir,
                          overrides=overrides, on_event=on_event, mode="both")
-    result = run.result
+    result = out.result = run.result
     prop = result["modes"]["propagated"]
     out.propagated = prop["first_divergence"] if prop else None
     own = run.own_comparisons.get(suspect) or run.own_comparisons.get(yardstick)

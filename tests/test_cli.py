@@ -68,6 +68,10 @@ def first_wave(env, tmp_path_factory):
         "run": ["run", "--checkpoint", FIXTURE, "--decode-steps", 2, "--json", out / "result.json",
                 "--html", out / "report.html", "--dump-dir", out / "dumps"],
         "bundled scenario by name": ["run", "--scenario", "ones", "--backends", "reference,chatrwkv", "--quiet"],
+        # A reference-side mutant: a bisect that compiles nothing.
+        "bisect": ["bisect", "--checkpoint", FIXTURE, "--backends", "reference,mutant/reference-sigmoid-r",
+                   "--ids", "ones:3", "--decode-steps", 1, "--json", out / "bisect.json", "--html", out / "bisect.html",
+                   "--quiet"],
         # Quiet as well: one run checks both, and each run costs seconds.
         "instrumented": ["run", "--checkpoint", FIXTURE, "--backends", "reference,tvm-instrumented",
                          "--ids", "ones:3", "--decode-steps", 1, "--quiet"],
@@ -185,6 +189,15 @@ def test_run_with_the_instrumented_backend(first_wave):
     assert cli.rc == 0, cli
     assert "Traceback" not in cli.stderr, cli
     assert cli.stdout.strip().splitlines()[-1].startswith("no divergence"), cli
+
+
+def test_bisect_writes_json_and_html_and_quiet_prints_one_line(first_wave):
+    cli = first_wave["results"]["bisect"]
+    assert cli.rc == 1, cli
+    assert cli.stdout.strip().splitlines() == ["bisect: first faulty stage L0.att.r at step 0 (prefill), layer 0"], cli
+    outcome = json.loads((first_wave["out"] / "bisect.json").read_text())
+    assert outcome["found"]["stage"] == "L0.att.r" and outcome["decisions"] and outcome["repro"].startswith("parity run")
+    assert "L0.att.r" in (first_wave["out"] / "bisect.html").read_text()
 
 
 def test_a_bundled_scenario_runs_by_name(first_wave):
