@@ -125,8 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the outcome as JSON: every decision, the faulty stage's record, the repro command")
     bis.add_argument("--html", metavar="PATH", type=Path,
                      help="write the HTML report of the comparison the bisect ran (both capture modes)")
-    bis.add_argument("--html", metavar="PATH", type=Path,
-                     help="write the HTML report of the comparison the bisect ran (both capture modes)")
     bis.add_argument("-q", "--quiet", action="store_true", help="no decisions or progress; only the verdict line")
 
     st = sub.add_parser("selftest", help="run the bug zoo: every injected porting bug must be found where it is")
@@ -492,12 +490,6 @@ def cmd_bisect(args, console) -> int:
                                          "explanation": explanation}, indent=1) + "\n")
         if not args.quiet:
             console.print(f"JSON outcome: {args.json}")
-    if args.html and out.result is not None:
-        from parity.report.html import write_html
-
-        write_html(out.result, args.html)
-        if not args.quiet:
-            console.print(f"HTML report: {args.html}")
     if args.html and out.result is not None:
         from parity.report.html import write_html
 
