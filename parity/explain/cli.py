@@ -46,27 +46,27 @@ def _fmt(r) -> str:
 
 
 def print_explanation(console, explanation: dict, *, quiet: bool = False) -> None:
-    console.print(f"likely cause: {explanation['summary']}", highlight=False)
+    console.print(f"likely cause: {explanation['summary']}", highlight=False, markup=False)
     if quiet:
         return
     if explanation.get("fix"):
-        console.print(f"  fix: {explanation['fix']}", highlight=False)
+        console.print(f"  fix: {explanation['fix']}", highlight=False, markup=False)
     for line in explanation.get("evidence") or []:
-        console.print(f"  evidence: {line}", highlight=False)
+        console.print(f"  evidence: {line}", highlight=False, markup=False)
     hyps = explanation.get("hypotheses") or []
     if hyps:
-        console.print("  hypotheses, best first (reproduction error: worst ratio to tolerance; <= 1 reproduces):")
+        console.print("  hypotheses, best first (reproduction error: worst ratio to tolerance; <= 1 reproduces):", markup=False)
         for i, h in enumerate(hyps[:TOP], 1):
             detail = f" — {h['detail']}" if h.get("detail") else ""
             console.print(f"    {i}. {h['name']}: {_fmt(h['worst_ratio'])} (at the stage {_fmt(h['stage_ratio'])}){detail}",
-                          highlight=False)
+                          highlight=False, markup=False)
         if len(hyps) > TOP:
-            console.print(f"    ... {len(hyps) - TOP} more in the JSON")
+            console.print(f"    ... {len(hyps) - TOP} more in the JSON", markup=False)
     clean = explanation.get("clean")
     if clean:
-        console.print(f"  clean reference: {_fmt(clean['worst_ratio'])}", highlight=False)
+        console.print(f"  clean reference: {_fmt(clean['worst_ratio'])}", highlight=False, markup=False)
     for na in explanation.get("not_applicable") or []:
-        console.print(f"  not applicable: {na['name']} ({na['reason']})", highlight=False)
+        console.print(f"  not applicable: {na['name']} ({na['reason']})", highlight=False, markup=False)
 
 
 def _hypotheses(specs: list[str]):

@@ -125,24 +125,31 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
 def _score(model, ctx: Context, *, steps: list[int], policy: TolerancePolicy) -> dict:
     """Worst ratio over the faulty stage and everything after it in the layer, at ``steps``;
     at earlier steps, over every stage of the layer (nothing may diverge before the candidate did)."""
-    worst, at_stage, where, rows = 0.0, None, None, None
+    worst, at_stage, where, rows, by_step = 0.0, None, None, None, {}
     for step in steps:
         got = _replay_layer(model, ctx, step=step)
         if got is None:
             continue
         seen = ctx.candidate_arrays(step)
         names = [n for n in ctx.candidate.stage_order if n in got and n in seen]
+        if ctx.stage in got and ctx.stage in seen and step != ctx.step:
+            # the faulty stage at the other steps too: when did the error start, does it go on?
+            m = compare_arrays(seen[ctx.stage], got[ctx.stage], tolerance=policy.for_stage(ctx.stage),
+                               per_token=stage_info(ctx.stage).per_token)
+            by_step[step] = _ratio(m)
         if step == ctx.step and ctx.stage in names:
             names = names[names.index(ctx.stage):]
         for name in names:
             m = compare_arrays(seen[name], got[name], tolerance=policy.for_stage(name), per_token=stage_info(name).per_token)
             r = _ratio(m)
+            if name == ctx.stage:
+                by_step[step] = r
             if step == ctx.step and name == ctx.stage:
                 at_stage = r
                 rows = _row_profile(seen[name], got[name]) if stage_info(name).per_token else None
             if where is None or r > worst:
                 worst, where = r, (step, name)
-    return {"worst_ratio": worst, "stage_ratio": at_stage, "worst_at": where, "rows": rows}
+    return {"worst_ratio": worst, "stage_ratio": at_stage, "worst_at": where, "rows": rows, "by_step": by_step}
 
 
 def _row_profile(actual: np.ndarray, expected: np.ndarray) -> list[float]:
@@ -154,6 +161,15 @@ def _row_profile(actual: np.ndarray, expected: np.ndarray) -> list[float]:
 
 def _evidence(fd_stage: str, step: int, clean: dict) -> list[str]:
     lines = []
+    by_step = clean.get("by_step") or {}
+    if len(by_step) > 1:
+        steps = ", ".join(f"step {k}: {_fmt(v)}" for k, v in sorted(by_step.items()))
+        line = f"clean reference vs candidate at {fd_stage}, by step: {steps}"
+        if step > 0 and all(v <= 1.0 for k, v in by_step.items() if k < step):
+            line += f"; the steps before agree: the error starts at step {step}"
+            if step == 1:
+                line += ", the first step that reads a state the candidate wrote"
+        lines.append(line)
     rows = clean.get("rows")
     if rows and len(rows) > 1:
         worst = int(np.argmax(rows))

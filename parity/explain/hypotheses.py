@@ -326,6 +326,20 @@ def time_not_recurrent(model, ctx):
     _wrap(model, "_wkv", wkv)
 
 
+@hypothesis(name="wkv-time-parallel", title="time axis not a recurrence for the outputs (state advanced right)",
+            stages=("att.wkv",), fix="each token's output must read the state after the previous token, not the step's input state")
+def time_parallel_outputs(model, ctx):
+    """The outputs computed in parallel over time, every token reading the step's input state,
+    while the state itself is still advanced token by token (a CPU schedule parallel over t)."""
+
+    def wkv(original, r, k, v, *, w, u, s):
+        rows = [original(r[t:t + 1], k[t:t + 1], v[t:t + 1], w=w, u=u, s=s)[0] for t in range(r.shape[0])]
+        _, new = original(r, k, v, w=w, u=u, s=s)
+        return torch.cat(rows), new
+
+    _wrap(model, "_wkv", wkv)
+
+
 @hypothesis(name="wkv-fp16-accumulator", title="fp16 rounding at att.wkv (fp16 accumulator)", stages=("att.wkv",),
             fix="accumulate the wkv sum over the key index in fp32")
 def wkv_fp16_accumulator(model, ctx):

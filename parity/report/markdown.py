@@ -19,6 +19,7 @@ import shlex
 from typing import Any
 
 from parity.errors import ParityError
+from parity.explain.render import likely_cause_markdown
 from parity.report.values import format_number, metric_value
 
 __all__ = ["render_markdown", "tolerance_ratio"]
@@ -69,6 +70,7 @@ def render_markdown(result: dict, *, html_link: str = HTML_LINK_PLACEHOLDER, top
     parts = [_headline(result, records=records, diverged=diverged)]
     if first is not None:
         parts.append(_first_divergence(first, steps=_list_of_dicts(result, "steps")))
+        parts += [likely_cause_markdown(result["explanation"])] if isinstance(result.get("explanation"), dict) else []
     elif diverged:
         parts.append("The verdict is divergence but the result names no first divergence; see the failing "
                      "records below.")

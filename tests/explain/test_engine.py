@@ -27,7 +27,8 @@ L4 = FIXTURES / "rwkv5_2-L4-C128-H2.pth"
 HERE = f"{__file__}"
 
 # The zoo names its bugs after where they live; two hypotheses are named for the bug itself.
-OWN_HYPOTHESIS = {"groupnorm-eps-1e-5": "groupnorm-eps", "reference-sigmoid-r": "sigmoid-r"}
+OWN_HYPOTHESIS = {"groupnorm-eps-1e-5": "groupnorm-eps", "reference-sigmoid-r": "sigmoid-r",
+                  "wkv-time-parallel-cpu": "wkv-time-parallel"}
 
 
 def _numpy_port():
