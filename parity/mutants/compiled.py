@@ -52,6 +52,10 @@ class WritesInputState(Attention):
     kernel = kernels.wkv5_writes_input_state
 
 
+class TimeParallelCPU(Attention):
+    kernel = kernels.wkv5_time_parallel_cpu
+
+
 class TimeOnThreads(Attention):
     kernel = kernels.wkv5_time_on_threads_llvm
 
@@ -156,6 +160,7 @@ MODELS = {
     "emb-without-ln0": v5_model(embed=_embed_without_ln0),
     "emb-ln0-twice": v5_model(embed=_embed_ln0_twice),
     "v4-wkv-without-max": type("MutantRWKV4Model", (RWKV4Model,), {"attention_cls": NaiveWkv4}),
+    "wkv-time-parallel-cpu": v5_model(attention=TimeParallelCPU),
     # GPU-only: correct as written (the llvm build), broken once scheduled onto CUDA threads.
     "wkv-time-on-threads": v5_model(attention=TimeOnThreads),
     "wkv-key-on-threads-race": v5_model(attention=KeyOnThreads),

@@ -139,6 +139,42 @@ def wkv4_naive_fp16(
             bb_out[c] = T.Cast("float32", decay * T.Cast("float16", bb_out[c]) + e2)
 
 
+@T.prim_func(private=True)
+def wkv5_time_parallel_cpu(
+    r_handle: T.handle, k_handle: T.handle, v_handle: T.handle, w_handle: T.handle, u_handle: T.handle,
+    state_handle: T.handle, out_handle: T.handle, state_out_handle: T.handle,
+):
+    """BUG (a CPU schedule): the output loop made parallel over time (T.parallel(t) — the cores
+    split the tokens), which is only safe if each token reads a state nobody writes, so the port
+    reads the *incoming* state for every token; the state itself is still advanced serially
+    (correctly). Row 0 and every decode step are exact; prefill rows t >= 1 are wrong."""
+    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    seq_len = T.int64()
+    H = T.int64()
+    N = T.int64()
+    r = T.match_buffer(r_handle, (seq_len, H, N), "float32")
+    k = T.match_buffer(k_handle, (seq_len, H, N), "float32")
+    v = T.match_buffer(v_handle, (seq_len, H, N), "float32")
+    w = T.match_buffer(w_handle, (H, N), "float32")
+    u = T.match_buffer(u_handle, (H, N), "float32")
+    state = T.match_buffer(state_handle, (H, N, N), "float32")
+    out = T.match_buffer(out_handle, (seq_len, H, N), "float32")
+    state_out = T.match_buffer(state_out_handle, (H, N, N), "float32")
+    for t in T.parallel(seq_len):
+        for h in range(H):
+            for j in range(N):
+                out[t, h, j] = T.float32(0)
+                for i in range(N):
+                    out[t, h, j] = out[t, h, j] + r[t, h, i] * (u[h, i] * k[t, h, i] * v[t, h, j] + state[h, i, j])
+    for h in T.parallel(H):
+        for j in range(N):
+            for i in range(N):
+                state_out[h, i, j] = state[h, i, j]
+            for tt in T.serial(seq_len):
+                for i in range(N):
+                    state_out[h, i, j] = k[tt, h, i] * v[tt, h, j] + w[h, i] * state_out[h, i, j]
+
+
 # -- GPU-only porting bugs ---------------------------------------------------------------------------
 # Each is a pair: the kernel as the port wrote it with plain loops (what the unscheduled llvm build
 # compiles — correct there, which is the point) and the same kernel as scheduled onto CUDA threads,

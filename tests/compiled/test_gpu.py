@@ -25,7 +25,8 @@ from parity.session import default_decode_ids, parse_ids, run_parity
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 ALL_FIXTURES = sorted(p.stem for p in FIXTURES.glob("*.pth"))
 # Mutants whose bug is a hand-written llvm scan kernel with no CUDA schedule: the CUDA build refuses them.
-LLVM_ONLY = {"wkv-time-not-recurrent", "wkv-fp16-accumulator", "kernel-writes-input-state", "v4-wkv-without-max"}
+LLVM_ONLY = {"wkv-time-not-recurrent", "wkv-fp16-accumulator", "kernel-writes-input-state", "v4-wkv-without-max",
+             "wkv-time-parallel-cpu"}
 COMPILED_MUTANTS = [n for n, m in CATALOGUE.items() if m.side == "compiled"]
 
 
