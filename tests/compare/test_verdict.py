@@ -47,28 +47,36 @@ def test_depth_of_head_stages_is_past_the_last_layer():
 
 def test_drift_within_the_envelope_at_depth_passes():
     # Layer 10 may drift K * 11 allowances; 0.9 of that is within.
-    recs = [rec("emb", layer=None, ratio=0.1), rec("L10.att.out", layer=10, ratio=0.9 * K * 11)]
+    recs = [rec("emb", layer=None, ratio=0.1), rec("L10.x_out", layer=10, ratio=0.9 * K * 11)]
     d = drift_summary(comparison(recs), dtype="float32")
     assert d["status"] == "within" and d["envelope_fraction"] == pytest.approx(0.9)
     assert classify(drift=d, own=[]) == (VERDICT_PASS, None)
 
 
 def test_the_same_drift_at_layer_zero_is_beyond_the_envelope():
-    recs = [rec("L0.att.out", layer=0, ratio=0.9 * K * 11), rec("L10.att.out", layer=10, ratio=0.5)]
+    recs = [rec("L0.x_out", layer=0, ratio=0.9 * K * 11), rec("L10.x_out", layer=10, ratio=0.5)]
     d = drift_summary(comparison(recs), dtype="float32")
-    assert d["status"] == "beyond" and d["first_beyond_envelope"]["stage"] == "L0.att.out"
+    assert d["status"] == "beyond" and d["first_beyond_envelope"]["stage"] == "L0.x_out"
     verdict, fd = classify(drift=d, own=[])
     assert verdict == VERDICT_DRIFT and fd["judged_by"] == "drift envelope"
 
 
 def test_no_record_over_tolerance_is_no_drift():
-    d = drift_summary(comparison([rec("L0.att.out", layer=0, ratio=0.99)]), dtype="float32")
+    d = drift_summary(comparison([rec("L0.x_out", layer=0, ratio=0.99)]), dtype="float32")
     assert d["status"] == "none"
+
+
+def test_inner_stages_do_not_count_as_drift():
+    # GroupNorm's local amplification in a near-cancelling head is judged by own error, not drift.
+    recs = [rec("L0.att.ln_x", layer=0, ratio=500.0), rec("L0.x_out", layer=0, ratio=0.5), rec("logits", layer=None, ratio=0.2)]
+    d = drift_summary(comparison(recs), dtype="float32")
+    assert d["status"] == "none" and d["worst_stage"] == "L0.x_out"
+    assert d["first_over_tolerance"]["stage"] == "L0.att.ln_x"  # still shown: where the per-stage line was crossed
 
 
 def test_an_own_error_decides_before_drift_and_names_its_stage():
     own = own_error_summary(comparison([rec("L3.att.ln_x", layer=3, ratio=4.0, step=2)]), method="replay")
-    d = drift_summary(comparison([rec("L3.att.ln_x", layer=3, ratio=4.0)]), dtype="float32")  # within: K*4 > 4
+    d = drift_summary(comparison([rec("L3.x_out", layer=3, ratio=4.0)]), dtype="float32")  # within: K*4 > 4
     verdict, fd = classify(drift=d, own=[own])
     assert verdict == VERDICT_ADDED and fd["stage"] == "L3.att.ln_x" and fd["step"] == 2 and fd["judged_by"] == "replay"
 
