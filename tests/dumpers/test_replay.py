@@ -194,3 +194,10 @@ def test_diff_with_the_checkpoint_replays_saved_dumps(ck, tmp_path):
     good = diff_dumps(out.dumps["reference"], out.dumps["chatrwkv"], checkpoint=ck)
     assert good["verdict"] == "no divergence" and good["own_errors"]["chatrwkv"]["failed"] == 0
     assert "drift" not in diff_dumps(out.dumps["reference"], out.dumps["chatrwkv"])  # no checkpoint: strict only
+
+
+def eps_port_deep(checkpoint):
+    """The eps bug in one deep layer only: layer 17 of a 24-layer model (the last layer of a smaller one)."""
+    port = EpsPort(checkpoint)
+    port.only_layer = min(17, checkpoint.config.n_layer - 1)
+    return port
