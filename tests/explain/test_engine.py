@@ -177,7 +177,7 @@ def test_a_users_own_hypothesis_explains_what_the_catalogue_cannot(ck, tmp_path)
     _assert_explained_by(explanation, "bonus-twice")
 
 
-def test_v4_only_hypotheses_are_listed_not_applicable_on_v5(ck, tmp_path, compile_cache):
+def test_v4_only_hypotheses_are_listed_not_applicable_on_v5(ck, tmp_path):
     out = run_parity(ck, backends=["reference", f"{HERE}:double_bonus_port"], plan=_plan(ck, steps=1), dump_dir=tmp_path)
     explanation = explain_result(out.result, checkpoint=ck)
     na = {n["name"] for n in explanation["not_applicable"]}
