@@ -494,3 +494,16 @@ def test_reference_on_shared_weights_is_bit_identical_to_private_copies(path):
     b = private.forward([3, 1, 4], record=lambda name, v: stages_b.append((name, v.clone())))
     assert torch.equal(a[0], b[0]) and len(stages_a) == len(stages_b) > 10
     assert all(na == nb and torch.equal(va, vb) for (na, va), (nb, vb) in zip(stages_a, stages_b))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_a_non_fp32_reference_leaves_no_fp32_copy_behind(dtype):
+    # Its upcast is temporary (as before sharing): caching an fp32 copy for a bf16 run would cost
+    # a whole fp32 model for as long as the checkpoint lives.
+    from parity.reference import make_reference
+
+    ck = load_checkpoint(FIXTURE_H2)
+    make_reference(ck, dtype=dtype).forward([1, 2])
+    assert ck._fp32 is None
+    make_reference(ck).forward([1, 2])
+    assert ck._fp32 is not None

@@ -56,8 +56,10 @@ class RWKV4Reference:
         self.dtype = dt = DTYPES[dtype]
         acc = self.acc = accumulate_dtype(dt)
         # fp32: the checkpoint's one shared fp32 copy (every backend in this process reads it; the
-        # .to(dt) below are then no-ops, never copies). fp64 (the arbiter) makes its own.
-        w = checkpoint.fp32_weights() if acc == torch.float32 else {k: v.to(acc) for k, v in checkpoint.weights.items()}
+        # .to(dt) below are then no-ops, never copies). fp16/bf16 keep their own cast copies, and
+        # fp64 (the arbiter) its own; their upcast dict is temporary, not cached on the checkpoint.
+        shared = self.dtype == torch.float32
+        w = checkpoint.fp32_weights() if shared else {k: v.to(acc) for k, v in checkpoint.weights.items()}
         self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers = []
         for i in range(cfg.n_layer):

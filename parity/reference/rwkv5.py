@@ -132,8 +132,10 @@ class RWKV5Reference:
         self.dtype = DTYPES[dtype]
         acc = self.acc = accumulate_dtype(self.dtype)
         # fp32: the checkpoint's one shared fp32 copy (every backend in this process reads it; the
-        # .to(dt) below are then no-ops, never copies). fp64 (the arbiter) makes its own.
-        w = checkpoint.fp32_weights() if acc == torch.float32 else {k: v.to(acc) for k, v in checkpoint.weights.items()}
+        # .to(dt) below are then no-ops, never copies). fp16/bf16 keep their own cast copies, and
+        # fp64 (the arbiter) its own; their upcast dict is temporary, not cached on the checkpoint.
+        shared = self.dtype == torch.float32
+        w = checkpoint.fp32_weights() if shared else {k: v.to(acc) for k, v in checkpoint.weights.items()}
         dt = self.dtype
 
         # Embedding LayerNorm is folded into the table at load, as the official package does:
