@@ -56,6 +56,13 @@ def verdict_line(result: dict) -> str:
     """``no divergence (...)`` or ``DIVERGENCE: first divergence: ...``; tolerant of a hand-edited or
     older result (``parity report`` reads saved files), so a missing field never raises."""
     first = result.get("first_divergence")
+    if isinstance(first, dict) and result.get("verdict") == "drift beyond envelope":
+        # No stage adds error out of tolerance; the propagated trajectory left its envelope.
+        drift = result.get("drift") if isinstance(result.get("drift"), dict) else {}
+        beyond = drift.get("first_beyond_envelope") if isinstance(drift.get("first_beyond_envelope"), dict) else first
+        return (f"DRIFT BEYOND ENVELOPE: no stage adds error out of tolerance, but the propagated error reaches "
+                f"{fmt(drift.get('envelope_fraction'))}x its envelope; first beyond it at step {beyond.get('step')} "
+                f"{beyond.get('stage')} (max abs {fmt(beyond.get('max_abs'))})")
     if isinstance(first, dict):
         try:
             return "DIVERGENCE: " + describe_divergence(first)
