@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from parity.checkpoint import Checkpoint, ModelConfig, ModelVersion
 from parity.errors import ParityError
-from parity.reference.rwkv5 import DTYPES, LN_EPS, Recorder, _no_record, accumulate_dtype, check_ids
+from parity.reference.rwkv5 import DTYPES, LN_EPS, LayerwiseModel, Recorder, _no_record, accumulate_dtype
 
 # pp starts here: "minus infinity" that stays finite, so pp - q never makes a NaN (as ChatRWKV).
 PP_INIT = -1e30
@@ -42,8 +42,10 @@ class RWKV4State:
         return out
 
 
-class RWKV4Reference:
+class RWKV4Reference(LayerwiseModel):
     """RWKV-4 reference. ``forward(ids, state, record=...)`` handles prefill (T > 1) and decode."""
+
+    state_cls = RWKV4State
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
         cfg = checkpoint.config
@@ -110,13 +112,7 @@ class RWKV4Reference:
             aa, bb, pp = e1 * aa + e2 * vv, e1 * bb + e2, q
         return out, aa, bb, pp
 
-    # embed / layer / head are also the replay's entry points (parity/dumpers/replay.py).
-    def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
-        ids = check_ids(ids, vocab_size=self.config.vocab_size)
-        x = self.emb[ids]  # (T, C)
-        (record or _no_record)("emb", x)
-        return x
-
+    # embed, head and forward: LayerwiseModel; layer() is this family's.
     def layer(self, i: int, x: torch.Tensor, st: LayerState4, *, record: Recorder | None = None):
         """Layer ``i`` on input rows x (T, C) from state ``st``: (x_out (T, C), the layer's new state)."""
         record = record or _no_record
@@ -165,14 +161,6 @@ class RWKV4Reference:
         record(f"L{i}.x_out", x)
         return x, LayerState4(att_x=xx[-1].clone(), aa=aa, bb=bb, pp=pp, ffn_x=xx2[-1].clone())
 
-    def head(self, x: torch.Tensor, *, record: Recorder | None = None) -> torch.Tensor:
-        record = record or _no_record
-        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
-        record("ln_out", x)
-        logits = (x @ self.head_weight.T).to(self.acc)
-        record("logits", logits)
-        return logits
-
     def layer_state(self, slots) -> LayerState4:
         """One layer's state from canonical slot values (numpy or torch), in this model's dtypes."""
         C, A = self.config.n_embd, self.config.dim_att
@@ -184,17 +172,3 @@ class RWKV4Reference:
             ffn_x=torch.as_tensor(slots["ffn_x"]).to(self.dtype).reshape(C),
         )
 
-    @torch.no_grad()
-    def forward(self, ids, state: RWKV4State | None = None, *, record: Recorder | None = None):
-        record = record or _no_record
-        state = state or self.zero_state()
-        x = self.embed(ids, record=record)
-        new_layers = []
-        for i, st in enumerate(state.layers):
-            x, st = self.layer(i, x, st, record=record)
-            new_layers.append(st)
-        logits = self.head(x, record=record)
-        new_state = RWKV4State(new_layers)
-        for name, val in new_state.slots().items():
-            record(name, val)
-        return logits, new_state

@@ -118,8 +118,56 @@ def decay_and_bonus(weights: dict[str, torch.Tensor], *, prefix: str, config: Mo
     return w.reshape(H, 1).expand(H, N).contiguous(), u.reshape(H, 1).expand(H, N).contiguous()
 
 
-class RWKV5Reference:
+class LayerwiseModel:
+    """What both families' references share: the step as embed -> layer after layer -> head.
+
+    ``embed`` / ``layer`` / ``head`` are also the replay's entry points (parity/dumpers/replay.py):
+    the reference runs one layer on inputs some other backend recorded, so a stage can be judged
+    by the error it adds itself, whatever error arrived with its inputs. A family supplies
+    ``layer(index, x, state, record=)``, ``zero_state()`` and its ``state_cls``.
+    """
+
+    state_cls: type
+
+    def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
+        ids = check_ids(ids, vocab_size=self.config.vocab_size)
+        x = self.emb[ids]  # (T, C)
+        (record or _no_record)("emb", x)
+        return x
+
+    def head(self, x: torch.Tensor, *, record: Recorder | None = None) -> torch.Tensor:
+        """ln_out and the head on the last layer's output rows: logits (T, V) fp32 (fp64 for the arbiter)."""
+        record = record or _no_record
+        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
+        record("ln_out", x)
+        logits = (x @ self.head_weight.T).to(self.acc)
+        record("logits", logits)
+        return logits
+
+    @torch.no_grad()
+    def forward(self, ids, state=None, *, record: Recorder | None = None):
+        """Run T tokens (T rows of every stage). Returns (logits (T, V) fp32, new state).
+
+        The input state is not modified, so a caller can rerun a step from the same state.
+        """
+        record = record or _no_record
+        state = state or self.zero_state()
+        x = self.embed(ids, record=record)
+        new_layers = []
+        for i, st in enumerate(state.layers):
+            x, st = self.layer(i, x, st, record=record)
+            new_layers.append(st)
+        logits = self.head(x, record=record)
+        new_state = self.state_cls(new_layers)
+        for name, val in new_state.slots().items():
+            record(name, val)
+        return logits, new_state
+
+
+class RWKV5Reference(LayerwiseModel):
     """RWKV-5.x reference. ``forward(ids, state, record=...)`` handles prefill (T > 1) and decode."""
+
+    state_cls = RWKV5State
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
         cfg = checkpoint.config
@@ -262,16 +310,7 @@ class RWKV5Reference:
         record(pre + "out", out)
         return out, LayerState(att_x=st.att_x, att_kv=st.att_kv, ffn_x=xx[-1].clone())
 
-    # -- entry points ---------------------------------------------------------------------------
-    # embed / layer / head are also the replay's entry points (parity/dumpers/replay.py): the
-    # reference runs one layer on inputs some other backend recorded, so a stage can be judged by
-    # the error it adds itself, whatever error arrived with its inputs.
-    def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
-        ids = check_ids(ids, vocab_size=self.config.vocab_size)
-        x = self.emb[ids]  # (T, C)
-        (record or _no_record)("emb", x)
-        return x
-
+    # -- entry points (embed, head and forward: LayerwiseModel) --------------------------------
     def layer(self, index: int, x: torch.Tensor, state: LayerState, *, record: Recorder | None = None):
         """Layer ``index`` on input rows x (T, C) from ``state``: (x_out (T, C), the layer's new state)."""
         record = record or _no_record
@@ -283,15 +322,6 @@ class RWKV5Reference:
         record(f"L{index}.x_out", x)
         return x, st
 
-    def head(self, x: torch.Tensor, *, record: Recorder | None = None) -> torch.Tensor:
-        """ln_out and the head on the last layer's output rows: logits (T, V) fp32 (fp64 for the arbiter)."""
-        record = record or _no_record
-        x = F.layer_norm(x, (self.config.n_embd,), self.ln_out_w, self.ln_out_b, LN_EPS)
-        record("ln_out", x)
-        logits = (x @ self.head_weight.T).to(self.acc)
-        record("logits", logits)
-        return logits
-
     def layer_state(self, slots) -> LayerState:
         """One layer's state from canonical slot values (numpy or torch), in this model's dtypes."""
         return LayerState(
@@ -299,25 +329,6 @@ class RWKV5Reference:
             att_kv=torch.as_tensor(slots["att_kv"]).to(self.acc).reshape(self.config.n_head, self.config.head_size, self.config.head_size),
             ffn_x=torch.as_tensor(slots["ffn_x"]).to(self.dtype).reshape(self.config.n_embd),
         )
-
-    @torch.no_grad()
-    def forward(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):
-        """Run T tokens (T rows of every stage). Returns (logits (T, V) fp32, new state).
-
-        The input state is not modified, so a caller can rerun a step from the same state.
-        """
-        record = record or _no_record
-        state = state or self.zero_state()
-        x = self.embed(ids, record=record)
-        new_layers = []
-        for i, st in enumerate(state.layers):
-            x, st = self.layer(i, x, st, record=record)
-            new_layers.append(st)
-        logits = self.head(x, record=record)
-        new_state = RWKV5State(new_layers)
-        for name, val in new_state.slots().items():
-            record(name, val)
-        return logits, new_state
 
     def prefill(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):
         return self.forward(ids, state, record=record)
