@@ -26,6 +26,8 @@ from parity.report.verdict import console_width
 from parity.report.verdict import verdict_line as _verdict_line
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+# Argument names (argparse dests) whose value is a file or directory the command writes.
+OUTPUT_DESTS = ("json", "html", "markdown", "csv", "dump_dir")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO_ROOT / "fixtures" / "rwkv5_2-L4-C128-H2.pth"
 
@@ -156,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/)")
     demo.add_argument("--cache-dir", type=Path, help="compile cache directory")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress or tables; only the verdict line")
+    # Every command that writes user files refuses an existing destination unless --force (checked
+    # once, in main, before any work). demo is exempt: it owns REPORT_DIR/demo.* and rewrites them.
+    for name, p in sub.choices.items():
+        dests = {a.dest for a in p._actions}
+        if name != "demo" and dests & set(OUTPUT_DESTS) and "force" not in dests:
+            p.add_argument("--force", action="store_true",
+                           help="overwrite output files/directories that exist (default: refuse)")
+    convert.add_argument("--force", action="store_true", help="overwrite DEST if it exists (default: refuse)")
     return ap
 
 
@@ -572,9 +582,25 @@ def cmd_selftest(args, console) -> int:
 def cmd_convert(args, console) -> int:
     from parity.checkpoint import load_checkpoint, save_checkpoint
 
-    ck = load_checkpoint(args.source)
-    if args.dest.resolve() == args.source.resolve():
+    dest = args.dest
+    if dest.suffix not in (".pth", ".safetensors", ""):
+        raise ParityError(f"unknown output format {dest.suffix!r} for {dest}: give DEST a .pth or .safetensors suffix, "
+                          "or no suffix for an HF directory (RWKV-4 only)")
+    if dest.exists() and dest.resolve() == args.source.resolve():
         raise ParityError("source and destination are the same path")
+    if dest.exists() and dest.is_dir() != (dest.suffix == ""):
+        raise ParityError(f"{dest} exists and is {'a directory' if dest.is_dir() else 'a file'}; a "
+                          f"{dest.suffix or 'suffix-less (HF directory)'} destination must be "
+                          f"{'a file' if dest.suffix else 'a directory'}, even with --force")
+    ck = load_checkpoint(args.source)
+    if dest.is_dir() and args.force:
+        # --force replaces an HF checkpoint directory's own files, never anything else in it.
+        strangers = sorted(p.name for p in dest.iterdir() if p.name not in ("config.json", "model.safetensors"))
+        if strangers:
+            raise ParityError(f"{dest} holds files that are not an HF checkpoint's ({', '.join(strangers[:3])}); "
+                              "--force replaces a checkpoint directory, not other files: choose a new directory")
+        for name in ("config.json", "model.safetensors"):
+            (dest / name).unlink(missing_ok=True)
     out = save_checkpoint(ck, args.dest)
     again = load_checkpoint(out)  # read it back: a conversion that cannot be loaded is not done
     same = again.weights.keys() == ck.weights.keys() and all(again.weights[k].equal(ck.weights[k]) for k in ck.weights)
@@ -584,12 +610,25 @@ def cmd_convert(args, console) -> int:
     return EXIT_OK
 
 
+def _check_args(args) -> None:
+    """Input checks common to every command, made before any work starts."""
+    from parity.report.cli import refuse_overwrite
+
+    if args.command == "demo":
+        return  # demo rewrites its own REPORT_DIR/demo.json, demo.html and demo-dumps/ on every run, by design
+    paths = [getattr(args, name, None) for name in OUTPUT_DESTS]
+    if args.command == "convert":
+        paths.append(args.dest)
+    refuse_overwrite(paths, force=getattr(args, "force", False))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True, width=console_width(sys.stdout))
     try:
+        _check_args(args)
         from parity.explain.cli import cmd_explain
         from parity.prompt.cli import cmd_prompt
         from parity.report.cli import cmd_report

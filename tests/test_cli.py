@@ -46,6 +46,10 @@ ERROR_CASES = {
                         "unknown mutant 'sigmoid_r'; did you mean 'sigmoid-r'?"),
     "diff of a directory that is not a dump": (["diff", "{tmp}/not-a-dump", "{tmp}/not-a-dump"], "not a dump"),
     "bad --tol text": (["run", "--checkpoint", FIXTURE, "--tol", "L*.att.wkv=1e-5"], "bad tolerance override"),
+    "existing --json": (["run", "--checkpoint", FIXTURE, "--json", "{tmp}/taken.json"],
+                        "taken.json exists (a file); pass --force to overwrite it"),
+    "existing --dump-dir": (["run", "--checkpoint", FIXTURE, "--dump-dir", "{tmp}/not-a-dump"],
+                            "not-a-dump exists (a directory); pass --force"),
 }
 # argparse's own errors: no torch import, so these cost almost nothing.
 ARGPARSE_CASES = {
@@ -61,6 +65,7 @@ def first_wave(env, tmp_path_factory):
     """The main run (keeping its dumps), the quiet instrumented run, and every error case."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "garbage.pth").write_bytes(random.Random(0).randbytes(4096))
+    (tmp / "taken.json").write_text('{"keep": "me"}\n')  # valid JSON: the helper reads a --json path back
     (tmp / "not-a-dump").mkdir()
     (tmp / "not-a-dump" / "notes.txt").write_text("not a manifest")
     out = tmp / "out"

@@ -49,11 +49,15 @@ def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("convert")
     (tmp / "occupied").mkdir()
     (tmp / "occupied" / "notes.txt").write_text("keep me")
+    (tmp / "taken.pth").write_text("hello")
     first = {
         "v4 -> safetensors": ["convert", FIXTURE_V4, tmp / "v4.safetensors"],
         "v4 -> hf": ["convert", FIXTURE_V4, tmp / "hf-v4"],
         "5.1 -> hf": ["convert", FIXTURE_V5_1, tmp / "hf-v5_1"],
         "v4 -> non-empty dir": ["convert", FIXTURE_V4, tmp / "occupied"],
+        "v4 -> non-empty dir --force": ["convert", FIXTURE_V4, tmp / "occupied", "--force"],
+        "v4 -> existing file": ["convert", FIXTURE_V4, tmp / "taken.pth"],
+        "v4 -> unknown suffix": ["convert", FIXTURE_V4, tmp / "out.bin"],
     }
     results = run_concurrently(first, env=env)
     second = {
@@ -61,6 +65,11 @@ def converted(tmp_path_factory):
         "hf -> pth": ["convert", tmp / "hf-v4", tmp / "from-hf.pth"],
     }
     results |= run_concurrently(second, env=env)
+    third = {  # after the second wave has read hf-v4
+        "v4 -> existing file --force": ["convert", FIXTURE_V4, tmp / "taken.pth", "--force"],
+        "v4 -> hf again --force": ["convert", FIXTURE_V4, tmp / "hf-v4", "--force"],
+    }
+    results |= run_concurrently(third, env=env)
     return {"tmp": tmp, "results": results}
 
 
@@ -120,10 +129,36 @@ def test_rwkv5_to_hf_directory_is_refused(converted) -> None:
 
 def test_conversion_onto_a_non_empty_directory_is_refused(converted) -> None:
     line = error_line(converted["results"]["v4 -> non-empty dir"])
-    assert "occupied" in line and "not an empty directory" in line
+    assert "occupied exists (a directory); pass --force" in line
+    # --force replaces a checkpoint directory, never a directory of other files.
+    line = error_line(converted["results"]["v4 -> non-empty dir --force"])
+    assert "notes.txt" in line and "choose a new directory" in line
     occupied = converted["tmp"] / "occupied"
     assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
     assert (occupied / "notes.txt").read_text() == "keep me"
+
+
+def test_conversion_onto_an_existing_file_is_refused_unless_forced(converted) -> None:
+    line = error_line(converted["results"]["v4 -> existing file"])
+    assert "taken.pth exists (a file); pass --force" in line
+    forced = converted["results"]["v4 -> existing file --force"]
+    assert forced.rc == 0, forced
+    # The refusal left "hello" in place until --force, which wrote a real checkpoint there.
+    assert_same_checkpoint(load_checkpoint(converted["tmp"] / "taken.pth"), load_checkpoint(FIXTURE_V4))
+
+
+def test_unknown_output_suffix_is_an_error_not_a_directory(converted) -> None:
+    line = error_line(converted["results"]["v4 -> unknown suffix"])
+    assert "'.bin'" in line and ".pth or .safetensors" in line
+    assert not (converted["tmp"] / "out.bin").exists()
+
+
+def test_forced_conversion_replaces_an_hf_directory(converted) -> None:
+    forced = converted["results"]["v4 -> hf again --force"]
+    assert forced.rc == 0, forced
+    hf = converted["tmp"] / "hf-v4"
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_checkpoint(load_checkpoint(hf), load_checkpoint(FIXTURE_V4))
 
 
 def test_conversion_onto_an_existing_file_without_a_checkpoint_suffix_is_refused(tmp_path) -> None:

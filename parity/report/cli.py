@@ -27,7 +27,7 @@ from parity.report.verdict import console_width
 from parity.report.verdict import diverged as _diverged
 from parity.report.verdict import verdict_line as _verdict_line
 
-__all__ = ["add_report_args", "add_report_parser", "cmd_report", "load_source", "main"]
+__all__ = ["add_report_args", "add_report_parser", "cmd_report", "load_source", "main", "refuse_overwrite"]
 
 # The same codes as parity.cli, which imports this module (arrows point from parity.cli down to here).
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE = 0, 1, 2
@@ -46,6 +46,7 @@ def add_report_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--html-link", metavar="URL", default=None,
                    help="where the Markdown summary links the HTML report (default: the placeholder "
                         "{HTML_REPORT_URL}, for CI to substitute)")
+    p.add_argument("--force", action="store_true", help="overwrite --html/--markdown/--csv files that exist")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     return p
 
@@ -88,6 +89,26 @@ def load_source(source: str | os.PathLike) -> dict:
     return compare_dumps(path / "reference", others[0])
 
 
+def refuse_overwrite(paths, *, force: bool) -> None:
+    """Refuse, in one line, to write over an existing file or non-empty directory unless ``force``.
+
+    Every writer of user files (--json, --html, --markdown, --csv, --dump-dir, convert's DEST)
+    checks its destinations here before any work starts, so a long run never ends by silently
+    replacing a file the user meant to keep. '-' (stdout) and an empty directory are never refused.
+    """
+    if force:
+        return
+    for path in paths:
+        if path is None or str(path) == STDOUT:
+            continue
+        path = Path(path)
+        if path.is_dir() and not any(path.iterdir()):
+            continue
+        if path.exists() or path.is_symlink():
+            kind = "a directory" if path.is_dir() else "a file"
+            raise ParityError(f"{path} exists ({kind}); pass --force to overwrite it, or choose another path")
+
+
 def _to_stdout(write) -> None:
     """Call ``write(stream)`` on stdout, tolerating a reader that stops early (``| head``)."""
     try:
@@ -124,6 +145,7 @@ def cmd_report(args, console) -> int:
         # stdout carries the document; anything else would corrupt it.
         console = Console(stderr=True, highlight=False, soft_wrap=True, width=console_width(sys.stderr))
 
+    refuse_overwrite(outputs.values(), force=args.force)
     result = load_source(args.source)
     written: list[tuple[str, str]] = []
     if args.html:
