@@ -293,12 +293,38 @@ def validate(weights: dict[str, torch.Tensor], config: ModelConfig, *, path: Pat
             raise ParityError(f"checkpoint {path}: {key} has dtype {t.dtype}, expected a floating-point tensor")
 
 
+# Elements checked at a time: the bool mask of one chunk is 16 MB, whatever the tensor's size (a 3B
+# model's embedding alone is 168 M elements), and each chunk is read from the file once.
+_FINITE_CHUNK = 1 << 24
+
+
+def check_finite(weights: dict[str, torch.Tensor], *, path: Path) -> None:
+    """Refuse NaN/Inf weights, naming the tensors and how many values: a non-finite weight would
+    otherwise surface later as "non-finite values in both" at some stage, far from its cause."""
+    bad: list[tuple[str, int, int]] = []  # key, non-finite count, element count
+    for key, t in weights.items():
+        flat = t.reshape(-1)
+        count = 0
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            chunk = flat[start:start + _FINITE_CHUNK]
+            if not bool(torch.isfinite(chunk).all()):
+                count += int((~torch.isfinite(chunk)).sum())
+        if count:
+            bad.append((key, count, flat.numel()))
+    if bad:
+        named = ", ".join(f"{key} ({count} of {numel})" for key, count, numel in bad[:3])
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise ParityError(f"checkpoint {path} has NaN/Inf weights: {named}{more}; the file is damaged "
+                          "or was saved from a diverged training run")
+
+
 def load_checkpoint(path: str | Path, *, require_supported: bool = True) -> Checkpoint:
     """Read, detect and validate a checkpoint; raise ParityError with one clear line otherwise."""
     path = Path(path)
     weights = _read_state_dict(path)
     config = infer_config(weights, path=path)
     validate(weights, config, path=path)
+    check_finite(weights, path=path)
     if require_supported and config.version not in SUPPORTED_VERSIONS:
         supported = ", ".join(v.value for v in SUPPORTED_VERSIONS)
         raise ParityError(

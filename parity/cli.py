@@ -33,9 +33,8 @@ DEMO_CHECKPOINT = REPO_ROOT / "fixtures" / "rwkv5_2-L4-C128-H2.pth"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, like every other input error
-        self.print_usage(sys.stderr)
-        print(f"parity: error: {message}", file=sys.stderr)
+    def error(self, message: str):  # one line and exit 2, like every other input error (no usage block)
+        print(f"parity: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -614,6 +613,11 @@ def _check_args(args) -> None:
     """Input checks common to every command, made before any work starts."""
     from parity.report.cli import refuse_overwrite
 
+    for name in ("ids", "decode_ids"):
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            flag = "--" + name.replace("_", "-")
+            raise ParityError(f"{flag} is empty; give ids such as 1,2,3, ones:N or random:N[:SEED] (or leave {flag} out)")
     if args.command == "demo":
         return  # demo rewrites its own REPORT_DIR/demo.json, demo.html and demo-dumps/ on every run, by design
     paths = [getattr(args, name, None) for name in OUTPUT_DESTS]
@@ -623,7 +627,11 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # stray words (e.g. --ids 1 2 3) belong to the subcommand: point at its --help, no usage block
+        print(f"parity: error: unrecognized arguments: {' '.join(extra)} "
+              f"(see parity {args.command} --help)", file=sys.stderr)
+        return EXIT_USAGE
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True, width=console_width(sys.stdout))

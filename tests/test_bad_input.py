@@ -1,23 +1,20 @@
 """Bad input and hostile circumstances at the command line: one line and exit 2, never a traceback,
-never a silently overwritten file, and no temporary dumps left behind by a SIGTERM.
+never a silently overwritten file.
 
 The refusals are checked in-process (``main``, no torch start-up per case): every one of them
 happens before any work, so each costs milliseconds. One real run shows ``--force`` re-running
-into the same paths, and one real subprocess is terminated with SIGTERM mid-run.
+into the same paths.
 """
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from parity.cli import main
-from parity_cli import REPO, cli_env
+from parity_cli import REPO
 
 FIXTURE = REPO / "fixtures" / "rwkv5_2-L2-C144-H12.pth"
 NUMPY_PORT = f"{REPO}/examples/numpy_rwkv5.py:make_backend"  # a plug-in: nothing to compile
@@ -141,3 +138,21 @@ def test_force_never_replaces_a_directory_that_is_not_a_dump(capsys, occupied):
                                      "--force", "-q"])
     assert code == 2 and "not a dump" in one_error_line(err)
     assert (occupied / "full" / "reference" / "mine.txt").read_text() == "keep me"
+
+
+# -- ids and argparse -------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, expect", [
+    (["run", "--ids", ""], "--ids is empty"),
+    (["run", "--ids", "   "], "--ids is empty"),
+    (["run", "--decode-ids", ""], "--decode-ids is empty"),
+    (["bisect", "--checkpoint", FIXTURE, "--ids", " "], "--ids is empty"),
+    (["run", "--ids", "1", "2", "3"], "unrecognized arguments: 2 3 (see parity run --help)"),
+    (["run", "--decode-steps", "two"], "invalid int value: 'two' (see parity run --help)"),
+    (["report"], "required: SOURCE (see parity report --help)"),
+    ([], "required: command (see parity --help)"),
+])
+def test_bad_arguments_are_one_line_without_usage(capsys, args, expect):
+    code, out, err = run_main(capsys, args)
+    assert code == 2 and out == ""
+    assert expect in one_error_line(err), err
+    assert "usage:" not in err

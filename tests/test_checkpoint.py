@@ -507,3 +507,45 @@ def test_a_non_fp32_reference_leaves_no_fp32_copy_behind(dtype):
     assert ck._fp32 is None
     make_reference(ck).forward([1, 2])
     assert ck._fp32 is not None
+
+
+# -- non-finite weights: refused at load, naming the tensor and the count ---------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_is_named_with_its_count(tmp_path, bad):
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights["blocks.1.att.key.weight"][3, :5] = bad  # 5 of 16*16 values
+    msg = load_error(save(weights, tmp_path / "bad.pth"))
+    assert "NaN/Inf" in msg and "blocks.1.att.key.weight (5 of 256)" in msg, msg
+    assert "blocks.0." not in msg, msg  # only the damaged tensor is named
+
+
+def test_non_finite_weights_in_bf16_safetensors_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = {k: v.to(torch.bfloat16) for k, v in state_dict_for(tiny_config(ModelVersion.V4)).items()}
+    weights["head.weight"][0, 0] = float("nan")
+    weights["emb.weight"][1, :2] = float("inf")
+    save_file(weights, str(tmp_path / "bad.safetensors"))
+    msg = load_error(tmp_path / "bad.safetensors")
+    assert "emb.weight (2 of 512)" in msg and "head.weight (1 of 512)" in msg, msg
+
+
+def test_finite_check_counts_across_chunks(tmp_path, monkeypatch):
+    # A tensor larger than one chunk: values in several chunks are all counted.
+    import parity.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_FINITE_CHUNK", 7)
+    weights = state_dict_for(tiny_config(ModelVersion.V5_2))
+    weights["emb.weight"].view(-1)[[0, 6, 7, 100, 511]] = float("nan")
+    assert "emb.weight (5 of 512)" in load_error(save(weights, tmp_path / "bad.pth"))
+
+
+def test_cli_names_the_non_finite_weight_in_one_line(tmp_path):
+    weights = torch.load(FIXTURE_HN, weights_only=True)
+    weights["blocks.1.ffn.value.weight"][0, 0] = float("nan")
+    save(weights, tmp_path / "nan.pth")
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", "run", "--checkpoint", str(tmp_path / "nan.pth"), "-q"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "blocks.1.ffn.value.weight (1 of" in lines[0], proc.stderr

@@ -46,6 +46,8 @@ ERROR_CASES = {
                         "unknown mutant 'sigmoid_r'; did you mean 'sigmoid-r'?"),
     "diff of a directory that is not a dump": (["diff", "{tmp}/not-a-dump", "{tmp}/not-a-dump"], "not a dump"),
     "bad --tol text": (["run", "--checkpoint", FIXTURE, "--tol", "L*.att.wkv=1e-5"], "bad tolerance override"),
+    "empty --ids": (["run", "--checkpoint", FIXTURE, "--ids", ""], "--ids is empty"),
+    "blank --decode-ids": (["run", "--checkpoint", FIXTURE, "--decode-ids", "  "], "--decode-ids is empty"),
     "existing --json": (["run", "--checkpoint", FIXTURE, "--json", "{tmp}/taken.json"],
                         "taken.json exists (a file); pass --force to overwrite it"),
     "existing --dump-dir": (["run", "--checkpoint", FIXTURE, "--dump-dir", "{tmp}/not-a-dump"],
@@ -57,6 +59,8 @@ ARGPARSE_CASES = {
     "no subcommand": ([], "required"),
     "run without --checkpoint": (["run"], "--checkpoint"),
     "non-integer --decode-steps": (["run", "--checkpoint", FIXTURE, "--decode-steps", "two"], "--decode-steps"),
+    "space-separated --ids": (["run", "--checkpoint", FIXTURE, "--ids", "1", "2", "3"],
+                              "unrecognized arguments: 2 3 (see parity run --help)"),
 }
 
 
@@ -281,7 +285,8 @@ def test_usage_error_is_one_line_and_exit_2(first_wave, name):
     cli = first_wave["results"][name]
     assert cli.rc == 2, cli
     assert "Traceback" not in cli.stderr, cli
-    assert len(cli.error_lines) == 1, cli  # after argparse's usage lines
+    assert cli.stderr.strip().splitlines() == cli.error_lines, cli  # no usage block: one line
+    assert len(cli.error_lines) == 1, cli
     assert ARGPARSE_CASES[name][1] in cli.error_lines[0], cli
     assert cli.stdout == "", cli
 

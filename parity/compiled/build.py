@@ -69,6 +69,10 @@ def target_spec(name: str) -> dict:
     spec = dict(_TARGETS[name])
     if name == "llvm":
         spec["mcpu"] = llvm_cpu()  # without it LLVM emits baseline x86-64 (SSE2): 4-float vectors
+        # No fused multiply-add: LLVM would contract a*b+c differently in each fusion context, so
+        # the plain and debug builds (whose kernels fuse differently) would no longer agree bit
+        # for bit, and every product would round differently from the reference's.
+        spec["mattr"] = ["-fma"]
     return spec
 
 
@@ -206,7 +210,34 @@ def _kernel_outputs(mod: tvm.IRModule) -> dict[str, list[int]]:
     return out
 
 
-_SIDECAR_FIELDS = ("params", "state_slots", "state_shapes", "state_fill", "tap_names", "function_taps", "kernel_outputs")
+_SIDECAR_FIELDS = ("params", "state_slots", "state_shapes", "state_fill", "tap_names", "function_taps", "kernel_outputs",
+                   "tvm_version", "library_bytes", "library_sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _entry_fault(lib_path: Path, meta: dict) -> str | None:
+    """Why a cache entry whose sidecar reads fine cannot be used, or None when it can.
+
+    The library is checked against the size and hash the sidecar recorded when it was exported: a
+    truncated or overwritten .so (a full disk, a copy cut short, another tool's file) would
+    otherwise fail at load with TVM's own error, or load and compute garbage. The library is small
+    (the weights are parameters, not in it), so hashing it on every hit costs milliseconds.
+    """
+    if meta["tvm_version"] != tvm.__version__:
+        return f"built by TVM {meta['tvm_version']}, this is {tvm.__version__}"
+    size = lib_path.stat().st_size
+    if size != meta["library_bytes"]:
+        return f"library is {size} bytes, {meta['library_bytes']} were written (truncated or replaced)"
+    if _file_sha256(lib_path) != meta["library_sha256"]:
+        return "library's sha256 differs from the one recorded at export (modified)"
+    return None
 
 
 def _read_sidecar(path: Path) -> dict | None:
@@ -245,6 +276,10 @@ def build_model(
     lib_path = cache_dir / f"{family}-{variant}-{target}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
     meta = _read_sidecar(meta_path) if lib_path.exists() else None
+    fault = None if meta is None else _entry_fault(lib_path, meta)
+    if fault is not None:
+        say(f"compile cache entry {lib_path.name} is unusable ({fault}); rebuilding it")
+        meta = None
     if meta is not None:
         say(f"compile cache hit: {lib_path.name}")
         return BuildArtifact(library=lib_path, meta=meta, cached=True)
@@ -304,6 +339,8 @@ def build_model(
         "compile_seconds": round(t_compile, 3),
         "export_seconds": round(time.perf_counter() - t0 - t_compile, 3),
         "cuda_fatbins": fatbins,
+        "library_bytes": lib_path.stat().st_size,
+        "library_sha256": _file_sha256(lib_path),
     }
     # The sidecar is written last and atomically: its presence marks the entry complete.
     tmp_meta = meta_path.with_suffix(".json.tmp")

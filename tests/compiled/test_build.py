@@ -190,3 +190,36 @@ def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_config_round_trips_through_the_sidecar(warm) -> None:
     _, art = warm
     assert ModelConfig.from_dict(art.meta["config"]) == TINY
+
+
+def test_truncated_library_is_detected_and_rebuilt(warm, tmp_path: Path) -> None:
+    _, cold = warm
+    library = copy_entry(cold, to=tmp_path, sidecar=json.dumps(cold.meta))
+    size = library.stat().st_size
+    with library.open("r+b") as f:  # a copy cut short / a full disk during a copy
+        f.truncate(size // 2)
+    events: list[str] = []
+    again = build_model(TINY, cache_dir=tmp_path, on_event=events.append)
+    assert again.cached is False and again.library == library
+    assert any("unusable" in e and "truncated" in e for e in events), events
+    assert library.stat().st_size == again.meta["library_bytes"] > size // 2
+    assert build_model(TINY, cache_dir=tmp_path).cached  # the rebuilt entry is a hit again
+
+
+def test_modified_library_of_the_same_size_is_a_miss(warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, cold = warm
+    library = copy_entry(cold, to=tmp_path, sidecar=json.dumps(cold.meta))
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    forbid_compiling(monkeypatch)
+    with pytest.raises(CompileCalled):
+        build_model(TINY, cache_dir=tmp_path)
+
+
+def test_entry_from_another_tvm_version_is_a_miss(warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, cold = warm
+    copy_entry(cold, to=tmp_path, sidecar=json.dumps({**cold.meta, "tvm_version": "0.0.1-other"}))
+    forbid_compiling(monkeypatch)
+    with pytest.raises(CompileCalled):
+        build_model(TINY, cache_dir=tmp_path)
