@@ -26,6 +26,7 @@ from parity.report.verdict import console_width
 from parity.report.verdict import verdict_line as _verdict_line
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
 # Argument names (argparse dests) whose value is a file or directory the command writes.
 OUTPUT_DESTS = ("json", "html", "markdown", "csv", "dump_dir")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -626,7 +627,30 @@ def _check_args(args) -> None:
     refuse_overwrite(paths, force=getattr(args, "force", False))
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, a cancelled job), raised like Ctrl-C so every ``finally`` and context
+    manager runs and temporary dump directories are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # stray words (e.g. --ids 1 2 3) belong to the subcommand: point at its --help, no usage block
         print(f"parity: error: unrecognized arguments: {' '.join(extra)} "
@@ -652,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"parity: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except _Terminated:
+        print("parity: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130

@@ -1,20 +1,23 @@
 """Bad input and hostile circumstances at the command line: one line and exit 2, never a traceback,
-never a silently overwritten file.
+never a silently overwritten file, and no temporary dumps left behind by a SIGTERM.
 
 The refusals are checked in-process (``main``, no torch start-up per case): every one of them
 happens before any work, so each costs milliseconds. One real run shows ``--force`` re-running
-into the same paths.
+into the same paths, and one real subprocess is terminated with SIGTERM mid-run.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from parity.cli import main
-from parity_cli import REPO
+from parity_cli import REPO, cli_env
 
 FIXTURE = REPO / "fixtures" / "rwkv5_2-L2-C144-H12.pth"
 NUMPY_PORT = f"{REPO}/examples/numpy_rwkv5.py:make_backend"  # a plug-in: nothing to compile
@@ -156,3 +159,32 @@ def test_bad_arguments_are_one_line_without_usage(capsys, args, expect):
     assert code == 2 and out == ""
     assert expect in one_error_line(err), err
     assert "usage:" not in err
+
+
+# -- SIGTERM: cleaned up like Ctrl-C ----------------------------------------------------------------
+def test_sigterm_mid_run_removes_temporary_dumps(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # Long enough (hundreds of decode steps) that the run is surely still going when terminated.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parity.cli", "run", "--checkpoint", str(FIXTURE), "--backends",
+         f"reference,{NUMPY_PORT}", "--ids", "ones:8", "--decode-steps", "3000", "-q"],
+        cwd=REPO, env=cli_env(TMPDIR=str(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Wait for the first recorded step: a step file in a temporary dump.
+        while not list(tmp.glob("parity-dumps-*/**/step-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no step was recorded within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "parity: terminated (SIGTERM); temporary files removed", err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("parity-")) == []
