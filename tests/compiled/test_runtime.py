@@ -102,8 +102,11 @@ def test_compiled_matches_the_reference(checkpoint, plain) -> None:
         # Measured <= 6e-6 on both fixtures; an ln_x eps of 1e-5 instead of 64e-5 moves logits by
         # 0.1 (H2) and 1.2 (H12), a dropped transpose by O(1).
         np.testing.assert_allclose(logits, want.numpy(), rtol=1e-5, atol=5e-5)
+        # The wkv state accumulates k*v over every token, so it carries the rounding of the k/v
+        # matmuls: on the H2 fixture the fp32 torch reference itself is 9.3e-5 off float64 there,
+        # the scheduled build 5.6e-5 (its 16-lane sums), and the two 1.1e-4 apart (measured).
         for name, value in state.slots().items():
-            np.testing.assert_allclose(compiled_state[name], value.numpy(), rtol=1e-5, atol=5e-5, err_msg=name)
+            np.testing.assert_allclose(compiled_state[name], value.numpy(), rtol=1e-5, atol=2e-4, err_msg=name)
 
 
 @pytest.mark.parametrize(
