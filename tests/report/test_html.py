@@ -567,7 +567,7 @@ def test_modes_when_isolated_did_not_run_or_passed():
     assert "Not run" in modes and "propagated \u2014 the verdict above" in modes
     result = _full_result()
     result["modes"]["isolated"].update(verdict="no divergence", first_divergence=None)
-    assert "small per-stage errors compound" in _section(render_html(result), "modes")
+    assert "no stage adds error of its own: inherited drift" in _section(render_html(result), "modes")
 
 
 def test_pairs_table_and_odd_one_out():
