@@ -49,6 +49,51 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or tables; only the verdict line")
 
 
+def _byte_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        n = float(t[:-1] if t and t[-1] in units else t) * units[t[-1] if t and t[-1] in units else ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 2G)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(n)
+
+
+def estimate_dump_bytes(config, *, prefill_tokens: int, decode_steps: int, dumps: int) -> int:
+    """About what a run's dumps take: every stage of every token in fp32 and the state after each
+    step, per dump (one per backend, and in replay mode one more per replayed backend)."""
+    from parity.stages import layer_stage_names
+
+    C, F, V, L = config.n_embd, config.dim_ffn, config.vocab_size, config.n_layer
+    per_layer = len(layer_stage_names(layer=0, version=config.version.value))
+    # Every per-layer stage is C (= A) wide but ffn.k, which is F wide; emb and ln_out are C, logits V.
+    per_token = C * (2 + L * (per_layer - 1)) + L * F + V
+    state = L * (5 * C if config.version.value == "4" else 2 * C + config.n_head * config.head_size ** 2)
+    return 4 * dumps * ((prefill_tokens + decode_steps) * per_token + (1 + decode_steps) * state)
+
+
+def _check_dump_size(args, *, config, plan, backends: int) -> None:
+    import shutil
+    import tempfile
+
+    dumps = backends + (backends - 1 if args.mode in ("replay", "both") else 0)
+    need = estimate_dump_bytes(config, prefill_tokens=len(plan.prefill_ids), decode_steps=len(plan.decode_ids),
+                               dumps=dumps)
+    limit, why = args.max_dump_bytes, "--max-dump-bytes"
+    if limit is None:
+        where = Path(args.dump_dir) if args.dump_dir is not None else Path(tempfile.gettempdir())
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        # A quarter: the replays, the reports and everyone else on the disk need room too.
+        limit, why = shutil.disk_usage(where).free // 4, f"a quarter of the free space on {where}"
+    if need > limit:
+        raise ParityError(f"this run's dumps would take about {need / 1e9:.3g} GB ({len(plan.prefill_ids)} prefill "
+                          f"tokens + {len(plan.decode_ids)} decode steps, {dumps} dumps), more than "
+                          f"{limit / 1e9:.3g} GB ({why}); shorten --ids/--decode-steps or raise --max-dump-bytes")
+
+
 def _version() -> str:
     import importlib.metadata
 
@@ -75,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-steps", type=int, default=4, help="decode steps after the prefill (default 4)")
     run.add_argument("--decode-ids", help="the decode tokens, comma-separated (default: seeded random ids)")
     run.add_argument("--dump-dir", type=Path, help="keep the dumps here (default: a temporary directory)")
+    run.add_argument("--max-dump-bytes", type=_byte_size, metavar="N[K|M|G]",
+                     help="refuse, before starting, a run whose dumps would take more (default: a quarter of the "
+                          "free space where they go)")
     run.add_argument("--corpus", type=Path, metavar="FILE|DIR",
                      help="many prompts: a text file (one prompt per line, through --template) or a directory of "
                           "scenario *.json files; one comparison each, KL and top-1 pooled over every token")
@@ -359,6 +407,7 @@ def cmd_run(args, console) -> int:
     for line in info["warnings"]:
         print(f"parity: warning: {line}", file=sys.stderr)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    _check_dump_size(args, config=ck.config, plan=plan, backends=len(backends))
     if not args.quiet:
         console.print(f"{ck.config.describe()} from {ck.path} (sha256 {ck.sha256[:12]})")
         if info.get("text") is not None:
