@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arbiter", action="store_true",
                      help="also run the reference in float64 and judge each backend by its error against fp64 relative "
                           "to the fp32 reference's own (the rule of torch dynamo's accuracy checker)")
-    run.add_argument("--arbiter-multiplier", type=float, metavar="K", help="k in the arbiter rule (default 10)")
+    run.add_argument("--arbiter-multiplier", type=float, metavar="K", help="k in the arbiter rule (default 100, measured: benchmarks/calibrate_verdict.py)")
     run.add_argument("--only-layer", type=int, metavar="L", help="isolated mode: record only layer L (a bisect repro)")
     run.add_argument("--only-step", type=int, metavar="S", help="isolated mode: record only step S (0 = prefill)")
     from parity.scenarios import add_text_args
