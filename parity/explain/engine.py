@@ -5,9 +5,11 @@ backend. For the faulty layer, each step examined is replayed as parity/dumpers/
 (the candidate's own layer input and its own state of the previous step), once with the clean
 reference and once per hypothesis planted (hypotheses.py). Every stage of that layer — and its
 state after the step — is compared with the candidate's under the run's own tolerance policy; a
-hypothesis's reproduction error is its worst ratio (smallest passing atol / allowed atol) over the
-faulty stage, the stages after it and the steps examined (the faulty step, the one before and the
-next two). A ratio <= 1 reproduces the candidate within tolerance.
+hypothesis's reproduction error is its worst ratio (smallest passing atol / allowed atol) over
+those stages and the steps examined (the faulty step, the one before and the next two). A ratio
+<= 1 reproduces the candidate within tolerance. The hypotheses tried are those that first show at
+the faulty stage; when none of them reproduces it, those of the layer's earlier stages too (a
+bug can stay inside its own stage's tolerance and fail only downstream).
 
 "Explained" only when the best hypothesis reproduces the candidate and the clean reference does
 not; otherwise "not explained by any known porting bug" — never a guess dressed as a finding.
@@ -44,6 +46,7 @@ class Context:
     step: int
     layer: int | None
     stage: str
+    current_step: int | None = None  # the step being replayed, for hypotheses that read the candidate's tensors
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -93,6 +96,7 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
     import torch
 
     seen = ctx.candidate_arrays(step)
+    ctx.current_step = step
     out: dict[str, np.ndarray] = {}
 
     def record(stage, value):
@@ -123,22 +127,22 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
 
 
 def _score(model, ctx: Context, *, steps: list[int], policy: TolerancePolicy) -> dict:
-    """Worst ratio over the faulty stage and everything after it in the layer, at ``steps``;
-    at earlier steps, over every stage of the layer (nothing may diverge before the candidate did)."""
+    """Worst ratio over every stage of the layer (and its state) at ``steps``; also the faulty
+    stage's ratio at the faulty step, its per-row error there, and its ratio at each step."""
     worst, at_stage, where, rows, by_step = 0.0, None, None, None, {}
     for step in steps:
         got = _replay_layer(model, ctx, step=step)
         if got is None:
             continue
         seen = ctx.candidate_arrays(step)
+        # Every stage of the layer, the ones before the faulty stage too: a planted bug must not
+        # break what the candidate got right.
         names = [n for n in ctx.candidate.stage_order if n in got and n in seen]
         if ctx.stage in got and ctx.stage in seen and step != ctx.step:
             # the faulty stage at the other steps too: when did the error start, does it go on?
             m = compare_arrays(seen[ctx.stage], got[ctx.stage], tolerance=policy.for_stage(ctx.stage),
                                per_token=stage_info(ctx.stage).per_token)
             by_step[step] = _ratio(m)
-        if step == ctx.step and ctx.stage in names:
-            names = names[names.index(ctx.stage):]
         for name in names:
             m = compare_arrays(seen[name], got[name], tolerance=policy.for_stage(name), per_token=stage_info(name).per_token)
             r = _ratio(m)
@@ -195,6 +199,28 @@ def _fmt(r: float | None) -> str:
     return "inf" if math.isinf(r) else f"{r:.3g}x"
 
 
+def _rank_key(r: dict):
+    return (r["worst_ratio"], r["stage_ratio"] if r["stage_ratio"] is not None else math.inf)
+
+
+def _rank(hyps, checkpoint, ctx: Context, *, steps: list[int], policy: TolerancePolicy, upstream: bool = False) -> list[dict]:
+    """Each hypothesis planted into a fresh reference and scored; best first."""
+    from parity.reference import make_reference
+
+    ranked = []
+    for h in hyps:
+        model = make_reference(checkpoint, dtype="float32")
+        planted = h.plant(model, ctx)
+        # plant() may return a detail line, or a dict with "detail" and fitted values (e.g. "eps").
+        values = dict(planted) if isinstance(planted, dict) else {"detail": planted}
+        detail = values.pop("detail", None)
+        s = _score(model, ctx, steps=steps, policy=policy)
+        ranked.append({"name": h.name, "title": h.title, "detail": detail, "values": values, "worst_ratio": s["worst_ratio"],
+                       "stage_ratio": s["stage_ratio"], "worst_at": s["worst_at"], "reproduces": s["worst_ratio"] <= 1.0,
+                       "fix": h.fix, "doc": h.doc, "first_shows_at": list(h.stages), "upstream": upstream})
+    return sorted(ranked, key=_rank_key)
+
+
 def explain_dump(
     checkpoint, *, candidate_dump: Path, first_divergence: dict, policy: TolerancePolicy | None = None,
     extra_hypotheses=(), only: list[str] | None = None,
@@ -223,35 +249,40 @@ def explain_dump(
     if only:
         hyps = {n: h for n, h in hyps.items() if n in only}
     version = ctx.version
+    # Upstream: hypotheses that first show at an earlier stage of the same layer. A bug whose own
+    # stage stays inside that stage's tolerance (fp16 rounding at ln_x) first fails downstream.
+    order = [short_stage(n) for n in candidate.stage_order if stage_info(n).layer == layer and stage_info(n).per_token]
+    earlier = set(order[:order.index(family)]) if family in order else set()
     in_family = [h for h in hyps.values() if family in h.stages]
-    not_applicable = [{"name": h.name, "title": h.title, "reason": f"RWKV-{'/'.join(h.versions)} only; this model is RWKV-{version}"}
-                      for h in in_family if version not in h.versions]
-    candidates = [h for h in in_family if version in h.versions]
+    upstream = [h for h in hyps.values() if family not in h.stages and set(h.stages) & earlier]
 
+    def not_applicable_of(group):
+        return [{"name": h.name, "title": h.title, "reason": f"RWKV-{'/'.join(h.versions)} only; this model is RWKV-{version}"}
+                for h in group if version not in h.versions]
+
+    not_applicable = not_applicable_of(in_family)
     clean = _score(make_reference(checkpoint, dtype="float32"), ctx, steps=steps, policy=policy)
-    ranked = []
-    for h in candidates:
-        model = make_reference(checkpoint, dtype="float32")
-        planted = h.plant(model, ctx)
-        # plant() may return a detail line, or a dict with "detail" and fitted values (e.g. "eps").
-        values = dict(planted) if isinstance(planted, dict) else {"detail": planted}
-        detail = values.pop("detail", None)
-        s = _score(model, ctx, steps=steps, policy=policy)
-        ranked.append({"name": h.name, "title": h.title, "detail": detail, "values": values, "worst_ratio": s["worst_ratio"],
-                       "stage_ratio": s["stage_ratio"], "worst_at": s["worst_at"], "reproduces": s["worst_ratio"] <= 1.0,
-                       "fix": h.fix, "doc": h.doc})
-    ranked.sort(key=lambda r: (r["worst_ratio"], r["stage_ratio"] if r["stage_ratio"] is not None else math.inf))
+    ranked = _rank([h for h in in_family if version in h.versions], checkpoint, ctx, steps=steps, policy=policy)
+    searched_upstream = bool(upstream) and clean["worst_ratio"] > 1.0 and not any(r["reproduces"] for r in ranked)
+    if searched_upstream:
+        ranked = sorted(ranked + _rank([h for h in upstream if version in h.versions], checkpoint, ctx, steps=steps,
+                                       policy=policy, upstream=True), key=_rank_key)
+        not_applicable += not_applicable_of(upstream)
     best = ranked[0] if ranked else None
     clean_reproduces = clean["worst_ratio"] <= 1.0
     evidence = _evidence(stage, step, clean)
+    if searched_upstream:
+        evidence.append(f"no hypothesis of {family} itself reproduces the candidate; also tried those of the earlier "
+                        f"stages of the layer ({', '.join(sorted(earlier & {s for h in upstream for s in h.stages}))}), "
+                        "whose effect can stay inside their own stage's tolerance and show only downstream")
     where = f"{stage} at step {step}"
     if best is not None and best["reproduces"] and not clean_reproduces:
         status = EXPLAINED
         summary = f"explained: {best['title']}" + (f" ({best['detail']})" if best["detail"] else "") + \
                   f" reproduces the candidate at {where} to {_fmt(best['worst_ratio'])} of tolerance " \
                   f"(clean reference: {_fmt(clean['worst_ratio'])})"
-        evidence.append(f"with {best['name']} planted, the reference reproduces {where} and every later stage of the "
-                        f"layer over steps {steps[0]}..{steps[-1]} within tolerance (worst {_fmt(best['worst_ratio'])})")
+        evidence.append(f"with {best['name']} planted, the reference reproduces {where} and every stage of the "
+                        f"layer and its state over steps {steps[0]}..{steps[-1]} within tolerance (worst {_fmt(best['worst_ratio'])})")
         fix = best["fix"]
     else:
         status, fix = NOT_EXPLAINED, None
