@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from parity.checkpoint import load_checkpoint  # noqa: E402
-from parity.compare.verdict import DRIFT_ENVELOPES, record_depth, record_ratio  # noqa: E402
+from parity.compare.verdict import DRIFT_ENVELOPES, is_carried, record_depth, record_ratio  # noqa: E402
 from parity.dumpers.backends import RunPlan  # noqa: E402
 from parity.session import default_decode_ids, parse_ids, run_parity  # noqa: E402
 
@@ -38,29 +38,38 @@ NUMPY = f"{REPO}/examples/numpy_rwkv5.py:make_backend"
 
 
 def needed_per_layer(records: list[dict]) -> float:
-    """The smallest envelope constant K (allowances per unit of depth) these records fit in."""
+    """The smallest envelope constant K (allowances per unit of depth) these records' carried
+    stages fit in: the drift envelope is K * (depth + 1) on the carried stages."""
     n_layer = 1 + max((r["layer"] for r in records if r.get("layer") is not None), default=-1)
-    return max((record_ratio(r) / (record_depth(r, n_layer=n_layer) + 1) for r in records), default=0.0)
+    return max((record_ratio(r) / (record_depth(r, n_layer=n_layer) + 1) for r in records if is_carried(r["stage"])),
+               default=0.0)
 
 
-def measure(ck_path: Path, *, backends: list[str], ids: str, steps: int, work: Path) -> list[dict]:
+def measure(ck_path: Path, *, backends: list[str], ids: str, steps: int, work: Path, arbiter: bool = True) -> list[dict]:
+    """Every correct backend against the reference, and the fp32 reference against float64."""
+    from parity.session import compare_dumps
+
     ck = load_checkpoint(ck_path)
     plan = RunPlan(prefill_ids=parse_ids(ids, vocab_size=ck.config.vocab_size),
                    decode_ids=default_decode_ids(steps=steps, vocab_size=ck.config.vocab_size))
     t0 = time.perf_counter()
-    out = run_parity(ck, backends=backends, plan=plan, dump_dir=work / "dumps")
-    from parity.session import compare_dumps
-
+    out = run_parity(ck, backends=backends, plan=plan, dump_dir=work / "dumps", arbiter=arbiter, arbiter_multiplier=1e9)
+    multipliers = {b["backend"]: max((r["min_multiplier"] for r in b["records"] if isinstance(r["min_multiplier"], float)),
+                                     default=0.0) for b in out.result.get("arbiter", [])}
+    pairs = [(backends[0], spec) for spec in backends[1:]] + ([("reference-fp64", "reference")] if arbiter else [])
     rows = []
-    for spec in backends[1:]:
-        prop = compare_dumps(out.dumps[backends[0]], out.dumps[spec])
+    for expected, spec in pairs:
+        prop = compare_dumps(out.dumps[expected], out.dumps[spec])
         own = out.own_comparisons.get(spec)
         rows.append({
-            "checkpoint": ck_path.name, "model": ck.config.describe(), "pair": f"{backends[0]}~{spec.split(':')[-1]}",
-            "ids": ids, "decode_steps": steps, "verdict": out.result["verdict"],
-            "prop_worst_ratio": max(map(record_ratio, prop["records"])),
+            "checkpoint": ck_path.name, "model": ck.config.describe(),
+            "pair": f"{expected}~{spec.split(':')[-1]}", "ids": ids, "decode_steps": steps,
+            "verdict": out.result.get("tolerance_verdict", out.result)["verdict"] if expected != "reference-fp64" else None,
+            "carried_worst_ratio": max((record_ratio(r) for r in prop["records"] if is_carried(r["stage"])), default=0.0),
+            "any_stage_worst_ratio": max(map(record_ratio, prop["records"])),
             "needed_per_layer": needed_per_layer(prop["records"]),
             "own_worst_ratio": max(map(record_ratio, own["records"])) if own else None,
+            "arbiter_multiplier": multipliers.get(spec),
             "kl_max": (prop.get("end_to_end") or {}).get("kl_max"),
             "wall_s": time.perf_counter() - t0,
         })
@@ -118,14 +127,20 @@ def main() -> int:
         return "-" if x is None else f"{x:.3g}"
 
     lines = [f"# Verdict calibration ({out['date']}, commit {commit})", "", f"`{out['command']}`", "",
-             "| checkpoint | pair | prompt | decode | verdict | propagated worst ratio | K needed | own worst ratio | KL max |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['checkpoint']} | {r['pair']} | `{r['ids']}` | {r['decode_steps']} | {r['verdict']} | {g(r['prop_worst_ratio'])} | "
-              f"{g(r['needed_per_layer'])} | {g(r['own_worst_ratio'])} | {g(r['kl_max'])} |" for r in runs]
+             "Ratios are min_atol / atol (allowances). Drift: the carried stages (x_out, x_after_att, ln_out, logits, state); "
+             "any stage: every record. K needed: the smallest envelope constant the carried stages fit in (envelope "
+             "K x (depth + 1)). Arbiter: the largest min_multiplier of the fp64 arbiter. reference-fp64~reference is the "
+             "fp32 reference against float64.", "",
+             "| checkpoint | pair | prompt | decode | verdict | drift (carried) | any stage | K needed | own error | arbiter | KL max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['checkpoint']} | {r['pair']} | `{r['ids']}` | {r['decode_steps']} | {r['verdict'] or '-'} | "
+              f"{g(r['carried_worst_ratio'])} | {g(r['any_stage_worst_ratio'])} | {g(r['needed_per_layer'])} | "
+              f"{g(r['own_worst_ratio'])} | {g(r['arbiter_multiplier'])} | {g(r['kl_max'])} |" for r in runs]
     if runs:
         lines += ["", f"Worst K needed by a correct pair: **{g(max(r['needed_per_layer'] for r in runs))}** "
                   f"(the envelope uses K = {out['envelope_per_layer']:g}); worst own ratio of a correct backend: "
-                  f"**{g(max(r['own_worst_ratio'] or 0 for r in runs))}**."]
+                  f"**{g(max(r['own_worst_ratio'] or 0 for r in runs))}**; largest arbiter multiplier of a correct "
+                  f"backend: **{g(max(r['arbiter_multiplier'] or 0 for r in runs))}**."]
     if mutants:
         lines += ["", "| mutant | first divergence | own ratio there |", "|---|---|---|"]
         lines += [f"| {m['mutant']} | step {m['step']} {m['stage']} | {g(m['own_ratio_at_first_divergence'])} |" for m in mutants]
