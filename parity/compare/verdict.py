@@ -61,17 +61,19 @@ STEP_SCALE = 64  # decode steps over which the state's drift doubles its varianc
 # Measured with benchmarks/calibrate_verdict.py (its output, with date and commit, is committed in
 # benchmarks/results/); see the reason strings for the figures.
 DRIFT_ENVELOPES: dict[str, DriftEnvelope] = {
-    "float64": DriftEnvelope(per_layer=2.0, reason="as fp32: no fp64 port measured"),
+    "float64": DriftEnvelope(per_layer=8.0, reason="as fp32: no fp64 port measured"),
     "float32": DriftEnvelope(
-        per_layer=2.0,
+        per_layer=8.0,
         reason="carried stages of correct fp32 pairs (reference vs tvm, chatrwkv and the numpy plug-in, and the "
         "fp32 reference vs float64), benchmarks/calibrate_verdict.py: every bundled fixture, ones:10 and random:16 "
         "with 64 decode steps, at most 0.19 allowances per unit of depth; the demo fixture after 1000 decode steps "
-        "0.79 (0.19 once scaled by sqrt(1 + steps/64)); 0.4B (L24 C1024) random:64, logits 5.6x at depth 24 (0.22). "
-        "2.0 is 9x the worst measured; a state that leaks 1e-4 a step leaves it within 30 steps",
+        "0.79 (0.19 once scaled by sqrt(1 + steps/64)); 0.4B (L24 C1024) random:16 + 64 steps: reference vs tvm "
+        "0.21, fp32 reference vs float64 2.61 (a deep random-init network amplifies any rounding difference; a "
+        "correct CUDA build's logits were 19x further from torch than llvm's). 8.0 is 3x the worst measured; a "
+        "state that leaks 1e-4 a step leaves it within 120 steps",
     ),
-    "float16": DriftEnvelope(per_layer=2.0, reason="as fp32 for now: no fp16 backend measured yet (issue 11)"),
-    "bfloat16": DriftEnvelope(per_layer=2.0, reason="as fp32 for now: no bf16 backend measured yet (issue 11)"),
+    "float16": DriftEnvelope(per_layer=8.0, reason="as fp32 for now: no fp16 backend measured yet (issue 11)"),
+    "bfloat16": DriftEnvelope(per_layer=8.0, reason="as fp32 for now: no bf16 backend measured yet (issue 11)"),
 }
 
 
