@@ -71,10 +71,16 @@ def test_first_nan_is_localised(plugin, tmp_path):
 
 def test_both_sides_nonfinite_at_the_same_places_is_not_equal(plugin, tmp_path):
     ck = load_checkpoint(FIXTURE)
+    # The strict pair comparison: both sides NaN at the same places is a finding, never "equal".
     out = run_parity(ck, backends=[f"{plugin}:wkv_row2", f"{plugin}:wkv_row2_again"],
-                     plan=RunPlan(prefill_ids=tuple(range(1, 6))), dump_dir=tmp_path / "d")
+                     plan=RunPlan(prefill_ids=tuple(range(1, 6))), dump_dir=tmp_path / "d", mode="propagated")
     fd = out.result["first_divergence"]
     assert out.result["verdict"] == "divergence"
     assert fd["stage"] == "L1.att.wkv" and fd["reason"] == "nonfinite"
     assert fd["nonfinite_side"] == "both" and fd["nonfinite_same_places"] is True
     assert fd["mismatch_count"] == 0  # the finite values agree; the finding is the NaN itself
+    # The default verdict replays each backend: the NaN is the candidate's own, against a finite replay.
+    out = run_parity(ck, backends=[f"{plugin}:wkv_row2", f"{plugin}:wkv_row2_again"],
+                     plan=RunPlan(prefill_ids=tuple(range(1, 6))), dump_dir=tmp_path / "replay")
+    fd = out.result["first_divergence"]
+    assert (fd["stage"], fd["reason"], fd["nonfinite_side"], fd["judged_by"]) == ("L1.att.wkv", "nonfinite", "actual", "replay")
