@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from parity.errors import ParityError
 from parity.tokenizer.check import MARK_CLOSE, MARK_OPEN
-
-if TYPE_CHECKING:
-    from parity.prompt.effect import ModelEffect
 
 # Whitespace made visible, so a trailing space or a missing blank line can be seen in one line.
 VISIBLE = {" ": "\u2420", "\n": "\u23ce", "\r": "\u240d", "\t": "\u21e5"}  # ␠ ⏎ ␍ ⇥
@@ -163,7 +158,9 @@ class PromptCheck:
     chars: CharDiff | None  # None when there is no text of theirs to compare
     tokens: TokenDiff
     notes: tuple[str, ...] = ()
-    model: "ModelEffect | None" = None  # what the difference does to the model (parity.prompt.effect), when asked for
+    # What the difference does to the model, when asked for: a parity.prompt.effect.ModelEffect.
+    # Not imported here, even for type checking: effect.py builds on this module, not the reverse.
+    model: object | None = None
 
     @property
     def passed(self) -> bool:
