@@ -21,6 +21,7 @@ from pathlib import Path
 from parity.errors import ParityError
 # Verdict text lives below both command lines; describe_divergence stays importable from here.
 from parity.report.verdict import describe_divergence  # noqa: F401
+from parity.report.verdict import model_check_lines
 from parity.report.verdict import fmt as _fmt
 from parity.report.verdict import console_width
 from parity.report.verdict import verdict_line as _verdict_line
@@ -298,22 +299,8 @@ def _print_summary(console, result: dict) -> None:
             if m is not None:
                 fd = m["first_divergence"]
                 console.print(f"{name:>10}: " + (m["verdict"] if fd is None else describe_divergence(fd)))
-    own, drift, e2e = result.get("own_error"), result.get("drift"), result.get("end_to_end")
-    if own:
-        console.print(f"own error ({own['method']}, {own['backend']}): worst {own['worst_ratio']:.3g}x its allowance"
-                      + (f" at step {own['worst_step']} {own['worst_stage']}" if own.get("worst_stage") else "")
-                      + (f"; {len(own['not_replayable'])} (step, layer) pairs not replayable" if own.get("not_replayable") else ""))
-    if drift:
-        status = {"none": "none (every stage within its allowance)", "within": "within the envelope (a pass)",
-                  "beyond": "[bold]BEYOND the envelope[/]"}[drift["status"]]
-        console.print(f"propagated drift: worst {drift['worst_ratio']:.3g}x the per-stage allowance"
-                      + (f" at step {drift['worst_step']} {drift['worst_stage']}" if drift.get("worst_stage") else "")
-                      + f", {drift['envelope_fraction']:.2g} of the envelope there ({drift['envelope']:g}x): {status}")
-    if e2e and e2e.get("rows"):
-        console.print(f"end to end ({e2e['rows']} logits rows): KL max {_fmt(e2e['kl_max'])} nats, mean {_fmt(e2e['kl_mean'])}, "
-                      f"p99.9 {_fmt(e2e['kl_p999'])}; top-1 agreement {100 * e2e['top1_agreement']:.4g}% "
-                      f"({e2e['top1_flips']} flips, {e2e['top1_ties']} near-ties); top-5 overlap "
-                      f"{100 * e2e['top5_overlap']:.4g}%; min cosine {_fmt(e2e['cosine_min'])}")
+    for line in model_check_lines(result):
+        console.print(line)
     for block in result.get("arbiter", []):
         fd = block["first_divergence"]
         worst = max((r["min_multiplier"] for r in block["records"] if isinstance(r["min_multiplier"], float)), default=0.0)

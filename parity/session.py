@@ -90,12 +90,22 @@ def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | Non
     return compare_runs(actual=act, expected=exp, policy=policy).to_dict()
 
 
+def replay_own_error(
+    ck, *, candidate_dump: Path, path: Path, model, overrides, judge: str, on_step=None
+) -> tuple[dict, dict]:
+    """Replay one dump and compare it with its replay: (own-error summary, comparison)."""
+    from parity.compare.verdict import own_error_summary
+    from parity.dumpers.replay import replay_dump
+
+    replayed, gaps = replay_dump(ck, candidate_dump=candidate_dump, path=path, model=model, on_step=on_step)
+    comparison = compare_dumps(replayed, candidate_dump, overrides=overrides)
+    return {**own_error_summary(comparison, method="replay", not_replayable=gaps), "judge": judge}, comparison
+
+
 def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None) -> dict:
     """``parity diff``: two saved dumps. With the checkpoint they ran, each dump (but a plain
     reference's) is replayed and judged as ``run_parity`` judges a live run; without it, the
     strict per-stage verdict of the propagated comparison."""
-    from parity.compare.verdict import own_error_summary
-    from parity.dumpers.replay import replay_dump
     from parity.reference import make_reference
 
     comparison = compare_dumps(expected, actual, overrides=overrides)
@@ -111,10 +121,8 @@ def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None)
         for side, path in (("expected", expected), ("actual", actual)):
             if DumpReader(path).backend == "reference" and DumpReader(path).mode == "eager":
                 continue  # the plain reference replays itself exactly
-            replayed, gaps = replay_dump(ck, candidate_dump=Path(path), path=Path(tmp) / side, model=model)
-            c = compare_dumps(replayed, path, overrides=overrides)
-            own[names[side]] = ({**own_error_summary(c, method="replay", not_replayable=gaps),
-                                 "judge": "reference (replay only)"}, c)
+            own[names[side]] = replay_own_error(ck, candidate_dump=Path(path), path=Path(tmp) / side, model=model,
+                                                overrides=overrides, judge="reference (replay only)")
     a, b = names["expected"], names["actual"]
     judged = _judge_pair(a, b, comparison, own=own, mode="replay", backends=[a, b])
     side = judged["own_side"]
@@ -241,7 +249,6 @@ def _own_errors(
     """
     from parity.compare.verdict import own_error_summary
     from parity.dumpers.isolated import TVMIsolatedBackend
-    from parity.dumpers.replay import replay_dump
 
     yardstick = backends[0]
     out: dict[str, tuple[dict, dict]] = {}
@@ -264,15 +271,15 @@ def _own_errors(
             continue
         say(f"replaying {spec}: the reference re-runs every layer on {spec}'s own inputs")
         reference_model = reference_model or _shared_reference(ck, made)
-        path, gaps = replay_dump(ck, candidate_dump=dumps[spec], path=dump_dir / (dump_dir_name(spec) + "-replay"),
-                                 model=reference_model, on_step=on_step)
+        path = dump_dir / (dump_dir_name(spec) + "-replay")
+        out[spec] = replay_own_error(ck, candidate_dump=dumps[spec], path=path, model=reference_model,
+                                     overrides=overrides, on_step=on_step,
+                                     judge="reference" if "reference" in backends else "reference (replay only)")
         dumps[f"{spec} (replay)"] = path
-        comparison = compare_dumps(path, dumps[spec], overrides=overrides)
+        gaps = out[spec][0]["not_replayable"]
         if gaps:
             say(f"{spec}: {len(gaps)} (step, layer) pair(s) not replayable, e.g. step {gaps[0]['step']} layer "
                 f"{gaps[0]['layer']} lacks {gaps[0]['missing'][0]}")
-        judge = "reference" if "reference" in backends else "reference (replay only)"
-        out[spec] = ({**own_error_summary(comparison, method="replay", not_replayable=gaps), "judge": judge}, comparison)
     return out
 
 

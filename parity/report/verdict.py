@@ -91,3 +91,25 @@ def console_width(stream) -> int | None:
     except (AttributeError, ValueError):  # a closed or fake stream
         is_tty = False
     return None if is_tty or os.environ.get("COLUMNS") else PIPE_WIDTH
+
+
+def model_check_lines(result: dict) -> list[str]:
+    """The own-error, drift and end-to-end lines under a run's table (rich markup in the drift status)."""
+    lines = []
+    own, drift, e2e = result.get("own_error"), result.get("drift"), result.get("end_to_end")
+    if own:
+        lines.append(f"own error ({own['method']}, {own['backend']}): worst {own['worst_ratio']:.3g}x its allowance"
+                     + (f" at step {own['worst_step']} {own['worst_stage']}" if own.get("worst_stage") else "")
+                     + (f"; {len(own['not_replayable'])} (step, layer) pairs not replayable" if own.get("not_replayable") else ""))
+    if drift:
+        status = {"none": "none (every stage within its allowance)", "within": "within the envelope (a pass)",
+                  "beyond": "[bold]BEYOND the envelope[/]"}[drift["status"]]
+        lines.append(f"propagated drift: worst {drift['worst_ratio']:.3g}x the per-stage allowance"
+                     + (f" at step {drift['worst_step']} {drift['worst_stage']}" if drift.get("worst_stage") else "")
+                     + f", {drift['envelope_fraction']:.2g} of the envelope there ({drift['envelope']:g}x): {status}")
+    if e2e and e2e.get("rows"):
+        lines.append(f"end to end ({e2e['rows']} logits rows): KL max {fmt(e2e['kl_max'])} nats, mean {fmt(e2e['kl_mean'])}, "
+                     f"p99.9 {fmt(e2e['kl_p999'])}; top-1 agreement {100 * e2e['top1_agreement']:.4g}% "
+                     f"({e2e['top1_flips']} flips, {e2e['top1_ties']} near-ties); top-5 overlap "
+                     f"{100 * e2e['top5_overlap']:.4g}%; min cosine {fmt(e2e['cosine_min'])}")
+    return lines
