@@ -132,12 +132,12 @@ def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None, ta
 
     if mutant is not None:
         from parity.mutants import get_mutant
-        from parity.mutants.compiled import MODELS
+        from parity.mutants.compiled import model_class
 
         m = get_mutant(mutant)
         if m.side != "compiled":
             raise ParityError(f"mutant {mutant!r} breaks the {m.side}, not the compiled model")
-        model = MODELS[mutant](config, debug=debug)
+        model = model_class(mutant)(config, debug=debug)
         what = f"mutant {mutant!r}"
     elif config.version == ModelVersion.V4:
         model, what = rwkv4_model.RWKV4Model(config, debug=debug), "the RWKV-4 model"
@@ -155,7 +155,8 @@ _SOURCES = tuple(
     for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py",
                  "schedule_cpu.py")
 )
-_MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in ("compiled.py", "kernels.py"))
+_MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in (
+    "compiled.py", "kernels.py", "crash_models.py", "precision_models.py"))
 
 
 @dataclass(frozen=True)

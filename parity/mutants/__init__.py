@@ -40,6 +40,10 @@ class Mutant:
     # A second identical run from the same input state (catches kernels that write their inputs).
     repeat_check: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Not a wrong number but a dead or stuck backend: "crash" or "hang" (the expected verdict kind).
+    fault: str | None = None
+    # The dtype the mutant backend computes in (precision bugs); the reference side stays fp32.
+    dtype: str = "float32"
 
 
 def _same(step: int, layer: int | None, stage: str) -> tuple[Expected, Expected]:
@@ -107,6 +111,14 @@ GPU_CATALOGUE: dict[str, Mutant] = {
                *_same(0, 0, "L0.att.wkv")),
     ]
 }
+
+
+# The families kept in files of their own join the catalogue (their modules import Mutant from here).
+from parity.mutants.crash import CRASH_CATALOGUE  # noqa: E402
+from parity.mutants.precision import PRECISION_CATALOGUE  # noqa: E402
+
+CATALOGUE.update(CRASH_CATALOGUE)
+CATALOGUE.update(PRECISION_CATALOGUE)
 
 
 def get_mutant(name: str) -> Mutant:

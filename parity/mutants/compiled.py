@@ -175,5 +175,18 @@ def builds_for(name: str, target: str) -> bool:
 
     if target == "llvm":
         return True
-    model_cls = MODELS[name]
+    model_cls = model_class(name)
     return has_cuda_kernel(model_cls.attention_cls.kernel)
+
+
+def model_class(name: str):
+    """The model class of compiled mutant ``name``: this file's, or a family's own file
+    (parity/mutants/crash_models.py: crashes and hangs; precision_models.py: precision bugs)."""
+    if name in MODELS:
+        return MODELS[name]
+    from parity.mutants import crash_models, precision_models
+
+    for family in (crash_models, precision_models):
+        if name in family.MODELS:
+            return family.MODELS[name]
+    raise KeyError(name)
