@@ -5,14 +5,17 @@ so reports and the CLI can re-judge saved dumps on a machine with neither instal
 """
 
 from parity.compare.divergence import (
+    ROWS_PREFIX,
     MemoryRun,
     MissingStage,
+    NotComparable,
     RunComparison,
     RunView,
     StageRecord,
     StepInfo,
     UnmatchedStep,
     compare_runs,
+    declared_rows,
 )
 from parity.compare.arbiter import ArbiterResult, arbitrate_runs
 from parity.compare.metrics import RecordMetrics, compare_arrays, json_safe
@@ -30,6 +33,8 @@ __all__ = [
     "arbitrate_runs",
     "MemoryRun",
     "MissingStage",
+    "NotComparable",
+    "ROWS_PREFIX",
     "RecordMetrics",
     "RunComparison",
     "RunView",
@@ -41,6 +46,7 @@ __all__ = [
     "canonical_dtype",
     "compare_arrays",
     "compare_runs",
+    "declared_rows",
     "json_safe",
     "parse_override",
 ]

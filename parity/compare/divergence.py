@@ -97,6 +97,57 @@ class UnmatchedStep:
     present_in: str  # the side that has the step: "actual" or "expected"
 
 
+@dataclass(frozen=True)
+class NotComparable:
+    """A per-token stage both runs recorded, but for token rows the other side does not have
+    (e.g. one port keeps only the last prefill row, another only rows 0..T-2): nothing to judge,
+    so neither a pass nor a divergence."""
+
+    step: int
+    stage: str
+    actual_rows: list[int]
+    expected_rows: list[int]
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "stage": self.stage, "actual_rows": self.actual_rows,
+                "expected_rows": self.expected_rows}
+
+
+# A run declares that its per-token stage X holds only some token rows of a step by recording,
+# in the same step, ``rows.X``: a 1-D integer array of those rows' indices in the step (ascending,
+# one per row of X). Without it X holds every row, 0..T-1.
+ROWS_PREFIX = "rows."
+
+
+def declared_rows(arrays: Mapping[str, np.ndarray], *, n_tokens: int, side: str, step: int) -> dict[str, list[int]]:
+    """Stage -> the token rows it holds, for every stage of one step that declares its rows."""
+    out: dict[str, list[int]] = {}
+    for name, value in arrays.items():
+        if not name.startswith(ROWS_PREFIX):
+            continue
+        stage = name[len(ROWS_PREFIX):]
+        rows = np.asarray(value)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise ParityError(f"the {side} run's {name} at step {step} must be a 1-D integer array of token rows")
+        listed = [int(r) for r in rows]
+        if listed != sorted(set(listed)) or any(not 0 <= r < n_tokens for r in listed):
+            raise ParityError(
+                f"the {side} run's {name} at step {step} must list distinct ascending token rows in [0, {n_tokens}), "
+                f"got {listed}"
+            )
+        if stage not in arrays:
+            raise ParityError(f"the {side} run declares {name} at step {step} without recording {stage}")
+        if not stage_info(stage).per_token:
+            raise ParityError(f"the {side} run declares {name} at step {step}, but a state slot has no token rows")
+        held = np.asarray(arrays[stage]).shape
+        if not held or held[0] != len(listed):
+            raise ParityError(
+                f"the {side} run's {stage} at step {step} has shape {list(held)} but {name} names {len(listed)} rows"
+            )
+        out[stage] = listed
+    return out
+
+
 @dataclass
 class RunComparison:
     records: list[StageRecord]  # in execution order
@@ -108,6 +159,8 @@ class RunComparison:
     actual_description: dict
     # End-to-end metrics of the logits rows, per step (parity/compare/endtoend.py).
     logit_metrics: dict[int, RowMetrics] = field(default_factory=dict)
+    # Stages both sides recorded with no token row in common: reported, never judged.
+    not_comparable: list[NotComparable] = field(default_factory=list)
 
     @property
     def first_divergence(self) -> StageRecord | None:
@@ -121,7 +174,7 @@ class RunComparison:
     @property
     def complete(self) -> bool:
         """Every step and stage of either run was compared."""
-        return not self.missing and not self.unmatched_steps
+        return not self.missing and not self.unmatched_steps and not self.not_comparable
 
     @property
     def failed(self) -> list[StageRecord]:
@@ -168,6 +221,7 @@ class RunComparison:
             "unmatched_steps": [
                 {"index": u.index, "kind": u.kind, "present_in": u.present_in} for u in self.unmatched_steps
             ],
+            "not_comparable": [n.to_dict() for n in self.not_comparable],
             "end_to_end": self.end_to_end(),
             "summary": {
                 "records": len(self.records),
@@ -187,7 +241,8 @@ def _steps_by_index(run: RunView, *, side: str) -> dict[int, StepInfo]:
 
 
 def _ordered_stages(order: list[str], *, actual: Mapping, expected: Mapping) -> list[str]:
-    present = set(actual) | set(expected)
+    # rows.* declarations describe a stage; they are not stages themselves.
+    present = {s for s in set(actual) | set(expected) if not s.startswith(ROWS_PREFIX)}
     known = set(order)
     # Stages outside the expected order (e.g. a backend's extra debug taps) go last, sorted, so
     # they never push a canonical stage out of execution order.
@@ -216,11 +271,15 @@ def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy)
 
     records: list[StageRecord] = []
     missing: list[MissingStage] = []
+    not_comparable: list[NotComparable] = []
     logit_metrics: dict[int, RowMetrics] = {}
     for step in steps:
         # One step per side in memory at a time: a long decode run's dump can exceed RAM.
         expected_arrays = expected.read_step(step.index)
         actual_arrays = actual.read_step(step.index)
+        n_tokens = len(step.ids)
+        rows_a = declared_rows(actual_arrays, n_tokens=n_tokens, side="actual", step=step.index)
+        rows_e = declared_rows(expected_arrays, n_tokens=n_tokens, side="expected", step=step.index)
         for stage in _ordered_stages(expected.stage_order, actual=actual_arrays, expected=expected_arrays):
             if stage not in actual_arrays:
                 missing.append(MissingStage(step=step.index, stage=stage, missing_in="actual"))
@@ -229,21 +288,40 @@ def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy)
                 missing.append(MissingStage(step=step.index, stage=stage, missing_in="expected"))
                 continue
             info = stage_info(stage)
+            a_value, e_value, rows = actual_arrays[stage], expected_arrays[stage], None
+            if stage in rows_a or stage in rows_e:
+                # Compare the token rows both sides hold; the rows only one side has are not a divergence.
+                have_a = rows_a.get(stage, list(range(n_tokens)))
+                have_e = rows_e.get(stage, list(range(n_tokens)))
+                rows = sorted(set(have_a) & set(have_e))
+                undeclared = [np.asarray(v) for v, d in ((a_value, rows_a), (e_value, rows_e)) if stage not in d]
+                if any(not v.ndim or v.shape[0] != n_tokens for v in undeclared):
+                    rows = None  # a side without a declaration lacks rows: a shape finding, as ever
+                elif not rows:
+                    not_comparable.append(NotComparable(step=step.index, stage=stage, actual_rows=have_a, expected_rows=have_e))
+                    continue
+                else:
+                    a_value = _take_rows(a_value, have=have_a, rows=rows)
+                    e_value = _take_rows(e_value, have=have_e, rows=rows)
+                    if rows == list(range(n_tokens)):
+                        rows = None  # every row after all: nothing to say
             metrics = compare_arrays(
-                actual_arrays[stage],
-                expected_arrays[stage],
+                a_value,
+                e_value,
                 tolerance=policy.for_stage(stage),
                 per_token=info.per_token,
+                rows=rows,
             )
             records.append(
                 StageRecord(
                     step=step.index, step_kind=step.kind, stage=stage, layer=info.layer, metrics=metrics
                 )
             )
-            if stage == "logits" and metrics.reason != "shape" and np.asarray(expected_arrays[stage]).ndim >= 1:
+            if stage == "logits" and metrics.reason != "shape" and np.asarray(e_value).ndim >= 1:
                 # A flip between two logits closer than the logits' own tolerance is a tie, not a miss.
+                # Only the rows both sides hold (a port's last-token logits: that one row).
                 tie = metrics.effective_atol if metrics.effective_atol is not None else policy.for_stage(stage).atol
-                logit_metrics[step.index] = logit_rows(actual_arrays[stage], expected_arrays[stage], tie_atol=tie)
+                logit_metrics[step.index] = logit_rows(a_value, e_value, tie_atol=tie)
         del expected_arrays, actual_arrays
 
     return RunComparison(
@@ -255,4 +333,12 @@ def compare_runs(*, actual: RunView, expected: RunView, policy: TolerancePolicy)
         expected_description=expected.describe(),
         actual_description=actual.describe(),
         logit_metrics=logit_metrics,
+        not_comparable=not_comparable,
     )
+
+
+def _take_rows(value, *, have: list[int], rows: list[int]) -> np.ndarray:
+    """The ``rows`` (token rows) of ``value``, whose leading axis holds the token rows ``have``."""
+    arr = np.asarray(value)
+    where = {r: i for i, r in enumerate(have)}
+    return arr[[where[r] for r in rows]]

@@ -46,6 +46,10 @@ class RecordMetrics:
     min_atol: float | None = None  # smallest (effective) atol that passes with this rtol
     min_rtol: float | None = None  # smallest rtol that passes with this atol (finite positions)
     first_row: int | None = None  # per-token records: first token row with any finding
+    # The token rows compared, when a side recorded only some rows of a per-token stage (a
+    # port's prefill returning the last token's logits): None means every row. first_row and
+    # worst_index then count token positions of the step, not positions in this subset.
+    rows: tuple[int, ...] | None = None
     # Non-finite findings; all None/0 when both sides are finite everywhere.
     nonfinite_side: str | None = None  # "actual", "expected" or "both"
     first_nonfinite_index: tuple[int, ...] | None = None
@@ -98,6 +102,7 @@ class RecordMetrics:
             "min_atol": self.min_atol,
             "min_rtol": self.min_rtol,
             "first_row": self.first_row,
+            "rows": None if self.rows is None else list(self.rows),
             "rtol": self.tolerance.rtol,
             "atol": self.effective_atol if self.effective_atol is not None else self.tolerance.atol,
             "atol_base": self.tolerance.atol,
@@ -189,10 +194,30 @@ def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, shape))
 
 
-def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool) -> RecordMetrics:
-    """Judge ``actual`` against ``expected``; ``per_token``: axis 0 is the token row."""
+def _to_token_rows(out: RecordMetrics) -> None:
+    """Row positions in the compared subset -> the token rows they are (``out.rows``)."""
+    if out.first_row is not None:
+        out.first_row = out.rows[out.first_row]
+    for field in ("worst_index", "first_nonfinite_index"):
+        index = getattr(out, field)
+        if index:
+            setattr(out, field, (out.rows[index[0]], *index[1:]))
+
+
+def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool, rows=None) -> RecordMetrics:
+    """Judge ``actual`` against ``expected``; ``per_token``: axis 0 is the token row.
+
+    ``rows``: the token rows the two arrays hold (both sides already cut to the rows they share),
+    when that is not every row of the step; reported positions are then token rows.
+    """
+    if rows is not None and not per_token:
+        raise ParityError("rows apply to per-token stages only; a state slot has no token axis")
     a = _as_float64(actual, side="actual")
     b = _as_float64(expected, side="expected")
+    if rows is not None:
+        rows = tuple(int(r) for r in rows)
+        if b.ndim == 0 or len(rows) != b.shape[0]:
+            raise ParityError(f"{len(rows)} token rows named for an expected array of shape {tuple(b.shape)}")
     if a.shape != b.shape:
         # A finding, not an exception: a layout bug (e.g. a dropped reshape) is what we hunt.
         return RecordMetrics(
@@ -202,6 +227,7 @@ def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool) -
             shape=tuple(b.shape),
             actual_shape=tuple(a.shape),
             numel=int(b.size),
+            rows=rows,
         )
     shape = tuple(b.shape)
     finite_a = np.isfinite(a)
@@ -283,6 +309,9 @@ def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool) -
 
     if per_token:
         out.first_row = _first_row(findings)
+        if rows is not None:
+            out.rows = rows
+            _to_token_rows(out)
 
     if not all_finite:
         out.passed = False

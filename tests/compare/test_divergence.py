@@ -212,3 +212,112 @@ def test_to_dict_structure_and_strict_json():
     assert all(record_keys <= set(r) for r in d["records"])
     assert d["missing"] == [{"step": 2, "stage": "emb", "missing_in": "actual"}]
     assert d["summary"]["records"] == 20 and d["summary"]["failed"] == 2
+
+
+# -- partial rows: a side that holds only some token rows of a per-token stage -----------------
+
+
+def _last_row_logits(a):
+    """The actual side keeps only the last prefill row of the logits, declared as rows.logits."""
+    a.arrays[0]["logits"] = a.arrays[0]["logits"][-1:].copy()
+    a.arrays[0]["rows.logits"] = np.array([T - 1], dtype=np.int64)
+
+
+def test_last_row_logits_are_compared_on_that_row():
+    a, e = _pair()
+    _last_row_logits(a)
+    result = compare_runs(actual=a, expected=e, policy=POLICY)
+    assert result.passed and not result.not_comparable
+    rec = next(r for r in result.records if (r.step, r.stage) == (0, "logits"))
+    assert rec.metrics.rows == (T - 1,) and rec.metrics.numel == V
+    # Every other record holds every row: it says nothing about rows.
+    assert all(r.metrics.rows is None for r in result.records if (r.step, r.stage) != (0, "logits"))
+    # The declaration is not a stage: not compared, not listed as one-sided.
+    assert not result.missing and all(not r.stage.startswith("rows.") for r in result.records)
+    # End-to-end metrics use the one common row of the prefill.
+    per_step = result.end_to_end()["per_step"]
+    assert per_step[0]["rows"] == 1 and per_step[1]["rows"] == 1
+
+
+def test_a_wrong_last_row_is_a_divergence_at_its_token_row():
+    a, e = _pair()
+    _last_row_logits(a)
+    a.arrays[0]["logits"][0, 4] += 1.0
+    result = compare_runs(actual=a, expected=e, policy=POLICY)
+    fd = result.first_divergence
+    assert (fd.step, fd.stage) == (0, "logits")
+    # Positions are token rows of the step, not rows of the one-row subset.
+    assert fd.metrics.first_row == T - 1 and fd.metrics.worst_index == (T - 1, 4)
+    d = fd.to_dict()
+    assert d["rows"] == [T - 1] and d["row"] == T - 1
+
+
+def test_rows_only_the_other_side_has_are_never_a_divergence():
+    a, e = _pair()
+    # The expected side holds rows 0 and 2 only; the actual side is wrong in row 1, which the
+    # expected side does not have, so there is nothing to hold it against.
+    e.arrays[0]["L0.x_out"] = e.arrays[0]["L0.x_out"][[0, 2]].copy()
+    e.arrays[0]["rows.L0.x_out"] = np.array([0, 2], dtype=np.int64)
+    a.arrays[0]["L0.x_out"][1] += 100.0
+    result = compare_runs(actual=a, expected=e, policy=POLICY)
+    assert result.passed
+    rec = next(r for r in result.records if (r.step, r.stage) == (0, "L0.x_out"))
+    assert rec.metrics.rows == (0, 2)
+    # Row 2 is shared: a change there is found.
+    a.arrays[0]["L0.x_out"][2] += 100.0
+    fd = compare_runs(actual=a, expected=e, policy=POLICY).first_divergence
+    assert (fd.stage, fd.metrics.first_row) == ("L0.x_out", 2)
+
+
+def test_no_common_rows_is_not_comparable_not_a_divergence():
+    a, e = _pair()
+    _last_row_logits(a)
+    # The yardstick has rows 0..T-2 only (say, from an extra entry point): none in common.
+    e.arrays[0]["logits"] = e.arrays[0]["logits"][:-1].copy()
+    e.arrays[0]["rows.logits"] = np.arange(T - 1, dtype=np.int64)
+    result = compare_runs(actual=a, expected=e, policy=POLICY)
+    assert result.passed and not result.complete
+    assert [(n.step, n.stage, n.actual_rows, n.expected_rows) for n in result.not_comparable] == [
+        (0, "logits", [T - 1], list(range(T - 1)))
+    ]
+    assert all((r.step, r.stage) != (0, "logits") for r in result.records)
+    d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert d["verdict"] == "no divergence"
+    assert d["not_comparable"] == [{"step": 0, "stage": "logits", "actual_rows": [T - 1], "expected_rows": [0, 1]}]
+    # Decode steps still compare their logits, so the end-to-end metrics skip only the prefill.
+    assert [s["step"] for s in result.end_to_end()["per_step"]] == [1, 2]
+
+
+def test_a_stage_one_side_has_at_some_steps_only_is_listed_not_judged():
+    a, e = _pair()
+    del a.arrays[1]["L1.att.wkv"]  # recorded in the prefill and step 2, not in step 1
+    result = compare_runs(actual=a, expected=e, policy=POLICY)
+    assert result.passed and not result.complete
+    assert [(m.step, m.stage, m.missing_in) for m in result.missing] == [(1, "L1.att.wkv", "actual")]
+    assert {r.step for r in result.records if r.stage == "L1.att.wkv"} == {0, 2}
+
+
+def test_an_undeclared_short_stage_is_still_a_shape_finding():
+    # Only a declaration makes fewer rows legitimate; a port that silently lost rows is a finding.
+    a, e = _pair()
+    e.arrays[0]["rows.L0.x_out"] = np.arange(T, dtype=np.int64)  # declares all rows
+    a.arrays[0]["L0.x_out"] = a.arrays[0]["L0.x_out"][:2].copy()
+    fd = compare_runs(actual=a, expected=e, policy=POLICY).first_divergence
+    assert (fd.stage, fd.metrics.reason) == ("L0.x_out", "shape")
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (np.array([2, 1], dtype=np.int64), "distinct ascending"),
+        (np.array([T], dtype=np.int64), r"in \[0, 3\)"),
+        (np.array([0.0]), "1-D integer array"),
+        (np.array([0, 1], dtype=np.int64), "names 2 rows"),
+    ],
+)
+def test_a_malformed_rows_declaration_is_refused(rows, message):
+    a, e = _pair()
+    _last_row_logits(a)
+    a.arrays[0]["rows.logits"] = rows
+    with pytest.raises(ParityError, match=message):
+        compare_runs(actual=a, expected=e, policy=POLICY)
