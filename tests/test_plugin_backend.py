@@ -97,6 +97,66 @@ def odd_stage_name(checkpoint):
 
 
 not_callable = 42
+
+
+def _last_row(stages, index):
+    # What a real port's prefill returns: the last token's logits only, (1, V).
+    stages["logits"] = stages["logits"][-1:].copy()
+    return stages
+
+
+def last_row_logits(checkpoint):
+    return _Wrapped(checkpoint, _last_row)
+
+
+def _last_row_nudged(stages, index):
+    stages = _last_row(stages, index)
+    if index == 0:
+        stages["logits"][0, 5] += 0.01 * np.abs(stages["logits"]).max() + 1e-3
+    return stages
+
+
+def last_row_nudged(checkpoint):
+    return _Wrapped(checkpoint, _last_row_nudged)
+
+
+def _early_rows(stages, index):
+    # Rows 0..T-2 of the prefill logits only, declared (an extra entry point of the port, say).
+    if index == 0:
+        stages["logits"] = stages["logits"][:-1].copy()
+        stages["rows"] = {{"logits": list(range(len(stages["logits"])))}}
+    return stages
+
+
+def early_rows(checkpoint):
+    return _Wrapped(checkpoint, _early_rows)
+
+
+class _Named(_Wrapped):
+    name = "their-port"
+    notes = ["rows 0..T-2 of the prefill come from an extra entry point"]
+
+
+def named_with_notes(checkpoint):
+    return _Named(checkpoint, lambda stages, index: {{**stages, "kernel.000.their_fused_kernel": stages["emb"] * 2}})
+
+
+def bad_rows_order(checkpoint):
+    return _Wrapped(checkpoint, lambda stages, index: {{**stages, "rows": {{"emb": [1, 0]}}}})
+
+
+def rows_for_a_state(checkpoint):
+    return _Wrapped(checkpoint, lambda stages, index: {{**stages, "rows": {{"state.L0.att_x": [0]}}}})
+
+
+def rows_wrong_count(checkpoint):
+    return _Wrapped(checkpoint, lambda stages, index: {{**stages, "rows": {{"emb": [0]}}}})
+
+
+def notes_not_a_list(checkpoint):
+    port = _Wrapped(checkpoint, lambda stages, index: stages)
+    port.notes = "one string"
+    return port
 '''
 
 
@@ -138,6 +198,57 @@ def test_a_transposed_state_is_caught_at_the_state_slot(port, capsys, tmp_path) 
     assert out.startswith("DIVERGENCE: first divergence: prefill, layer 0, stage state.L0.att_kv"), out
 
 
+def _records(path: Path, stage: str) -> dict[int, dict]:
+    return {r["step"]: r for r in json.loads(path.read_text())["records"] if r["stage"] == stage}
+
+
+def test_last_row_logits_are_compared_on_that_row(port, capsys, tmp_path) -> None:
+    # ones:3 is a 3-token prefill: the port's (1, V) logits are token row 2's.
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:last_row_logits",
+                              "--mode", "propagated", "--json", str(tmp_path / "r.json"))
+    assert rc == 0 and out.startswith("no divergence"), out + err
+    logits = _records(tmp_path / "r.json", "logits")
+    assert logits[0]["rows"] == [2] and logits[0]["shape"] == [1, 1024] and logits[0]["passed"], logits[0]
+    assert logits[1]["rows"] is None  # a decode step's one row is every row
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["end_to_end"]["per_step"][0]["rows"] == 1
+
+
+def test_a_wrong_last_row_is_found_at_its_token_row(port, capsys, tmp_path) -> None:
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:last_row_nudged",
+                              "--json", str(tmp_path / "r.json"))
+    fd = json.loads((tmp_path / "r.json").read_text())["first_divergence"]
+    assert rc == 1 and (fd["step"], fd["stage"], fd["row"]) == (0, "logits", 2), out + err
+    assert fd["worst_index"] == [2, 5], fd
+
+
+def test_declared_rows_are_compared_and_stored_beside_the_stage(port, capsys, tmp_path) -> None:
+    from parity.dumpers.format import DumpReader
+
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:early_rows",
+                              "--mode", "propagated", "--json", str(tmp_path / "r.json"), "--dump-dir", str(tmp_path / "d"))
+    assert rc == 0, out + err
+    assert _records(tmp_path / "r.json", "logits")[0]["rows"] == [0, 1]
+    dump = DumpReader(tmp_path / "d" / f"{port}-early_rows")
+    np.testing.assert_array_equal(dump.read_stage(0, "rows.logits"), [0, 1])
+    assert "rows.logits" not in dump.step_stages(1)  # the decode step holds its one row
+
+
+def test_name_notes_and_kernel_records_reach_the_dump(port, capsys, tmp_path) -> None:
+    from parity.dumpers.format import DumpReader
+
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"reference,{port}:named_with_notes",
+                              "--mode", "propagated", "--json", str(tmp_path / "r.json"), "--dump-dir", str(tmp_path / "d"))
+    assert rc == 0, out + err
+    dumps = [DumpReader(p) for p in (tmp_path / "d").iterdir() if p.name != "reference"]
+    assert [d.backend for d in dumps] == ["their-port"]
+    assert dumps[0].extra["notes"] == ["rows 0..T-2 of the prefill come from an extra entry point"]
+    # A kernel record is kept, and listed as one-sided (the reference has none), never dropped.
+    assert "kernel.000.their_fused_kernel" in dumps[0].step_stages(0)
+    missing = json.loads((tmp_path / "r.json").read_text())["missing"]
+    assert {"step": 0, "stage": "kernel.000.their_fused_kernel", "missing_in": "expected"} in missing
+
+
 @pytest.mark.parametrize(
     "factory, message",
     [
@@ -148,6 +259,10 @@ def test_a_transposed_state_is_caught_at_the_state_slot(port, capsys, tmp_path) 
         ("{module}:no_step", "has no step() method"),
         ("{module}:no_logits", "at least 'logits'"),
         ("{module}:odd_stage_name", "non-canonical stage 'L0.att.wkv_out'"),
+        ("{module}:bad_rows_order", "rows of 'emb' must be distinct ascending indices in [0, 3), got [1, 0]"),
+        ("{module}:rows_for_a_state", "a state slot, which has no token rows"),
+        ("{module}:rows_wrong_count", "'emb' has shape [3, 128] but its rows name 1 rows"),
+        ("{module}:notes_not_a_list", "notes must be a list of strings"),
     ],
 )
 def test_a_bad_plugin_is_one_line_and_exit_2(port, capsys, factory: str, message: str) -> None:
