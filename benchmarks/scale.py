@@ -14,6 +14,11 @@ date and commit.
 
     python benchmarks/scale.py                       # the full table (hours on 2 cores)
     python benchmarks/scale.py --shapes 0.1b --prompts ones:16 --decode-steps 8   # a quick row
+    python benchmarks/scale.py --jobs 4 --deadline 480 --out OUT   # rows side by side (a big machine;
+                                                                     # scripts/scale-job does this)
+
+``--jobs`` runs rows side by side: each row's peak RSS is still its own (its own process), but its
+wall time then includes waiting for cores, and the table says how many ran at once.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +54,11 @@ def one_run(argv: list[str]) -> None:
     code = main(argv)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print("SCALE-ROW " + json.dumps({"exit": code, "wall_s": wall, "peak_rss": rss}), flush=True)
+    # A backend run in a worker process of its own holds its memory there, not here: the largest
+    # such child is reported beside this process (both are peaks; they may not coincide in time).
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print("SCALE-ROW " + json.dumps({"exit": code, "wall_s": wall, "peak_rss": rss, "peak_rss_children": children}),
+          flush=True)
 
 
 def dir_bytes(path: Path) -> int:
@@ -79,7 +90,7 @@ def row_from(result: dict, child: dict, *, shape: str, version: str, prompt: str
         "kl_max": max(kl) if kl else None, "top1_agreement": min(top1) if top1 else None,
         "wall_s": child["wall_s"], "peak_rss": child["peak_rss"], "fp32_weight_bytes": weights,
         "checkpoint_bytes": ckpt, "rss_over_weights_plus_file": child["peak_rss"] / (weights + ckpt),
-        "dump_bytes": dumps, "exit": child["exit"],
+        "dump_bytes": dumps, "exit": child["exit"], "peak_rss_children": child.get("peak_rss_children", 0),
     }
 
 
@@ -93,12 +104,20 @@ def fmt_row(r: dict) -> str:
             f"{r['peak_rss'] / 2**30:.2f} GiB ({r['rss_over_weights_plus_file']:.2f}x) | {r['dump_bytes'] / 2**20:.0f} MiB |")
 
 
+def _commit() -> str:
+    if os.environ.get("PARITY_COMMIT"):  # a snapshot without .git (scripts/scale-job) names its commit
+        return os.environ["PARITY_COMMIT"][:10]
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 def write_results(rows: list[dict], *, args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    commit = _commit()
+    machine = f"{os.cpu_count()} cores" + (f", {args.jobs} rows at a time" if args.jobs > 1 else "")
     meta = {"date": dt.date.today().isoformat(), "commit": commit, "decode_steps": args.decode_steps,
-            "machine": f"{os.cpu_count()} cores", "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
-    (RESULTS / "scale.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+            "machine": machine, "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
+    (out / "scale.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [
         f"# Verdicts at released sizes ({meta['date']}, commit {commit}, {meta['machine']})", "",
         f"`{meta['command']}`; {args.decode_steps} decode steps; backends reference, tvm, chatrwkv (+ hf for v4).",
@@ -108,7 +127,7 @@ def write_results(rows: list[dict], *, args) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r) for r in rows],
     ]
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    (out / "scale.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -121,40 +140,65 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--work", type=Path, help="where checkpoints and dumps go (default: a temp dir, removed)")
     ap.add_argument("--append", action="store_true", help="add to the committed rows instead of replacing them")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where scale.md / scale.json go (default benchmarks/results)")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (default 1)")
+    ap.add_argument("--deadline", type=float, help="start no row after this many seconds; finished rows are kept")
     args = ap.parse_args()
     plan = PLAN if not args.shapes else [tuple((s.split("@") + ["5.2"])[:2]) for s in args.shapes.split(",")]
     prompts = PROMPTS if not args.prompts else args.prompts.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="parity-scale-"))
-    rows = json.loads((RESULTS / "scale.json").read_text())["rows"] if args.append and (RESULTS / "scale.json").exists() else []
+    work.mkdir(parents=True, exist_ok=True)
+    committed = args.out / "scale.json"
+    rows = json.loads(committed.read_text())["rows"] if args.append and committed.exists() else []
+    started = time.monotonic()
     py = sys.executable
-    for shape, version in plan:
-        ckpt = work / f"rwkv{version}-{shape}.pth"
+    lock = threading.Lock()
+
+    def checkpoint(shape: str, version: str) -> Path:
+        ckpt = work / f"rwkv{version}-{shape}.safetensors"
         if not ckpt.exists():
             print(f"synthesising {shape} RWKV-{version} -> {ckpt}", flush=True)
-            subprocess.run([py, "-m", "parity.cli", "synth", "--shape", shape, "--version", version, str(ckpt)], check=True)
-        weights, size = fp32_weight_bytes(ckpt), ckpt.stat().st_size
+            subprocess.run([py, "-m", "parity.cli", "synth", "--shape", shape, "--version", version, str(ckpt)],
+                           check=True, capture_output=True)
+            print(f"synthesised {shape} RWKV-{version} ({time.monotonic() - started:.0f} s)", flush=True)
+        return ckpt
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each synth runs in a process of its own
+        ckpts = dict(zip(plan, pool.map(lambda sv: checkpoint(*sv), plan)))
+
+    def one_row(index: int, shape: str, version: str, prompt: str) -> None:
+        if args.deadline is not None and time.monotonic() - started > args.deadline:
+            print(f"{shape} v{version} {prompt}: not started (past --deadline {args.deadline:.0f} s)", flush=True)
+            return
+        ckpt = ckpts[(shape, version)]
         backends = "reference,tvm,chatrwkv" + (",hf" if version == "4" else "")
-        for prompt in prompts:
-            if prompt.startswith("random:512") and shape not in LONG_PROMPT_SHAPES:
-                continue
-            dump_dir, out = work / "dumps", work / "result.json"
-            shutil.rmtree(dump_dir, ignore_errors=True)
-            out.unlink(missing_ok=True)
-            source = ["--scenario", str(REPO / "fixtures" / "scenarios" / (prompt.split(":", 1)[1] + ".json"))] if prompt.startswith("scenario:") else ["--ids", prompt]
-            argv = ["run", "--checkpoint", str(ckpt), "--backends", backends, *source, "--decode-steps",
-                    str(args.decode_steps), "--dump-dir", str(dump_dir), "--json", str(out), "-q"]
-            print(f"{shape} v{version} {prompt}: parity {' '.join(argv)}", flush=True)
-            proc = subprocess.run([py, __file__, "--one", *argv], capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("SCALE-ROW ")), None)
-            if line is None or not out.exists():
-                print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"run failed: {shape} {prompt}")
-            row = row_from(json.loads(out.read_text()), json.loads(line[len("SCALE-ROW "):]), shape=shape, version=version,
-                           prompt=prompt, weights=weights, ckpt=size, dumps=dir_bytes(dump_dir))
+        dump_dir, out = work / f"dumps-{index}", work / f"result-{index}.json"
+        shutil.rmtree(dump_dir, ignore_errors=True)
+        out.unlink(missing_ok=True)
+        source = ["--scenario", str(REPO / "fixtures" / "scenarios" / (prompt.split(":", 1)[1] + ".json"))] \
+            if prompt.startswith("scenario:") else ["--ids", prompt]
+        argv = ["run", "--checkpoint", str(ckpt), "--backends", backends, *source, "--decode-steps",
+                str(args.decode_steps), "--dump-dir", str(dump_dir), "--json", str(out), "-q"]
+        print(f"{shape} v{version} {prompt}: parity {' '.join(argv)}", flush=True)
+        proc = subprocess.run([py, __file__, "--one", *argv], capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("SCALE-ROW ")), None)
+        if line is None or not out.exists():
+            print(f"run failed: {shape} {prompt}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+            return
+        row = row_from(json.loads(out.read_text()), json.loads(line[len("SCALE-ROW "):]), shape=shape, version=version,
+                       prompt=prompt, weights=fp32_weight_bytes(ckpt), ckpt=ckpt.stat().st_size, dumps=dir_bytes(dump_dir))
+        shutil.rmtree(dump_dir, ignore_errors=True)
+        with lock:  # every finished row is written at once: a run cut short keeps what it measured
             rows.append(row)
             print(fmt_row(row), flush=True)
             write_results(rows, args=args)
-            shutil.rmtree(dump_dir, ignore_errors=True)
+
+    # Prompt by prompt across the shapes: a run cut short has every shape's first prompt.
+    todo = [(shape, version, prompt) for prompt in prompts for shape, version in plan
+            if not (prompt.startswith("random:512") and shape not in LONG_PROMPT_SHAPES)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one_row, i, *t) for i, t in enumerate(todo)]:
+            f.result()
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
