@@ -32,8 +32,12 @@ _ATT_FUNCS = {
 _FFN_FUNCS = ("ffn_seq", "ffn_one")
 
 
-def load_official_model(source: Checkpoint | str | Path):
-    """The official package's model, as every caller runs it: ``cpu fp32``.
+# Our dtype names -> the package's strategy words (it runs fp16 and bf16 on the CPU too).
+STRATEGIES = {"float32": "cpu fp32", "float16": "cpu fp16", "bfloat16": "cpu bf16"}
+
+
+def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float32"):
+    """The official package's model, as every caller runs it: ``cpu fp32`` (or ``cpu fp16`` / ``cpu bf16``).
 
     Given a path, the package reads the file itself, as it ships. Given a loaded ``Checkpoint``, it
     gets the checkpoint's shared fp32 tensors instead of its own copy (a 1.5B model: 6.3 GB less),
@@ -43,9 +47,12 @@ def load_official_model(source: Checkpoint | str | Path):
     ln0 to the table in the file's dtype when emb and ln0 share it, so those three tensors are
     handed over exactly as stored. Tested bit-identical in tests/test_checkpoint.py.
     """
+    if dtype not in STRATEGIES:
+        raise ParityError(f"the official package runs {', '.join(STRATEGIES)} here, not {dtype!r}")
+    strategy = STRATEGIES[dtype]
     RWKV = _load_official()
     if not isinstance(source, Checkpoint):
-        return RWKV(str(Path(source)), "cpu fp32", verbose=False)
+        return RWKV(str(Path(source)), strategy, verbose=False)
     weights = source.fp32_weights()  # a new dict: the package renames and deletes keys in it
     for key in _AS_STORED:
         weights[key] = source.weights[key]
@@ -62,7 +69,7 @@ def load_official_model(source: Checkpoint | str | Path):
 
     torch.load = load
     try:
-        return RWKV(name, "cpu fp32", verbose=False)
+        return RWKV(name, strategy, verbose=False)
     finally:
         torch.load = real_load
 
@@ -93,14 +100,19 @@ def _load_official():
 
 
 class ChatRWKVBackend(Backend):
-    """The official package, ``cpu fp32``."""
+    """The official package, ``cpu fp32`` (``cpu fp16`` / ``cpu bf16`` with a dtype).
 
-    def __init__(self, checkpoint: Checkpoint):
-        super().__init__(checkpoint=checkpoint, name="chatrwkv", mode="official", dtype="float32")
+    In fp16 the package rescales (RESCALE_LAYER 6: the residual stream inside layer l is 2^(l // 6)
+    smaller); the stream stages it exposes are multiplied back, exactly, to canonical values.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", name: str = "chatrwkv"):
+        super().__init__(checkpoint=checkpoint, name=name, mode="official", dtype=dtype)
         import importlib.metadata
 
-        self.model = load_official_model(checkpoint)
-        self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}", "strategy": "cpu fp32"}
+        self.model = load_official_model(checkpoint, dtype=dtype)
+        self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}", "strategy": STRATEGIES[dtype],
+                      "rescale_layer": int(self.model.RESCALE_LAYER)}
         self.state = None
         self._capture: dict = {}
         self._wrap()
@@ -154,8 +166,11 @@ class ChatRWKVBackend(Backend):
         logits, self.state = self.model.forward(list(ids), self.state, full_output=True)
         # A decode step runs on 1-D vectors; give every per-token stage its (T, ...) row axis.
         captured = {}
+        rescale = int(self.model.RESCALE_LAYER)
         for name, value in self._capture.items():
             value = value.detach().float()
+            if rescale > 0 and not name.startswith("state."):  # L{l}.x_after_att / L{l}.x_out
+                value = value * float(2 ** (int(name[1:].split(".", 1)[0]) // rescale))
             if not name.startswith("state.") and value.dim() == 1:
                 value = value.unsqueeze(0)
             captured[name] = value

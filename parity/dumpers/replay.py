@@ -17,6 +17,14 @@ The head (ln_out, logits) is replayed on ``L{n-1}.x_out``. Layers that are not r
 listed, with what is missing, in the replay dump's ``extra.not_replayable``; they are not judged.
 
 Data flows dump -> dump: the candidate's dump is read, never its backend.
+
+The replay computes in the candidate's dtype (its dump says which): an fp16 candidate is replayed
+by the fp16 reference (ChatRWKV's ``cpu fp16``, official-package exact), so the error a stage adds
+is measured against what a correct fp16 port computes from the same inputs — fp16's own rounding
+of each stage's output is then the only difference a correct port shows, and a wrong kernel stands
+out against it. Replayed by the fp32 reference, every fp16 stage would instead show its dtype's
+rounding as "own error" (up to ~1e-2 of max|b| after ln_x), which is what the fp16 tolerance must
+then allow, and a kernel bug no larger than that rounding would be hidden in it.
 """
 
 from __future__ import annotations
@@ -59,12 +67,17 @@ def replay_gaps(candidate: DumpReader, *, n_layer: int, version: str) -> list[di
 class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
 
-    def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str = "float32"):
+    def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None):
         from parity.reference import make_reference
 
         self.candidate = DumpReader(candidate_dump)
         if self.candidate.model != checkpoint.config.to_dict():
             raise ParityError(f"dump {candidate_dump} is of another model than {checkpoint.path}; cannot replay it")
+        # The candidate's own dtype unless told otherwise; a model handed in (the session's shared
+        # fp32 reference) serves only a candidate of its dtype.
+        dtype = dtype or self.candidate.dtype
+        if model is not None and getattr(model, "dtype_name", "float32") != dtype:
+            model = None
         self.model = model if model is not None else make_reference(checkpoint, dtype=dtype)
         cfg = checkpoint.config
         self.gaps = replay_gaps(self.candidate, n_layer=cfg.n_layer, version=cfg.version.value)
@@ -109,7 +122,7 @@ class ReplayBackend(Backend):
             for layer in range(cfg.n_layer):
                 if (index, layer) in self._missing:
                     continue
-                x = torch.as_tensor(seen[layer_input_name(layer)]).to(self.model.dtype)
+                x = self.model.stream_in(layer, seen[layer_input_name(layer)])
                 if zero is not None:
                     state = zero[layer]
                 else:
@@ -119,7 +132,7 @@ class ReplayBackend(Backend):
                     record(f"state.L{layer}.{s}", getattr(new_state, s))
             last = f"L{cfg.n_layer - 1}.x_out"
             if last in seen:
-                self.model.head(torch.as_tensor(seen[last]).to(self.model.dtype), record=record)
+                self.model.head(self.model.head_in(seen[last]), record=record)
         # Only the candidate's state is carried to the next step: the replay never feeds itself.
         self._state_before = {k: v for k, v in seen.items() if k.startswith("state.")}
         order = {n: i for i, n in enumerate(self.canonical_order())}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from parity.checkpoint import Checkpoint, ModelConfig, ModelVersion
 from parity.errors import ParityError
-from parity.reference.rwkv5 import DTYPES, LN_EPS, LayerwiseModel, Recorder, _no_record, accumulate_dtype
+from parity.reference.rwkv5 import DTYPES, LN_EPS, LayerwiseModel, Recorder, accumulate_dtype, rescale_layer_for
 
 # pp starts here: "minus infinity" that stays finite, so pp - q never makes a NaN (as ChatRWKV).
 PP_INIT = -1e30
@@ -47,7 +47,7 @@ class RWKV4Reference(LayerwiseModel):
 
     state_cls = RWKV4State
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None):
         cfg = checkpoint.config
         if cfg.version != ModelVersion.V4:
             raise ParityError(f"RWKV4Reference runs RWKV-4, checkpoint is RWKV-{cfg.version.value}")
@@ -56,6 +56,7 @@ class RWKV4Reference(LayerwiseModel):
         self.config: ModelConfig = cfg
         self.dtype_name = dtype
         self.dtype = dt = DTYPES[dtype]
+        self.rescale_layer = rescale_layer_for(dtype) if rescale_layer is None else rescale_layer
         acc = self.acc = accumulate_dtype(dt)
         # fp32: the checkpoint's one shared fp32 copy (every backend in this process reads it; the
         # .to(dt) below are then no-ops, never copies). fp16/bf16 keep their own cast copies, and
@@ -66,6 +67,7 @@ class RWKV4Reference(LayerwiseModel):
         self.layers = []
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
+            w = self._scaled_weights(w, prefix=b, layer=i)
             p = {
                 name: w[b + key].reshape(-1).to(dt) if "time_mix" in key else w[b + key].to(dt)
                 for name, key in (
@@ -112,10 +114,9 @@ class RWKV4Reference(LayerwiseModel):
             aa, bb, pp = e1 * aa + e2 * vv, e1 * bb + e2, q
         return out, aa, bb, pp
 
-    # embed, head and forward: LayerwiseModel; layer() is this family's.
-    def layer(self, i: int, x: torch.Tensor, st: LayerState4, *, record: Recorder | None = None):
+    # embed, layer, head and forward: LayerwiseModel; _layer() is this family's.
+    def _layer(self, i: int, x: torch.Tensor, st: LayerState4, *, record: Recorder):
         """Layer ``i`` on input rows x (T, C) from state ``st``: (x_out (T, C), the layer's new state)."""
-        record = record or _no_record
         p, C = self.layers[i], self.config.n_embd
         pre = f"L{i}.att."
         xx = F.layer_norm(x, (C,), p["ln1_w"], p["ln1_b"], LN_EPS)

@@ -33,6 +33,20 @@ LN_EPS = 1e-5
 # float64 is the arbiter: every stage, the wkv state and its accumulator included, in double.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
+# The official package's RESCALE_LAYER: 6 whenever fp16 computes anything, else 0 (off). fp16's
+# largest finite value is 65504, and a trained model's residual stream grows layer after layer;
+# halving it every 6 layers (with att.output and ffn.value divided to match) keeps it in range.
+# bf16 has fp32's exponent range and needs none (docs/RWKV.md §3).
+RESCALE_LAYER = {"float16": 6}
+
+# Stages that carry the residual stream's scale; a rescaled model records them multiplied back
+# (by a power of two, so exactly) to the canonical, unscaled values every other backend records.
+_STREAM_STAGES = ("att.out", "ffn.out", "x_after_att", "x_out")
+
+
+def rescale_layer_for(dtype: str) -> int:
+    return RESCALE_LAYER.get(dtype, 0)
+
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of w, u, the wkv state and its sums: fp32, or fp64 when the whole model is fp64."""
@@ -121,6 +135,12 @@ def decay_and_bonus(weights: dict[str, torch.Tensor], *, prefix: str, config: Mo
 class LayerwiseModel:
     """What both families' references share: the step as embed -> layer after layer -> head.
 
+    fp16 runs rescaled as the official package does (``rescale_layer`` R = 6): layer l's
+    att.output and ffn.value weights are divided by 2^(l // R) at load and the residual stream is
+    halved after every R-th layer, so inside layer l the stream is 2^(l // R) times smaller than the
+    canonical one. What is *recorded* is always canonical (the four stream stages multiplied back,
+    in fp32, exactly); ``stream_in`` turns a canonical input into the stream layer l expects.
+
     ``embed`` / ``layer`` / ``head`` are also the replay's entry points (parity/dumpers/replay.py):
     the reference runs one layer on inputs some other backend recorded, so a stage can be judged
     by the error it adds itself, whatever error arrived with its inputs. A family supplies
@@ -128,6 +148,43 @@ class LayerwiseModel:
     """
 
     state_cls: type
+    rescale_layer: int = 0
+
+    def layer_scale(self, layer: int) -> float:
+        """Canonical stream / this model's stream, inside layer ``layer`` (a power of two)."""
+        return float(2 ** (layer // self.rescale_layer)) if self.rescale_layer else 1.0
+
+    def stream_in(self, layer: int, x) -> torch.Tensor:
+        """A canonical residual-stream value (numpy or torch) as layer ``layer`` of this model takes it."""
+        x = torch.as_tensor(x)
+        return (x.to(self.acc) / self.layer_scale(layer)).to(self.dtype)
+
+    def head_in(self, x) -> torch.Tensor:
+        """A canonical last ``x_out`` as the head takes it (after the last layer's halving, if any)."""
+        n = self.config.n_layer
+        x = torch.as_tensor(x)
+        return (x.to(self.acc) / self.layer_scale(n)).to(self.dtype)
+
+    def layer(self, index: int, x: torch.Tensor, state, *, record: Recorder | None = None):
+        """Layer ``index`` on this model's stream rows x (T, C) (``stream_in`` of a canonical one) from
+        ``state``: (x_out in this model's stream, the layer's new state). Records canonical values."""
+        record = record or _no_record
+        scale = self.layer_scale(index)
+        if scale != 1.0:
+            inner, stream = record, tuple(f"L{index}.{s}" for s in _STREAM_STAGES)
+
+            def record(stage: str, value: torch.Tensor) -> None:
+                inner(stage, value.to(self.acc) * scale if stage in stream else value)
+
+        return self._layer(index, x, state, record=record)
+
+    def _scaled_weights(self, w: dict, *, prefix: str, layer: int) -> dict:
+        """att.output and ffn.value of ``layer`` divided by its rescale factor (exact: a power of two)."""
+        scale = self.layer_scale(layer)
+        if scale == 1.0:
+            return w
+        keys = (prefix + "att.output.weight", prefix + "ffn.value.weight")
+        return {**w, **{k: w[k] / scale for k in keys}}
 
     def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
         ids = check_ids(ids, vocab_size=self.config.vocab_size)
@@ -157,6 +214,8 @@ class LayerwiseModel:
         for i, st in enumerate(state.layers):
             x, st = self.layer(i, x, st, record=record)
             new_layers.append(st)
+            if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
+                x = x / 2  # as the official package: after every R-th layer, in the model dtype
         logits = self.head(x, record=record)
         new_state = self.state_cls(new_layers)
         for name, val in new_state.slots().items():
@@ -169,7 +228,7 @@ class RWKV5Reference(LayerwiseModel):
 
     state_cls = RWKV5State
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32"):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None):
         cfg = checkpoint.config
         if cfg.version not in (ModelVersion.V5_0, ModelVersion.V5_1, ModelVersion.V5_2):
             raise ParityError(f"RWKV5Reference runs RWKV-5.x, checkpoint is RWKV-{cfg.version.value}")
@@ -178,6 +237,7 @@ class RWKV5Reference(LayerwiseModel):
         self.config: ModelConfig = cfg
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
+        self.rescale_layer = rescale_layer_for(dtype) if rescale_layer is None else rescale_layer
         acc = self.acc = accumulate_dtype(self.dtype)
         # fp32: the checkpoint's one shared fp32 copy (every backend in this process reads it; the
         # .to(dt) below are then no-ops, never copies). fp16/bf16 keep their own cast copies, and
@@ -194,6 +254,7 @@ class RWKV5Reference(LayerwiseModel):
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
             w_i, u_i = (t.to(acc) for t in decay_and_bonus(w, prefix=b, config=cfg))
+            w = self._scaled_weights(w, prefix=b, layer=i)
             self.layers.append(
                 _Layer(
                     ln1_w=w[b + "ln1.weight"].to(dt), ln1_b=w[b + "ln1.bias"].to(dt),
@@ -311,9 +372,8 @@ class RWKV5Reference(LayerwiseModel):
         return out, LayerState(att_x=st.att_x, att_kv=st.att_kv, ffn_x=xx[-1].clone())
 
     # -- entry points (embed, head and forward: LayerwiseModel) --------------------------------
-    def layer(self, index: int, x: torch.Tensor, state: LayerState, *, record: Recorder | None = None):
+    def _layer(self, index: int, x: torch.Tensor, state: LayerState, *, record: Recorder):
         """Layer ``index`` on input rows x (T, C) from ``state``: (x_out (T, C), the layer's new state)."""
-        record = record or _no_record
         att, st = self._att(x, index, state, record)
         x = x + att
         record(f"L{index}.x_after_att", x)
