@@ -1,19 +1,21 @@
-"""ChatRWKV <-> HuggingFace transformers names for RWKV-4 (``RwkvForCausalLM``): the one mapping.
+"""ChatRWKV <-> HuggingFace names: RWKV-4's ``RwkvForCausalLM``, and the RWKV-5 HF ports' (same scheme).
 
 HF renames the modules and the time-mix parameters and nests everything under ``rwkv.``:
 
     emb.weight                      rwkv.embeddings.weight
     blocks.0.ln0.{weight,bias}      rwkv.blocks.0.pre_ln.{weight,bias}
     blocks.L.ln1 / ln2              rwkv.blocks.L.ln1 / ln2
-    blocks.L.att.time_mix_k|v|r     rwkv.blocks.L.attention.time_mix_key|value|receptance
+    blocks.L.att.time_mix_k|v|r|g   rwkv.blocks.L.attention.time_mix_key|value|receptance|gate
     blocks.L.att.X                  rwkv.blocks.L.attention.X        (time_decay, time_first, key, …)
     blocks.L.ffn.time_mix_k|r       rwkv.blocks.L.feed_forward.time_mix_key|receptance
     blocks.L.ffn.X                  rwkv.blocks.L.feed_forward.X
     ln_out.{weight,bias}            rwkv.ln_out.{weight,bias}
     head.weight                     head.weight
 
-Shapes are the same on both sides (time_mix (1, 1, C), time_decay / time_first (A,)). Only v4:
-HF has no RWKV-5 model in ``RwkvForCausalLM``.
+Shapes are the same on both sides (time_mix (1, 1, C), time_decay / time_first (A,)). transformers
+itself has RWKV-4 only; the RWKV-5 HF checkpoints (remote code) use the same scheme, with v5's
+time_mix_g as time_mix_gate and time_faaaa, gate, ln_x kept. MLC-style names and the load-time
+transforms are in parity/weights_map.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 
 from parity.errors import ParityError
 
-_MIX = {"k": "key", "v": "value", "r": "receptance"}
+_MIX = {"k": "key", "v": "value", "r": "receptance", "g": "gate"}
 _MIX_BACK = {v: k for k, v in _MIX.items()}
 _PART = {"att": "attention", "ffn": "feed_forward"}
 _PART_BACK = {v: k for k, v in _PART.items()}
@@ -43,7 +45,7 @@ def chatrwkv_to_hf(key: str) -> str:
         return f"rwkv.blocks.{layer}.pre_ln.{rest[4:]}"
     part, _, name = rest.partition(".")
     if part in _PART:
-        mix = re.fullmatch(r"time_mix_([kvr])", name)
+        mix = re.fullmatch(r"time_mix_([kvrg])", name)
         if mix:
             name = "time_mix_" + _MIX[mix.group(1)]
         return f"rwkv.blocks.{layer}.{_PART[part]}.{name}"
@@ -65,7 +67,7 @@ def hf_to_chatrwkv(key: str) -> str:
         return f"blocks.{layer}.ln0.{rest[len('pre_ln.'):]}"
     part, _, name = rest.partition(".")
     if part in _PART_BACK:
-        mix = re.fullmatch(r"time_mix_(key|value|receptance)", name)
+        mix = re.fullmatch(r"time_mix_(key|value|receptance|gate)", name)
         if mix:
             name = "time_mix_" + _MIX_BACK[mix.group(1)]
         return f"blocks.{layer}.{_PART_BACK[part]}.{name}"

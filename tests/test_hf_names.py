@@ -52,6 +52,8 @@ def test_hf_config_describes_the_fixture() -> None:
         ("emb.weight", "rwkv.embeddings.weight"),
         ("blocks.0.ln0.bias", "rwkv.blocks.0.pre_ln.bias"),
         ("blocks.3.att.time_mix_v", "rwkv.blocks.3.attention.time_mix_value"),
+        ("blocks.2.att.time_mix_g", "rwkv.blocks.2.attention.time_mix_gate"),  # v5.1/5.2
+        ("blocks.2.att.time_faaaa", "rwkv.blocks.2.attention.time_faaaa"),
         ("blocks.3.ffn.time_mix_r", "rwkv.blocks.3.feed_forward.time_mix_receptance"),
         ("blocks.11.att.time_first", "rwkv.blocks.11.attention.time_first"),
         ("blocks.1.ln2.weight", "rwkv.blocks.1.ln2.weight"),
