@@ -32,6 +32,9 @@ CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
 # each rule that raises on a kernel passing it on to the next (see _tolerant below).
 PIPELINE_ID = "FuseTransposeMatmul+cpu-matmul-schedule|dlight-gpu-tolerant"
 VARIANTS = ("plain", "debug")
+# What the compiled model computes in (parity/compiled/common.py says how); here, not there, so a
+# cache hit on the runtime-only TVM never imports the model code.
+DTYPES = ("float32", "float16", "bfloat16")
 
 _TARGETS = {
     "llvm": {"kind": "llvm"},
@@ -123,13 +126,17 @@ def compile_pipeline(target: str, tvm_target):
     return tvm.transform.Sequential([relax.transform.FuseTransposeMatmul(), *passes, *lower])
 
 
-def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None, target: str = "llvm"):
+def model_for(
+    config: ModelConfig, *, debug: bool, mutant: str | None = None, target: str = "llvm", dtype: str = "float32"
+):
     """The Relax module of the checkpoint's family: one file per family (rwkv4 / rwkv5), with the
-    scan kernels of ``target`` (parity/compiled/targets.py).
+    scan kernels of ``target`` (parity/compiled/targets.py), computing in ``dtype`` (common.py).
 
-    ``mutant`` names a deliberately broken model from the bug zoo (parity/mutants/)."""
+    ``mutant`` names a deliberately broken model from the bug zoo (parity/mutants/); it computes
+    in its own dtype (``Mutant.dtype``), and ``dtype`` must be left at its default or match it."""
     from parity.compiled import rwkv4_model, rwkv5_model, targets
 
+    kwargs = {"dtype": dtype} if dtype != "float32" else {}
     if mutant is not None:
         from parity.mutants import get_mutant
         from parity.mutants.compiled import model_class
@@ -137,12 +144,12 @@ def model_for(config: ModelConfig, *, debug: bool, mutant: str | None = None, ta
         m = get_mutant(mutant)
         if m.side != "compiled":
             raise ParityError(f"mutant {mutant!r} breaks the {m.side}, not the compiled model")
-        model = model_class(mutant)(config, debug=debug)
+        model = model_class(mutant)(config, debug=debug, **kwargs)
         what = f"mutant {mutant!r}"
     elif config.version == ModelVersion.V4:
-        model, what = rwkv4_model.RWKV4Model(config, debug=debug), "the RWKV-4 model"
+        model, what = rwkv4_model.RWKV4Model(config, debug=debug, **kwargs), "the RWKV-4 model"
     else:
-        model, what = rwkv5_model.RWKV5Model(config, debug=debug), "the RWKV-5 model"
+        model, what = rwkv5_model.RWKV5Model(config, debug=debug, **kwargs), "the RWKV-5 model"
     targets.retarget(model, target=target, what=what)
     return model
 
@@ -166,8 +173,10 @@ class BuildArtifact:
     cached: bool  # True when loaded from the cache without compiling
 
 
-def cache_key(*, config: ModelConfig, variant: str, target: str, mutant: str | None = None) -> str:
+def cache_key(*, config: ModelConfig, variant: str, target: str, mutant: str | None = None, dtype: str = "float32") -> str:
     h = hashlib.sha256()
+    if dtype != "float32":  # (absent for fp32: its keys are those of the builds made before dtypes)
+        h.update(f"dtype={dtype}".encode() + b"\0")
     if mutant is not None:
         for part in (f"mutant={mutant}", *(p.read_text() for p in _MUTANT_SOURCES)):
             h.update(part.encode())
@@ -262,18 +271,23 @@ def build_model(
     cache_dir: Path | None = None,
     on_event: Callable[[str], None] | None = None,
     mutant: str | None = None,
+    dtype: str = "float32",
 ) -> BuildArtifact:
-    """Return the compiled model for ``config``, compiling only on a cache miss."""
+    """Return the compiled model for ``config`` computing in ``dtype``, compiling only on a cache miss."""
+    if dtype not in DTYPES:
+        raise ParityError(f"no compiled model in {dtype!r}; choose one of {', '.join(DTYPES)}")
     if variant not in VARIANTS:
         raise ParityError(f"unknown build variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if target not in _TARGETS:
         raise ParityError(f"unknown target {target!r}; choose one of {', '.join(_TARGETS)}")
     say = on_event or (lambda msg: None)
     cache_dir = Path(cache_dir or default_cache_dir())
-    key = cache_key(config=config, variant=variant, target=target, mutant=mutant)
+    key = cache_key(config=config, variant=variant, target=target, mutant=mutant, dtype=dtype)
     family = "rwkv4" if config.version == ModelVersion.V4 else "rwkv5"
     if mutant:
         family += f"-mutant-{mutant}"
+    if dtype != "float32":
+        family += f"-{dtype}"
     lib_path = cache_dir / f"{family}-{variant}-{target}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
     meta = _read_sidecar(meta_path) if lib_path.exists() else None
@@ -285,7 +299,8 @@ def build_model(
         say(f"compile cache hit: {lib_path.name}")
         return BuildArtifact(library=lib_path, meta=meta, cached=True)
 
-    say(f"compiling {config.describe()} ({variant}, {target}{', MUTANT ' + mutant if mutant else ''}) with TVM {tvm.__version__}")
+    say(f"compiling {config.describe()} ({variant}, {target}, {dtype}{', MUTANT ' + mutant if mutant else ''}) "
+        f"with TVM {tvm.__version__}")
     try:
         from tvm import relax
     except (ImportError, AttributeError):
@@ -296,7 +311,7 @@ def build_model(
         ) from None
 
     t0 = time.perf_counter()
-    model = model_for(config, debug=(variant == "debug"), mutant=mutant, target=target)
+    model = model_for(config, debug=(variant == "debug"), mutant=mutant, target=target, dtype=dtype)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     tvm_target = make_target(target)
     pipeline = compile_pipeline(target, tvm_target)
@@ -331,6 +346,11 @@ def build_model(
         "tvm_version": tvm.__version__,
         "pipeline": PIPELINE_ID,
         "params": [name for name, _ in params],
+        # What the runtime binds each parameter as (absent in builds made before dtypes: all fp32),
+        # and the ones it divides first (fp16's residual rescale, common.py).
+        "dtype": dtype,
+        "param_dtypes": [str(p.dtype) for _, p in params],
+        "param_scales": model.param_scales(),
         "state_slots": model.layout.names(config.n_layer),
         "state_shapes": [list(x) for x in model.layout.all_shapes(config.n_layer)],
         "state_fill": model.layout.all_fills(config.n_layer),

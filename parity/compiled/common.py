@@ -1,4 +1,16 @@
-"""Pieces every compiled model family shares: token shift, taps, the FFN, the state plumbing."""
+"""Pieces every compiled model family shares: token shift, taps, the FFN, the state plumbing.
+
+Precision (``dtype``: float32, float16 or bfloat16) follows ChatRWKV's strategies as the torch
+reference does (parity/reference/rwkv5.py): weights and activations in the dtype; every matmul
+accumulated in fp32 and rounded once to the dtype (what torch's CPU fp16/bf16 matmul does);
+LayerNorm statistics in fp32, its output rounded to the dtype; the embedding table normalised by
+ln0 in fp32, then rounded; the wkv scan, its state, the decay and bonus, GroupNorm and the logits
+in fp32. fp16 also rescales the residual stream every ``RESCALE_LAYER`` layers (att.output and
+ffn.value weights divided at load by the runtime, the stream halved in the graph), and what the
+debug build returns is canonical: every tap in fp32, the four stream stages multiplied back.
+The interface (ids, the state, the isolated entry points' x) stays fp32 whatever the dtype: fp16
+and bf16 values are exact in fp32, so the state round-trips unchanged.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +21,51 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig
+from parity.compiled.build import DTYPES
 
 LN_EPS = 1e-5
+# As the official package (and parity/reference/rwkv5.py's RESCALE_LAYER): fp16 only.
+RESCALE_LAYER = {"float16": 6}
+STREAM_STAGES = ("att.out", "ffn.out", "x_after_att", "x_out")
+
+
+def layer_scale(layer: int, *, dtype: str) -> float:
+    """Canonical residual stream / this model's, inside layer ``layer`` (a power of two)."""
+    r = RESCALE_LAYER.get(dtype, 0)
+    return float(2 ** (layer // r)) if r else 1.0
+
+
+def to_dtype(x: Tensor, dtype: str) -> Tensor:
+    return x if x.dtype == dtype else op.astype(x, dtype)
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear in the model dtype: in fp16/bf16 accumulated in fp32 and rounded once to
+    the dtype, as torch's CPU matmul does; in fp32 exactly ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: str = "float32"):
+        low = dtype != "float32"
+        super().__init__(in_features, out_features, bias=False, dtype=dtype, out_dtype="float32" if low else None)
+        self.model_dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return to_dtype(super().forward(x), self.model_dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with weights in the model dtype; fp16/bf16 compute it in fp32 and round the output
+    (torch's CPU layer_norm on fp16 does the same); fp32 is exactly ``nn.LayerNorm``."""
+
+    def __init__(self, C: int, *, eps: float, dtype: str = "float32"):
+        super().__init__(C, eps=eps, dtype=dtype)
+        self.model_dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.model_dtype == "float32":
+            return super().forward(x)
+        y = op.layer_norm(to_dtype(x, "float32"), normalized_shape=self.normalized_shape,
+                          weight=to_dtype(self.weight, "float32"), bias=to_dtype(self.bias, "float32"), eps=self.eps)
+        return to_dtype(y, self.model_dtype)
 
 
 def token_shift(xx: te.Tensor, last: te.Tensor) -> te.Tensor:
@@ -26,15 +81,22 @@ def last_row(xx: te.Tensor) -> te.Tensor:
 
 
 class Taps:
-    """Collects named intermediates for the debug build; a no-op in the plain build."""
+    """Collects named intermediates for the debug build; a no-op in the plain build.
 
-    def __init__(self, enabled: bool):
+    Every tap is returned in fp32 (exact for fp16/bf16 values; numpy has no bfloat16), and a stage
+    named in ``scales`` (the rescaled residual stream) multiplied back to its canonical value."""
+
+    def __init__(self, enabled: bool, *, scales: dict[str, float] | None = None):
         self.enabled = enabled
+        self.scales = scales or {}
         self.names: list[str] = []
         self.values: list[Tensor] = []
 
     def __call__(self, name: str, value: Tensor) -> None:
         if self.enabled:
+            value = to_dtype(value, "float32")
+            if self.scales.get(name, 1.0) != 1.0:
+                value = value * self.scales[name]
             self.names.append(name)
             self.values.append(value)
 
@@ -45,14 +107,14 @@ def lerp(xx: Tensor, sx: Tensor, mix: Tensor) -> Tensor:
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, dtype: str = "float32"):
         C, F = config.n_embd, config.dim_ffn
         self.config = config
-        self.time_mix_k = nn.Parameter((1, 1, C), "float32")
-        self.time_mix_r = nn.Parameter((1, 1, C), "float32")
-        self.key = nn.Linear(C, F, bias=False, dtype="float32")
-        self.receptance = nn.Linear(C, C, bias=False, dtype="float32")
-        self.value = nn.Linear(F, C, bias=False, dtype="float32")
+        self.time_mix_k = nn.Parameter((1, 1, C), dtype)
+        self.time_mix_r = nn.Parameter((1, 1, C), dtype)
+        self.key = Linear(C, F, dtype=dtype)
+        self.receptance = Linear(C, C, dtype=dtype)
+        self.value = Linear(F, C, dtype=dtype)
 
     def forward(self, xx: Tensor, sx: Tensor, *, layer: int, tap: Taps) -> Tensor:
         C = self.config.n_embd
@@ -97,33 +159,35 @@ class Block(nn.Module):
 
     shift = staticmethod(token_shift)
 
-    def __init__(self, config: ModelConfig, *, layer: int, attention: type):
+    def __init__(self, config: ModelConfig, *, layer: int, attention: type, dtype: str = "float32"):
         C = config.n_embd
         self.layer = layer
+        self.dtype = dtype
         if layer == 0:
+            # fp32 whatever the dtype: the reference normalises the fp32 table, then rounds it.
             self.ln0 = nn.LayerNorm(C, eps=LN_EPS, dtype="float32")
-        self.ln1 = nn.LayerNorm(C, eps=LN_EPS, dtype="float32")
-        self.ln2 = nn.LayerNorm(C, eps=LN_EPS, dtype="float32")
-        self.att = attention(config)
-        self.ffn = FeedForward(config)
+        self.ln1 = LayerNorm(C, eps=LN_EPS, dtype=dtype)
+        self.ln2 = LayerNorm(C, eps=LN_EPS, dtype=dtype)
+        self.att = attention(config, dtype=dtype) if dtype != "float32" else attention(config)
+        self.ffn = FeedForward(config, dtype=dtype)
 
     def forward(self, x: Tensor, att_x: Tensor, att_state, ffn_x: Tensor, *, tap: Taps):
-        i = self.layer
+        i, dt = self.layer, self.dtype
         xx = self.ln1(x)
         tap(f"L{i}.att.ln1", xx)
-        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, att_x])
+        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(att_x, dt)])
         tap(f"L{i}.att.shift", sx)
         att, new_att_state = self.att(xx, sx, *att_state, layer=i, tap=tap)
-        new_att_x = op.tensor_expr_op(last_row, "last_row", [xx])
+        new_att_x = to_dtype(op.tensor_expr_op(last_row, "last_row", [xx]), "float32")
         x = x + att
         tap(f"L{i}.x_after_att", x)
         xx = self.ln2(x)
         tap(f"L{i}.ffn.ln2", xx)
-        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, ffn_x])
+        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(ffn_x, dt)])
         tap(f"L{i}.ffn.shift", sx)
         x = x + self.ffn(xx, sx, layer=i, tap=tap)
         tap(f"L{i}.x_out", x)
-        new_ffn_x = op.tensor_expr_op(last_row, "last_row", [xx])
+        new_ffn_x = to_dtype(op.tensor_expr_op(last_row, "last_row", [xx]), "float32")
         return x, (new_att_x, *new_att_state, new_ffn_x)
 
 
@@ -146,20 +210,50 @@ class RWKVModel(nn.Module):
 
     block_cls = Block  # replaceable by the bug zoo (e.g. a Block with a wrong token shift)
 
-    def __init__(self, config: ModelConfig, *, attention: type, layout: StateLayout, debug: bool = False):
+    def __init__(
+        self, config: ModelConfig, *, attention: type, layout: StateLayout, debug: bool = False, dtype: str = "float32"
+    ):
+        if dtype not in DTYPES:
+            from parity.errors import ParityError
+
+            raise ParityError(f"no compiled model in {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.config = config
         self.debug = debug
         self.layout = layout
+        self.dtype = dtype
+        self.rescale_layer = RESCALE_LAYER.get(dtype, 0)
         self.emb = nn.Embedding(config.vocab_size, config.n_embd, dtype="float32")
-        self.blocks = nn.ModuleList([self.block_cls(config, layer=i, attention=attention) for i in range(config.n_layer)])
-        self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS, dtype="float32")
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False, dtype="float32")
+        block_kwargs = {"dtype": dtype} if dtype != "float32" else {}
+        self.blocks = nn.ModuleList(
+            [self.block_cls(config, layer=i, attention=attention, **block_kwargs) for i in range(config.n_layer)]
+        )
+        self.ln_out = LayerNorm(config.n_embd, eps=LN_EPS, dtype=dtype)
+        self.head = Linear(config.n_embd, config.vocab_size, dtype=dtype)
         self.tap_names: list[str] = []
         self.function_taps: dict[str, list[str]] = {}
+        # Taps of the rescaled stream, multiplied back to canonical values (fp16 only).
+        self.stream_scales = {
+            f"L{layer}.{stage}": layer_scale(layer, dtype=dtype)
+            for layer in range(config.n_layer) for stage in STREAM_STAGES if layer_scale(layer, dtype=dtype) != 1.0
+        }
+
+    def param_scales(self) -> dict[str, float]:
+        """Parameters the runtime divides at load (the fp16 rescale: att.output, ffn.value of layer l by 2^(l // R))."""
+        out = {}
+        for layer in range(self.config.n_layer):
+            s = layer_scale(layer, dtype=self.dtype)
+            if s != 1.0:
+                out[f"blocks.{layer}.att.output.weight"] = s
+                out[f"blocks.{layer}.ffn.value.weight"] = s
+        return out
+
+    def _taps(self, enabled: bool) -> Taps:
+        return Taps(enabled, scales=self.stream_scales)
 
     # -- pieces, shared by the whole-model and the isolated entry points -----------------------
     def embed(self, ids: Tensor, tap: Taps) -> Tensor:
         x = self.blocks[0].ln0(self.emb(ids))  # (T, C): ln0 per row == the official precomputed table
+        x = to_dtype(x, self.dtype)  # normalised in fp32, then rounded (as the reference's table)
         tap("emb", x)
         return x
 
@@ -169,18 +263,20 @@ class RWKVModel(nn.Module):
     def run_head(self, x: Tensor, tap: Taps) -> Tensor:
         x = self.ln_out(x)
         tap("ln_out", x)
-        logits = self.head(x)  # (T, V) fp32
+        logits = to_dtype(self.head(x), "float32")  # (T, V) fp32 (rounded to the dtype first, as the reference)
         tap("logits", logits)
         return logits
 
     def _forward(self, ids: Tensor, state):
-        tap = Taps(self.debug)
+        tap = self._taps(self.debug)
         x = self.embed(ids, tap)
         new_state = []
         n = len(self.layout.slots)
         for i in range(len(self.blocks)):
             x, slots = self.run_layer(i, x, state[n * i : n * i + n], tap)
             new_state += slots
+            if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
+                x = x * 0.5  # halve the stream after every R-th layer (exact), as the official package
         logits = self.run_head(x, tap)
         self.tap_names = tap.names
         if self.debug:
@@ -194,21 +290,26 @@ class RWKVModel(nn.Module):
         return self._forward(ids, state)
 
     # -- isolated entry points (debug build only) ----------------------------------------------
+    def _stream_in(self, layer: int, x: Tensor) -> Tensor:
+        """A canonical fp32 stream value as layer ``layer`` (or the head, layer = n_layer) takes it."""
+        s = layer_scale(layer, dtype=self.dtype)
+        return to_dtype(x * (1.0 / s) if s != 1.0 else x, self.dtype)
+
     def iso_embed(self, ids: Tensor):
-        tap = Taps(True)
+        tap = self._taps(True)
         x = self.embed(ids, tap)
         self.function_taps["iso_embed"] = tap.names
         return x, tuple(tap.values)
 
     def iso_head(self, x: Tensor):
-        tap = Taps(True)
-        logits = self.run_head(x, tap)
+        tap = self._taps(True)
+        logits = self.run_head(self._stream_in(self.config.n_layer, x), tap)
         self.function_taps["iso_head"] = tap.names
         return logits, tuple(tap.values)
 
     def _iso_layer(self, i: int, x: Tensor, state):
-        tap = Taps(True)
-        x, slots = self.run_layer(i, x, state, tap)
+        tap = self._taps(True)
+        x, slots = self.run_layer(i, self._stream_in(i, x), state, tap)
         self.function_taps[f"iso_layer_{i}"] = tap.names
         return x, tuple(slots), tuple(tap.values)
 

@@ -55,8 +55,17 @@ class CompiledRWKV:
         artifact: BuildArtifact | None = None,
         mutant: str | None = None,
         repeat: bool = False,
+        dtype: str | None = None,
     ):
+        """``dtype``: what the build computes in (float32, float16, bfloat16); a mutant's own by default."""
         cfg = checkpoint.config
+        if dtype is None:
+            if mutant is not None:
+                from parity.mutants import get_mutant
+
+                dtype = get_mutant(mutant).dtype
+            else:
+                dtype = "float32"
         if cfg.version not in SUPPORTED_VERSIONS:
             raise ParityError(f"no compiled model for RWKV-{cfg.version.value}")
         self.config = cfg
@@ -70,9 +79,11 @@ class CompiledRWKV:
             # fatbin cache the loader reads is the compile cache's (cuda.py).
             ensure_cuda_runtime(cache_dir=Path(cache_dir or default_cache_dir()))
         self.artifact = artifact or build_model(
-            cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant
+            cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant, dtype=dtype
         )
-        self.backend_name = f"mutant/{mutant}" if mutant else "tvm"
+        self.dtype = self.artifact.meta.get("dtype", "float32")
+        suffix = {"float32": "", "float16": "@fp16", "bfloat16": "@bf16"}[self.dtype]
+        self.backend_name = f"mutant/{mutant}" if mutant else f"tvm{suffix}"
         # repeat: run every call twice from the same inputs and keep the second — a kernel that
         # writes into its input buffers then shows as a divergence (a pure one cannot).
         self.repeat = repeat
@@ -91,13 +102,32 @@ class CompiledRWKV:
         # the checkpoint's one shared fp32 copy zero-copy through DLPack (the reference reads the
         # same tensors; the compiled functions never write their params); a GPU needs its own copy.
         fp32 = checkpoint.fp32_weights()
-        if target == "llvm":
-            self.params = [tvm.runtime.from_dlpack(fp32[n]) for n in meta["params"]]
+        if self.dtype == "float32":
+            if target == "llvm":
+                self.params = [tvm.runtime.from_dlpack(fp32[n]) for n in meta["params"]]
+            else:
+                self.params = [tvm.runtime.tensor(fp32[n].numpy(), self.device) for n in meta["params"]]
         else:
-            self.params = [tvm.runtime.tensor(fp32[n].numpy(), self.device) for n in meta["params"]]
+            self.params = [self._low_precision_param(fp32[n], dtype=d, scale=meta["param_scales"].get(n, 1.0))
+                           for n, d in zip(meta["params"], meta["param_dtypes"])]
         self.slot_names: list[str] = meta["state_slots"]
         self.tap_names: list[str] = meta["tap_names"]
         self.kernel_outputs: dict[str, list[int]] = meta["kernel_outputs"]
+
+    def _low_precision_param(self, weight, *, dtype: str, scale: float) -> tvm.runtime.Tensor:
+        """One parameter of an fp16/bf16 build, made as the torch reference makes it: divided by its
+        rescale factor in fp32 (a power of two), then rounded to the build's dtype once. Its own copy
+        (the shared fp32 one is never written); bf16 goes through DLPack (numpy has no bfloat16)."""
+        import torch
+
+        t = weight / scale if scale != 1.0 else weight
+        t = t.to(getattr(torch, dtype)).contiguous()
+        host = tvm.runtime.from_dlpack(t)
+        if self.target == "llvm":
+            return host  # the DLPack capsule keeps ``t`` alive
+        out = tvm.runtime.empty(t.shape, dtype, self.device)
+        out.copyfrom(host)
+        return out
 
     # -- state ----------------------------------------------------------------------------------
     def zero_state(self) -> CompiledState:

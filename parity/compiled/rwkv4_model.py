@@ -12,7 +12,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig
-from parity.compiled.common import RWKVModel, StateLayout, Taps, lerp
+from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, lerp, to_dtype
 from parity.compiled.wkv4_kernel import wkv4
 
 PP_INIT = -1e30
@@ -30,18 +30,19 @@ def state_layout(config: ModelConfig) -> StateLayout:
 class Attention4(nn.Module):
     kernel = wkv4  # a class attribute, so the bug zoo can swap in a broken scan
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, dtype: str = "float32"):
         C, A = config.n_embd, config.dim_att
         self.config = config
-        self.time_mix_k = nn.Parameter((1, 1, C), "float32")
-        self.time_mix_v = nn.Parameter((1, 1, C), "float32")
-        self.time_mix_r = nn.Parameter((1, 1, C), "float32")
-        self.time_decay = nn.Parameter((A,), "float32")
+        self.dtype = dtype
+        self.time_mix_k = nn.Parameter((1, 1, C), dtype)
+        self.time_mix_v = nn.Parameter((1, 1, C), dtype)
+        self.time_mix_r = nn.Parameter((1, 1, C), dtype)
+        self.time_decay = nn.Parameter((A,), "float32")  # decay and bonus fp32 whatever the dtype
         self.time_first = nn.Parameter((A,), "float32")
-        self.key = nn.Linear(C, A, bias=False, dtype="float32")
-        self.value = nn.Linear(C, A, bias=False, dtype="float32")
-        self.receptance = nn.Linear(C, A, bias=False, dtype="float32")
-        self.output = nn.Linear(A, C, bias=False, dtype="float32")
+        self.key = Linear(C, A, dtype=dtype)
+        self.value = Linear(C, A, dtype=dtype)
+        self.receptance = Linear(C, A, dtype=dtype)
+        self.output = Linear(A, C, dtype=dtype)
 
     def forward(self, xx: Tensor, sx: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, *, layer: int, tap: Taps):
         """(T, C) inputs and this layer's (aa, bb, pp) -> (att.out, (aa, bb, pp))."""
@@ -63,11 +64,11 @@ class Attention4(nn.Module):
         wkv, aa2, bb2, pp2 = op.tensor_ir_op(
             self.kernel,
             "wkv4",
-            args=[k, v, w, self.time_first, aa, bb, pp],
+            args=[to_dtype(k, "float32"), to_dtype(v, "float32"), w, self.time_first, aa, bb, pp],
             out=[Tensor.placeholder((T, A), "float32")] + [Tensor.placeholder((A,), "float32")] * 3,
         )
         tap(pre + "wkv", wkv)
-        gated = r * wkv
+        gated = r * to_dtype(wkv, self.dtype)
         tap(pre + "gated", gated)
         out = self.output(gated)
         tap(pre + "out", out)
@@ -77,5 +78,5 @@ class Attention4(nn.Module):
 class RWKV4Model(RWKVModel):
     attention_cls = Attention4
 
-    def __init__(self, config: ModelConfig, *, debug: bool = False):
-        super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug)
+    def __init__(self, config: ModelConfig, *, debug: bool = False, dtype: str = "float32"):
+        super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug, dtype=dtype)

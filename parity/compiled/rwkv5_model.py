@@ -19,7 +19,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig, ModelVersion
-from parity.compiled.common import RWKVModel, StateLayout, Taps, lerp
+from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, lerp, to_dtype
 from parity.compiled.wkv5_kernel import wkv5
 
 LN_X_EPS = 64e-5  # the official package since 0.8.21; older ports used 1e-5 (docs/RWKV.md §2)
@@ -67,27 +67,29 @@ class Attention(nn.Module):
     kernel = wkv5
     group_norm_cls = GroupNorm
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, dtype: str = "float32"):
         C, A, H, N = config.n_embd, config.dim_att, config.n_head, config.head_size
         self.config = config
+        self.dtype = dtype
         self.gated = config.version.gated
         self.per_channel = config.version == ModelVersion.V5_2
-        self.time_mix_k = nn.Parameter((1, 1, C), "float32")
-        self.time_mix_v = nn.Parameter((1, 1, C), "float32")
-        self.time_mix_r = nn.Parameter((1, 1, C), "float32")
+        # Mixes and matmul weights in the model dtype; decay, bonus and ln_x stay fp32 (docs/RWKV.md §3).
+        self.time_mix_k = nn.Parameter((1, 1, C), dtype)
+        self.time_mix_v = nn.Parameter((1, 1, C), dtype)
+        self.time_mix_r = nn.Parameter((1, 1, C), dtype)
         if self.per_channel:
             self.time_decay = nn.Parameter((H, N), "float32")
             self.time_faaaa = nn.Parameter((H, N), "float32")
         else:
             self.time_decay = nn.Parameter((H,), "float32")
             self.time_first = nn.Parameter((H,), "float32")
-        self.receptance = nn.Linear(C, A, bias=False, dtype="float32")
-        self.key = nn.Linear(C, A, bias=False, dtype="float32")
-        self.value = nn.Linear(C, A, bias=False, dtype="float32")
+        self.receptance = Linear(C, A, dtype=dtype)
+        self.key = Linear(C, A, dtype=dtype)
+        self.value = Linear(C, A, dtype=dtype)
         if self.gated:
-            self.time_mix_g = nn.Parameter((1, 1, C), "float32")
-            self.gate = nn.Linear(C, A, bias=False, dtype="float32")
-        self.output = nn.Linear(A, C, bias=False, dtype="float32")
+            self.time_mix_g = nn.Parameter((1, 1, C), dtype)
+            self.gate = Linear(C, A, dtype=dtype)
+        self.output = Linear(A, C, dtype=dtype)
         self.ln_x = self.group_norm_cls(H, A, eps=LN_X_EPS)
 
     def receptance_act(self, r: Tensor) -> Tensor:
@@ -135,10 +137,14 @@ class Attention(nn.Module):
             g = op.silu(self.gate(xg))
             tap(pre + "g", g)
         w, u = self.decay_and_bonus()
+
+        def scan_input(x: Tensor) -> Tensor:  # the scan reads fp32 whatever the dtype
+            return to_dtype(op.reshape(x, (T, H, N)), "float32")
+
         wkv, new_kv = op.tensor_ir_op(
             self.kernel,
             "wkv5",
-            args=[op.reshape(r, (T, H, N)), op.reshape(k, (T, H, N)), op.reshape(v, (T, H, N)), w, u, self.kernel_state(att_kv)],
+            args=[scan_input(r), scan_input(k), scan_input(v), w, u, self.kernel_state(att_kv)],
             out=[Tensor.placeholder((T, H, N), "float32"), Tensor.placeholder((H, N, N), "float32")],
         )
         wkv = op.reshape(wkv, (T, C))
@@ -147,10 +153,10 @@ class Attention(nn.Module):
         ln_x = self.ln_x(wkv)
         tap(pre + "ln_x", ln_x)
         if self.gated:
-            gated = ln_x * g
+            gated = to_dtype(ln_x, self.dtype) * g
             tap(pre + "gated", gated)
         else:
-            gated = ln_x  # 5.0: no gate
+            gated = to_dtype(ln_x, self.dtype)  # 5.0: no gate
         out = self.output(gated)
         tap(pre + "out", out)
         return out, (new_kv,)
@@ -159,7 +165,7 @@ class Attention(nn.Module):
 class RWKV5Model(RWKVModel):
     attention_cls = Attention
 
-    def __init__(self, config: ModelConfig, *, debug: bool = False):
-        super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug)
+    def __init__(self, config: ModelConfig, *, debug: bool = False, dtype: str = "float32"):
+        super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug, dtype=dtype)
 
 

@@ -159,15 +159,16 @@ class TVMDebugBackend(Backend):
 
     def __init__(
         self, checkpoint: Checkpoint, *, target: str = "llvm", cache_dir: Path | None = None, on_event=None,
-        mutant: str | None = None, repeat: bool = False,
+        mutant: str | None = None, repeat: bool = False, dtype: str | None = None,
     ):
         from parity.compiled.runtime import CompiledRWKV
 
         self.model = CompiledRWKV(
-            checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant, repeat=repeat
+            checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant, repeat=repeat,
+            dtype=dtype,
         )
         super().__init__(
-            checkpoint=checkpoint, name=self.model.backend_name, mode="debug", dtype="float32",
+            checkpoint=checkpoint, name=self.model.backend_name, mode="debug", dtype=self.model.dtype,
             extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached,
                    "repeat_check": repeat},
         )

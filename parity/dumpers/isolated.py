@@ -30,14 +30,19 @@ class TVMIsolatedBackend(Backend):
 
     def __init__(
         self, checkpoint: Checkpoint, *, reference_dump: Path, target: str = "llvm", cache_dir: Path | None = None,
-        on_event=None, model=None, only_layer: int | None = None, only_step: int | None = None,
+        on_event=None, model=None, only_layer: int | None = None, only_step: int | None = None, dtype: str | None = None,
     ):
         from parity.compiled.runtime import CompiledRWKV
 
-        self.model = model or CompiledRWKV(checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event)
+        # An fp16/bf16 build takes the (fp32) reference's inputs as they are: its entry points round
+        # them to its dtype (and rescale them) as its own layers would (parity/compiled/common.py).
+        self.model = model or CompiledRWKV(
+            checkpoint, variant="debug", target=target, cache_dir=cache_dir, on_event=on_event, dtype=dtype
+        )
         self.reference = DumpReader(reference_dump)
         super().__init__(
-            checkpoint=checkpoint, name=getattr(self.model, "backend_name", "tvm"), mode="isolated", dtype="float32",
+            checkpoint=checkpoint, name=getattr(self.model, "backend_name", "tvm"), mode="isolated",
+            dtype=getattr(self.model, "dtype", "float32"),
             extra={"target": target, "inputs_from": str(reference_dump), "library": self.model.artifact.library.name},
         )
         self._step = 0

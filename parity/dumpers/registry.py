@@ -15,9 +15,48 @@ from parity.dumpers.backends import Backend, ReferenceBackend, TVMDebugBackend, 
 from parity.dumpers.quiet import known_tvm_warnings_hidden
 from parity.errors import ParityError
 
-__all__ = ["BACKEND_NAMES", "check_backend_spec", "did_you_mean", "dump_dir_name", "make_backend"]
+__all__ = ["BACKEND_NAMES", "check_backend_spec", "did_you_mean", "dump_dir_name", "make_backend", "split_dtype"]
 
 BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv", "hf")
+
+# ``NAME@DTYPE`` picks the precision a backend computes in: ``tvm@fp16``, ``reference@bf16``. "@"
+# because ":" already means a plug-in (module:attribute) and "/" a mutant, and neither a Python
+# module path nor a backend name can contain it. The dtypes each backend runs:
+BACKEND_DTYPES = {
+    "reference": ("float32", "float16", "bfloat16", "float64"),
+    "tvm": ("float32", "float16", "bfloat16"),
+    "chatrwkv": ("float32", "float16", "bfloat16"),
+}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def split_dtype(spec: str) -> tuple[str, str | None]:
+    """``tvm@fp16`` -> (``tvm``, ``float16``); a spec without ``@`` -> (spec, None). Refuses a dtype
+    the backend does not run (or any on a backend that runs only its own), in one line."""
+    if "@" not in spec:
+        return spec, None
+    from parity.compare.tolerance import canonical_dtype
+
+    base, _, word = spec.rpartition("@")
+    if not base or not word:
+        raise ParityError(f"bad backend {spec!r}: write NAME@DTYPE, e.g. tvm@fp16")
+    check_backend_spec(base)  # an unknown name is named as such first
+    try:
+        dtype = canonical_dtype(word)
+    except ParityError:
+        raise ParityError(f"bad backend {spec!r}: unknown dtype {word!r}; write fp32, fp16, bf16 or fp64") from None
+    allowed = BACKEND_DTYPES.get(base)
+    if allowed is None:
+        what = "a mutant computes in its own dtype" if base.startswith("mutant/") else f"{base!r} runs in one dtype only"
+        raise ParityError(f"bad backend {spec!r}: {what}; a dtype can be given to {', '.join(BACKEND_DTYPES)}")
+    if dtype not in allowed:
+        raise ParityError(f"bad backend {spec!r}: {base} runs {', '.join(_SHORT[d] for d in allowed)}")
+    return base, dtype
+
+
+def spec_dtype(spec: str) -> str | None:
+    """The dtype a spec asks for (None: the backend's own)."""
+    return split_dtype(spec)[1]
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -36,6 +75,9 @@ def _mutant(name: str):
 
 def check_backend_spec(spec: str) -> None:
     """Refuse an unknown backend name before anything runs (mutants and plugins checked by form)."""
+    if "@" in spec:
+        split_dtype(spec)
+        return
     if spec.startswith("mutant/"):
         _mutant(spec.split("/", 1)[1])
         return
@@ -54,6 +96,7 @@ def _mutant_names() -> list[str]:
 
 
 def dump_dir_name(spec: str) -> str:
+    # "@" stays: "tvm@fp16" is a plain file name, and "reference-fp64" is the arbiter's own dump.
     return spec.replace("/", "-").replace(":", "-").replace("\\", "-")
 
 
@@ -70,12 +113,22 @@ def make_backend(
 
 
 def _make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir, on_event, target: str, repeat: bool) -> Backend:
+    if "@" in spec:
+        base, dtype = split_dtype(spec)
+        if base == "reference":
+            return ReferenceBackend(checkpoint, dtype=dtype, name=spec)
+        if base == "tvm":
+            return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, repeat=repeat,
+                                   dtype=dtype)
+        from parity.dumpers.official import ChatRWKVBackend
+
+        return ChatRWKVBackend(checkpoint, dtype=dtype, name=spec)
     if spec.startswith("mutant/"):
         m = _mutant(spec.split("/", 1)[1])
         if m.side == "reference":
             from parity.mutants.reference import REFERENCES
 
-            return ReferenceBackend(checkpoint, model=REFERENCES[m.name](checkpoint), name=spec)
+            return ReferenceBackend(checkpoint, model=REFERENCES[m.name](checkpoint, dtype=m.dtype), name=spec, dtype=m.dtype)
         return TVMDebugBackend(
             checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, mutant=m.name, repeat=repeat or m.repeat_check
         )
