@@ -234,6 +234,17 @@ def test_declared_rows_are_compared_and_stored_beside_the_stage(port, capsys, tm
     assert "rows.logits" not in dump.step_stages(1)  # the decode step holds its one row
 
 
+def test_no_common_rows_is_not_comparable_not_a_divergence(port, capsys, tmp_path) -> None:
+    # The yardstick holds prefill logits rows 0..1, the other port row 2 only: nothing to judge.
+    rc, out, err = run_inproc(capsys, "--checkpoint", FIXTURE_L4, "--backends", f"{port}:early_rows,{port}:last_row_logits",
+                              "--mode", "propagated", "--json", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and result["verdict"] == "no divergence", out + err
+    assert result["not_comparable"] == [{"step": 0, "stage": "logits", "actual_rows": [2], "expected_rows": [0, 1]}]
+    assert 0 not in _records(tmp_path / "r.json", "logits")  # no record: neither passed nor failed
+    assert [s["step"] for s in result["end_to_end"]["per_step"]] == [1]  # the decode step's one row
+
+
 def test_name_notes_and_kernel_records_reach_the_dump(port, capsys, tmp_path) -> None:
     from parity.dumpers.format import DumpReader
 
