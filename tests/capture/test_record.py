@@ -66,3 +66,32 @@ def test_recordings_do_not_nest_and_a_non_vm_is_refused(vm) -> None:
                 pass
     with pytest.raises(ParityError, match="needs a tvm.runtime.vm.VirtualMachine"):
         KernelRecorder(object())
+
+
+def test_outputs_read_from_the_lowered_module_drive_the_recorder() -> None:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend import nn
+    from tvm.relax.frontend.nn import op
+    from tvm.runtime.vm import VirtualMachine
+
+    from parity.capture import outputs_from_module
+
+    class Tiny(nn.Module):
+        def forward(self, x):
+            return op.multiply(op.exp(x), x)
+
+    mod, _ = Tiny().export_tvm(spec={"forward": {"x": nn.spec.Tensor([2, 3], "float32"),
+                                                 "$": {"param_mode": "plain", "effect_mode": "none"}}})
+    target = tvm.target.Target("llvm")
+    with target:
+        lowered = relax.get_default_pipeline(target)(mod)
+    outputs = outputs_from_module(lowered)
+    # This pipeline fuses exp and multiply into one kernel of (x, out): its output is argument 1.
+    assert list(outputs.values()) == [[1]], outputs
+    vm = VirtualMachine(tvm.compile(lowered, target=target, relax_pipeline=None), tvm.cpu())
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    with KernelRecorder(vm, outputs=outputs).recording() as calls:
+        vm["forward"](tvm.runtime.tensor(x))
+    assert [c.symbol for c in calls] == list(outputs)
+    np.testing.assert_allclose(calls[0].outputs[0], np.exp(x) * x, rtol=1e-6)
