@@ -12,6 +12,12 @@ A parity test that writes a report calls ``record_report(path)``; the terminal s
 it. Failing tests keep their own one-paragraph message (``describe_divergence``): the plugin adds
 a list at the end, never text to a failure.
 
+Under pytest-xdist (``pytest parity/ -n auto``) tests run in worker processes and only the
+controller prints the summary, so a worker sends its reports along: each one recorded during a
+test rides on that test's report (``user_properties``, sent as the test finishes, so a worker that
+dies later loses nothing already sent), and the rest (recorded outside any test, e.g. by a session
+fixture) go in the worker's ``workeroutput`` when it shuts down. The controller merges both.
+
 Importing this module must stay cheap (it loads into every pytest run of the environment), so it
 imports nothing that pulls in torch or tvm.
 """
@@ -34,6 +40,9 @@ MODES = ("all", "debug", "instrumented")
 # ``mode``. Every other backend (the reference, the official package) is observed one way only.
 _COMPILED_MODES = {"tvm": "debug", "tvm-instrumented": "instrumented"}
 _COMPILED_MODEL = "tvm"
+
+# The user_properties / workeroutput key under which a worker's reports travel to the controller.
+_WIRE_KEY = "parity_report"
 
 _MARKERS = (
     "slow: compiles TVM models or runs long sequences (deselect with -m 'not slow')",
@@ -71,12 +80,20 @@ class ParitySession:
 
     options: ParityOptions
     reports: list[tuple[Path, str | None]] = field(default_factory=list)  # (path, test node id)
-    current_test: str | None = None
+    current_item: pytest.Item | None = None
 
-    def record_report(self, path: str | os.PathLike) -> Path:
+    @property
+    def current_test(self) -> str | None:
+        return None if self.current_item is None else self.current_item.nodeid
+
+    def record_report(self, path: str | os.PathLike, *, test: str | None = None) -> Path:
+        """Note ``path``, written by ``test`` (default: the running test); each path is listed once."""
         report = Path(path)
         if not any(p == report for p, _ in self.reports):
-            self.reports.append((report, self.current_test))
+            self.reports.append((report, test if test is not None else self.current_test))
+            if self.current_item is not None and test is None:
+                # For an xdist controller: this test's report carries it there (see the module doc).
+                self.current_item.user_properties.append((_WIRE_KEY, str(report)))
         return report
 
     def summary_lines(self) -> list[str]:
@@ -150,11 +167,38 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     session = item.config.stash[_SESSION_KEY]
-    session.current_test = item.nodeid
+    session.current_item = item
     try:
         return (yield)
     finally:
-        session.current_test = None
+        session.current_item = None
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # On an xdist controller: the reports a worker's test recorded. Without xdist the same test
+    # already recorded them in this process, and record_report keeps each path once.
+    session = current_session()
+    if session is None:
+        return
+    for key, value in getattr(report, "user_properties", ()):
+        if key == _WIRE_KEY:
+            session.record_report(value, test=report.nodeid)
+
+
+@pytest.hookimpl(trylast=True)  # after other plugins' and conftests' sessionfinish, which may still record
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)  # set only in an xdist worker
+    state = session.config.stash.get(_SESSION_KEY, None)
+    if workeroutput is not None and state is not None:
+        workeroutput[_WIRE_KEY] = [[str(path), test] for path, test in state.reports]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: not an error where xdist is not installed
+def pytest_testnodedown(node, error) -> None:
+    session = current_session()
+    for path, test in (getattr(node, "workeroutput", None) or {}).get(_WIRE_KEY, []):
+        if session is not None:
+            session.record_report(path, test=test or "")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -158,3 +158,62 @@ def test_record_report_without_a_session_is_a_no_op(tmp_path, monkeypatch):
 
 def test_compiled_capture_modes_are_real_backends():
     assert set(_COMPILED_MODES) <= set(BACKEND_NAMES)
+
+
+def test_xdist_workers_reports_reach_the_controllers_summary(pytester, tmp_path):
+    """``pytest -n 2``: tests run in two worker processes, the summary (printed by the controller)
+    still lists every report, including one recorded outside any test (at a worker's session end)."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(f"""
+        from pathlib import Path
+        from parity.pytest_plugin import record_report
+
+        def pytest_sessionfinish(session):
+            if hasattr(session.config, "workerinput"):  # each worker, after its last test
+                record_report(Path({str(tmp_path)!r}) / ("late-" + session.config.workerinput["workerid"] + ".html"))
+    """)
+    pytester.makepyfile(f"""
+        import os
+        import pytest
+        from pathlib import Path
+        from parity.pytest_plugin import record_report
+
+        @pytest.mark.parametrize("case", range(6))
+        def test_case(case):
+            record_report(Path({str(tmp_path)!r}) / f"case-{{case}}-{{os.environ['PYTEST_XDIST_WORKER']}}.html")
+            if case == 5:
+                pytest.fail("first divergence: decode step 1", pytrace=False)
+    """)
+    # A subprocess: xdist starts its workers from the command line, and an in-process pytester run
+    # would leave their imports in this interpreter.
+    result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", "-n", "2", "--dist", "load")
+    result.assert_outcomes(passed=5, failed=1)
+    out = result.stdout.str()
+    summary = out[out.index("parity reports"):].splitlines()
+    assert summary[0].strip("= ") == "parity reports (8)", out
+    listed = [line.split()[0] for line in summary[1:] if line.startswith(str(tmp_path))]
+    workers = {name.rsplit("-", 1)[1].removesuffix(".html") for name in map(os.path.basename, listed) if name.startswith("case")}
+    assert workers == {"gw0", "gw1"}, listed  # both workers ran cases, and both sent their reports
+    assert sorted(os.path.basename(p).rsplit("-", 1)[0] for p in listed) == sorted(
+        [f"case-{i}" for i in range(6)] + ["late", "late"])
+    assert any("::test_case[5]" in line and "case-5-" in line for line in summary), summary
+
+
+def test_xdist_reports_survive_a_worker_that_dies(pytester, tmp_path):
+    """A worker killed mid-session (a segfaulting kernel) never sends its session-end output; the
+    reports of the tests it finished were already sent with each test's result."""
+    pytest.importorskip("xdist")
+    pytester.makepyfile(f"""
+        import os
+        from pathlib import Path
+        from parity.pytest_plugin import record_report
+
+        def test_a_writes_a_report():
+            record_report(Path({str(tmp_path)!r}) / "a.html")
+
+        def test_b_crashes_the_worker():
+            os._exit(1)
+    """)
+    result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", "-n", "1", "--max-worker-restart", "0")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*= parity reports (1) =*", f"{tmp_path / 'a.html'}  (*::test_a_writes_a_report)"])
