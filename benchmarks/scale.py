@@ -159,12 +159,17 @@ def main() -> int:
         if not ckpt.exists():
             print(f"synthesising {shape} RWKV-{version} -> {ckpt}", flush=True)
             subprocess.run([py, "-m", "parity.cli", "synth", "--shape", shape, "--version", version, str(ckpt)],
-                           check=True, capture_output=True)
+                           check=True)  # the whole machine, its progress in the log
             print(f"synthesised {shape} RWKV-{version} ({time.monotonic() - started:.0f} s)", flush=True)
         return ckpt
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each synth runs in a process of its own
-        ckpts = dict(zip(plan, pool.map(lambda sv: checkpoint(*sv), plan)))
+    # Rows side by side share the cores: each gets its slice, or torch's and TVM's thread pools
+    # (each as wide as the machine) oversubscribe it many times over.
+    env = dict(os.environ)
+    if args.jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TVM_NUM_THREADS=threads)
+    ckpts = {sv: checkpoint(*sv) for sv in plan}  # one at a time: each synth uses the whole machine
 
     def one_row(index: int, shape: str, version: str, prompt: str) -> None:
         if args.deadline is not None and time.monotonic() - started > args.deadline:
@@ -180,7 +185,7 @@ def main() -> int:
         argv = ["run", "--checkpoint", str(ckpt), "--backends", backends, *source, "--decode-steps",
                 str(args.decode_steps), "--dump-dir", str(dump_dir), "--json", str(out), "-q"]
         print(f"{shape} v{version} {prompt}: parity {' '.join(argv)}", flush=True)
-        proc = subprocess.run([py, __file__, "--one", *argv], capture_output=True, text=True)
+        proc = subprocess.run([py, __file__, "--one", *argv], capture_output=True, text=True, env=env)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("SCALE-ROW ")), None)
         if line is None or not out.exists():
             print(f"run failed: {shape} {prompt}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ would not — their logits saturate and their decays are meaningless.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -51,13 +52,19 @@ def make_config(
 
 def _orthogonal(rows: int, cols: int, *, gain: float, gen: torch.Generator) -> torch.Tensor:
     a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float64)
+    # $PARITY_SYNTH_DEVICE=cuda: the QR (almost all of a released shape's synth time) on a GPU. The
+    # same seed draws the same matrix, but Q then differs from the CPU's in its last bits: use it
+    # for throwaway scale checkpoints (scripts/scale-job), never for the bundled fixtures.
+    device = os.environ.get("PARITY_SYNTH_DEVICE")
+    if device:
+        a = a.to(device)
     q, r = torch.linalg.qr(a)
     del a  # in place from here: a released head (65536 x C) is 0.5-2 GB per float64 copy
     q.mul_(torch.sign(torch.diagonal(r)))  # unique, uniformly distributed Q
     q.mul_(gain)
     if rows < cols:
         q = q.T
-    return q.to(torch.float32).contiguous()
+    return q.to(torch.float32).cpu().contiguous()
 
 
 def _linear(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
