@@ -98,3 +98,22 @@ def test_without_the_state_adapter_the_state_diverges(capsys, tmp_path) -> None:
         sys.modules.pop("mlc_glue_under_test", None)
     fd = result["first_divergence"]
     assert rc == 1 and (fd["step"], fd["stage"]) == (0, "state.L0.att_kv"), out
+
+
+FUSED = "examples/mlc_rwkv5/fused.py"
+
+
+def test_the_fused_build_is_checked_on_the_stages_its_kernels_still_show(capsys, tmp_path) -> None:
+    rc, result, out = run(capsys, tmp_path, f"{FUSED}:make_backend")
+    assert rc == 0 and out.startswith("no divergence"), out
+    # Per layer: ln1, ln2, two shifts, wkv, ln_x, gated, x_after_att, ffn.k, x_out; plus emb,
+    # ln_out, logits and the 6 state slots. Fusion swallowed the rest (r, k, v, the lerps, ...).
+    assert result["summary"]["records"] == (2 * 10 + 3 + 6) * 3, result["summary"]
+    compared = {r["stage"] for r in result["records"]}
+    assert {"L0.att.ln_x", "L1.x_after_att", "L1.ffn.k"} <= compared and "L0.att.r" not in compared
+
+
+def test_the_planted_eps_in_the_fused_build_is_still_localised_to_ln_x(capsys, tmp_path) -> None:
+    rc, result, out = run(capsys, tmp_path, f"{FUSED}:make_planted")
+    fd = result["first_divergence"]
+    assert rc == 1 and fd["step"] == 0 and fd["stage"] in ("L0.att.ln_x", "L1.att.ln_x"), out

@@ -54,7 +54,7 @@ class MLCStylePort:
     notes = ["prefill returns the last token's logits (and ln_out) only: compared on that row",
              "stages named from kernel calls by parity.capture rules; other calls are kernel.<n>.<symbol> records"]
 
-    def __init__(self, checkpoint, *, head_size_divisor: int = 8):
+    def __init__(self, checkpoint, *, head_size_divisor: int = 8, fuse: bool = False, rules=rules):
         cfg = checkpoint.config
         if cfg.version.value != "5.2":
             raise ParityError(f"the MLC-style port runs RWKV-5.2 only, not RWKV-{cfg.version.value}")
@@ -63,7 +63,7 @@ class MLCStylePort:
             hidden_size=cfg.n_embd, intermediate_size=cfg.dim_ffn, num_hidden_layers=cfg.n_layer,
             num_heads=cfg.n_head, head_size=cfg.head_size, vocab_size=cfg.vocab_size,
             head_size_divisor=head_size_divisor)
-        library, names = port.build(self.config)
+        library, names = port.build(self.config, fuse=fuse)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
         weights = to_mlc_weights({k: v.numpy() for k, v in checkpoint.fp32_weights().items()}, version="5.2")
         self.params = [tvm.runtime.tensor(weights[n]) for n in names]

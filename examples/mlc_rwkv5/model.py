@@ -213,20 +213,30 @@ class RWKV5ForCausalLM(nn.Module):
         }, self)
 
 
-def build(c: RWKV5Config, *, cache_dir: Path | None = None) -> tuple[Path, list[str]]:
-    """Compile for llvm (TVM's default Relax pipeline) once per config and source; (library, param names)."""
+def build(c: RWKV5Config, *, fuse: bool = False, cache_dir: Path | None = None) -> tuple[Path, list[str]]:
+    """Compile for llvm once per config, source and pipeline; (library, param names).
+
+    ``fuse=False``: ``tvm.compile``'s default, one kernel per op. ``fuse=True``: Relax's default
+    pipeline for the target first, which fuses elementwise ops into their producers (matmul + add,
+    the lerps), as a production build does.
+    """
     import tvm
+    from tvm import relax
 
     from parity.compiled.build import default_cache_dir, make_target, target_spec
 
-    key = hashlib.sha256("\0".join([Path(__file__).read_text(), json.dumps(asdict(c), sort_keys=True),
+    key = hashlib.sha256("\0".join([Path(__file__).read_text(), json.dumps(asdict(c), sort_keys=True), f"fuse={fuse}",
                                     json.dumps(target_spec("llvm"), sort_keys=True), tvm.__version__]).encode())
     lib = Path(cache_dir or default_cache_dir()) / "examples" / f"mlc-rwkv5-{key.hexdigest()[:20]}.so"
     names = lib.with_suffix(".json")
     if not (lib.exists() and names.exists()):
         model = RWKV5ForCausalLM(c)
         mod, params = model.export_tvm(spec=model.get_default_spec())
-        ex = tvm.compile(mod, target=make_target("llvm"))
+        target = make_target("llvm")
+        if fuse:
+            with target:
+                mod = relax.get_default_pipeline(target)(mod)
+        ex = tvm.compile(mod, target=target, relax_pipeline=None if fuse else "default")
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=lib.parent, suffix=".so")
         os.close(fd)

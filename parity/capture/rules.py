@@ -16,6 +16,7 @@ tried in order, and a call named by one is not seen by the next.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -47,7 +48,9 @@ def kernel_record_name(call: KernelCall, k: int) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    kernel: str  # fnmatch pattern over the kernel's symbol, e.g. "wkv*" or "fused_*layer_norm*"
+    # The kernel's symbol: an fnmatch pattern ("wkv*", "fused_*layer_norm*"), a compiled regular
+    # expression (re.compile(r"fused_matmul\d*_add\d*"), matched in full), or a tuple of either.
+    kernel: str | re.Pattern | tuple
     names: Sequence[Name]  # per matching call in call order: a name (output 0), a tuple (outputs 0..), None (leave it)
     # Only calls whose first output has this shape: ints must match, None is any size; or a predicate.
     shape: tuple[int | None, ...] | Callable[[tuple[int, ...]], bool] | None = None
@@ -55,7 +58,9 @@ class Rule:
     adapt: Callable[[np.ndarray], np.ndarray] | None = None
 
     def matches(self, call: KernelCall) -> bool:
-        if not fnmatchcase(call.symbol, self.kernel):
+        patterns = self.kernel if isinstance(self.kernel, tuple) else (self.kernel,)
+        if not any(p.fullmatch(call.symbol) if isinstance(p, re.Pattern) else fnmatchcase(call.symbol, p)
+                   for p in patterns):
             return False
         if self.shape is None:
             return True

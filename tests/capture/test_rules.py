@@ -82,3 +82,15 @@ def test_naming_an_output_that_was_not_recorded_says_how_to_record_it() -> None:
     one_output = [call(0, "wkv5_hvk", (1, 3, 2, 4))]
     with pytest.raises(ParityError, match=r"outputs=\{'wkv5_hvk': n\}"):
         CallNamer([Rule("wkv*", [("L0.att.wkv", "state.L0.att_kv")])])(one_output)
+
+
+def test_a_rule_may_match_by_regular_expression_or_several_patterns() -> None:
+    import re
+
+    calls = [call(0, "fused_matmul4_add3", (1, 3, 8)), call(1, "fused_matmul4_tir_sigmoid1_multiply8_add3", (1, 3, 8)),
+             call(2, "fused_matmul_add", (1, 1, 8))]
+    # A regex is matched in full: the sigmoid kernel, which also ends in _add3, is not picked.
+    out = CallNamer([Rule(re.compile(r"fused_matmul\d*_add\d*"), ["a", "b"])])(calls)
+    assert float(out["a"].flat[0]) == 0 and float(out["b"].flat[0]) == 2
+    either = CallNamer([Rule(("fused_matmul4_add3", "*sigmoid*"), ["a", "b"])])(calls)
+    assert float(either["a"].flat[0]) == 0 and float(either["b"].flat[0]) == 1
