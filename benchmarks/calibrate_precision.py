@@ -9,7 +9,10 @@ the dtype, and the official package's ``cpu fp16`` / ``cpu bf16`` — is measure
   own/fp64    its replay by the float64 reference (the arbiter's math): what each stage adds
               against exact arithmetic — the rounding the dtype itself costs, one stage at a time;
   isolated    (TVM only) its layers run on the fp32 reference's inputs, against the fp32 reference
-              (`--mode isolated`): one layer's rounding, inputs rounded to the dtype included;
+              (`--mode isolated` today): one layer's rounding, inputs rounded to the dtype included;
+  iso/dtype   (TVM only) the same isolated run against the reference *in the dtype* on the same
+              fp32 inputs (the fp32 reference's dump replayed by the fp16/bf16 reference): the
+              yardstick an isolated run of a low-precision build should have;
   propagated  against the fp32 reference, whole run: carried-stage drift per unit of depth (the
               verdict's envelope units) and the end-to-end metrics (KL max, top-1 agreement).
 
@@ -112,6 +115,7 @@ def measure(ck_path: Path, *, prompt: str, steps: int, work: Path, backends: lis
                    decode_ids=default_decode_ids(steps=steps, vocab_size=ck.config.vocab_size))
     ref32 = ReferenceBackend(ck).dump(plan, path=work / "reference")
     fp64_model = ReferenceBackend(ck, dtype="float64").model
+    same_dtype_yardstick: dict[str, Path] = {}
     rows = []
     for dtype in DTYPES:
         short = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
@@ -132,6 +136,11 @@ def measure(ck_path: Path, *, prompt: str, steps: int, work: Path, backends: lis
                 iso = TVMIsolatedBackend(ck, reference_dump=ref32, model=backend.model)
                 iso_dump = iso.dump(plan, path=work / f"{spec}-isolated")
                 row["isolated"] = worst_by_class(needed_scales(iso_dump, ref32, dtype=dtype))
+                same = same_dtype_yardstick.get(dtype)
+                if same is None:
+                    yard = ReplayBackend(ck, candidate_dump=ref32, dtype=dtype)
+                    same = same_dtype_yardstick[dtype] = yard.dump(yard.plan(), path=work / f"reference-replayed-{short}")
+                row["iso_dtype"] = worst_by_class(needed_scales(iso_dump, same, dtype=dtype))
             row.update(propagated(path, ref32, dtype=dtype))
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
@@ -144,7 +153,7 @@ def summarise(rows: list[dict]) -> dict:
     for dtype in DTYPES:
         sel = [r for r in rows if r["dtype"] == dtype]
         summary = {}
-        for measure_ in ("own_dtype", "own_fp64", "isolated"):
+        for measure_ in ("own_dtype", "own_fp64", "isolated", "iso_dtype"):
             for cls in ("groupnorm", "other"):
                 cands = [(r[measure_][cls], r) for r in sel if measure_ in r and cls in r[measure_]]
                 if cands:
@@ -168,7 +177,8 @@ def write_markdown(path: Path, *, rows: list[dict], summary: dict, meta: dict) -
              f"`{meta['command']}` — {meta['seconds']:.0f} s", "",
              "Needed `scale` (tolerance floor / max|expected|) per record class; worst over every step.", "",
              "| checkpoint | prompt | backend | own/dtype gn | own/dtype other | own/fp64 gn | own/fp64 other | "
-             "isolated gn | isolated other | drift/depth | KL max | top-1 |", "|" + "---|" * 12]
+             "isolated gn | isolated other | iso/dtype gn | iso/dtype other | drift/depth | KL max | top-1 |",
+             "|" + "---|" * 14]
     for r in rows:
         def g(m, c):
             return f(r.get(m, {}).get(c, {}).get("scale"))
@@ -176,6 +186,7 @@ def write_markdown(path: Path, *, rows: list[dict], summary: dict, meta: dict) -
         lines.append(f"| {r['checkpoint']} | {r['prompt']} +{r['decode_steps']} | {r['backend']} | "
                      f"{g('own_dtype', 'groupnorm')} | {g('own_dtype', 'other')} | {g('own_fp64', 'groupnorm')} | "
                      f"{g('own_fp64', 'other')} | {g('isolated', 'groupnorm')} | {g('isolated', 'other')} | "
+                     f"{g('iso_dtype', 'groupnorm')} | {g('iso_dtype', 'other')} | "
                      f"{f(r['drift_per_depth'])} | {f(r['kl_max'])} | {f(r['top1_agreement'])} |")
     lines += ["", "## Worst per dtype", ""]
     for dtype, s in summary.items():
