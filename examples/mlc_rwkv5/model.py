@@ -225,7 +225,10 @@ def build(c: RWKV5Config, *, fuse: bool = False, cache_dir: Path | None = None) 
 
     from parity.compiled.build import default_cache_dir, make_target, target_spec
 
-    key = hashlib.sha256("\0".join([Path(__file__).read_text(), json.dumps(asdict(c), sort_keys=True), f"fuse={fuse}",
+    from parity.compiled import rwkv5_model as ours  # GroupNorm's source is part of this build too
+
+    key = hashlib.sha256("\0".join([Path(__file__).read_text(), Path(ours.__file__).read_text(),
+                                    json.dumps(asdict(c), sort_keys=True), f"fuse={fuse}",
                                     json.dumps(target_spec("llvm"), sort_keys=True), tvm.__version__]).encode())
     lib = Path(cache_dir or default_cache_dir()) / "examples" / f"mlc-rwkv5-{key.hexdigest()[:20]}.so"
     names = lib.with_suffix(".json")
