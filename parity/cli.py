@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the reference in float64 and judge each backend by its error against fp64 relative "
                           "to the fp32 reference's own (the rule of torch dynamo's accuracy checker)")
     run.add_argument("--arbiter-multiplier", type=float, metavar="K", help="k in the arbiter rule (default 100, measured: benchmarks/calibrate_verdict.py)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", default=None,
+                     help="a backend that takes longer than this for one step (the prefill or one decode step; "
+                          "compiling is not counted) is stopped and reported as 'timed out' (default 1800; 0: no limit)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run every backend in this process instead of a worker process each (for a debugger; "
+                          "a crash then ends the run; also PARITY_IN_PROCESS=1)")
     run.add_argument("--only-layer", type=int, metavar="L", help="isolated mode: record only layer L (a bisect repro)")
     run.add_argument("--only-step", type=int, metavar="S", help="isolated mode: record only step S (0 = prefill)")
     from parity.scenarios import add_text_args
@@ -222,17 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_pairs(console, result: dict) -> None:
     from rich.table import Table
 
+    labels = (result.get("run") or {}).get("backend_labels") or {}
     table = Table(title="every pair (the first named is the yardstick)")
-    for col in ("expected", "actual", "verdict", "first divergence"):
-        table.add_column(col)
+    for col in ("expected", "actual", "verdict", "first divergence", "worst logits"):
+        table.add_column(col, justify="right" if col == "worst logits" else "left")
     for c in result["comparisons"]:
         fd = c["first_divergence"]
         where = "-" if fd is None else f"step {fd['step']} {fd['stage']}" + (f" row {fd['row']}" if fd.get("row") is not None else "")
-        style = "green" if fd is None else "red"
-        table.add_row(c["expected"], c["actual"], f"[{style}]{c['verdict']}[/]", where)
+        style = "green" if fd is None and c["verdict"] == "no divergence" else "red"
+        table.add_row(labels.get(c["expected"], c["expected"]), labels.get(c["actual"], c["actual"]),
+                      f"[{style}]{c['verdict']}[/]", where, _fmt((c.get("summary") or {}).get("worst_logits_max_abs")))
     console.print(table)
-    odd = result["odd_one_out"]
-    console.print(f"odd one out: [bold]{odd['backend']}[/] — {odd['explanation']}" if odd["backend"] else odd["explanation"])
+    odd = result.get("odd_one_out")
+    if odd:
+        console.print(f"odd one out: [bold]{odd['backend']}[/] — {odd['explanation']}" if odd["backend"] else odd["explanation"])
 
 
 # A table row per step reads well up to about this many steps; a longer run (a 3,000-step decode)
@@ -292,7 +301,9 @@ def _print_summary(console, result: dict) -> None:
                       row["worst"]["stage"], _fmt(row["worst"]["max_abs"]), _fmt(row["worst"]["rms_rel"]),
                       _fmt(row["logits"]))
     console.print(table)
-    if result.get("comparisons"):
+    # With two backends the table above is the one pair; the pair table adds a line only when
+    # there are more pairs, or a backend crashed (its row says so).
+    if len(result.get("comparisons") or []) > 1 or result.get("crashes"):
         _print_pairs(console, result)
     if result.get("modes"):
         for name, m in result["modes"].items():
@@ -313,6 +324,13 @@ def _print_summary(console, result: dict) -> None:
     for k in result.get("known_differences", []):
         flag = "[yellow]applies[/]" if k["applies"] else "[dim]no effect here[/]"
         console.print(f"known difference of {k['backend']}: [bold]{k['name']}[/] ({flag}) — {k['detail']}")
+    labels = (result.get("run") or {}).get("backend_labels") or {}
+    for n in result.get("notes") or []:
+        console.print(f"note from {labels.get(n['backend'], n['backend'])}: {n['note']}", markup=False)
+    for crash in result.get("crashes") or []:
+        where = f"; its unfinished dump: {crash['partial_dump']}" if crash.get("partial_dump") and result.get("run", {}).get("partial_dumps") else ""
+        tb = "; PARITY_DEBUG=1 prints its traceback" if crash.get("traceback") and not os.environ.get("PARITY_DEBUG") else ""
+        console.print(f"{crash['name']} {crash['kind']}: {crash['error']}{where}{tb}", markup=False)
     missing = result.get("missing") or []
     if missing:
         console.print(f"[dim]{len(missing)} stage records exist on one side only (not compared), "
@@ -373,18 +391,25 @@ class _Progress:
 
 # -- commands -----------------------------------------------------------------------------------
 def _finish(result: dict, *, args, console, json_path, html_path) -> int:
+    from parity.report.verdict import diverged
+
     _write_outputs(result, json_path=json_path, html_path=html_path, console=None if args.quiet else console)
     if not args.quiet:
         _print_summary(console, result)
-    console.print(_verdict_line(result), style=None if args.quiet else ("green" if result["first_divergence"] is None else "bold red"))
-    return EXIT_OK if result["first_divergence"] is None else EXIT_DIVERGED
+    failed = diverged(result)
+    for crash in result.get("crashes") or []:
+        if crash.get("traceback") and os.environ.get("PARITY_DEBUG"):
+            # The port author's view: where in their code (or, for a signal, which Python frame) it died.
+            print(f"parity: {crash['name']} {crash['kind']}; its traceback:\n{crash['traceback'].rstrip()}", file=sys.stderr)
+    console.print(_verdict_line(result), style=None if args.quiet else ("bold red" if failed else "green"), markup=False)
+    return EXIT_DIVERGED if failed else EXIT_OK
 
 
 def cmd_run(args, console) -> int:
     from parity.checkpoint import load_checkpoint
     from parity.greedy import run_greedy
     from parity.scenarios import plan_from_args, resolve_checkpoint, run_keys
-    from parity.session import run_parity
+    from parity.session import DEFAULT_TIMEOUT, run_parity
 
     overrides = _overrides(args.tol)
     ck = load_checkpoint(resolve_checkpoint(args))
@@ -407,6 +432,7 @@ def cmd_run(args, console) -> int:
             cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
             only_layer=args.only_layer, only_step=args.only_step,
             arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier, device=args.device,
+            timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout, in_process=args.in_process or None,
         )
         greedy = run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event)
         if args.explain:  # after the verdict, while the dumps still exist

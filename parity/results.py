@@ -17,9 +17,12 @@ from parity.errors import ParityError
 
 RESULT_FORMAT = "rwkv-parity-result"
 # 1: the first release (no "format" key). 2: verdict kinds, own_error(s), drift, end_to_end, pair.
-RESULT_VERSION = 2
+# 3: a backend that crashed or hung is a verdict of its own ("crashed", "timed out"; crash,
+# crashes); comparisons is always present (every pair, with its records); notes.
+RESULT_VERSION = 3
 
-VERDICTS = ("no divergence", "divergence", "drift beyond envelope")
+VERDICTS = ("no divergence", "divergence", "drift beyond envelope", "crashed", "timed out")
+FAILURE_VERDICTS = ("crashed", "timed out")
 
 
 def _pick(cls, d: dict) -> dict:
@@ -88,6 +91,31 @@ class PairResult:
     summary: dict
     drift: dict | None = None  # status, worst_ratio, envelope
     end_to_end: dict | None = None  # EndToEnd without per_step / kl_rows
+    records: list[dict] = field(default_factory=list)  # StageRecord.to_dict() of this pair's propagated comparison
+    # The verdict of the steps compared; ``verdict`` is "crashed"/"timed out" when either side failed.
+    compared_verdict: str | None = None
+
+
+@dataclass
+class Crash:
+    """A backend that died or hung in its worker process (parity/dumpers/worker.py)."""
+
+    backend: str  # the spec (--backends)
+    name: str  # its own name, as tables show it
+    kind: str  # "crashed" | "timed out"
+    error: str  # one line: "died with SIGSEGV", "IndexError: ...", "no step finished within 5 s"
+    step: int | None  # the step it was running (0 = prefill); None: before its first step
+    step_kind: str | None
+    steps_completed: int  # steps 0..steps_completed-1 were written whole and are compared
+    last_stage: dict | None = None  # {step, stage}: the last stage it recorded
+    kernel: str | None = None  # the compiled kernel it had entered last (TVM debug builds)
+    signal: str | None = None  # "SIGSEGV", "SIGABRT", ...
+    exitcode: int | None = None
+    error_type: str | None = None
+    traceback: str | None = None  # Python traceback (exception) or faulthandler's stack (signal)
+    timeout_s: float | None = None
+    partial_dump: str | None = None  # its unfinished dump (complete: false), kept with --dump-dir
+    compared: dict | None = None  # {against, steps, verdict, first_divergence}: its finished steps' verdict
 
 
 @dataclass
@@ -111,6 +139,9 @@ class RunResult:
     own_error: OwnError | None = None
     own_errors: dict[str, OwnError] = field(default_factory=dict)
     comparisons: list[PairResult] = field(default_factory=list)
+    crash: Crash | None = None  # the first backend that crashed or hung; the verdict is its kind
+    crashes: list[Crash] = field(default_factory=list)
+    notes: list[dict] | None = None  # {backend, note}: what backends say about themselves
     odd_one_out: dict | None = None
     modes: dict | None = None
     arbiter: list[dict] | None = None
@@ -123,7 +154,7 @@ class RunResult:
 
     @property
     def passed(self) -> bool:
-        return self.first_divergence is None
+        return self.first_divergence is None and self.verdict not in FAILURE_VERDICTS
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"format": {"name": RESULT_FORMAT, "version": RESULT_VERSION}}
@@ -138,6 +169,8 @@ class RunResult:
                 if not value:
                     continue
             elif f.name == "comparisons":
+                value = [asdict(c) for c in value]  # always written, also empty: every pair, always
+            elif f.name == "crashes":
                 value = [asdict(c) for c in value]
                 if not value:
                     continue
@@ -159,11 +192,12 @@ class RunResult:
                               f"this one reads formats up to {RESULT_VERSION}: upgrade rwkv-parity")
         try:
             known = _pick(cls, d)
-            for name, typ in (("end_to_end", EndToEnd), ("drift", Drift), ("own_error", OwnError)):
+            for name, typ in (("end_to_end", EndToEnd), ("drift", Drift), ("own_error", OwnError), ("crash", Crash)):
                 if isinstance(known.get(name), dict):
                     known[name] = typ(**_pick(typ, known[name]))
             known["own_errors"] = {k: OwnError(**_pick(OwnError, v)) for k, v in (d.get("own_errors") or {}).items()}
             known["comparisons"] = [PairResult(**_pick(PairResult, c)) for c in d.get("comparisons") or []]
+            known["crashes"] = [Crash(**_pick(Crash, c)) for c in d.get("crashes") or []]
             extra = {k: v for k, v in d.items() if k not in known and k != "format"}
             return cls(**known, extra=extra)
         except TypeError as e:

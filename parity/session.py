@@ -22,6 +22,7 @@ from parity.compare import TolerancePolicy, compare_runs
 from parity.dumpers.backends import RunPlan, target_for_device, tool_versions, torch_math_settings
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
+from parity.dumpers.worker import in_process_requested, open_dump, run_in_worker
 from parity.errors import ParityError
 from parity.results import RunResult
 
@@ -30,6 +31,10 @@ from parity.results import RunResult
 # (our compiled build run layer by layer on the yardstick's inputs, every other backend replayed);
 # both: as replay, with our compiled build isolated instead of replayed, both shown side by side.
 MODES = ("replay", "propagated", "isolated", "both")
+# Seconds one step (the prefill, or one decode step) of a backend in a worker may take before the
+# backend is called hung and stopped. Generous: a real-size prefill through a debug build on a busy
+# CPU takes minutes, and a false "timed out" would hide a working backend. Compiling is not timed.
+DEFAULT_TIMEOUT = 1800.0
 
 EventFn = Callable[[str], None]
 StepFn = Callable[[str, int, int], None]
@@ -76,14 +81,21 @@ class RunOutcome:
     # spec -> the comparison that shows the error each of its stages adds (replay or isolated)
     own_comparisons: dict[str, dict] = field(default_factory=dict)
 
+    # spec -> BackendFailure.to_dict() of each backend that crashed or hung (parity/dumpers/worker.py)
+    failures: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def crashed(self) -> bool:
+        return bool(self.failures)
+
     @property
     def diverged(self) -> bool:
-        return self.result["first_divergence"] is not None
+        return self.result["first_divergence"] is not None or self.crashed
 
 
 def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | None = None, overrides=None) -> dict:
     """Compare two dump directories; ``expected`` is the yardstick (usually the reference)."""
-    exp, act = DumpReader(expected), DumpReader(actual)
+    exp, act = open_dump(expected), open_dump(actual)  # a crashed backend's completed steps, too
     if exp.model != act.model:
         raise ParityError(f"dumps {expected} and {actual} are of different models; nothing to compare")
     policy = policy or TolerancePolicy.for_dtype(act.dtype, overrides)
@@ -219,10 +231,98 @@ def _run_arbiter(ck, *, result, backends, dumps, plan, dump_dir: Path, overrides
         }
 
 
-def _isolatable(backend) -> bool:
-    from parity.dumpers.backends import TVMDebugBackend
+def _isolatable(spec: str) -> bool:
+    """Whether backend ``spec`` is our compiled debug build (tvm, or a compiled mutant): the one
+    that can run isolated, layer by layer on the yardstick's inputs."""
+    if spec == "tvm":
+        return True
+    if spec.startswith("mutant/"):
+        from parity.mutants import get_mutant
 
-    return isinstance(backend, TVMDebugBackend)
+        return get_mutant(spec.split("/", 1)[1]).side == "compiled"
+    return False
+
+
+class _Workers:
+    """Runs backends in worker processes for one run, collecting their dumps, names and failures."""
+
+    def __init__(self, ck, *, plan, cache_dir, target, timeout, say, on_step, failures, partials, names):
+        self.ck, self.plan, self.cache_dir, self.target, self.timeout = ck, plan, cache_dir, target, timeout
+        self.say, self.on_step = say, on_step
+        self.failures, self.partials, self.names = failures, partials, names
+
+    def run(self, spec: str, *, path: Path, isolated: dict | None = None, key: str | None = None) -> Path | None:
+        """The finished dump's path, or None when the backend crashed or hung (recorded under
+        ``key``, default ``spec``)."""
+        key = key or spec
+        out = run_in_worker(spec, self.ck, plan=self.plan, path=path, cache_dir=self.cache_dir, target=self.target,
+                            timeout=self.timeout, on_event=self.say, on_step=self.on_step, isolated=isolated)
+        if out.name and isolated is None:
+            self.names[spec] = out.name
+        if out.failure is None:
+            return out.path
+        self.failures[key] = out.failure
+        if out.partial is not None and out.failure.steps_completed > 0:
+            self.partials[key] = out.partial
+        self.say(f"{spec} {out.failure.kind}: {out.failure.error} {out.failure.where()}")
+        return None
+
+
+def backend_labels(backends: list[str], names: dict[str, str]) -> dict[str, str]:
+    """spec -> how tables name it: the backend's own ``name`` (a plug-in's, not its file path),
+    unless two backends share a name (tvm and tvm-instrumented are both "tvm"): then the spec."""
+    chosen = {spec: names.get(spec) or spec for spec in backends}
+    counts: dict[str, int] = {}
+    for label in chosen.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {spec: label if counts[label] == 1 else spec for spec, label in chosen.items()}
+
+
+def _attach_crashes(result: dict, *, backends, failures: dict, pairs, judged) -> None:
+    """The crash verdict: ``crashes`` (every failed backend), ``crash`` (the first), each with what
+    its finished steps showed against the yardstick; the run's verdict becomes the failure's kind."""
+    out = []
+    for spec, failure in failures.items():  # in the order they ran; an isolated run's is keyed "<spec> (isolated)"
+        entry = failure.to_dict()
+        against = next(((a, j) for (a, b), j in zip(pairs, judged) if b == spec), None) or \
+            next(((b, j) for (a, b), j in zip(pairs, judged) if a == spec), None)
+        entry["compared"] = None if against is None else {
+            "against": against[0], "steps": entry["steps_completed"], "verdict": against[1]["verdict"],
+            "first_divergence": against[1]["first_divergence"],
+        }
+        out.append(entry)
+    result["crashes"] = out
+    result["crash"] = out[0]
+    result["verdict"] = out[0]["kind"]
+
+
+def _crash_only_result(*, backends, failures: dict, views: dict) -> dict:
+    """A result with nothing compared: every backend but (at most) one died before its first step."""
+    first = next(spec for spec in backends if spec in failures)
+    ok = next((spec for spec in backends if spec in views), None)
+    expected = open_dump(views[ok]).describe() if ok is not None else {"backend": None}
+    return {
+        "verdict": failures[first].kind, "first_divergence": None, "expected": expected,
+        "actual": {"backend": failures[first].name, "path": None}, "policy": {}, "steps": [], "records": [],
+        "summary": {"records": 0, "failed": 0, "worst_logits_max_abs": None}, "mode": "propagated",
+        "pair": {"expected": ok, "actual": first},
+    }
+
+
+def _finish_crash_only(result, *, ck, backends, plan, command, mode, device, labels, dumps, tmp, failures) -> RunOutcome:
+    _attach_crashes(result, backends=backends, failures=failures, pairs=[], judged=[])
+    result["comparisons"] = []
+    result["run"] = {
+        "checkpoint": str(ck.path), "checkpoint_sha256": ck.sha256, "model": ck.config.to_dict(), "backends": backends,
+        "prefill_ids": list(plan.prefill_ids), "decode_ids": list(plan.decode_ids),
+        "command": command or shlex.join(["parity", *sys.argv[1:]]), "tool_versions": tool_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()}, "backend_labels": labels,
+        "isolation": "worker processes", "mode": mode, "device": device,
+    }
+    result = RunResult.from_dict(result).to_dict()
+    return RunOutcome(result=result, dumps=dumps if tmp is None else {},
+                      failures={spec: f.to_dict() for spec, f in failures.items()})
 
 
 def _shared_reference(ck, made: dict):
@@ -238,7 +338,8 @@ def _shared_reference(ck, made: dict):
 
 
 def _own_errors(
-    ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None
+    ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None,
+    workers: _Workers | None = None,
 ) -> dict[str, tuple[dict, dict]]:
     """The error each backend's stages add themselves: spec -> (own-error summary, comparison).
 
@@ -256,13 +357,20 @@ def _own_errors(
     for spec in backends:
         if spec == "reference":
             continue
-        backend = made[spec]
-        if mode in ("isolated", "both") and spec != yardstick and _isolatable(backend):
+        if mode in ("isolated", "both") and spec != yardstick and _isolatable(spec):
+            if yardstick not in dumps:
+                continue  # the yardstick crashed: there are no inputs to isolate on
             say(f"running {spec} isolated: every layer of every step on {yardstick}'s inputs")
-            iso = TVMIsolatedBackend(
-                ck, reference_dump=dumps[yardstick], model=backend.model, only_layer=only_layer, only_step=only_step
-            )
-            path = iso.dump(plan, path=dump_dir / (dump_dir_name(spec) + "-isolated"), on_step=on_step)
+            path = dump_dir / (dump_dir_name(spec) + "-isolated")
+            if spec in made:
+                iso = TVMIsolatedBackend(ck, reference_dump=dumps[yardstick], model=made[spec].model,
+                                         only_layer=only_layer, only_step=only_step)
+                path = iso.dump(plan, path=path, on_step=on_step)
+            else:
+                path = workers.run(spec, path=path, key=f"{spec} (isolated)" if spec in dumps else spec, isolated={
+                    "reference_dump": str(dumps[yardstick]), "only_layer": only_layer, "only_step": only_step})
+                if path is None:
+                    continue
             dumps[f"{spec} (isolated)"] = path
             comparison = compare_dumps(dumps[yardstick], path, overrides=overrides)
             out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": yardstick}, comparison)
@@ -359,6 +467,8 @@ def run_parity(
     arbiter: bool = False,
     arbiter_multiplier: float | None = None,
     device: str = "cpu",
+    timeout: float | None = DEFAULT_TIMEOUT,
+    in_process: bool | None = None,
 ) -> RunOutcome:
     """Run every backend on ``plan``, dump each, compare every pair.
 
@@ -379,9 +489,18 @@ def run_parity(
     backend by the dynamo rule of parity/compare/arbiter.py: error against fp64 within a multiple
     of the fp32 reference's own error against fp64. The result then has ``arbiter`` blocks, and
     the arbiter's verdict is the run's verdict.
+
+    Every backend but the torch reference runs in a worker process of its own
+    (parity/dumpers/worker.py); one that crashes (a signal, an exception in its own code) or hangs
+    (``timeout`` seconds without finishing a step) does not end the run: the verdict is "crashed"
+    or "timed out", ``crash``/``crashes`` say which backend, step, last stage and error, and the
+    steps it finished are compared. ``in_process`` (default: PARITY_IN_PROCESS) runs every backend
+    here instead, for a debugger.
     """
     if mode not in MODES:
         raise ParityError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
+    if timeout is not None and timeout < 0:
+        raise ParityError(f"--timeout {timeout:g}: give seconds per step (0: no limit)")
     if (only_layer is not None or only_step is not None) and mode != "isolated":
         raise ParityError("--only-layer / --only-step narrow an isolated run; add --mode isolated")
     if only_step is not None and not 0 <= only_step <= len(plan.decode_ids):
@@ -397,6 +516,8 @@ def run_parity(
     plan.check(vocab_size=ck.config.vocab_size)
     say = on_event or (lambda msg: None)
 
+    isolate = not (in_process if in_process is not None else in_process_requested())
+
     tmp = None
     if dump_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="parity-dumps-")
@@ -404,32 +525,66 @@ def run_parity(
     try:
         dumps: dict[str, Path] = {}
         made = {}
-        for spec in backends:
+        names: dict[str, str] = {}
+        # Backends that crashed or hung in their worker, and the steps they finished (partial dumps).
+        failures: dict = {}
+        partials: dict[str, Path] = {}
+        workers = _Workers(ck, plan=plan, cache_dir=cache_dir, target=target, timeout=timeout, say=say, on_step=on_step,
+                           failures=failures, partials=partials, names=names)
+
+        def in_parent(spec: str) -> bool:
+            # Our own torch reference stays here: the replays reuse its model, so a real-size
+            # model's weights are held once. Everything else is code under test: a worker each.
+            return not isolate or spec == "reference"
+
+        # Workers first: until the reference runs here, this process holds the checkpoint only
+        # memory-mapped, so a worker's fp32 copy of the weights and ours are never alive together.
+        for spec in sorted(backends, key=in_parent):
             say(f"preparing backend {spec}")
+            only_isolated = mode == "isolated" and spec != backends[0] and _isolatable(spec)
+            if not in_parent(spec):
+                names.setdefault(spec, spec)
+                if not only_isolated:  # else its isolated run (after the yardstick's dump) is all that is wanted
+                    say(f"running {spec} in a worker process: prefill of {len(plan.prefill_ids)} tokens + "
+                        f"{len(plan.decode_ids)} decode steps")
+                    path = workers.run(spec, path=Path(dump_dir) / dump_dir_name(spec))
+                    if path is not None:
+                        dumps[spec] = path
+                continue
             backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say, target=target)
-            if mode == "isolated" and spec != backends[0] and _isolatable(backend):
-                continue  # only its isolated run is wanted
+            names[spec] = backend.name
+            if only_isolated:
+                continue
             say(f"running {spec}: prefill of {len(plan.prefill_ids)} tokens + {len(plan.decode_ids)} decode steps")
             dumps[spec] = backend.dump(plan, path=Path(dump_dir) / dump_dir_name(spec), on_step=on_step)
         # Every pair, the earlier-listed backend as the yardstick: with three or more, agreement
-        # between two of them is what tells which one is wrong.
-        ran = [b for b in backends if b in dumps]
+        # between two of them is what tells which one is wrong. A crashed backend's finished steps
+        # (its partial dump) are compared like any dump.
+        views = {**dumps, **partials}
+        ran = [b for b in backends if b in views]
         pairs = [(a, b) for i, a in enumerate(ran) for b in ran[i + 1 :]]
-        comparisons = [compare_dumps(dumps[a], dumps[b], overrides=overrides) for a, b in pairs]
+        comparisons = [compare_dumps(views[a], views[b], overrides=overrides) for a, b in pairs]
         own: dict[str, tuple[dict, dict]] = {}
         if mode != "propagated":
             own = _own_errors(ck, backends=backends, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                               overrides=overrides, say=say, on_step=on_step, mode=mode,
-                              only_layer=only_layer, only_step=only_step)
+                              only_layer=only_layer, only_step=only_step, workers=workers)
         if mode == "isolated":
             # Only the own-error comparisons ran for compiled backends: judge those, yardstick first.
             iso_pairs = [(backends[0], spec) for spec in backends[1:] if spec in own and spec not in dumps]
             pairs += iso_pairs
             comparisons += [own[spec][1] for _, spec in iso_pairs]
+        labels = backend_labels(backends, names)
+        if not pairs and failures:
+            result = _crash_only_result(backends=backends, failures=failures, views=views)
+            return _finish_crash_only(result, ck=ck, backends=backends, plan=plan, command=command, mode=mode,
+                                      device=device, labels=labels, dumps=dumps, tmp=tmp, failures=failures)
         if not pairs:
             raise ParityError("isolated mode needs a compiled backend (tvm or mutant/...) or a replayable one after the yardstick")
         judged = [_judge_pair(a, b, c, own=own, mode=mode, backends=backends) for (a, b), c in zip(pairs, comparisons)]
-        index = next((i for i, j in enumerate(judged) if j["first_divergence"] is not None), 0)
+        # The pair shown at the top: the first to diverge, else the first with a crashed backend.
+        index = next((i for i, j in enumerate(judged) if j["first_divergence"] is not None),
+                     next((i for i, (a, b) in enumerate(pairs) if a in failures or b in failures), 0))
         (pa, pb), primary, verdict = pairs[index], comparisons[index], judged[index]
         side = verdict["own_side"]
         own_summary, own_comparison = own.get(side, (None, None))
@@ -465,7 +620,9 @@ def run_parity(
         if arbiter:
             _run_arbiter(ck, result=result, backends=backends, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                          overrides=overrides, say=say, on_step=on_step, multiplier=arbiter_multiplier)
-        result["first_divergence_detail"] = divergence_detail(result, dumps=dumps)
+        result["first_divergence_detail"] = divergence_detail(result, dumps=views)
+        if failures:
+            _attach_crashes(result, backends=backends, failures=failures, pairs=pairs, judged=judged)
         result["repro"] = repro_command(ck, backends=[pa, pb], plan=plan, result=result)
         result["run"] = {
             "checkpoint": str(ck.path),
@@ -478,14 +635,20 @@ def run_parity(
             "tool_versions": tool_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()},
+            "backend_labels": labels,
+            "isolation": "worker processes" if isolate else "in process",
+            "timeout_s": timeout if isolate else None,
             "mode": mode,
             "device": device,
             "torch_math": torch_math_settings(),
         }
+        if partials and tmp is None:
+            result["run"]["partial_dumps"] = {k: str(v) for k, v in partials.items()}
+        extras = {spec: (open_dump(views[spec]).extra or {}) for spec in backends if spec in views}
         known = [
             {"backend": spec, **item}
-            for spec, path in dumps.items()
-            for item in (DumpReader(path).extra or {}).get("known_differences", [])
+            for spec, extra in extras.items()
+            for item in extra.get("known_differences", [])
         ]
         if known:
             # Legitimate, named differences of a backend's math (e.g. HF's rescaling): shown with
@@ -494,27 +657,38 @@ def run_parity(
             result["run"]["known_differences"] = "; ".join(
                 f"{k['backend']}: {k['name']} ({'applies' if k['applies'] else 'no effect here'})" for k in known
             )
+        notes = [{"backend": spec, "note": str(note)} for spec, extra in extras.items()
+                 for note in extra.get("notes") or [] if isinstance(extra.get("notes"), list)]
+        if notes:
+            # A backend's own remarks (a plug-in's ``notes``, e.g. "rows 0..T-2 come from an extra
+            # entry point"): shown with every verdict, like known differences.
+            result["notes"] = notes
+        # Every pair, always (also with two backends, and when all agree): each pair's verdict,
+        # first divergence, worst logits and records, so no backend's own error goes unshown.
+        result["comparisons"] = [
+            {
+                "expected": a,
+                "actual": b,
+                "verdict": failures[b].kind if b in failures else failures[a].kind if a in failures else j["verdict"],
+                "first_divergence": j["first_divergence"],
+                "summary": c["summary"],
+                "drift": None if j["drift"] is None else {k: j["drift"][k] for k in ("status", "worst_ratio", "envelope")},
+                "end_to_end": None if c.get("end_to_end") is None else
+                {k: v for k, v in c["end_to_end"].items() if k not in ("per_step", "kl_rows")},
+                "records": c["records"],
+                "compared_verdict": j["verdict"],
+            }
+            for (a, b), c, j in zip(pairs, comparisons, judged)
+        ]
         if len(comparisons) > 1:
-            result["comparisons"] = [
-                {
-                    "expected": a,
-                    "actual": b,
-                    "verdict": j["verdict"],
-                    "first_divergence": j["first_divergence"],
-                    "summary": c["summary"],
-                    "drift": {k: j["drift"][k] for k in ("status", "worst_ratio", "envelope")},
-                    "end_to_end": None if c.get("end_to_end") is None else
-                    {k: v for k, v in c["end_to_end"].items() if k not in ("per_step", "kl_rows")},
-                }
-                for (a, b), c, j in zip(pairs, comparisons, judged)
-            ]
             result["odd_one_out"] = odd_one_out(
                 backends, {pair: j["first_divergence"] is None for pair, j in zip(pairs, judged)}
             )
         # Typed on the way out (parity/results.py): one schema, versioned, that every renderer reads.
         result = RunResult.from_dict(result).to_dict()
         return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons,
-                          own_comparisons={spec: c for spec, (_, c) in own.items()})
+                          own_comparisons={spec: c for spec, (_, c) in own.items()},
+                          failures={spec: f.to_dict() for spec, f in failures.items()})
     finally:
         if tmp is not None:
             tmp.cleanup()

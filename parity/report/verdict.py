@@ -7,7 +7,9 @@ nothing from the package, and an arrow into it never closes a circle.
 
 from __future__ import annotations
 
-__all__ = ["console_width", "describe_divergence", "fmt", "fmt6", "verdict_line"]
+__all__ = ["console_width", "crash_line", "describe_divergence", "fmt", "fmt6", "verdict_line"]
+
+FAILURE_VERDICTS = ("crashed", "timed out")  # parity/results.py: a backend died or hung
 
 
 def fmt(x) -> str:
@@ -49,13 +51,51 @@ def describe_divergence(fd: dict) -> str:
 
 
 def diverged(result: dict) -> bool:
-    return result.get("first_divergence") is not None or result.get("verdict") == "divergence"
+    """Whether the result fails: a divergence, or a backend that crashed or hung (exit 1 either way)."""
+    return (result.get("first_divergence") is not None or result.get("verdict") == "divergence"
+            or result.get("verdict") in FAILURE_VERDICTS)
+
+
+def _steps_text(n: int) -> str:
+    return "no step" if n <= 0 else "step 0" if n == 1 else f"steps 0-{n - 1}"
+
+
+def crash_line(crash: dict) -> str:
+    """``CRASHED: tvm died with SIGSEGV at decode step 3 in kernel wkv5 after L1.att.wkv (steps 0-2
+    compared against reference: no divergence)`` — one line for a backend that crashed or hung
+    (parity/dumpers/worker.py); the last stage named is of the same step unless it says which."""
+    name = crash.get("name") or crash.get("backend")
+    step, last = crash.get("step"), crash.get("last_stage")
+    step_name = None if step is None else "prefill" if step == 0 else f"decode step {step}"
+    detail = ""
+    if crash.get("kernel"):
+        detail += f" in kernel {crash['kernel']}"
+    if isinstance(last, dict):
+        detail += f" after {last.get('stage')}" + ("" if last.get("step") == step else f" of step {last.get('step')}")
+    if crash.get("kind") == "timed out":
+        limit = crash.get("timeout_s")
+        head = (f"TIMED OUT: {name} did not finish {step_name or 'its first step'}"
+                + (f" within {limit:g} s" if isinstance(limit, (int, float)) else "") + f"{detail}; stopped")
+    else:
+        where = "before its first step" if step is None else f"at {step_name}{detail}"
+        head = (f"CRASHED: {name} died with {crash['signal']} {where}" if crash.get("signal")
+                else f"CRASHED: {name} failed {where}: {crash.get('error')}")
+    compared = crash.get("compared")
+    n = crash.get("steps_completed") or 0
+    if not isinstance(compared, dict) or n == 0:
+        return f"{head} (no step finished, nothing compared)"
+    fd = compared.get("first_divergence")
+    found = "no divergence" if not isinstance(fd, dict) else \
+        f"first divergence at {'prefill' if fd.get('step') == 0 else 'decode step ' + str(fd.get('step'))} {fd.get('stage')}"
+    return f"{head} ({_steps_text(n)} compared against {compared.get('against')}: {found})"
 
 
 def verdict_line(result: dict) -> str:
     """``no divergence (...)`` or ``DIVERGENCE: first divergence: ...``; tolerant of a hand-edited or
     older result (``parity report`` reads saved files), so a missing field never raises."""
     first = result.get("first_divergence")
+    if result.get("verdict") in FAILURE_VERDICTS and isinstance(result.get("crash"), dict):
+        return crash_line(result["crash"])
     if isinstance(first, dict) and result.get("verdict") == "drift beyond envelope":
         # No stage adds error out of tolerance; the propagated trajectory left its envelope.
         drift = result.get("drift") if isinstance(result.get("drift"), dict) else {}

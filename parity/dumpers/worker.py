@@ -1,0 +1,487 @@
+"""Run one backend in a worker process of its own, so its crash or hang is a finding, not our death.
+
+The code under test is compiled code, and compiled code crashes: an out-of-bounds gather is a
+SIGSEGV, a failed check an abort, a scan with a wrong loop bound never returns. In the parity
+process itself any of these would take the verdict, the reports and every other backend's dump
+down with it. Here each backend (but our own torch reference, which stays in the parent so a
+real-size model's weights are held once for the replays) is built and run in a child started
+with multiprocessing's "spawn" method — not fork: TVM's thread pool and CUDA do not survive a
+fork. The child streams its dump to disk step by step (parity/dumpers/format.py: the steps go into
+``<dir>.partial-<pid>`` and are renamed into place on a clean close) and tells the parent over a
+pipe what it is doing: each step started and finished, each stage recorded, each compiled kernel
+entered (TVM debug builds). When the child dies — by a signal, an exception in the backend's own
+code, or a hang past ``timeout`` seconds without a finished step — the parent knows the last step
+completed, the last stage recorded and the kernel that was running, and the steps the child
+finished are still on disk to compare (``PartialDumpReader``).
+
+Set PARITY_IN_PROCESS=1 (or pass ``--in-process``) to run every backend in the parity process
+instead, e.g. to step through a plug-in with pdb; a crash then ends the run as it would without
+this module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from parity.dumpers import format as _fmt
+from parity.dumpers.format import DumpReader
+from parity.errors import ParityError
+
+__all__ = ["BackendFailure", "PartialDumpReader", "WorkerOutcome", "in_process_requested", "open_dump", "run_in_worker"]
+
+# How long a terminated (SIGTERM) child gets to go before it is killed (SIGKILL).
+_TERMINATE_GRACE_S = 5.0
+# Models up to this many bytes are handed to the child whole (tests build checkpoints in memory);
+# larger ones are read again from their file, memory-mapped, so no copy crosses the pipe.
+_SEND_WEIGHTS_UP_TO = 256 << 20
+# The end of a dead child's stderr (TVM's native backtrace, faulthandler's Python stack) kept in
+# the result: the frames that matter are last; never a megabyte of earlier output.
+_FAULT_LOG_CHARS = 8000
+
+CRASHED, TIMED_OUT = "crashed", "timed out"
+
+
+def in_process_requested() -> bool:
+    """PARITY_IN_PROCESS=1: run every backend in the parity process (for pdb; no crash verdicts)."""
+    return os.environ.get("PARITY_IN_PROCESS", "").strip() not in ("", "0")
+
+
+@dataclass
+class BackendFailure:
+    """A backend that died or hung: what the user needs to find where, and what was saved."""
+
+    backend: str  # the spec it was asked for (--backends)
+    name: str  # its own name (a plug-in's ``name``), as the tables show it
+    kind: str  # "crashed" | "timed out"
+    error: str  # one line: "SIGSEGV", "ZeroDivisionError: division by zero", "no step finished in 5 s"
+    step: int | None  # the step it was running (0 = prefill); None: it died before its first step
+    step_kind: str | None  # "prefill" | "decode"
+    steps_completed: int  # steps written whole to its partial dump (0..step-1), all compared
+    last_stage: dict | None = None  # {"step", "stage"}: the last stage it recorded
+    kernel: str | None = None  # the compiled kernel it had entered last (TVM debug builds)
+    signal: str | None = None  # "SIGSEGV", "SIGABRT", ... when a signal ended it
+    exitcode: int | None = None
+    error_type: str | None = None  # the Python exception's type, for an exception
+    traceback: str | None = None  # the full traceback (exception) or faulthandler's stack (signal)
+    timeout_s: float | None = None
+    partial_dump: str | None = None  # where its completed steps are (a dump marked complete: false)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def where(self) -> str:
+        """``at decode step 3 in kernel wkv5 after L1.att.wkv`` — as much as is known."""
+        if self.step is None:
+            return "before its first step"
+        text = "at prefill" if self.step == 0 else f"at decode step {self.step}"
+        if self.kernel:
+            text += f" in kernel {self.kernel}"
+        if self.last_stage is not None:
+            same = self.last_stage["step"] == self.step
+            text += f" after {self.last_stage['stage']}" + ("" if same else f" (of step {self.last_stage['step']})")
+        return text
+
+
+@dataclass
+class WorkerOutcome:
+    """What a worker left: the finished dump's path, or a failure (and its partial dump, if any)."""
+
+    path: Path | None
+    failure: BackendFailure | None = None
+    partial: Path | None = None
+    name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- the child ------------------------------------------------------------------------------------
+class _Sender:
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __call__(self, *message) -> None:
+        try:
+            self.conn.send(message)
+        except (BrokenPipeError, OSError):  # the parent is gone; nothing is listening any more
+            os._exit(1)
+
+
+class _ReportingStep:
+    """Wraps a step's writer: every stage added is reported to the parent before it is stored."""
+
+    def __init__(self, inner, *, index: int, send: _Sender):
+        self._inner, self._index, self._send = inner, index, send
+
+    def add(self, name: str, array) -> None:
+        self._send("stage", self._index, name)
+        self._inner.add(name, array)
+
+    def __getattr__(self, attr):
+        return getattr(self._inner, attr)
+
+
+def _child_checkpoint(payload: dict):
+    from parity.checkpoint import Checkpoint, _read_state_dict
+
+    if payload.get("weights") is not None:
+        import torch
+
+        weights = torch.load(io.BytesIO(payload["weights"]), map_location="cpu", weights_only=True)
+    else:
+        # Validated (shape, NaN) by the parent already: read it again, memory-mapped, unchecked.
+        weights = _read_state_dict(Path(payload["path"]))
+    return Checkpoint(path=Path(payload["path"]), sha256=payload["sha256"], config=payload["config"], weights=weights)
+
+
+def _make(recipe: dict, ck, *, say):
+    from parity.dumpers.registry import make_backend
+
+    backend = make_backend(recipe["spec"], ck, cache_dir=recipe["cache_dir"], on_event=say, target=recipe["target"])
+    if recipe.get("isolated") is None:
+        return backend
+    from parity.dumpers.isolated import TVMIsolatedBackend
+
+    # The isolated run drives the very build the spec names (a mutant's, with its repeat check).
+    iso = recipe["isolated"]
+    return TVMIsolatedBackend(ck, reference_dump=Path(iso["reference_dump"]), target=recipe["target"],
+                              model=backend.model, only_layer=iso.get("only_layer"), only_step=iso.get("only_step"))
+
+
+def _watch_kernels(backend, send: _Sender) -> None:
+    """Report each compiled kernel as it is entered, so a crash inside the VM names its kernel."""
+    model = getattr(backend, "model", None)
+    vm = getattr(model, "vm", None)
+    if vm is None or getattr(model, "variant", None) != "debug":
+        return  # the instrumented backend sets its own VM hook per call; it names kernels itself
+    from tvm.runtime.vm import VMInstrumentReturnKind
+
+    def hook(func, symbol, before_run, ret_value, *args):
+        symbol = str(symbol)
+        if before_run and not symbol.startswith("vm.builtin."):
+            send("kernel", symbol)
+        return VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(hook)
+
+
+def _exception_report(exc: BaseException) -> dict:
+    """Type, one-line message and the full traceback of ``exc``, including what it was raised from.
+
+    The plug-in wrapper re-raises a plug-in's exception as a one-line ParityError ``from None``;
+    the plug-in author needs the frames of their own code, so the suppressed context is shown too.
+    """
+    te = traceback.TracebackException.from_exception(exc)
+    original = exc
+    if exc.__context__ is not None and exc.__suppress_context__:
+        te.__suppress_context__ = False
+        original = exc.__context__
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return {"error_type": type(original).__name__, "message": message, "traceback": "".join(te.format()),
+            "parity_error": isinstance(exc, ParityError) and original is exc}
+
+
+def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: str) -> None:
+    import faulthandler
+
+    send = _Sender(conn)
+    # Ctrl-C reaches the whole process group: the parent decides when a worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A fatal signal (SIGSEGV, SIGABRT, ...) writes the Python stack to stderr, which the parent
+    # pointed at a log file (``fault_log``) and reads after the child is gone.
+    faulthandler.enable(all_threads=False)
+    phase = "build"
+    try:
+        ck = _child_checkpoint(payload)
+        backend = _make(recipe, ck, say=lambda msg: send("event", msg))
+        from parity.dumpers.format import partial_dir_for
+
+        send("ready", {"name": backend.name, "partial": str(partial_dir_for(path)), "extra": _jsonable(backend.extra)})
+        _watch_kernels(backend, send)
+        record = backend.record_step
+        counter = [0]
+
+        def record_step(ids, step):
+            index = counter[0]
+            counter[0] += 1
+            send("step", index)
+            record(ids, _ReportingStep(step, index=index, send=send))
+
+        backend.record_step = record_step  # an instance attribute: Backend.dump calls self.record_step
+        phase = "run"
+        out = backend.dump(plan, path=Path(path), on_step=lambda name, i, n: send("done", i, n))
+        send("finished", str(out))
+    except BaseException as exc:  # noqa: BLE001 - everything the backend raises is reported, nothing escapes
+        send("error", {**_exception_report(exc), "phase": phase})
+        conn.close()
+        os._exit(1)
+    conn.close()
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return {}
+
+
+# -- the parent -----------------------------------------------------------------------------------
+def _payload(ck) -> dict:
+    payload = {"path": str(ck.path), "sha256": ck.sha256, "config": ck.config, "weights": None}
+    on_disk = Path(ck.path).exists()
+    if not on_disk or ck.fp32_nbytes() <= _SEND_WEIGHTS_UP_TO:
+        # Small, or built in memory: hand over the very tensors the parent holds.
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({k: v.contiguous() for k, v in ck.weights.items()}, buf)
+        payload["weights"] = buf.getvalue()
+    return payload
+
+
+def _signal_name(exitcode: int) -> str:
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def _child_entry() -> None:
+    """``python -c 'from parity.dumpers.worker import _child_entry; _child_entry()' FD``: read the job
+    (pickled) from stdin, report on file descriptor FD."""
+    import pickle
+    import sys
+
+    conn = multiprocessing.connection.Connection(int(sys.argv[1]), readable=False)
+    job = pickle.loads(sys.stdin.buffer.read())
+    sys.path[:] = job["sys_path"]  # the parent's: a plug-in importable there is importable here
+    _child_main(conn, job["recipe"], job["payload"], job["plan"], job["path"], job["fault_log"])
+
+
+def _start_child(job: dict):
+    """A fresh interpreter (a spawn: TVM's thread pool and CUDA do not survive fork) running
+    ``_child_entry``. Not multiprocessing's spawn: that re-imports the parent's __main__ in the
+    child, which reruns a user's script that calls run_parity without a __main__ guard."""
+    import pickle
+    import subprocess
+    import sys
+
+    read_fd, write_fd = os.pipe()
+    # The child's stderr goes to a file: a native crash's own report (TVM's backtrace,
+    # faulthandler's Python stack) becomes part of the failure instead of noise on the terminal.
+    stderr = open(job["fault_log"], "wb")  # noqa: SIM115 - handed to the child, closed below
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from parity.dumpers.worker import _child_entry; _child_entry()", str(write_fd)],
+            stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, stderr=stderr,
+        )
+    finally:
+        os.close(write_fd)
+        stderr.close()  # the child holds the only writing end: EOF here means it is gone
+    conn = multiprocessing.connection.Connection(read_fd, writable=False)
+    try:
+        proc.stdin.write(pickle.dumps({**job, "sys_path": list(sys.path)}))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at once; its exit status says how
+    return proc, conn
+
+
+def run_in_worker(
+    spec: str,
+    ck,
+    *,
+    plan,
+    path: Path,
+    cache_dir: Path | None,
+    target: str,
+    timeout: float | None,
+    on_event: Callable[[str], None] | None = None,
+    on_step: Callable[[str, int, int], None] | None = None,
+    isolated: dict | None = None,
+) -> WorkerOutcome:
+    """Build backend ``spec`` and dump ``plan`` to ``path`` in a child process; wait for it.
+
+    ``timeout``: seconds the backend may take to finish one step (the prefill or one decode step),
+    counted from when it is built — a compile is never cut short. None or 0: wait for ever.
+    Errors that mean the backend could not be made at all (an unknown plug-in, a missing method,
+    a compile failure) are raised as ParityError, as they would be in-process; anything the
+    backend's own code does wrong once it runs comes back as ``WorkerOutcome.failure``.
+    """
+    say = on_event or (lambda msg: None)
+    fd, fault_log = tempfile.mkstemp(prefix="parity-worker-", suffix=".log")
+    os.close(fd)
+    recipe = {"spec": spec, "cache_dir": cache_dir, "target": target, "isolated": isolated}
+    state: dict[str, Any] = {"name": spec, "partial": None, "step": None, "kind": None, "done": 0,
+                             "last_stage": None, "kernel": None, "extra": {}}
+    steps = plan.steps()
+    error: dict | None = None
+    finished: str | None = None
+    timed_out = False
+    proc, receive = _start_child({"recipe": recipe, "payload": _payload(ck), "plan": plan, "path": str(path),
+                                  "fault_log": fault_log})
+    try:
+        deadline = None
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not multiprocessing.connection.wait([receive], timeout=wait):
+                timed_out = True
+                break
+            try:
+                msg = receive.recv()
+            except (EOFError, OSError):
+                break
+            what = msg[0]
+            if what == "event":
+                say(msg[1])
+            elif what == "ready":
+                state.update(name=msg[1]["name"], partial=msg[1]["partial"], extra=msg[1]["extra"])
+                deadline = time.monotonic() + timeout if timeout else None
+            elif what == "step":
+                state.update(step=msg[1], kind=steps[msg[1]][0] if msg[1] < len(steps) else None, kernel=None)
+            elif what == "stage":
+                state["last_stage"] = {"step": msg[1], "stage": msg[2]}
+            elif what == "kernel":
+                state["kernel"] = msg[1]
+            elif what == "done":
+                state["done"] = msg[1] + 1
+                state["kernel"] = None
+                deadline = time.monotonic() + timeout if timeout else None
+                if on_step:
+                    on_step(state["name"], msg[1], msg[2])
+            elif what == "finished":
+                finished = msg[1]
+            elif what == "error":
+                error = msg[1]
+    finally:
+        if proc.poll() is None and (timed_out or finished is None):
+            proc.terminate()
+            try:
+                proc.wait(_TERMINATE_GRACE_S)
+            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it ignored SIGTERM
+                proc.kill()
+        proc.wait()
+        receive.close()
+    fault_text = _read_fault_log(fault_log)
+    exitcode = proc.returncode
+    if finished is not None and exitcode == 0:
+        if fault_text.strip():
+            import sys
+
+            sys.stderr.write(fault_text)  # what a healthy backend said on stderr (warnings) is not hidden
+        return WorkerOutcome(path=Path(finished), name=state["name"], extra=state["extra"])
+    if error is not None and (error["phase"] == "build" or (error["parity_error"] and state["step"] is None)):
+        # It could not be made, or refused its input before running: bad input, as in-process.
+        if error["parity_error"]:
+            raise ParityError(error["message"])
+        raise WorkerBuildError(f"backend {spec} failed to start: {error['error_type']}: {error['message']}",
+                               traceback_text=error["traceback"])
+    if error is not None and error["parity_error"]:
+        # Our plug-in wrapper refused what the backend returned (no logits, a non-canonical
+        # stage): the plug-in breaks its contract, a usage error with one line, as in-process.
+        raise ParityError(error["message"])
+    partial = Path(state["partial"]) if state["partial"] and Path(state["partial"]).is_dir() else None
+    failure = BackendFailure(
+        backend=spec, name=state["name"], kind=TIMED_OUT if timed_out else CRASHED,
+        error="", step=state["step"], step_kind=state["kind"], steps_completed=state["done"],
+        last_stage=state["last_stage"], kernel=state["kernel"], exitcode=exitcode,
+        timeout_s=timeout if timed_out else None, partial_dump=str(partial) if partial else None,
+    )
+    if timed_out:
+        failure.error = f"no step finished within {timeout:g} s"
+    elif error is not None:
+        message = error["message"]
+        failure.error = message if error["error_type"] in message else f"{error['error_type']}: {message}"
+        failure.error_type, failure.traceback = error["error_type"], error["traceback"]
+    elif exitcode is not None and exitcode < 0:
+        failure.signal = _signal_name(exitcode)
+        failure.error = f"died with {failure.signal}"
+        failure.traceback = fault_text or None
+    else:
+        failure.error = f"exited with code {exitcode} before finishing"
+        failure.traceback = fault_text or None
+    return WorkerOutcome(path=None, failure=failure, partial=partial, name=state["name"], extra=state["extra"])
+
+
+class WorkerBuildError(RuntimeError):
+    """A backend's constructor failed in its worker with something other than a ParityError: a bug
+    (ours or the plug-in's) — the CLI's internal-error exit, with the child's traceback kept."""
+
+    def __init__(self, message: str, *, traceback_text: str):
+        super().__init__(message)
+        self.traceback_text = traceback_text
+
+
+def _read_fault_log(path: str) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return text[-_FAULT_LOG_CHARS:]
+
+
+# -- reading what a dead worker left --------------------------------------------------------------
+def _is_partial(path: Path) -> bool:
+    return ".partial-" in Path(path).name
+
+
+def open_dump(path: str | os.PathLike[str]):
+    """A reader for ``path``: a complete dump, or the completed steps of a crashed backend's
+    ``<dir>.partial-<pid>``."""
+    return PartialDumpReader(path) if _is_partial(Path(path)) else DumpReader(path)
+
+
+class PartialDumpReader(DumpReader):
+    """The steps a crashed or killed writer finished, from its ``<dir>.partial-<pid>`` directory.
+
+    The writer (parity/dumpers/format.py) renames each step file into place *before* it lists the
+    step in the manifest, and replaces the manifest atomically, so every step the manifest lists
+    is whole; the step being written when the process died is absent. The manifest keeps
+    ``complete: false`` on disk — this reader never makes the directory read as a finished dump.
+    Reads like ``DumpReader`` (the compare engine's RunView); only the completeness check differs.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        from parity.compare.divergence import StepInfo
+
+        self.path = _fmt._absolute(path)
+        manifest_file = self.path / _fmt.MANIFEST_NAME
+        try:
+            m = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise ParityError(f"{manifest_file}: cannot read the unfinished dump's manifest ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != _fmt.FORMAT_NAME:
+            raise ParityError(f"{manifest_file} is not an {_fmt.FORMAT_NAME} manifest")
+        version = m.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= _fmt.FORMAT_VERSION:
+            raise ParityError(f"{manifest_file}: unreadable format_version {version!r}")
+        _fmt._validate_fields(m, where=manifest_file)
+        self.manifest = m
+        self.backend, self.mode, self.dtype = m["backend"], m["mode"], m["dtype"]
+        self.model, self.stage_order, self.checkpoint = m["model"], m["stage_order"], m["checkpoint"]
+        self.tool_versions, self.extra = m["tool_versions"], m["extra"]
+        self.steps = [StepInfo(index=s["index"], kind=s["kind"], ids=list(s["ids"])) for s in m["steps"]]
+        for s in m["steps"]:
+            keys = self._open_keys(s)
+            if any(name not in keys for name in s["stages"]):
+                raise ParityError(f"{self.path / s['file']}: stages listed in the manifest are missing from the file")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "complete": False, "steps_recorded": len(self.steps)}
