@@ -70,13 +70,27 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
         "allowance outside ln_x, over the bundled fixtures and 5000 random configurations, errors "
         "propagated through every layer and step",
     ),
+    # fp16 and bf16: measured by benchmarks/calibrate_precision.py (results in benchmarks/results/
+    # calibrate_precision.md): every bundled fixture, ones:10 and random:16:3 with 32 decode steps,
+    # the reference, TVM and the official package in the dtype, each replayed by the reference in
+    # its own dtype — the judge of a low-precision backend's own error (parity/dumpers/replay.py).
     "float16": Tolerance(
-        rtol=1e-3, atol=1e-5, scale=1e-2,
-        reason=_TORCH_REASON.format(dtype="float16") + "scale 1e-2: provisional, not yet calibrated on an fp16 backend",
+        rtol=1e-3, atol=1e-5, scale=5e-3,
+        reason=_TORCH_REASON.format(dtype="float16")
+        + "scale 5e-3: correct fp16 backends (TVM, the official package's cpu fp16), replayed by the fp16 "
+        "reference, need at most 2.2e-3 outside ln_x (rwkv5_1 fixture, random:16:3, L0.ffn.out; "
+        "benchmarks/calibrate_precision.py): 2.3x margin. Against the fp32 reference a correct fp16 "
+        "stage is up to 4.7e-2 off (its own rounding), which is why fp16 is replayed in fp16",
     ),
     "bfloat16": Tolerance(
-        rtol=1.6e-2, atol=1e-5, scale=5e-2,
-        reason=_TORCH_REASON.format(dtype="bfloat16") + "scale 5e-2: provisional, not yet calibrated on a bf16 backend",
+        rtol=1.6e-2, atol=1e-5, scale=1.0,
+        reason=_TORCH_REASON.format(dtype="bfloat16")
+        + "scale 1.0: bf16 keeps 8 bits, and in RWKV-5 a head whose wkv nearly cancels is renormalised by "
+        "GroupNorm: correct bf16 ports differ by up to 0.58 x max|b| there and downstream (TVM, which "
+        "rounds only at stores, vs torch and the official package, which round after every op: rwkv5_1 "
+        "fixture, ones:10, L0.att.gated; 0.48 on L0.x_after_att); RWKV-4 (no GroupNorm) needs 1.2e-2. "
+        "So a bf16 per-stage verdict catches gross errors only (NaN, a wrong sign or axis); judge bf16 "
+        "by the end-to-end metrics (KL, top-1)",
     ),
 }
 
@@ -94,10 +108,23 @@ _LN_X_REASON = (
     "upstream rounding in heads that nearly cancel (measured up to 3.7e-4 x max|b| between correct fp32 "
     "backends); for such heads, --arbiter judges against float64 instead"
 )
+# fp16: the same amplification, at fp16's rounding: a correct TVM fp16 build replayed by the fp16
+# reference needed 5.3e-3 on L0.att.ln_x (rwkv5_2-L4-C128-H2, random:10:7, one element of 1280);
+# the calibration's prompts 1.25e-3 at most. 1e-2 is 1.9x the worst; the decay-in-bf16 mutant
+# needs 1.56e-2 there, groupnorm-variance-fp16 0.6 (parity/mutants/precision.py).
+_LN_X_FP16_REASON = (
+    "rtol/atol: torch defaults for float16; scale 1e-2: GroupNorm divides each head by its own std, "
+    "amplifying fp16 rounding in heads that nearly cancel (correct fp16 backends, replayed in fp16: up to "
+    "5.3e-3 x max|b|)"
+)
 DEFAULT_STAGE_TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "float32": {
         "L*.att.ln_x": Tolerance(rtol=1.3e-6, atol=1e-5, scale=1e-3, reason=_LN_X_REASON),
         "L*.att.gated": Tolerance(rtol=1.3e-6, atol=1e-5, scale=1e-3, reason=_LN_X_REASON),
+    },
+    "float16": {
+        "L*.att.ln_x": Tolerance(rtol=1e-3, atol=1e-5, scale=1e-2, reason=_LN_X_FP16_REASON),
+        "L*.att.gated": Tolerance(rtol=1e-3, atol=1e-5, scale=1e-2, reason=_LN_X_FP16_REASON),
     },
 }
 
