@@ -63,6 +63,7 @@ class Drift:
     first_over_tolerance: dict | None = None
     first_beyond_envelope: dict | None = None
     failed: int = 0
+    floor: float | None = None  # the run's rounding floor at the worst record, where it was measured
 
 
 @dataclass
