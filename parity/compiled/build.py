@@ -21,6 +21,7 @@ from typing import Callable
 
 import tvm
 
+from parity.cache_lock import build_once
 from parity.checkpoint import ModelConfig, ModelVersion
 from parity.errors import ParityError
 
@@ -281,6 +282,37 @@ def build_model(
     if target not in _TARGETS:
         raise ParityError(f"unknown target {target!r}; choose one of {', '.join(_TARGETS)}")
     say = on_event or (lambda msg: None)
+    lib_path = entry_path(config, variant=variant, target=target, mutant=mutant, dtype=dtype, cache_dir=cache_dir)
+    meta_path = lib_path.with_suffix(".json")
+    said_unusable = []
+
+    def ready() -> BuildArtifact | None:
+        meta = _read_sidecar(meta_path) if lib_path.exists() else None
+        fault = None if meta is None else _entry_fault(lib_path, meta)
+        if fault is not None:
+            if not said_unusable:  # asked again under the lock: say it once
+                say(f"compile cache entry {lib_path.name} is unusable ({fault}); rebuilding it")
+                said_unusable.append(True)
+            return None
+        if meta is None:
+            return None
+        say(f"compile cache hit: {lib_path.name}")
+        return BuildArtifact(library=lib_path, meta=meta, cached=True)
+
+    # One builder per entry (parity/cache_lock.py): a second process that misses the same entry
+    # waits for the first, then finds its published build instead of compiling it again.
+    return build_once(
+        lib_path, ready=ready, on_wait=say,
+        build=lambda: _compile_entry(config, variant=variant, target=target, mutant=mutant, dtype=dtype,
+                                     lib_path=lib_path, say=say),
+    )
+
+
+def entry_path(
+    config: ModelConfig, *, variant: str, target: str, mutant: str | None = None, dtype: str = "float32",
+    cache_dir: Path | None = None,
+) -> Path:
+    """The cache entry's library path (its sidecar is the same name with .json; its lock, .so.lock)."""
     cache_dir = Path(cache_dir or default_cache_dir())
     key = cache_key(config=config, variant=variant, target=target, mutant=mutant, dtype=dtype)
     family = "rwkv4" if config.version == ModelVersion.V4 else "rwkv5"
@@ -288,17 +320,16 @@ def build_model(
         family += f"-mutant-{mutant}"
     if dtype != "float32":
         family += f"-{dtype}"
-    lib_path = cache_dir / f"{family}-{variant}-{target}-{key}.so"
-    meta_path = lib_path.with_suffix(".json")
-    meta = _read_sidecar(meta_path) if lib_path.exists() else None
-    fault = None if meta is None else _entry_fault(lib_path, meta)
-    if fault is not None:
-        say(f"compile cache entry {lib_path.name} is unusable ({fault}); rebuilding it")
-        meta = None
-    if meta is not None:
-        say(f"compile cache hit: {lib_path.name}")
-        return BuildArtifact(library=lib_path, meta=meta, cached=True)
+    return cache_dir / f"{family}-{variant}-{target}-{key}.so"
 
+
+def _compile_entry(
+    config: ModelConfig, *, variant: str, target: str, mutant: str | None, dtype: str, lib_path: Path,
+    say: Callable[[str], None],
+) -> BuildArtifact:
+    """Compile and publish one cache entry (called with the entry's lock held)."""
+    cache_dir = lib_path.parent
+    meta_path = lib_path.with_suffix(".json")
     say(f"compiling {config.describe()} ({variant}, {target}, {dtype}{', MUTANT ' + mutant if mutant else ''}) "
         f"with TVM {tvm.__version__}")
     try:
