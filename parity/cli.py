@@ -587,9 +587,9 @@ def cmd_bisect(args, console) -> int:
 def cmd_selftest(args, console) -> int:
     from rich.table import Table
 
-    from parity.mutants import CATALOGUE
-    from parity.selftest import run_selftest
+    from parity.selftest import every_entry, run_selftest
 
+    CATALOGUE = every_entry()  # the bug zoo and its crashing plug-ins (plugin:<factory>)
     if args.list:
         for m in CATALOGUE.values():
             console.print(f"{m.name:28s} {m.side:9s} {m.description}", markup=False)
@@ -611,6 +611,8 @@ def cmd_selftest(args, console) -> int:
         if skipped:
             console.print(f"[dim]skipped (another RWKV version than {ck.config.describe()}): {', '.join(skipped)}[/]")
         names = [n for n in (names or CATALOGUE) if n not in skipped]
+    if names is None:
+        names = list(CATALOGUE)
     with _Progress(quiet=False) as prog:
         task = prog.progress.add_task("mutants", total=len(names or CATALOGUE))
         rows = run_selftest(names=names, cache_dir=args.cache_dir, on_row=lambda row: prog.progress.advance(task),
@@ -625,7 +627,26 @@ def cmd_selftest(args, console) -> int:
 
     for col in ("mutant", "expected", "found (propagated)", "found (isolated)", "result"):
         table.add_column(col, no_wrap=col != "mutant", min_width=24 if col == "mutant" else None)
+    def fault(row) -> tuple[str, str]:
+        from parity.mutants.crash import CRASH_PLUGINS, EXPECTED_SIGNAL
+
+        m = row.mutant
+        plugin = CRASH_PLUGINS.get(m.name.removeprefix("plugin:"))
+        sig = plugin.signal if plugin is not None else EXPECTED_SIGNAL.get(m.name)
+        kind = {"crash": "crashed", "hang": "timed out"}[m.fault]
+        exp = f"{kind} {m.propagated.describe()}".rstrip() + (f" ({sig})" if sig else "")
+        c = row.crash
+        if c is None:
+            return exp, "[red]no crash reported[/]"
+        step = "prefill" if c["step"] == 0 else f"decode {c['step']}"
+        got = f"{c['kind']} {step} {c.get('kernel') or ''}".rstrip() + (f" ({c['signal']})" if c.get("signal") else "")
+        return exp, got
+
     for row in rows:
+        if row.mutant.fault is not None:
+            exp, got = fault(row)
+            table.add_row(row.mutant.name, exp, got, "-", "[green]pass[/]" if row.passed else "[red]FAIL[/]")
+            continue
         exp = row.mutant.propagated.describe()
         if row.mutant.isolated != row.mutant.propagated:
             exp += f" / iso {row.mutant.isolated.describe()}"
@@ -736,6 +757,9 @@ def _main(argv: list[str] | None) -> int:
         }
         return commands[args.command](args, console)
     except ParityError as exc:
+        if os.environ.get("PARITY_DEBUG") and getattr(exc, "worker_traceback", None):
+            # Raised in a backend's worker process: its traceback, for the port author.
+            print(f"parity: the backend's worker process raised:\n{exc.worker_traceback.rstrip()}", file=sys.stderr)
         print(f"parity: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except _Terminated:
@@ -746,6 +770,8 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except Exception as exc:  # a bug (ours, or a plug-in's): one line, its own exit code, never "divergence"
         if os.environ.get("PARITY_DEBUG"):
+            if getattr(exc, "traceback_text", None):  # a worker's: the frames are in the child
+                print(f"parity: the backend's worker process raised:\n{exc.traceback_text.rstrip()}", file=sys.stderr)
             raise
         print(f"parity: internal error: {type(exc).__name__}: {exc} (rerun with PARITY_DEBUG=1 for the traceback)",
               file=sys.stderr)

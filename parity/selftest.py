@@ -21,19 +21,50 @@ from parity.session import default_decode_ids, parse_ids, run_parity
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
+def fault_entries() -> dict[str, Mutant]:
+    """The crashing plug-ins of the zoo (parity/mutants/crash.py), by their selftest name."""
+    from parity.mutants.crash import CRASH_PLUGINS
+
+    return {m.name: m for m in (p.as_mutant() for p in CRASH_PLUGINS.values())}
+
+
+def every_entry() -> dict[str, Mutant]:
+    """What ``parity selftest`` runs by default: the catalogue and the crashing plug-ins."""
+    return {**CATALOGUE, **fault_entries()}
+
+
 @dataclass
 class SelftestRow:
     mutant: Mutant
     found_propagated: dict | None
     found_isolated: dict | None
     odd_one_out: str | None = None
+    # A crash/hang mutant: the run's crash block (parity/dumpers/worker.py BackendFailure).
+    crash: dict | None = None
 
     @property
     def passed(self) -> bool:
+        if self.mutant.fault is not None:
+            return self._fault_found()
         ok = self.mutant.propagated.matches(self.found_propagated) and self.mutant.isolated.matches(self.found_isolated)
         if self.mutant.side == "reference":
             ok = ok and self.odd_one_out == f"mutant/{self.mutant.name}"
         return ok
+
+    def _fault_found(self) -> bool:
+        """Reported as the right kind, at the right step, in the right kernel, with the right signal."""
+        from parity.mutants.crash import CRASH_PLUGINS, EXPECTED_SIGNAL
+
+        c = self.crash
+        if c is None:
+            return False
+        kind = {"crash": "crashed", "hang": "timed out"}[self.mutant.fault]
+        expected = self.mutant.propagated
+        plugin = CRASH_PLUGINS.get(self.mutant.name.removeprefix("plugin:"))
+        signal = plugin.signal if plugin is not None else EXPECTED_SIGNAL.get(self.mutant.name)
+        return (c["kind"] == kind and c["step"] == expected.step and (not expected.stage or c["kernel"] == expected.stage)
+                and c["signal"] == signal and c["steps_completed"] == expected.step
+                and (c.get("compared") or {}).get("verdict") == "no divergence")
 
     def to_dict(self) -> dict:
         def where(fd):
@@ -46,6 +77,8 @@ class SelftestRow:
             "expected": {"propagated": vars(self.mutant.propagated), "isolated": vars(self.mutant.isolated)},
             "found": {"propagated": where(self.found_propagated), "isolated": where(self.found_isolated)},
             "odd_one_out": self.odd_one_out,
+            "fault": self.mutant.fault,
+            "crash": None if self.crash is None else {k: v for k, v in self.crash.items() if k != "traceback"},
             "passed": self.passed,
         }
 
@@ -63,6 +96,8 @@ def run_mutant(
         prefill_ids=parse_ids(mutant.ids, vocab_size=ck.config.vocab_size),
         decode_ids=default_decode_ids(steps=mutant.decode_steps, vocab_size=ck.config.vocab_size),
     )
+    if mutant.fault is not None:
+        return _run_fault(mutant, ck=ck, plan=plan, cache_dir=cache_dir, work=work, on_event=on_event)
     spec = f"mutant/{mutant.name}"
     backends = [spec, "tvm", "chatrwkv"] if mutant.side == "reference" else ["reference", spec]
     found = {}
@@ -82,6 +117,23 @@ def run_mutant(
     return SelftestRow(mutant=mutant, found_propagated=found["replay"], found_isolated=found["isolated"], odd_one_out=odd)
 
 
+def _run_fault(mutant: Mutant, *, ck, plan, cache_dir, work: Path, on_event) -> SelftestRow:
+    """A crash or hang mutant: one run against the reference, in worker processes, with a short
+    step timeout; the row carries the run's crash block, and the first divergence of the steps
+    finished before the fault (which must be none: the fault is the only bug)."""
+    from parity.mutants.crash import CRASH_PLUGINS, SELFTEST_TIMEOUT
+
+    plugin = CRASH_PLUGINS.get(mutant.name.removeprefix("plugin:")) if mutant.side == "plugin" else None
+    spec = plugin.spec if plugin is not None else f"mutant/{mutant.name}"
+    outcome = run_parity(ck, backends=["reference", spec], plan=plan, dump_dir=work / mutant.name.replace(":", "-"),
+                         cache_dir=cache_dir, on_event=on_event, mode="replay", timeout=SELFTEST_TIMEOUT,
+                         in_process=False)
+    crash = outcome.result.get("crash")
+    found = None if crash is None else {"step": crash["step"], "layer": None, "stage": crash.get("kernel") or "",
+                                        "row": None}
+    return SelftestRow(mutant=mutant, found_propagated=found, found_isolated=found, crash=crash)
+
+
 def applicable(mutant: Mutant, checkpoint: Checkpoint | None) -> bool:
     """A mutant runs on a given checkpoint when that is of its fixture's RWKV version."""
     if checkpoint is None:
@@ -99,8 +151,9 @@ def run_selftest(
 ) -> list[SelftestRow]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="parity-selftest-") as tmp:
+        entries = every_entry()
         for name in names or [n for n, m in CATALOGUE.items() if applicable(m, checkpoint)]:
-            row = run_mutant(CATALOGUE[name], cache_dir=cache_dir, work=Path(tmp), on_event=on_event, checkpoint=checkpoint)
+            row = run_mutant(entries[name], cache_dir=cache_dir, work=Path(tmp), on_event=on_event, checkpoint=checkpoint)
             rows.append(row)
             if on_row:
                 on_row(row)

@@ -19,6 +19,7 @@ import numpy as np
 
 from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.compare import TolerancePolicy, compare_runs
+from parity.compare.verdict import VERDICT_DRIFT
 from parity.dumpers.backends import RunPlan, target_for_device, tool_versions, torch_math_settings
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
@@ -145,6 +146,7 @@ def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None)
     if side in own:
         result["own_error"] = {"backend": side, **own[side][0]}
     result["own_errors"] = {spec: summary for spec, (summary, _) in own.items()}
+    result["comparisons"] = [_pair_entry(a, b, comparison, judged, failures={})]
     return RunResult.from_dict(result).to_dict()
 
 
@@ -159,8 +161,8 @@ def divergence_detail(result: dict, *, dumps: dict[str, Path]) -> dict | None:
     if exp_path not in paths or act_path not in paths:
         return None
     try:
-        a = DumpReader(paths[act_path]).read_stage(fd["step"], fd["stage"]).astype(np.float64)
-        b = DumpReader(paths[exp_path]).read_stage(fd["step"], fd["stage"]).astype(np.float64)
+        a = open_dump(paths[act_path]).read_stage(fd["step"], fd["stage"]).astype(np.float64)
+        b = open_dump(paths[exp_path]).read_stage(fd["step"], fd["stage"]).astype(np.float64)
     except ParityError:
         return None
     if a.shape != b.shape:
@@ -337,6 +339,22 @@ def _shared_reference(ck, made: dict):
     return make_reference(ck, dtype="float32")
 
 
+def _rounding_floor(ck, *, made: dict, dumps: dict, plan, dump_dir: Path, overrides, say, on_step):
+    """The run's rounding floor (parity/dumpers/floor.py) against the plain fp32 reference's dump."""
+    from parity.compare.verdict import RoundingFloor
+    from parity.dumpers.backends import ReferenceBackend
+    from parity.dumpers.floor import floor_dump
+
+    model = _shared_reference(ck, made)
+    reference = dumps.get("reference")
+    if reference is None or DumpReader(reference).dtype != "float32":
+        reference = ReferenceBackend(ck, model=model).dump(plan, path=dump_dir / "reference-for-floor", on_step=on_step)
+    say("drift is past the fixed envelope with no stage at fault: measuring this run's rounding floor "
+        "(the reference again, its carried values moved by up to one ulp after every layer)")
+    path = floor_dump(ck, model=model, plan=plan, path=dump_dir / "reference-rounding-floor", on_step=on_step)
+    return RoundingFloor(compare_dumps(reference, path, overrides=overrides))
+
+
 def _own_errors(
     ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None,
     workers: _Workers | None = None,
@@ -391,11 +409,11 @@ def _own_errors(
     return out
 
 
-def _judge_pair(a: str, b: str, comparison: dict, *, own: dict, mode: str, backends: list[str]) -> dict:
+def _judge_pair(a: str, b: str, comparison: dict, *, own: dict, mode: str, backends: list[str], floor=None) -> dict:
     """One pair's verdict: added error (own), drift within / beyond the envelope, or strict."""
     from parity.compare.verdict import VERDICT_ADDED, VERDICT_PASS, classify, drift_summary
 
-    drift = drift_summary(comparison, dtype=comparison["actual"].get("dtype", "float32"))
+    drift = drift_summary(comparison, dtype=comparison["actual"].get("dtype", "float32"), floor=floor)
     # An own error is measured against a judge: the yardstick for isolated runs, the torch
     # reference for replays. It speaks for this pair only when the judge is one of the two, or is
     # no backend of the run (an independent reference): between two other backends it says
@@ -425,6 +443,26 @@ def _judge_pair(a: str, b: str, comparison: dict, *, own: dict, mode: str, backe
         verdict, fd = classify(drift=drift, own=owns)
     culprit = next((s for s in (b, a) if s in own and own[s][0]["first_divergence"] is not None), None)
     return {"verdict": verdict, "first_divergence": fd, "drift": drift, "own_side": culprit or b}
+
+
+def _pair_entry(a: str, b: str, comparison: dict, judged: dict, *, failures: dict) -> dict:
+    """One pair of ``comparisons``: its verdict, first divergence, summary (worst logits), drift,
+    end-to-end metrics and records. With a crashed or hung side the verdict is the failure's kind
+    and ``compared_verdict`` what the steps it finished showed."""
+    failed = failures.get(b) or failures.get(a)
+    drift = judged.get("drift")
+    return {
+        "expected": a,
+        "actual": b,
+        "verdict": failed.kind if failed is not None else judged["verdict"],
+        "first_divergence": judged["first_divergence"],
+        "summary": comparison["summary"],
+        "drift": None if drift is None else {k: drift[k] for k in ("status", "worst_ratio", "envelope")},
+        "end_to_end": None if comparison.get("end_to_end") is None else
+        {k: v for k, v in comparison["end_to_end"].items() if k not in ("per_step", "kl_rows")},
+        "records": comparison["records"],
+        "compared_verdict": judged["verdict"],
+    }
 
 
 def odd_one_out(backends: list[str], agree: dict[tuple[str, str], bool]) -> dict:
@@ -582,6 +620,14 @@ def run_parity(
         if not pairs:
             raise ParityError("isolated mode needs a compiled backend (tvm or mutant/...) or a replayable one after the yardstick")
         judged = [_judge_pair(a, b, c, own=own, mode=mode, backends=backends) for (a, b), c in zip(pairs, comparisons)]
+        if any(j["verdict"] == VERDICT_DRIFT for j in judged):
+            # Past the fixed envelope with no stage at fault. Before calling that a finding, measure
+            # how far this model carries a last-bit difference on this prompt (the rounding floor),
+            # and judge the drift against a multiple of it as well (parity/compare/verdict.py).
+            floor = _rounding_floor(ck, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
+                                    overrides=overrides, say=say, on_step=on_step)
+            judged = [_judge_pair(a, b, c, own=own, mode=mode, backends=backends, floor=floor)
+                      for (a, b), c in zip(pairs, comparisons)]
         # The pair shown at the top: the first to diverge, else the first with a crashed backend.
         index = next((i for i, j in enumerate(judged) if j["first_divergence"] is not None),
                      next((i for i, (a, b) in enumerate(pairs) if a in failures or b in failures), 0))
@@ -620,7 +666,7 @@ def run_parity(
         if arbiter:
             _run_arbiter(ck, result=result, backends=backends, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                          overrides=overrides, say=say, on_step=on_step, multiplier=arbiter_multiplier)
-        result["first_divergence_detail"] = divergence_detail(result, dumps=views)
+        result["first_divergence_detail"] = divergence_detail(result, dumps={**dumps, **partials})
         if failures:
             _attach_crashes(result, backends=backends, failures=failures, pairs=pairs, judged=judged)
         result["repro"] = repro_command(ck, backends=[pa, pb], plan=plan, result=result)
@@ -665,24 +711,13 @@ def run_parity(
             result["notes"] = notes
         # Every pair, always (also with two backends, and when all agree): each pair's verdict,
         # first divergence, worst logits and records, so no backend's own error goes unshown.
-        result["comparisons"] = [
-            {
-                "expected": a,
-                "actual": b,
-                "verdict": failures[b].kind if b in failures else failures[a].kind if a in failures else j["verdict"],
-                "first_divergence": j["first_divergence"],
-                "summary": c["summary"],
-                "drift": None if j["drift"] is None else {k: j["drift"][k] for k in ("status", "worst_ratio", "envelope")},
-                "end_to_end": None if c.get("end_to_end") is None else
-                {k: v for k, v in c["end_to_end"].items() if k not in ("per_step", "kl_rows")},
-                "records": c["records"],
-                "compared_verdict": j["verdict"],
-            }
-            for (a, b), c, j in zip(pairs, comparisons, judged)
-        ]
+        result["comparisons"] = [_pair_entry(a, b, c, j, failures=failures)
+                                 for (a, b), c, j in zip(pairs, comparisons, judged)]
         if len(comparisons) > 1:
             result["odd_one_out"] = odd_one_out(
-                backends, {pair: j["first_divergence"] is None for pair, j in zip(pairs, judged)}
+                # A pair with a crashed or hung side does not agree: its run never finished.
+                [b for b in backends if b in views],
+                {pair: j["first_divergence"] is None and not set(pair) & set(failures) for pair, j in zip(pairs, judged)}
             )
         # Typed on the way out (parity/results.py): one schema, versioned, that every renderer reads.
         result = RunResult.from_dict(result).to_dict()

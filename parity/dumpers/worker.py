@@ -186,8 +186,9 @@ def _exception_report(exc: BaseException) -> dict:
         te.__suppress_context__ = False
         original = exc.__context__
     message = " ".join(str(exc).split()) or type(exc).__name__
+    # parity_error: our one-line refusal; wrapped: of an exception the backend's own code raised.
     return {"error_type": type(original).__name__, "message": message, "traceback": "".join(te.format()),
-            "parity_error": isinstance(exc, ParityError) and original is exc}
+            "parity_error": isinstance(exc, ParityError), "wrapped": original is not exc}
 
 
 def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: str) -> None:
@@ -383,15 +384,17 @@ def run_in_worker(
             sys.stderr.write(fault_text)  # what a healthy backend said on stderr (warnings) is not hidden
         return WorkerOutcome(path=Path(finished), name=state["name"], extra=state["extra"])
     if error is not None and (error["phase"] == "build" or (error["parity_error"] and state["step"] is None)):
-        # It could not be made, or refused its input before running: bad input, as in-process.
+        # It could not be made (an import error, a factory that raised), or refused its input
+        # before running: bad input, one line and exit 2 as in-process; the traceback is kept for
+        # PARITY_DEBUG=1.
         if error["parity_error"]:
-            raise ParityError(error["message"])
+            raise _with_traceback(ParityError(error["message"]), error["traceback"])
         raise WorkerBuildError(f"backend {spec} failed to start: {error['error_type']}: {error['message']}",
                                traceback_text=error["traceback"])
-    if error is not None and error["parity_error"]:
+    if error is not None and error["parity_error"] and not error["wrapped"]:
         # Our plug-in wrapper refused what the backend returned (no logits, a non-canonical
         # stage): the plug-in breaks its contract, a usage error with one line, as in-process.
-        raise ParityError(error["message"])
+        raise _with_traceback(ParityError(error["message"]), error["traceback"])
     partial = Path(state["partial"]) if state["partial"] and Path(state["partial"]).is_dir() else None
     failure = BackendFailure(
         backend=spec, name=state["name"], kind=TIMED_OUT if timed_out else CRASHED,
@@ -413,6 +416,11 @@ def run_in_worker(
         failure.error = f"exited with code {exitcode} before finishing"
         failure.traceback = fault_text or None
     return WorkerOutcome(path=None, failure=failure, partial=partial, name=state["name"], extra=state["extra"])
+
+
+def _with_traceback(exc: ParityError, text: str) -> ParityError:
+    exc.worker_traceback = text  # parity.cli prints it under PARITY_DEBUG=1
+    return exc
 
 
 class WorkerBuildError(RuntimeError):

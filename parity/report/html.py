@@ -73,12 +73,15 @@ def missing_anchor(m: dict) -> str:
 
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
+    from parity.report.verdict import crash_line
+
     env = jinja2.Environment(loader=jinja2.PackageLoader("parity.report", "templates"), autoescape=True,
                              extensions=["jinja2.ext.do"],
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.globals.update(fmt=fmt, dct=dct, lst=lst, step_label=step_label, passed=passed, num=_num,
                        PASS_BINS=PASS_BINS, FAIL_BINS=FAIL_BINS,
-                       SPECIAL_BINS=SPECIAL_BINS, MAX_IDS_SHOWN=MAX_IDS_SHOWN, missing_anchor=missing_anchor)
+                       SPECIAL_BINS=SPECIAL_BINS, MAX_IDS_SHOWN=MAX_IDS_SHOWN, missing_anchor=missing_anchor,
+                       crash_line=crash_line)
     return env
 
 

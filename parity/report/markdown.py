@@ -65,16 +65,20 @@ def render_markdown(result: dict, *, html_link: str = HTML_LINK_PLACEHOLDER, top
         )
     records = _list_of_dicts(result, "records")
     first = result.get("first_divergence") if isinstance(result.get("first_divergence"), dict) else None
-    diverged = first is not None or result.get("verdict") == "divergence"
+    diverged = first is not None or result.get("verdict") in ("divergence", "crashed", "timed out")
 
     parts = [_headline(result, records=records, diverged=diverged)]
+    crash = _crashes(result)
+    if crash:
+        parts.append(crash)
     if first is not None:
         parts.append(_first_divergence(first, steps=_list_of_dicts(result, "steps")))
         parts += [likely_cause_markdown(result["explanation"])] if isinstance(result.get("explanation"), dict) else []
-    elif diverged:
+    elif diverged and not crash:
         parts.append("The verdict is divergence but the result names no first divergence; see the failing "
                      "records below.")
-    parts += [p for p in (_reproduce(result), _model_checks(result), _warnings(result), _comparisons(result)) if p]
+    parts += [p for p in (_reproduce(result), _model_checks(result), _warnings(result), _comparisons(result),
+                          _notes(result)) if p]
     parts.append(_worst_table(records, top=top))
     parts.append(f"[Full HTML report]({_link_target(html_link)})")
     return "\n\n".join(parts) + "\n"
@@ -279,16 +283,50 @@ def _warnings(result: dict) -> str | None:
     return "\u26a0\ufe0f Not everything was compared:\n\n" + "\n".join(notes) if notes else None
 
 
+# The last lines of a crashed backend's traceback shown in the summary (the HTML report has it all).
+TRACEBACK_LINES = 25
+
+
+def _crashes(result: dict) -> str | None:
+    """Each backend that crashed or hung: its one line, and the end of its traceback."""
+    from parity.report.verdict import crash_line
+
+    blocks = []
+    for c in _list_of_dicts(result, "crashes"):
+        text = f"\U0001f4a5 {_text(crash_line(c))}"
+        tb = c.get("traceback")
+        if isinstance(tb, str) and tb.strip():
+            lines = tb.rstrip().splitlines()
+            shown = "\n".join(lines[-TRACEBACK_LINES:])
+            more = f" (last {TRACEBACK_LINES} of {len(lines)} lines)" if len(lines) > TRACEBACK_LINES else ""
+            text += f"\n\n<details><summary>traceback{more}</summary>\n\n{_fence(shown)}\n\n</details>"
+        blocks.append(text)
+    return "\n\n".join(blocks) if blocks else None
+
+
+def _notes(result: dict) -> str | None:
+    notes = _list_of_dicts(result, "notes")
+    if not notes:
+        return None
+    labels = result.get("run", {}).get("backend_labels", {}) if isinstance(result.get("run"), dict) else {}
+    lines = [f"- {_code(labels.get(n.get('backend'), n.get('backend')))}: {_text(n.get('note'))}" for n in notes]
+    return "Notes from the backends:\n\n" + "\n".join(lines)
+
+
 def _comparisons(result: dict) -> str | None:
     comparisons = _list_of_dicts(result, "comparisons")
-    if len(comparisons) < 2:
+    # One pair is the headline already; the list adds a line with more pairs, or a crashed backend.
+    if len(comparisons) < 2 and not _list_of_dicts(result, "crashes"):
         return None
+    run = result.get("run") if isinstance(result.get("run"), dict) else {}
+    labels = run.get("backend_labels") if isinstance(run.get("backend_labels"), dict) else {}
     lines = []
     for c in comparisons:
         fd = c.get("first_divergence") if isinstance(c.get("first_divergence"), dict) else None
         where = f": first at {_step_label(fd.get('step'), fd.get('step_kind'))}, {_code(fd.get('stage'))}" if fd else ""
         # The session names each side by its backend spec (a string); a describe() dict also works.
         names = [c.get(k) if isinstance(c.get(k), str) else _side(c, k).get("backend", "?") for k in ("actual", "expected")]
+        names = [labels.get(n, n) if isinstance(n, str) else n for n in names]
         lines.append(f"- {_text(names[0])} vs {_text(names[1])}: {_text(c.get('verdict', '?'))}{where}")
     odd = result.get("odd_one_out")
     if isinstance(odd, dict) and odd.get("explanation"):

@@ -74,8 +74,8 @@ def crash_line(crash: dict) -> str:
         detail += f" after {last.get('stage')}" + ("" if last.get("step") == step else f" of step {last.get('step')}")
     if crash.get("kind") == "timed out":
         limit = crash.get("timeout_s")
-        head = (f"TIMED OUT: {name} did not finish {step_name or 'its first step'}"
-                + (f" within {limit:g} s" if isinstance(limit, (int, float)) else "") + f"{detail}; stopped")
+        head = (f"TIMED OUT: {name} stuck at {step_name or 'its first step'}{detail}"
+                + (f" for {limit:g} s" if isinstance(limit, (int, float)) else "") + "; stopped")
     else:
         where = "before its first step" if step is None else f"at {step_name}{detail}"
         head = (f"CRASHED: {name} died with {crash['signal']} {where}" if crash.get("signal")
@@ -137,8 +137,10 @@ def model_check_lines(result: dict) -> list[str]:
     """The own-error, drift and end-to-end lines under a run's table (rich markup in the drift status)."""
     lines = []
     own, drift, e2e = result.get("own_error"), result.get("drift"), result.get("end_to_end")
+    run = result.get("run") if isinstance(result.get("run"), dict) else {}
+    labels = run.get("backend_labels") if isinstance(run.get("backend_labels"), dict) else {}
     if own:
-        lines.append(f"own error ({own['method']}, {own['backend']}): worst {own['worst_ratio']:.3g}x its allowance"
+        lines.append(f"own error ({own['method']}, {labels.get(own['backend'], own['backend'])}): worst {own['worst_ratio']:.3g}x its allowance"
                      + (f" at step {own['worst_step']} {own['worst_stage']}" if own.get("worst_stage") else "")
                      + (f"; {len(own['not_replayable'])} (step, layer) pairs not replayable" if own.get("not_replayable") else ""))
     if drift:
