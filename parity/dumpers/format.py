@@ -187,11 +187,14 @@ class DumpWriter:
             raise ParityError(f"DumpWriter for {self.path} was already opened")
         if self.partial_path in _ACTIVE_PARTIALS:
             raise ParityError(f"another DumpWriter in this process is already writing {self.path}")
-        if self.partial_path.exists():
-            # Left by an earlier process that had our pid (common in containers); it can never
-            # be resumed, and no writer of ours is using it.
-            shutil.rmtree(self.partial_path)
-        self.partial_path.mkdir(parents=True)
+        try:
+            if self.partial_path.exists():
+                # Left by an earlier process that had our pid (common in containers); it can never
+                # be resumed, and no writer of ours is using it.
+                shutil.rmtree(self.partial_path)
+            self.partial_path.mkdir(parents=True)
+        except OSError as e:  # a parent that is a file, a read-only or full disk
+            raise ParityError(f"cannot create the dump directory {self.partial_path}: {_reason(e)}") from None
         _ACTIVE_PARTIALS.add(self.partial_path)
         self._state = "open"
         self._write_manifest()
@@ -206,18 +209,23 @@ class DumpWriter:
             _check_replaceable(self.path)  # again: something may have appeared there during the run
             self._manifest["complete"] = True
             self._write_manifest()
-            if self.path.exists() and (self.path / MANIFEST_NAME).is_file():
-                # Directories cannot be swapped atomically; move the old dump aside first so that
-                # the final path is, at every instant, absent, the old dump, or the new one.
-                old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
-                if old.exists():
+            try:
+                if self.path.exists() and (self.path / MANIFEST_NAME).is_file():
+                    # Directories cannot be swapped atomically; move the old dump aside first so that
+                    # the final path is, at every instant, absent, the old dump, or the new one.
+                    old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+                    if old.exists():
+                        shutil.rmtree(old)
+                    os.rename(self.path, old)
+                    os.rename(self.partial_path, self.path)
                     shutil.rmtree(old)
-                os.rename(self.path, old)
-                os.rename(self.partial_path, self.path)
-                shutil.rmtree(old)
-            else:
-                # Absent or an empty directory: rename(2) replaces an empty directory.
-                os.replace(self.partial_path, self.path)
+                else:
+                    # Absent or an empty directory: rename(2) replaces an empty directory.
+                    os.replace(self.partial_path, self.path)
+            except OSError as e:
+                # Every step is written; only the move failed, so the finished dump is kept where it is.
+                raise ParityError(f"cannot move the finished dump {self.partial_path} to {self.path}: {_reason(e)}; "
+                                  "it is complete where it is") from None
         except BaseException:
             self._state = "aborted"
             raise
@@ -273,8 +281,11 @@ class DumpWriter:
             "step": str(step.index),
             "kind": step.kind,
         }
-        save_file(step._arrays, tmp, metadata=metadata)
-        os.replace(tmp, self.partial_path / name)
+        try:
+            save_file(step._arrays, tmp, metadata=metadata)
+            os.replace(tmp, self.partial_path / name)
+        except (SafetensorError, OSError) as e:  # safetensors reports a full disk as SafetensorError
+            raise self._write_failed(f"step {step.index}", e) from None
         self._manifest["steps"].append(
             {"index": step.index, "kind": step.kind, "ids": step.ids, "file": name, "stages": step.stages}
         )
@@ -284,8 +295,21 @@ class DumpWriter:
 
     def _write_manifest(self) -> None:
         tmp = self.partial_path / f"{MANIFEST_NAME}.tmp"
-        tmp.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.partial_path / MANIFEST_NAME)
+        try:
+            tmp.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, self.partial_path / MANIFEST_NAME)
+        except OSError as e:
+            raise self._write_failed(MANIFEST_NAME, e) from None
+
+    def _write_failed(self, what: str, exc: BaseException) -> ParityError:
+        """A write that failed (a full disk, a disk gone read-only): the dump can never be finished,
+        so its directory is removed, which also gives back the space a full disk needs. The
+        final path was never touched, so nothing there reads as a complete dump."""
+        self._state = "aborted"
+        _ACTIVE_PARTIALS.discard(self.partial_path)
+        shutil.rmtree(self.partial_path, ignore_errors=True)
+        return ParityError(f"cannot write the dump {self.path} ({what}): {_reason(exc)}; "
+                           "the unfinished dump was removed")
 
     def _require_open(self) -> None:
         if self._state != "open":
@@ -299,8 +323,18 @@ def _absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def _reason(exc: BaseException) -> str:
+    """An OS error's own words ("No space left on device"), without safetensors' wrapping."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text.removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+
+
 def _check_replaceable(path: Path) -> None:
     if not path.exists():
+        if not path.parent.is_dir() and path.parent.exists():
+            raise ParityError(f"cannot write a dump at {path}: {path.parent} is not a directory; choose another path")
         return
     if not path.is_dir():
         raise ParityError(f"cannot write a dump at {path}: it is not a directory; choose another path")
@@ -359,6 +393,16 @@ class DumpReader:
                     f"{self.path / s['file']}: stage(s) {', '.join(missing)} listed in the manifest "
                     f"are missing from the file; {_DAMAGED}"
                 )
+        # A writer lists every step file it writes, so a step file the manifest does not list means
+        # the manifest lost a step (edited by hand, or copied from a shorter run): reading on would
+        # compare fewer steps than were recorded and call the shorter run a pass.
+        listed = {s["file"] for s in m["steps"]}
+        unlisted = sorted(p.name for p in self.path.glob("step-*.safetensors") if p.name not in listed)
+        if unlisted:
+            raise ParityError(
+                f"{self.path / unlisted[0]}: step file not listed in the manifest's steps "
+                f"({len(unlisted)} such file(s)); the manifest was edited or mixed with another run's; {_DAMAGED}"
+            )
 
     def step_stages(self, index: int) -> list[str]:
         """The stages recorded in step ``index``, in stage_order."""
@@ -414,9 +458,20 @@ class DumpReader:
             raise ParityError(f"{file}: step file listed in the manifest is missing; {_DAMAGED}")
         try:
             with safe_open(file, "np") as f:
-                return set(f.keys())
+                keys, header = set(f.keys()), f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise ParityError(f"{file}: corrupt step file ({e}); {_DAMAGED}") from None
+        # Each file repeats its step index and kind in its header (written by DumpWriter): a step
+        # file swapped with another step's, or copied in from another run, shows here rather than
+        # as a comparison of the wrong tokens.
+        if header.get("format") == FORMAT_NAME and (
+            header.get("step") != str(entry["index"]) or header.get("kind") != entry["kind"]
+        ):
+            raise ParityError(
+                f"{file}: the file holds step {header.get('step')} ({header.get('kind')}), the manifest lists it "
+                f"as step {entry['index']} ({entry['kind']}); a step file was replaced; {_DAMAGED}"
+            )
+        return keys
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
