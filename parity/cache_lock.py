@@ -59,8 +59,9 @@ def entry_lock(
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        # e.g. --cache-dir naming a file (EEXIST, ENOTDIR), a read-only or full disk
         raise ParityError(f"cannot lock compile cache entry {Path(entry).name} in {lock.parent}: "
-                          f"{e.strerror or e}; check that the cache directory is writable") from None
+                          f"{e.strerror or e}; the compile cache must be a writable directory") from None
     try:
         if not _try_lock(fd):
             if on_wait is not None:
