@@ -4,8 +4,9 @@
     parity diff DUMP_EXPECTED DUMP_ACTUAL [--json PATH] [--html PATH]
     parity demo
 
-Exit codes: 0 no divergence, 1 divergence found, 2 usage or input error, 3 internal error (a bug:
-ours or a plug-in backend's; PARITY_DEBUG=1 shows the traceback).
+Exit codes: 0 no divergence, 1 divergence found (or a backend crashed or hung: the verdict
+"crashed"/"timed out"), 2 usage or input error (also a plug-in that cannot be made or breaks its
+contract), 3 internal error (a bug; PARITY_DEBUG=1 shows the traceback, and a crashed backend's).
 The CLI is an assembly of library calls (parity.session); it only parses, prints and exits.
 """
 
