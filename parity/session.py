@@ -719,6 +719,11 @@ def run_parity(
                 [b for b in backends if b in views],
                 {pair: j["first_divergence"] is None and not set(pair) & set(failures) for pair, j in zip(pairs, judged)}
             )
+            odd = result["odd_one_out"]["backend"]
+            if odd in failures:
+                others = [labels[b] for b in backends if b in views and b != odd]
+                result["odd_one_out"]["explanation"] = (f"{', '.join(others)} agree with each other; "
+                                                        f"{labels[odd]} {failures[odd].kind}")
         # Typed on the way out (parity/results.py): one schema, versioned, that every renderer reads.
         result = RunResult.from_dict(result).to_dict()
         return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons,

@@ -9,7 +9,7 @@ import pytest
 
 from parity.cli import main
 from parity.errors import ParityError
-from parity.results import RESULT_VERSION, Drift, EndToEnd, OwnError, RunResult
+from parity.results import RESULT_VERSION, Crash, Drift, EndToEnd, OwnError, PairResult, RunResult
 
 REPO = Path(__file__).resolve().parents[1]
 L4 = str(REPO / "fixtures" / "rwkv5_2-L4-C128-H2.pth")
@@ -22,7 +22,7 @@ def result(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-def test_a_run_writes_format_2_with_typed_blocks(result):
+def test_a_run_writes_the_current_format_with_typed_blocks(result):
     assert result["format"] == {"name": "rwkv-parity-result", "version": RESULT_VERSION}
     typed = RunResult.from_dict(result)
     assert isinstance(typed.end_to_end, EndToEnd) and typed.end_to_end.rows == 10 + 2  # ten prompt rows, two decode steps
@@ -32,6 +32,25 @@ def test_a_run_writes_format_2_with_typed_blocks(result):
 
 def test_round_trip_is_lossless(result):
     assert RunResult.from_dict(result).to_dict() == result
+
+
+def test_every_pair_is_written_also_for_two_backends(result):
+    (pair,) = RunResult.from_dict(result).comparisons
+    assert isinstance(pair, PairResult) and (pair.expected, pair.actual) == ("reference", "chatrwkv")
+    assert pair.records and pair.verdict == pair.compared_verdict == "no divergence"
+
+
+def test_a_crash_is_typed_and_fails_the_result(result):
+    # As run_parity writes it for a backend that died in its worker (tests/test_crash.py runs them).
+    crash = {"backend": "tvm", "name": "tvm", "kind": "crashed", "error": "died with SIGSEGV", "step": 3,
+             "step_kind": "decode", "steps_completed": 3, "last_stage": {"step": 2, "stage": "logits"},
+             "kernel": "wkv5", "signal": "SIGSEGV", "exitcode": -11,
+             "compared": {"against": "reference", "steps": 3, "verdict": "no divergence", "first_divergence": None}}
+    d = {**result, "verdict": "crashed", "crash": crash, "crashes": [crash]}
+    typed = RunResult.from_dict(d)
+    assert isinstance(typed.crash, Crash) and typed.crash.signal == "SIGSEGV" and typed.crashes[0].kernel == "wkv5"
+    assert not typed.passed  # no first divergence, and still a failed run
+    assert RunResult.from_dict(typed.to_dict()).to_dict() == typed.to_dict()
 
 
 def test_unknown_keys_survive_a_round_trip(result):
