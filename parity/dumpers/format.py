@@ -232,6 +232,7 @@ class DumpWriter:
         finally:
             _ACTIVE_PARTIALS.discard(self.partial_path)
         self._state = "closed"
+        _remove_stale_partials(self.path)
         return self.path
 
     def __enter__(self) -> DumpWriter:
@@ -321,6 +322,30 @@ class DumpWriter:
 def _absolute(path: str | os.PathLike[str]) -> Path:
     # abspath, not resolve(): the partial dir must be a sibling of the path as the user wrote it.
     return Path(os.path.abspath(os.fspath(path)))
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove ``<path>.partial-<pid>`` directories whose writer is dead (a killed earlier run).
+
+    Called once a complete dump is at ``path``: what a dead writer left there can never be
+    finished, and a re-run into the same --dump-dir should not keep a killed run's gigabytes. A
+    partial whose pid is alive (another process writing now, or a reused pid) is left alone.
+    """
+    for partial in path.parent.glob(f"{glob.escape(path.name)}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _reason(exc: BaseException) -> str:

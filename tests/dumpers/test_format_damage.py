@@ -253,3 +253,16 @@ def test_a_real_full_disk(tiny_disk: Path) -> None:
     message = str(info.value)
     assert "No space left on device" in message and "\n" not in message, message
     assert sorted(p.name for p in tiny_disk.iterdir()) == []  # no dump, no partial, no .tmp
+
+
+def test_a_finished_dump_removes_what_a_dead_writer_left_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is no longer running: a killed earlier run's
+    stale = partial_dir_for(path, pid=dead.pid)
+    stale.mkdir()
+    (stale / MANIFEST_NAME).write_text('{"complete": false}')
+    live = partial_dir_for(path, pid=1)  # pid 1 is alive: a writer at work must be left alone
+    live.mkdir()
+    write_run(path, ids=[1], n_decode=1)
+    assert not stale.exists() and live.exists() and len(DumpReader(path).steps) == 2
