@@ -8,6 +8,7 @@ import pytest
 
 from parity.compare.verdict import (
     DRIFT_ENVELOPES,
+    FLOOR_MULTIPLE,
     VERDICT_ADDED,
     VERDICT_DRIFT,
     VERDICT_PASS,
@@ -16,6 +17,7 @@ from parity.compare.verdict import (
     own_error_summary,
     record_depth,
     record_ratio,
+    RoundingFloor,
 )
 
 
@@ -86,3 +88,34 @@ def test_by_layer_is_the_growth_curve():
     d = drift_summary(comparison(recs), dtype="float32")
     assert [b["ratio"] for b in d["by_layer"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert [b["envelope"] for b in d["by_layer"]] == pytest.approx([K * (l + 1) for l in range(4)])
+
+
+def test_the_rounding_floor_is_a_running_maximum_over_depth_and_steps():
+    floor = RoundingFloor(comparison([
+        rec("L0.x_out", layer=0, ratio=0.5, step=0), rec("L2.x_out", layer=2, ratio=3.0, step=0),
+        rec("L1.x_out", layer=1, ratio=0.1, step=1), rec("logits", layer=None, ratio=2.0, step=1),
+    ]))
+    assert floor.at(0, 0) == pytest.approx(0.5)
+    assert floor.at(1, 0) == pytest.approx(0.5)  # layer 1 of step 0 was not recorded: layer 0's carries
+    assert floor.at(2, 0) == pytest.approx(3.0)
+    assert floor.at(1, 1) == pytest.approx(0.5)  # step 1 never lower than step 0 at the same depth
+    assert floor.at(3, 1) == pytest.approx(3.0)  # logits (depth 3) at step 1: the deepest max so far
+
+
+def test_drift_a_chaotic_model_shows_on_its_floor_passes_and_says_why():
+    # Beyond the fixed envelope at layer 0 (K allowances) ...
+    drift = [rec("L0.x_out", layer=0, ratio=3 * K)]
+    assert drift_summary(comparison(drift), dtype="float32")["status"] == "beyond"
+    # ... but the model carries a last-bit difference to K/2 there: 3K is within FLOOR_MULTIPLE of that.
+    floor = RoundingFloor(comparison([rec("L0.x_out", layer=0, ratio=K / 2)]))
+    d = drift_summary(comparison(drift), dtype="float32", floor=floor)
+    assert d["status"] == "within" and d["floor"] == pytest.approx(K / 2)
+    assert d["envelope"] == pytest.approx(FLOOR_MULTIPLE * K / 2)
+    assert "rounding floor" in d["envelope_reason"]
+
+
+def test_a_small_floor_leaves_the_fixed_envelope_in_charge():
+    drift = [rec("L0.x_out", layer=0, ratio=3 * K)]
+    floor = RoundingFloor(comparison([rec("L0.x_out", layer=0, ratio=0.01)]))
+    d = drift_summary(comparison(drift), dtype="float32", floor=floor)
+    assert d["status"] == "beyond" and d["envelope"] == pytest.approx(K)
