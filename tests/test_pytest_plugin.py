@@ -217,3 +217,30 @@ def test_xdist_reports_survive_a_worker_that_dies(pytester, tmp_path):
     result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", "-n", "1", "--max-worker-restart", "0")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*= parity reports (1) =*", f"{tmp_path / 'a.html'}  (*::test_a_writes_a_report)"])
+
+
+def test_the_parity_suite_under_xdist_lists_every_workers_report(tmp_path):
+    """The real suite, ``pytest parity/ -n 2``, on a cheap selection that fails by design (a
+    reference mutant, no compile): both failing cases, run by the workers, write a report
+    and the controller's summary lists both."""
+    pytest.importorskip("xdist")
+    import subprocess
+    import sys
+
+    from parity_cli import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != REPORT_DIR_ENV} | {"NO_COLOR": "1", "COLUMNS": "400"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "parity/", "-n", "2", "-p", "no:cacheprovider", "-q",
+         "-k", "reference_vs_compiled and L4", "--parity-backends", "reference,mutant/reference-sigmoid-r",
+         "--parity-report-dir", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "2 failed" in out, out[-3000:]
+    summary = out[out.index("parity reports (2)"):].splitlines()[1:3]
+    for prompt in ("ones10", "random16"):
+        name = f"parity-rwkv5_2-L4-C128-H2-mutant-reference-sigmoid-r-{prompt}.html"
+        assert any(line.startswith(str(tmp_path / name)) for line in summary), summary
+        assert (tmp_path / name).is_file()

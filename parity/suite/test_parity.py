@@ -34,11 +34,25 @@ def _assert_no_divergence(outcome, *, name: str) -> None:
         pytest.fail(f"{describe_divergence(result['first_divergence'])}\nreport: {path}", pytrace=False)
 
 
+def _skip_mutant_of_another_family(backend: str, cfg) -> None:
+    """``--parity-backends reference,mutant/X`` over every fixture: a mutant of RWKV-5 cannot run an
+    RWKV-4 checkpoint (nor the reverse), which says nothing about the mutant or the fixture."""
+    if not backend.startswith("mutant/"):
+        return
+    from parity.mutants import CATALOGUE
+    from parity.selftest import load_fixture_version
+
+    mutant = CATALOGUE.get(backend.removeprefix("mutant/").split("@")[0])
+    if mutant is not None and load_fixture_version(mutant).split(".")[0] != cfg.version.value.split(".")[0]:
+        pytest.skip(f"{backend} is a mutant of RWKV-{load_fixture_version(mutant)}, this fixture is {cfg.describe()}")
+
+
 @pytest.mark.parametrize("prompt", list(PROMPTS), ids=list(PROMPTS))
 def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_dir, device, tmp_path):
     """``candidate``: tvm and tvm-instrumented by default, or what --parity-backends names."""
     backend = candidate
     cfg = checkpoint.config
+    _skip_mutant_of_another_family(backend, cfg)
     plan = RunPlan(
         prefill_ids=parse_ids(PROMPTS[prompt], vocab_size=cfg.vocab_size),
         decode_ids=default_decode_ids(steps=DECODE_STEPS, vocab_size=cfg.vocab_size),
