@@ -133,11 +133,14 @@ class Backend:
 class ReferenceBackend(Backend):
     """The pure-torch reference, observed through its recorder hook."""
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", model=None, name: str = "reference"):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", model=None, name: str = "reference",
+                 weights: str | None = None):
         from parity.reference import make_reference
 
         super().__init__(checkpoint=checkpoint, name=name, mode="eager", dtype=dtype)
-        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype)
+        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights)
+        if weights:
+            self.extra = {"weights": weights}  # int8: the replay quantises its reference the same way
         self.state = None
 
     def begin(self) -> None:

@@ -36,7 +36,7 @@ _FFN_FUNCS = ("ffn_seq", "ffn_one")
 STRATEGIES = {"float32": "cpu fp32", "float16": "cpu fp16", "bfloat16": "cpu bf16"}
 
 
-def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float32"):
+def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float32", weights: str | None = None):
     """The official package's model, as every caller runs it: ``cpu fp32`` (or ``cpu fp16`` / ``cpu bf16``).
 
     Given a path, the package reads the file itself, as it ships. Given a loaded ``Checkpoint``, it
@@ -49,7 +49,7 @@ def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float3
     """
     if dtype not in STRATEGIES:
         raise ParityError(f"the official package runs {', '.join(STRATEGIES)} here, not {dtype!r}")
-    strategy = STRATEGIES[dtype]
+    strategy = STRATEGIES[dtype] + ("i8" if weights == "int8" else "")
     RWKV = _load_official()
     if not isinstance(source, Checkpoint):
         return RWKV(str(Path(source)), strategy, verbose=False)
@@ -106,13 +106,17 @@ class ChatRWKVBackend(Backend):
     smaller); the stream stages it exposes are multiplied back, exactly, to canonical values.
     """
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", name: str = "chatrwkv"):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", name: str = "chatrwkv",
+                 weights: str | None = None):
         super().__init__(checkpoint=checkpoint, name=name, mode="official", dtype=dtype)
         import importlib.metadata
 
-        self.model = load_official_model(checkpoint, dtype=dtype)
-        self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}", "strategy": STRATEGIES[dtype],
+        self.model = load_official_model(checkpoint, dtype=dtype, weights=weights)
+        self.extra = {"package": f"rwkv {importlib.metadata.version('rwkv')}",
+                      "strategy": STRATEGIES[dtype] + ("i8" if weights == "int8" else ""),
                       "rescale_layer": int(self.model.RESCALE_LAYER)}
+        if weights:
+            self.extra["weights"] = weights  # read by the replay (parity/dumpers/replay.py)
         self.state = None
         self._capture: dict = {}
         self._wrap()

@@ -28,6 +28,9 @@ BACKEND_DTYPES = {
     "chatrwkv": ("float32", "float16", "bfloat16"),
 }
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+# ChatRWKV's int8 strategies: uint8 weights (parity/reference/int8.py), activations in the dtype.
+INT8_WORDS = {"fp32i8": "float32", "fp16i8": "float16"}
+INT8_BACKENDS = ("reference", "chatrwkv")
 
 
 def split_dtype(spec: str) -> tuple[str, str | None]:
@@ -41,6 +44,10 @@ def split_dtype(spec: str) -> tuple[str, str | None]:
     if not base or not word:
         raise ParityError(f"bad backend {spec!r}: write NAME@DTYPE, e.g. tvm@fp16")
     check_backend_spec(base)  # an unknown name is named as such first
+    if word in INT8_WORDS:
+        if base not in INT8_BACKENDS:
+            raise ParityError(f"bad backend {spec!r}: int8 weights are built for {', '.join(INT8_BACKENDS)}")
+        return base, INT8_WORDS[word]
     try:
         dtype = canonical_dtype(word)
     except ParityError:
@@ -115,14 +122,15 @@ def make_backend(
 def _make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir, on_event, target: str, repeat: bool) -> Backend:
     if "@" in spec:
         base, dtype = split_dtype(spec)
+        weights = "int8" if spec.rpartition("@")[2] in INT8_WORDS else None
         if base == "reference":
-            return ReferenceBackend(checkpoint, dtype=dtype, name=spec)
+            return ReferenceBackend(checkpoint, dtype=dtype, name=spec, weights=weights)
         if base == "tvm":
             return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, repeat=repeat,
                                    dtype=dtype)
         from parity.dumpers.official import ChatRWKVBackend
 
-        return ChatRWKVBackend(checkpoint, dtype=dtype, name=spec)
+        return ChatRWKVBackend(checkpoint, dtype=dtype, name=spec, weights=weights)
     if spec.startswith("mutant/"):
         m = _mutant(spec.split("/", 1)[1])
         if m.side == "reference":

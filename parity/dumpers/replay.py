@@ -76,9 +76,13 @@ class ReplayBackend(Backend):
         # The candidate's own dtype unless told otherwise; a model handed in (the session's shared
         # fp32 reference) serves only a candidate of its dtype.
         dtype = dtype or self.candidate.dtype
-        if model is not None and getattr(model, "dtype_name", "float32") != dtype:
+        # ... and its weights: an int8 candidate (ChatRWKV's fp32i8/fp16i8) is replayed by a reference
+        # that dequantises the same uint8 codes, so quantisation error is shared, not "own" error.
+        weights = self.candidate.extra.get("weights") if isinstance(self.candidate.extra, dict) else None
+        if model is not None and (getattr(model, "dtype_name", "float32") != dtype
+                                  or getattr(model, "weights_format", None) != weights):
             model = None
-        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype)
+        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights)
         cfg = checkpoint.config
         self.gaps = replay_gaps(self.candidate, n_layer=cfg.n_layer, version=cfg.version.value)
         super().__init__(

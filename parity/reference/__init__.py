@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 
-def make_reference(checkpoint, *, dtype: str = "float32"):
-    """The reference model for the checkpoint's version."""
+def make_reference(checkpoint, *, dtype: str = "float32", weights: str | None = None):
+    """The reference model for the checkpoint's version (``weights="int8"``: ChatRWKV's int8 weights)."""
     from parity.checkpoint import ModelVersion
 
     if checkpoint.config.version == ModelVersion.V4:
         from parity.reference.rwkv4 import RWKV4Reference
 
-        return RWKV4Reference(checkpoint, dtype=dtype)
+        return RWKV4Reference(checkpoint, dtype=dtype, weights=weights)
     from parity.reference.rwkv5 import RWKV5Reference
 
-    return RWKV5Reference(checkpoint, dtype=dtype)
+    return RWKV5Reference(checkpoint, dtype=dtype, weights=weights)

@@ -47,7 +47,8 @@ class RWKV4Reference(LayerwiseModel):
 
     state_cls = RWKV4State
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None,
+                 weights: str | None = None):
         cfg = checkpoint.config
         if cfg.version != ModelVersion.V4:
             raise ParityError(f"RWKV4Reference runs RWKV-4, checkpoint is RWKV-{cfg.version.value}")
@@ -65,9 +66,9 @@ class RWKV4Reference(LayerwiseModel):
         w = checkpoint.fp32_weights() if shared else {k: v.to(acc) for k, v in checkpoint.weights.items()}
         self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers = []
+        w = self._prepared_weights(w, weights=weights)
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
-            w = self._scaled_weights(w, prefix=b, layer=i)
             p = {
                 name: w[b + key].reshape(-1).to(dt) if "time_mix" in key else w[b + key].to(dt)
                 for name, key in (

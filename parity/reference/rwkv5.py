@@ -178,13 +178,25 @@ class LayerwiseModel:
 
         return self._layer(index, x, state, record=record)
 
-    def _scaled_weights(self, w: dict, *, prefix: str, layer: int) -> dict:
-        """att.output and ffn.value of ``layer`` divided by its rescale factor (exact: a power of two)."""
-        scale = self.layer_scale(layer)
-        if scale == 1.0:
-            return w
-        keys = (prefix + "att.output.weight", prefix + "ffn.value.weight")
-        return {**w, **{k: w[k] / scale for k in keys}}
+    def _prepared_weights(self, w: dict, *, weights: str | None) -> dict:
+        """The fp32 weights as the official package prepares them at load: att.output and ffn.value
+        of layer l divided by its rescale factor (exact: a power of two), then — ``weights="int8"``,
+        the package's ``fp32i8`` / ``fp16i8`` — every matmul weight quantised to uint8 and
+        dequantised in the model dtype (parity/reference/int8.py)."""
+        if weights not in (None, "int8"):
+            raise ParityError(f"unknown weight format {weights!r}; the reference knows int8")
+        self.weights_format = weights
+        w = dict(w)
+        for layer in range(self.config.n_layer):
+            scale = self.layer_scale(layer)
+            if scale != 1.0:
+                for k in (f"blocks.{layer}.att.output.weight", f"blocks.{layer}.ffn.value.weight"):
+                    w[k] = w[k] / scale
+        if weights == "int8":
+            from parity.reference.int8 import int8_weights
+
+            w = int8_weights(w, dtype=self.dtype)
+        return w
 
     def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
         ids = check_ids(ids, vocab_size=self.config.vocab_size)
@@ -228,7 +240,8 @@ class RWKV5Reference(LayerwiseModel):
 
     state_cls = RWKV5State
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None):
+    def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None,
+                 weights: str | None = None):
         cfg = checkpoint.config
         if cfg.version not in (ModelVersion.V5_0, ModelVersion.V5_1, ModelVersion.V5_2):
             raise ParityError(f"RWKV5Reference runs RWKV-5.x, checkpoint is RWKV-{cfg.version.value}")
@@ -251,10 +264,10 @@ class RWKV5Reference(LayerwiseModel):
         self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers: list[_Layer] = []
         gated = cfg.version.gated
+        w = self._prepared_weights(w, weights=weights)
         for i in range(cfg.n_layer):
             b = f"blocks.{i}."
             w_i, u_i = (t.to(acc) for t in decay_and_bonus(w, prefix=b, config=cfg))
-            w = self._scaled_weights(w, prefix=b, layer=i)
             self.layers.append(
                 _Layer(
                     ln1_w=w[b + "ln1.weight"].to(dt), ln1_b=w[b + "ln1.bias"].to(dt),
