@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import subprocess
 import tempfile
 import time
 import traceback
@@ -266,6 +267,11 @@ def _child_entry() -> None:
     job = pickle.loads(sys.stdin.buffer.read())
     sys.path[:] = job["sys_path"]  # the parent's: a plug-in importable there is importable here
     _child_main(conn, job["recipe"], job["payload"], job["plan"], job["path"], job["fault_log"])
+    # Done and reported: leave without the interpreter's teardown (TVM's and torch's thread pools
+    # have nothing left to do, and a teardown that hung would hold the parent).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _start_child(job: dict):
@@ -273,7 +279,6 @@ def _start_child(job: dict):
     ``_child_entry``. Not multiprocessing's spawn: that re-imports the parent's __main__ in the
     child, which reruns a user's script that calls run_parity without a __main__ guard."""
     import pickle
-    import subprocess
     import sys
 
     read_fd, write_fd = os.pipe()
@@ -371,19 +376,24 @@ def run_in_worker(
             proc.terminate()
             try:
                 proc.wait(_TERMINATE_GRACE_S)
-            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it ignored SIGTERM
+            except subprocess.TimeoutExpired:  # it ignored SIGTERM
                 proc.kill()
-        proc.wait()
+        try:
+            proc.wait(_TERMINATE_GRACE_S if finished is not None else None)
+        except subprocess.TimeoutExpired:  # it reported its finished dump, then did not exit
+            proc.kill()
+            proc.wait()
         receive.close()
-    fault_text = _read_fault_log(fault_log)
+        fault_text = _read_fault_log(fault_log)  # and removed, also when a SIGTERM / Ctrl-C ends the wait
     exitcode = proc.returncode
-    if finished is not None and exitcode == 0:
+    if finished is not None:  # renamed into place and complete, whatever the exit after it
         if fault_text.strip():
             import sys
 
             sys.stderr.write(fault_text)  # what a healthy backend said on stderr (warnings) is not hidden
         return WorkerOutcome(path=Path(finished), name=state["name"], extra=state["extra"])
-    if error is not None and (error["phase"] == "build" or (error["parity_error"] and state["step"] is None)):
+    refused = error is not None and error["parity_error"] and not error["wrapped"]
+    if error is not None and (error["phase"] == "build" or (refused and state["step"] is None)):
         # It could not be made (an import error, a factory that raised), or refused its input
         # before running: bad input, one line and exit 2 as in-process; the traceback is kept for
         # PARITY_DEBUG=1.
@@ -391,7 +401,7 @@ def run_in_worker(
             raise _with_traceback(ParityError(error["message"]), error["traceback"])
         raise WorkerBuildError(f"backend {spec} failed to start: {error['error_type']}: {error['message']}",
                                traceback_text=error["traceback"])
-    if error is not None and error["parity_error"] and not error["wrapped"]:
+    if refused:
         # Our plug-in wrapper refused what the backend returned (no logits, a non-canonical
         # stage): the plug-in breaks its contract, a usage error with one line, as in-process.
         raise _with_traceback(ParityError(error["message"]), error["traceback"])
