@@ -46,18 +46,56 @@ PROMPTS = ["ones:16", "random:64:3", f"scenario:{SCENARIO}", "random:512:5"]
 LONG_PROMPT_SHAPES = {"0.1b", "0.4b"}
 
 
+def _tree_rss(root: int) -> int:
+    """RSS of process ``root`` and all its descendants now, in bytes (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
 def one_run(argv: list[str]) -> None:
-    """Child mode: run ``parity`` in this process, then report this process's peak RSS."""
+    """Child mode: run ``parity`` in this process, then report this process's peak RSS, its largest
+    worker's, and the peak of the whole process tree at once (sampled every 0.2 s)."""
     from parity.cli import main
 
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], _tree_rss(os.getpid()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     code = main(argv)
     wall = time.perf_counter() - t0
+    done.set()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     # A backend run in a worker process of its own holds its memory there, not here: the largest
     # such child is reported beside this process (both are peaks; they may not coincide in time).
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print("SCALE-ROW " + json.dumps({"exit": code, "wall_s": wall, "peak_rss": rss, "peak_rss_children": children}),
+    print("SCALE-ROW " + json.dumps({"exit": code, "wall_s": wall, "peak_rss": rss, "peak_rss_children": children,
+                                     "peak_rss_tree": peak[0]}),
           flush=True)
 
 
@@ -93,10 +131,10 @@ def row_from(result: dict, child: dict, *, shape: str, version: str, prompt: str
                          f"{(c.get('drift') or {}).get('worst_ratio')}" for c in pairs],
         "kl_max": max(kl) if kl else None, "top1_agreement": min(top1) if top1 else None,
         "wall_s": child["wall_s"], "peak_rss": child["peak_rss"], "fp32_weight_bytes": weights,
-        # Backends in worker processes: this process's peak plus the largest worker's is an upper
-        # bound on the run's memory (the workers run one at a time, before the reference loads here).
-        "checkpoint_bytes": ckpt,
-        "rss_over_weights_plus_file": (child["peak_rss"] + child.get("peak_rss_children", 0)) / (weights + ckpt),
+        # The machine's memory for the run: the process tree's peak at one moment (sampled), where
+        # measured; else this process's own peak (rows from before backends ran in workers).
+        "checkpoint_bytes": ckpt, "peak_rss_tree": child.get("peak_rss_tree"),
+        "rss_over_weights_plus_file": (child.get("peak_rss_tree") or child["peak_rss"]) / (weights + ckpt),
         "dump_bytes": dumps, "exit": child["exit"], "peak_rss_children": child.get("peak_rss_children", 0),
     }
 
@@ -108,8 +146,12 @@ def fmt_row(r: dict) -> str:
     return (f"| {r['shape']} | {r['version']} | `{r['prompt']}` | {r['verdict']} | {g(r['worst_own_ratio'])} | "
             f"{g(r['drift_worst_ratio'])} ({g(r['drift_envelope_fraction'], '.2f')} of envelope) | {g(r['kl_max'])} | "
             f"{g(100 * r['top1_agreement'] if r['top1_agreement'] is not None else None, '.4g')}% | {r['wall_s']:.0f} s | "
-            f"{r['peak_rss'] / 2**30:.2f} + {r.get('peak_rss_children', 0) / 2**30:.2f} GiB "
-            f"({r['rss_over_weights_plus_file']:.2f}x) | {r['dump_bytes'] / 2**20:.0f} MiB |")
+            f"{_gib(r.get('peak_rss_tree'))} ({r['rss_over_weights_plus_file']:.2f}x); run {_gib(r['peak_rss'])}, "
+            f"largest worker {_gib(r.get('peak_rss_children'))} | {r['dump_bytes'] / 2**20:.0f} MiB |")
+
+
+def _gib(n) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB"
 
 
 def _commit() -> str:
@@ -130,8 +172,8 @@ def write_results(rows: list[dict], *, args) -> None:
         f"# Verdicts at released sizes ({meta['date']}, commit {commit}, {meta['machine']})", "",
         f"`{meta['command']}`; {args.decode_steps} decode steps; backends reference, tvm, chatrwkv (+ hf for v4).",
         "Own error: worst replayed stage, in allowances (< 1 passes). Drift: worst propagated record in allowances,",
-        "and as a fraction of the depth envelope (<= 1 passes). Peak RSS: the run's process + its largest worker process;",
-        "RSS ratio: their sum / (fp32 weights + checkpoint file).", "",
+        "and as a fraction of the depth envelope (<= 1 passes). Peak RSS: the whole process tree's at one moment (sampled),",
+        "its ratio over fp32 weights + checkpoint file, then the run's own and its largest worker's peaks.", "",
         "| shape | v | prompt | verdict | own error | drift | KL max (nats) | top-1 | wall | peak RSS | dumps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r) for r in rows],
