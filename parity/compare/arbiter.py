@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from parity.compare.divergence import RunView
+from parity.compare.divergence import RunView, declared_rows
 from parity.compare.metrics import json_safe
 from parity.compare.tolerance import TolerancePolicy
 from parity.errors import ParityError
@@ -91,12 +91,16 @@ def arbitrate_runs(
         if step.index not in ref_steps or step.index not in arb_steps:
             continue
         a_arrays, r_arrays, x_arrays = actual.read_step(step.index), reference.read_step(step.index), arbiter.read_step(step.index)
+        # A backend may hold only some token rows of a stage (e.g. last-token logits): judge those rows.
+        held = declared_rows(a_arrays, n_tokens=len(step.ids), side="actual", step=step.index)
         for stage in arbiter.stage_order:
             if stage not in a_arrays or stage not in r_arrays or stage not in x_arrays:
                 continue
             x = np.asarray(x_arrays[stage], dtype=np.float64)
             a = np.asarray(a_arrays[stage], dtype=np.float64)
             r = np.asarray(r_arrays[stage], dtype=np.float64)
+            if stage in held:
+                x, r = x[held[stage]], r[held[stage]]
             if a.shape != x.shape or r.shape != x.shape:
                 raise ParityError(f"arbiter: {stage} at step {step.index} has shapes {a.shape} / {r.shape} / {x.shape}")
             tol = policy.for_stage(stage)

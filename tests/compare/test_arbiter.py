@@ -65,3 +65,19 @@ def test_bad_multiplier_is_refused():
     with pytest.raises(ParityError, match="multiplier"):
         arbitrate_runs(actual=_run({"x": truth}), reference=_run({"x": truth}), arbiter=_run({"x": truth}),
                        policy=POLICY, multiplier=0)
+
+
+def test_a_backend_holding_the_last_row_only_is_judged_on_that_row():
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(2, 16)) * 10
+    ref = truth + rng.normal(size=truth.shape) * 1e-5
+    good_last = truth[1:] + rng.normal(size=(1, 16)) * 1e-5
+    actual = MemoryRun(steps=[StepInfo(0, "prefill", [1, 2])], stage_order=["logits"], dtype="float32",
+                       arrays={0: {"logits": good_last, "rows.logits": np.array([1])}})
+    result = arbitrate_runs(actual=actual, reference=_run({"logits": ref}), arbiter=_run({"logits": truth}), policy=POLICY)
+    assert result.first_divergence is None and len(result.records) == 1
+    # The same row, shifted by what row 0 would need: judged against row 1's truth, it fails.
+    wrong = MemoryRun(steps=[StepInfo(0, "prefill", [1, 2])], stage_order=["logits"], dtype="float32",
+                      arrays={0: {"logits": truth[:1], "rows.logits": np.array([1])}})
+    bad = arbitrate_runs(actual=wrong, reference=_run({"logits": ref}), arbiter=_run({"logits": truth}), policy=POLICY)
+    assert bad.first_divergence is not None
