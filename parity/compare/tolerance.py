@@ -75,12 +75,15 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     # the reference, TVM and the official package in the dtype, each replayed by the reference in
     # its own dtype — the judge of a low-precision backend's own error (parity/dumpers/replay.py).
     "float16": Tolerance(
-        rtol=1e-3, atol=1e-5, scale=5e-3,
+        rtol=1e-3, atol=1e-5, scale=1e-2,
         reason=_TORCH_REASON.format(dtype="float16")
-        + "scale 5e-3: correct fp16 backends (TVM, the official package's cpu fp16), replayed by the fp16 "
-        "reference, need at most 2.2e-3 outside ln_x (rwkv5_1 fixture, random:16:3, L0.ffn.out; "
-        "benchmarks/calibrate_precision.py): 2.3x margin. Against the fp32 reference a correct fp16 "
-        "stage is up to 4.7e-2 off (its own rounding), which is why fp16 is replayed in fp16",
+        + "scale 1e-2: correct fp16 backends (TVM, the official package's cpu fp16) replayed by the fp16 "
+        "reference need at most 2.2e-3 outside ln_x (rwkv5_1 fixture, random:16:3, L0.ffn.out) and 5.3e-3 on "
+        "ln_x (a head that nearly cancels; rwkv5_2-L4, random:10:7), benchmarks/calibrate_precision.py: 1.9x "
+        "margin; and their propagated drift from the fp32 reference, in these allowances, stays within the "
+        "drift envelope (at most 7.0 per unit of depth after 32 decode steps; 5e-3 would need 14). Against "
+        "the fp32 reference one fp16 stage is up to 0.13 x max|b| off (its own rounding, GroupNorm-amplified), "
+        "which is why fp16 is replayed in fp16",
     ),
     "bfloat16": Tolerance(
         rtol=1.6e-2, atol=1e-5, scale=1.0,
@@ -109,23 +112,23 @@ _LN_X_REASON = (
     "upstream rounding in heads that nearly cancel (measured up to 3.7e-4 x max|b| between correct fp32 "
     "backends); for such heads, --arbiter judges against float64 instead"
 )
-# fp16: the same amplification, at fp16's rounding: a correct TVM fp16 build replayed by the fp16
-# reference needed 5.3e-3 on L0.att.ln_x (rwkv5_2-L4-C128-H2, random:10:7, one element of 1280);
-# the calibration's prompts 1.25e-3 at most. 1e-2 is 1.9x the worst; the decay-in-bf16 mutant
-# needs 1.56e-2 there, groupnorm-variance-fp16 0.6 (parity/mutants/precision.py).
-_LN_X_FP16_REASON = (
-    "rtol/atol: torch defaults for float16; scale 1e-2: GroupNorm divides each head by its own std, "
-    "amplifying fp16 rounding in heads that nearly cancel (correct fp16 backends, replayed in fp16: up to "
-    "5.3e-3 x max|b|)"
+# bf16: GroupNorm's amplification at bf16's rounding. Two correct bf16 builds (TVM, and torch /
+# the official package) differ by up to 0.58 x max|b| on att.gated replayed in bf16, and by 1.08 on
+# ln_x when an isolated TVM layer is set beside the bf16 reference's layer on the same inputs
+# (rwkv5_1 fixture, ones:10, step 3; benchmarks/calibrate_precision.py).
+_LN_X_BF16_REASON = (
+    "rtol/atol: torch defaults for bfloat16; scale 2.0: GroupNorm renormalises a head whose wkv nearly "
+    "cancels, and in bf16 that head's spread drowns in rounding: correct bf16 ports differ by up to 1.08 x "
+    "max|b| here (gross errors only; judge bf16 by the end-to-end metrics)"
 )
 DEFAULT_STAGE_TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "float32": {
         "L*.att.ln_x": Tolerance(rtol=1.3e-6, atol=1e-5, scale=1e-3, reason=_LN_X_REASON),
         "L*.att.gated": Tolerance(rtol=1.3e-6, atol=1e-5, scale=1e-3, reason=_LN_X_REASON),
     },
-    "float16": {
-        "L*.att.ln_x": Tolerance(rtol=1e-3, atol=1e-5, scale=1e-2, reason=_LN_X_FP16_REASON),
-        "L*.att.gated": Tolerance(rtol=1e-3, atol=1e-5, scale=1e-2, reason=_LN_X_FP16_REASON),
+    "bfloat16": {
+        "L*.att.ln_x": Tolerance(rtol=1.6e-2, atol=1e-5, scale=2.0, reason=_LN_X_BF16_REASON),
+        "L*.att.gated": Tolerance(rtol=1.6e-2, atol=1e-5, scale=2.0, reason=_LN_X_BF16_REASON),
     },
 }
 
