@@ -110,6 +110,7 @@ class Crash:
     steps_completed: int  # steps 0..steps_completed-1 were written whole and are compared
     last_stage: dict | None = None  # {step, stage}: the last stage it recorded
     kernel: str | None = None  # the compiled kernel it had entered last (TVM debug builds)
+    kernel_call: int | None = None  # which call of that kernel in the step (1: the first; layer order)
     signal: str | None = None  # "SIGSEGV", "SIGABRT", ...
     exitcode: int | None = None
     error_type: str | None = None

@@ -67,6 +67,8 @@ def test_a_dying_backend_is_a_verdict_with_reports(tmp_path, capsys, spec, verdi
     assert crash["step_kind"] == "decode" and crash["steps_completed"] == step
     assert crash["last_stage"] == {"step": step - 1, "stage": LAST_STAGE}
     assert crash["kernel"] == kernel and crash["signal"] == signal and crash["error_type"] == error_type
+    # The compiled fault strikes in the first wkv5 call of the step (layer 0): every layer's has T = 1.
+    assert crash["kernel_call"] == (1 if kernel else None)
     if verdict == "timed out":
         assert crash["timeout_s"] == HANG_TIMEOUT
     if error_type is not None:  # the port author's own frame is in the traceback

@@ -71,6 +71,7 @@ class BackendFailure:
     steps_completed: int  # steps written whole to its partial dump (0..step-1), all compared
     last_stage: dict | None = None  # {"step", "stage"}: the last stage it recorded
     kernel: str | None = None  # the compiled kernel it had entered last (TVM debug builds)
+    kernel_call: int | None = None  # which call of that kernel in the step (1: the first; layer order)
     signal: str | None = None  # "SIGSEGV", "SIGABRT", ... when a signal ended it
     exitcode: int | None = None
     error_type: str | None = None  # the Python exception's type, for an exception
@@ -87,7 +88,7 @@ class BackendFailure:
             return "before its first step"
         text = "at prefill" if self.step == 0 else f"at decode step {self.step}"
         if self.kernel:
-            text += f" in kernel {self.kernel}"
+            text += f" in kernel {self.kernel}" + (f" (call {self.kernel_call} of the step)" if self.kernel_call else "")
         if self.last_stage is not None:
             same = self.last_stage["step"] == self.step
             text += f" after {self.last_stage['stage']}" + ("" if same else f" (of step {self.last_stage['step']})")
@@ -331,7 +332,7 @@ def run_in_worker(
     os.close(fd)
     recipe = {"spec": spec, "cache_dir": cache_dir, "target": target, "isolated": isolated}
     state: dict[str, Any] = {"name": spec, "partial": None, "step": None, "kind": None, "done": 0,
-                             "last_stage": None, "kernel": None, "extra": {}}
+                             "last_stage": None, "kernel": None, "kernel_call": None, "calls": {}, "extra": {}}
     steps = plan.steps()
     error: dict | None = None
     finished: str | None = None
@@ -356,14 +357,17 @@ def run_in_worker(
                 state.update(name=msg[1]["name"], partial=msg[1]["partial"], extra=msg[1]["extra"])
                 deadline = time.monotonic() + timeout if timeout else None
             elif what == "step":
-                state.update(step=msg[1], kind=steps[msg[1]][0] if msg[1] < len(steps) else None, kernel=None)
+                state.update(step=msg[1], kind=steps[msg[1]][0] if msg[1] < len(steps) else None, kernel=None,
+                             kernel_call=None, calls={})
             elif what == "stage":
                 state["last_stage"] = {"step": msg[1], "stage": msg[2]}
             elif what == "kernel":
-                state["kernel"] = msg[1]
+                # The n-th call of a kernel in a step: for a per-layer kernel (wkv5), its layer + 1.
+                state["calls"][msg[1]] = state["calls"].get(msg[1], 0) + 1
+                state.update(kernel=msg[1], kernel_call=state["calls"][msg[1]])
             elif what == "done":
                 state["done"] = msg[1] + 1
-                state["kernel"] = None
+                state.update(kernel=None, kernel_call=None)
                 deadline = time.monotonic() + timeout if timeout else None
                 if on_step:
                     on_step(state["name"], msg[1], msg[2])
@@ -409,7 +413,7 @@ def run_in_worker(
     failure = BackendFailure(
         backend=spec, name=state["name"], kind=TIMED_OUT if timed_out else CRASHED,
         error="", step=state["step"], step_kind=state["kind"], steps_completed=state["done"],
-        last_stage=state["last_stage"], kernel=state["kernel"], exitcode=exitcode,
+        last_stage=state["last_stage"], kernel=state["kernel"], kernel_call=state["kernel_call"], exitcode=exitcode,
         timeout_s=timeout if timed_out else None, partial_dump=str(partial) if partial else None,
     )
     if timed_out:

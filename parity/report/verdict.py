@@ -69,7 +69,8 @@ def crash_line(crash: dict) -> str:
     step_name = None if step is None else "prefill" if step == 0 else f"decode step {step}"
     detail = ""
     if crash.get("kernel"):
-        detail += f" in kernel {crash['kernel']}"
+        detail += f" in kernel {crash['kernel']}" + (f" (call {crash['kernel_call']} of the step)"
+                                                     if crash.get("kernel_call") else "")
     if isinstance(last, dict):
         detail += f" after {last.get('stage')}" + ("" if last.get("step") == step else f" of step {last.get('step')}")
     if crash.get("kind") == "timed out":
