@@ -131,3 +131,45 @@ def test_without_parity_debug_the_traceback_stays_in_the_reports(tmp_path, capsy
     captured = capsys.readouterr()
     assert rc == 1 and "Traceback" not in captured.out + captured.err
     assert "PARITY_DEBUG=1 prints its traceback" in captured.out
+
+
+PORT_DYING_EARLY = '''
+import ctypes
+
+
+def segfault_when_made(checkpoint):
+    ctypes.string_at(0)  # dies while the backend is being built: nothing recorded at all
+
+
+class _ExitsInPrefill:
+    name = "exits-in-prefill"
+
+    def reset(self):
+        pass
+
+    def step(self, ids):
+        import os
+
+        os._exit(7)  # a native library calling exit(): no signal, no exception
+
+
+def exit_in_prefill(checkpoint):
+    return _ExitsInPrefill()
+'''
+
+
+@pytest.mark.parametrize(("factory", "expected"), [
+    ("segfault_when_made", "CRASHED: {spec} died with SIGSEGV before its first step (no step finished, nothing compared)"),
+    ("exit_in_prefill", "CRASHED: exits-in-prefill failed at prefill: exited with code 7 before finishing "
+                        "(no step finished, nothing compared)"),
+])
+def test_a_backend_dying_before_any_step_still_gets_reports(tmp_path, capsys, factory, expected):
+    (tmp_path / "early.py").write_text(PORT_DYING_EARLY)
+    spec = f"{tmp_path / 'early.py'}:{factory}"
+    rc = main(["run", "-q", "--checkpoint", str(FIXTURE), "--backends", f"reference,{spec}", "--ids", "ones:3",
+               "--decode-steps", "1", "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")])
+    out = capsys.readouterr().out
+    assert rc == 1 and out.strip() == expected.format(spec=spec), out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["verdict"] == "crashed" and result["crash"]["steps_completed"] == 0 and result["records"] == []
+    assert 'id="crash"' in (tmp_path / "r.html").read_text()

@@ -316,7 +316,7 @@ def _notes(result: dict) -> str | None:
 def _comparisons(result: dict) -> str | None:
     comparisons = _list_of_dicts(result, "comparisons")
     # One pair is the headline already; the list adds a line with more pairs, or a crashed backend.
-    if len(comparisons) < 2 and not _list_of_dicts(result, "crashes"):
+    if not comparisons or (len(comparisons) < 2 and not _list_of_dicts(result, "crashes")):
         return None
     run = result.get("run") if isinstance(result.get("run"), dict) else {}
     labels = run.get("backend_labels") if isinstance(run.get("backend_labels"), dict) else {}
