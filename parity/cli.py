@@ -435,7 +435,12 @@ def cmd_run(args, console) -> int:
             arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier, device=args.device,
             timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout, in_process=args.in_process or None,
         )
-        greedy = run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event)
+        # Greedy decoding drives the backends in this process: one that just crashed in its worker
+        # would take the verdict and the reports down with it, so it is skipped then.
+        greedy = None if outcome.crashed else run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir,
+                                                         on_event=prog.event)
+        if outcome.crashed and info.get("greedy_steps"):
+            prog.event("greedy decoding skipped: a backend crashed or hung")
         if args.explain:  # after the verdict, while the dumps still exist
             prog.event("explaining the first divergence")
             attach_explanation(outcome.result, checkpoint=ck, hypotheses=args.hypothesis)
