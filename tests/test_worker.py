@@ -135,3 +135,33 @@ def test_in_process_is_the_opt_out(ck, monkeypatch):
     outcome = run_parity(ck, backends=["reference", "chatrwkv"], plan=PLAN, mode="propagated", command="test")
     assert outcome.result["run"]["isolation"] == "worker processes" and outcome.result["verdict"] == "no divergence"
     assert outcome.result["run"]["timeout_s"] == 1800.0
+
+
+NOTED_PORT = '''
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("numpy_rwkv5_noted", {example!r})
+numpy_rwkv5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(numpy_rwkv5)
+
+
+def make_backend(checkpoint):
+    port = numpy_rwkv5.make_backend(checkpoint)
+    port.notes = ["rows 0..T-2 come from an extra entry point"]
+    return port
+'''
+
+
+def test_a_plugins_notes_reach_the_result_and_the_console(tmp_path, capsys):
+    # Through a worker: the notes travel in the dump manifest (extra.notes), not in this process.
+    from parity.cli import main
+
+    (tmp_path / "noted.py").write_text(NOTED_PORT.format(example=str(REPO / "examples" / "numpy_rwkv5.py")))
+    spec = f"{tmp_path / 'noted.py'}:make_backend"
+    rc = main(["run", "--checkpoint", str(FIXTURE), "--backends", f"reference,{spec}", "--ids", "ones:3",
+               "--decode-steps", "1", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["notes"] == [{"backend": spec, "note": "rows 0..T-2 come from an extra entry point"}]
+    assert "note from numpy-rwkv5: rows 0..T-2 come from an extra entry point" in out
