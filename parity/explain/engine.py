@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.compare import TolerancePolicy
+from parity.compare.divergence import ROWS_PREFIX
 from parity.compare.metrics import compare_arrays
 from parity.dumpers.format import DumpReader
 from parity.errors import ParityError
@@ -109,8 +110,8 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
             model.embed(ids, record=record)
             return out
         name = "emb" if ctx.layer == 0 else f"L{ctx.layer - 1}.x_out"
-        if name not in seen:
-            return None
+        if name not in seen or ROWS_PREFIX + name in seen:
+            return None  # no input, or only some of its token rows: the layer cannot be re-run
         slots = state_slots(ctx.version)
         if step == 0:
             state = model.zero_state().layers[ctx.layer]
@@ -135,6 +136,8 @@ def _score(model, ctx: Context, *, steps: list[int], policy: TolerancePolicy) ->
         if got is None:
             continue
         seen = ctx.candidate_arrays(step)
+        # A stage the candidate holds only some token rows of is compared on those rows.
+        got = {n: (v[np.asarray(seen[ROWS_PREFIX + n])] if ROWS_PREFIX + n in seen else v) for n, v in got.items()}
         # Every stage of the layer, the ones before the faulty stage too: a planted bug must not
         # break what the candidate got right.
         names = [n for n in ctx.candidate.stage_order if n in got and n in seen]
