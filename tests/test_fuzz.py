@@ -252,7 +252,7 @@ def test_a_file_output_that_is_a_directory_is_one_line_even_with_force(real_run,
 
 
 def test_fuzzed_command_lines(real_run, in_scratch):
-    @settings(FUZZ, max_examples=300)
+    @settings(FUZZ, max_examples=200)
     @given(data=st.data())
     def check(data):
         argv = data.draw(command_lines(run=real_run, scratch=in_scratch), label="argv")
@@ -356,7 +356,7 @@ def test_fuzzed_result_files(real_run, tmp_path_factory):
     original = json.loads((real_run / "result.json").read_text())
     work = tmp_path_factory.mktemp("fuzz-result")
 
-    @settings(FUZZ, max_examples=100)
+    @settings(FUZZ, max_examples=80)
     @given(data=st.data())
     def check(data):
         doc, _ = data.draw(edited_documents(original), label="edits")
