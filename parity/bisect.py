@@ -51,6 +51,10 @@ def bisect(
         run = run_parity(ck, backends=[yardstick, suspect], plan=plan, dump_dir=Path(tmp), cache_dir=cache_dir,
                          overrides=overrides, on_event=on_event, mode="both")
     result = out.result = run.result
+    if run.crashed:  # a dead or stuck suspect has no layers left to bisect: its crash is the answer
+        from parity.report.verdict import crash_line
+
+        raise ParityError(crash_line(result["crash"]))
     prop = result["modes"]["propagated"]
     out.propagated = prop["first_divergence"] if prop else None
     own = run.own_comparisons.get(suspect) or run.own_comparisons.get(yardstick)

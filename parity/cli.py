@@ -336,6 +336,16 @@ def _print_summary(console, result: dict) -> None:
     if missing:
         console.print(f"[dim]{len(missing)} stage records exist on one side only (not compared), "
                       f"e.g. {missing[0]['stage']} (missing in {missing[0]['missing_in']})[/]")
+    # Partial rows (a backend holding e.g. the last token's logits only): what was compared, and
+    # what could not be, so a stage judged on one row is never mistaken for a full comparison.
+    partial = [r for r in result.get("records") or [] if r.get("rows") is not None]
+    if partial:
+        r = partial[0]
+        console.print(f"{len(partial)} records compared on the token rows both sides hold, e.g. {r['stage']} at step "
+                      f"{r['step']} on row(s) {', '.join(map(str, r['rows'][:8]))}", markup=False)
+    for nc in (result.get("not_comparable") or [])[:3]:
+        console.print(f"not comparable: {nc.get('stage')} at step {nc.get('step')}: the sides hold rows "
+                      f"{nc.get('expected_rows')} and {nc.get('actual_rows')}, none in common", markup=False)
 
 
 def _write_outputs(result: dict, *, json_path: Path | None, html_path: Path | None, console) -> None:
@@ -708,6 +718,10 @@ def _check_args(args) -> None:
         if value is not None and not value.strip():
             flag = "--" + name.replace("_", "-")
             raise ParityError(f"{flag} is empty; give ids such as 1,2,3, ones:N or random:N[:SEED] (or leave {flag} out)")
+    for name in ("json", "html", "markdown", "csv"):
+        path = getattr(args, name, None)
+        if path is not None and str(path) != "-" and Path(path).is_dir():
+            raise ParityError(f"--{name} {path} is a directory; give a file path (--force replaces files, never directories)")
     if args.command == "demo":
         return  # demo rewrites its own REPORT_DIR/demo.json, demo.html and demo-dumps/ on every run, by design
     paths = [getattr(args, name, None) for name in OUTPUT_DESTS]
@@ -774,6 +788,12 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine, not the tool: a full disk, a read-only or vanished path
+        if os.environ.get("PARITY_DEBUG"):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"parity: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a bug (ours, or a plug-in's): one line, its own exit code, never "divergence"
         if os.environ.get("PARITY_DEBUG"):
             if getattr(exc, "traceback_text", None):  # a worker's: the frames are in the child

@@ -202,5 +202,5 @@ class RunResult:
             known["crashes"] = [Crash(**_pick(Crash, c)) for c in d.get("crashes") or []]
             extra = {k: v for k, v in d.items() if k not in known and k != "format"}
             return cls(**known, extra=extra)
-        except TypeError as e:
+        except (TypeError, AttributeError, ValueError) as e:
             raise ParityError(f"a malformed parity result: {e}") from None

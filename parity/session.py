@@ -121,6 +121,8 @@ def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None)
     strict per-stage verdict of the propagated comparison."""
     from parity.reference import make_reference
 
+    for path in (expected, actual):
+        DumpReader(path)  # the user's dumps must be complete: a crashed run's partial dump is refused, not judged whole
     comparison = compare_dumps(expected, actual, overrides=overrides)
     if checkpoint is None:
         return comparison
@@ -236,7 +238,9 @@ def _run_arbiter(ck, *, result, backends, dumps, plan, dump_dir: Path, overrides
 def _isolatable(spec: str) -> bool:
     """Whether backend ``spec`` is our compiled debug build (tvm, or a compiled mutant): the one
     that can run isolated, layer by layer on the yardstick's inputs."""
-    if spec == "tvm":
+    from parity.dumpers.registry import split_dtype
+
+    if split_dtype(spec)[0] == "tvm":  # tvm, tvm@fp16, tvm@bf16
         return True
     if spec.startswith("mutant/"):
         from parity.mutants import get_mutant
@@ -390,8 +394,21 @@ def _own_errors(
                 if path is None:
                     continue
             dumps[f"{spec} (isolated)"] = path
-            comparison = compare_dumps(dumps[yardstick], path, overrides=overrides)
-            out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": yardstick}, comparison)
+            judge_dump, judge = dumps[yardstick], yardstick
+            dtype = DumpReader(path).dtype
+            if dtype != DumpReader(judge_dump).dtype:
+                # A low-precision build judged by the reference *in its dtype*, run on the same
+                # yardstick inputs: its own rounding is then no error (fp16 isolated TVM vs the fp32
+                # yardstick needs 0.13 of max|b|, vs the fp16 reference 2.3e-3; calibrate_precision).
+                from parity.dumpers.replay import ReplayBackend
+
+                say(f"running the reference in {dtype} on {yardstick}'s inputs: the judge of {spec}'s isolated layers")
+                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype)
+                judge_dump = replay.dump(replay.plan(), path=dump_dir / (dump_dir_name(spec) + "-isolated-judge"),
+                                         on_step=on_step)
+                judge = f"reference@{dtype} on {yardstick}'s inputs"
+            comparison = compare_dumps(judge_dump, path, overrides=overrides)
+            out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": judge}, comparison)
             continue
         if spec not in dumps:
             continue

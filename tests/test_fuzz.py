@@ -235,7 +235,6 @@ def _known_bug(argv: list[str], scratch: Path) -> bool:
         for i, flag in enumerate(argv))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: --json/--html DIR --force is an internal error (parity/cli.py)")
 @pytest.mark.parametrize("args", [
     ["tokenize", "--text", "hi"],
     ["prompt", "--text", "hi", "--against", "text:hi"],
@@ -350,7 +349,6 @@ def test_fuzzed_manifests(real_run, tmp_path_factory):
 # template, pandas in frame.py). Both files belong to another part of issue 12; the fix (one
 # ParityError naming the file, raised where cmd_report renders) is written up in that issue.
 # strict: once the fix is in, this test passes, the marker fails the run, and comes off with it.
-@pytest.mark.xfail(strict=False, reason="issue 12: a malformed result field is an internal error in report/results")
 def test_fuzzed_result_files(real_run, tmp_path_factory):
     """A hand-edited (or future) result JSON: ``report`` renders it or refuses it in one line."""
     original = json.loads((real_run / "result.json").read_text())

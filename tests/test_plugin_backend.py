@@ -373,3 +373,15 @@ def test_a_broken_port_is_caught_where_the_bug_is(runs) -> None:
     assert (fd["step"], fd["stage"]) == (1, "logits"), cli  # the prefill was left exact
     verdict = cli.stdout.strip().splitlines()[-1]
     assert verdict.startswith("DIVERGENCE: first divergence: decode step 1, stage logits"), cli
+
+
+def test_the_console_says_which_rows_were_compared_and_which_were_not(port, capsys, tmp_path) -> None:
+    rc = main(["run", "--ids", "ones:3", "--decode-steps", "1", "--checkpoint", FIXTURE_L4, "--mode", "propagated",
+               "--backends", f"{port}:early_rows,{port}:last_row_logits"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "not comparable: logits at step 0: the sides hold rows [0, 1] and [2], none in common" in out, out
+    rc = main(["run", "--ids", "ones:3", "--decode-steps", "1", "--checkpoint", FIXTURE_L4, "--mode", "propagated",
+               "--backends", f"reference,{port}:last_row_logits"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "compared on the token rows both sides hold, e.g. logits at step 0 on row(s) 2" in out, out

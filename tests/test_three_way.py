@@ -34,7 +34,7 @@ def test_odd_one_out_logic():
 
 @pytest.mark.slow
 def test_wrong_reference_is_the_odd_one_out(tmp_path, monkeypatch, compile_cache):
-    monkeypatch.setattr(reference_pkg, "make_reference", lambda checkpoint, dtype="float32": SigmoidOnR(checkpoint, dtype=dtype))
+    monkeypatch.setattr(reference_pkg, "make_reference", lambda checkpoint, dtype="float32", **_: SigmoidOnR(checkpoint, dtype=dtype))
     ck = load_checkpoint(FIXTURE)
     outcome = run_parity(
         ck, backends=["reference", "tvm", "chatrwkv"], plan=RunPlan(prefill_ids=(1,) * 10, decode_ids=(3, 4)),

@@ -55,7 +55,10 @@ def replay_gaps(candidate: DumpReader, *, n_layer: int, version: str) -> list[di
     for step in candidate.steps:
         have = set(candidate.step_stages(step.index))
         for layer in range(n_layer):
-            missing = [] if layer_input_name(layer) in have else [layer_input_name(layer)]
+            name = layer_input_name(layer)
+            missing = [] if name in have else [name]
+            if "rows." + name in have:  # only some token rows: the layer's token shift needs them all
+                missing.append(f"{name} (all token rows; it holds only some)")
             if previous is not None:
                 missing += [f"state.L{layer}.{s} (step {step.index - 1})" for s in slots if f"state.L{layer}.{s}" not in previous]
             if missing:
@@ -135,7 +138,7 @@ class ReplayBackend(Backend):
                 for s in slots:
                     record(f"state.L{layer}.{s}", getattr(new_state, s))
             last = f"L{cfg.n_layer - 1}.x_out"
-            if last in seen:
+            if last in seen and "rows." + last not in seen:
                 self.model.head(self.model.head_in(seen[last]), record=record)
         # Only the candidate's state is carried to the next step: the replay never feeds itself.
         self._state_before = {k: v for k, v in seen.items() if k.startswith("state.")}

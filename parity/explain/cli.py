@@ -125,6 +125,10 @@ def explain_bisect(checkpoint, *, backends: list[str], plan, found: dict, cache_
 
     with tempfile.TemporaryDirectory(prefix="parity-explain-") as tmp:
         out = run_parity(checkpoint, backends=backends, plan=plan, dump_dir=Path(tmp), cache_dir=cache_dir)
+        if out.crashed:
+            from parity.report.verdict import crash_line
+
+            raise ParityError(crash_line(out.result["crash"]))
         return explain_dump(checkpoint, candidate_dump=out.dumps[backends[1]], first_divergence=found,
                             extra_hypotheses=_hypotheses(list(hypotheses)))
 

@@ -147,6 +147,15 @@ def cmd_report(args, console) -> int:
 
     refuse_overwrite(outputs.values(), force=args.force)
     result = load_source(args.source)
+    try:
+        return _render(args, console, result, outputs=outputs)
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        # A result that loaded but holds fields of the wrong type (edited by hand, or by another tool).
+        raise ParityError(f"{args.source}: a malformed parity result ({type(e).__name__}: {e}); "
+                          "re-create it with parity run --json") from None
+
+
+def _render(args, console, result, *, outputs) -> int:
     written: list[tuple[str, str]] = []
     if args.html:
         from parity.report.html import render_html, write_html

@@ -275,6 +275,15 @@ def _warnings(result: dict) -> str | None:
         notes.append(f"- {len(missing)} stage records exist on one side only and were not compared, e.g. "
                      f"{_code(first.get('stage'))} in step {_fmt(first.get('step'))} "
                      f"(missing in {_text(first.get('missing_in'))}).")
+    not_comparable = _list_of_dicts(result, "not_comparable")
+    if not_comparable:
+        first = not_comparable[0]
+        notes.append(f"- {len(not_comparable)} stage records share no token row between the sides and were not "
+                     f"compared, e.g. {_code(first.get('stage'))} in step {_fmt(first.get('step'))}.")
+    partial = [r for r in _list_of_dicts(result, "records") if r.get("rows") is not None]
+    if partial:
+        notes.append(f"- {len(partial)} records were compared on the token rows both sides hold only, e.g. "
+                     f"{_code(partial[0].get('stage'))} in step {_fmt(partial[0].get('step'))}.")
     unmatched = _list_of_dicts(result, "unmatched_steps")
     if unmatched:
         listed = ", ".join(f"{_fmt(u.get('index'))} (only in {_text(u.get('present_in'))})" for u in unmatched[:5])

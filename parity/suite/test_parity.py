@@ -14,6 +14,7 @@ from parity.compare import TolerancePolicy, compare_arrays
 from parity.dumpers.backends import RunPlan
 from parity.pytest_plugin import record_report
 from parity.report.html import write_html
+from parity.report.verdict import verdict_line
 from parity.session import default_decode_ids, parse_ids, run_parity
 from parity.stages import stage_order, state_slots, state_stage_names
 from parity.suite.conftest import report_dir
@@ -25,13 +26,14 @@ POLICY = TolerancePolicy.for_dtype("float32")
 
 def _assert_no_divergence(outcome, *, name: str) -> None:
     result = outcome.result
-    if result["first_divergence"] is not None:
+    if result["first_divergence"] is not None or outcome.crashed:  # a crashed backend never passes
         path = report_dir() / f"{name}.html"
         write_html(result, path)
         # The result JSON beside it: `parity report NAME.json --markdown` turns it into a PR comment.
         path.with_suffix(".json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
         record_report(path)  # listed in the terminal summary by the parity pytest plugin
-        pytest.fail(f"{describe_divergence(result['first_divergence'])}\nreport: {path}", pytrace=False)
+        what = verdict_line(result) if result["first_divergence"] is None else describe_divergence(result["first_divergence"])
+        pytest.fail(f"{what}\nreport: {path}", pytrace=False)
 
 
 def _skip_mutant_of_another_family(backend: str, cfg) -> None:

@@ -201,3 +201,26 @@ def eps_port_deep(checkpoint):
     port = EpsPort(checkpoint)
     port.only_layer = min(17, checkpoint.config.n_layer - 1)
     return port
+
+
+class LastRowOfL0(NUMPY.NumpyRWKV5):
+    """A port that hands back only the last token row of L0.x_out (as real ports keep little)."""
+
+    def step(self, ids):
+        out = super().step(ids)
+        out["L0.x_out"] = out["L0.x_out"][-1:]
+        return out
+
+
+def last_row_of_l0(checkpoint):
+    return LastRowOfL0(checkpoint)
+
+
+def test_a_layer_whose_input_holds_only_some_rows_is_not_replayed(ck, tmp_path):
+    out = run_parity(ck, backends=["reference", f"{HERE}:last_row_of_l0"], plan=plan(ck, steps=1), dump_dir=tmp_path)
+    own = out.result["own_errors"][f"{HERE}:last_row_of_l0"]
+    gaps = {(g["step"], g["layer"]): g["missing"] for g in own["not_replayable"]}
+    # The prefill's layer 1 would see one row where the token shift needs all of them; a decode
+    # step has one row anyway, so it replays.
+    assert list(gaps) == [(0, 1)] and "only some" in gaps[(0, 1)][0]
+    assert out.result["verdict"] == "no divergence"

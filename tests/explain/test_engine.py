@@ -19,6 +19,7 @@ from parity.dumpers.backends import RunPlan
 from parity.errors import ParityError
 from parity.explain.engine import EXPLAINED, NOT_EXPLAINED, NOTHING, explain_dump, explain_result, load_hypothesis
 from parity.mutants import CATALOGUE
+from parity.mutants.precision import PRECISION_CATALOGUE
 from parity.session import default_decode_ids, parse_ids, run_parity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +82,12 @@ def _assert_explained_by(explanation: dict, name: str) -> None:
     assert explanation["fix"] == best["fix"]
 
 
-@pytest.mark.parametrize("name", list(CATALOGUE))
+# Crashes and hangs leave no wrong number to explain; the precision family (parity/mutants/precision.py)
+# has no hypotheses in parity/explain yet — each is localised by selftest, not explained.
+EXPLAINABLE = [n for n, m in CATALOGUE.items() if m.fault is None and n not in PRECISION_CATALOGUE]
+
+
+@pytest.mark.parametrize("name", EXPLAINABLE)
 def test_every_zoo_mutant_is_explained_by_its_own_hypothesis(name, tmp_path, compile_cache):
     mutant = CATALOGUE[name]
     ck = load_checkpoint(FIXTURES / f"{mutant.fixture}.pth")
