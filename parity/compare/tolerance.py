@@ -16,6 +16,11 @@ implementations of the whole model (torch, TVM, the official package) differ by 
 max|b| outside ln_x (bundled fixtures and 5000 random configurations, errors propagated through
 every layer and step), while torch's rtol alone would need 0.39 for the wkv state. ``scale`` = 0
 is exactly torch's rule.
+
+Re-run, not quoted: ``benchmarks/tolerance_headroom.py --examples 1000`` drew 1000 fresh random
+configurations (reference vs the TVM build, propagated/isolated/replayed) on 2026-11-30: no false
+alarm, worst 0.22x of the fp32 allowance (ffn.ln2, a v5.0 prefill), below the 0.55x measured over
+5000 when the constant was set (benchmarks/results/tolerance_headroom.md).
 """
 
 from __future__ import annotations
