@@ -33,9 +33,7 @@ CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
 # each rule that raises on a kernel passing it on to the next (see _tolerant below).
 PIPELINE_ID = "FuseTransposeMatmul+cpu-matmul-schedule|dlight-gpu-tolerant"
 VARIANTS = ("plain", "debug")
-# What the compiled model computes in (parity/compiled/common.py says how); here, not there, so a
-# cache hit on the runtime-only TVM never imports the model code.
-DTYPES = ("float32", "float16", "bfloat16")
+from parity.compiled.dtypes import DTYPES  # noqa: E402  (re-exported: what the build computes in)
 
 _TARGETS = {
     "llvm": {"kind": "llvm"},

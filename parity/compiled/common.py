@@ -21,7 +21,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig
-from parity.compiled.build import DTYPES
+from parity.compiled.dtypes import DTYPES
 
 LN_EPS = 1e-5
 # As the official package (and parity/reference/rwkv5.py's RESCALE_LAYER): fp16 only.

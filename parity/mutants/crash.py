@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parity.mutants import Expected, Mutant
+from parity.mutants.base import Expected, Mutant
 
 # The compiled faults strike at the first decode step (a TIR kernel cannot count steps; T = 1 is
 # what tells a decode from the prefill), after the prefill was recorded whole, inside the wkv5
@@ -86,22 +86,30 @@ class _FailingPort:
     """Our torch reference as a plug-in (reset/step, docs/backends.md) that fails at one step."""
 
     def __init__(self, checkpoint, *, plugin: CrashPlugin):
-        from parity.dumpers.backends import ReferenceBackend
+        # The reference model itself, not its dumper backend: the zoo sits below parity.dumpers.
+        from parity.reference import make_reference
 
-        self.inner = ReferenceBackend(checkpoint)
+        self.model = make_reference(checkpoint, dtype="float32")
+        self.state = None
         self.plugin = plugin
         self.name = f"crash-plugin/{plugin.how}"
         self.index = 0
 
     def reset(self) -> None:
-        self.inner.reset()
+        self.state = self.model.zero_state()
         self.index = 0
 
     def step(self, ids: list[int]) -> dict:
         if self.index == self.plugin.step:
             _fail(self.plugin.how)
         self.index += 1
-        return self.inner.step(ids)
+        out = {}
+
+        def record(stage, value) -> None:
+            out[stage] = value.detach().numpy().copy()
+
+        _, self.state = self.model.forward(ids, self.state, record=record)
+        return out
 
 
 def _fail(how: str) -> None:

@@ -26,7 +26,10 @@ FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 ALL_FIXTURES = sorted(p.stem for p in FIXTURES.glob("*.pth"))
 # Mutants whose bug is a hand-written llvm scan kernel with no CUDA schedule: the CUDA build refuses them.
 LLVM_ONLY = {"wkv-time-not-recurrent", "wkv-fp16-accumulator", "kernel-writes-input-state", "v4-wkv-without-max",
-             "wkv-time-parallel-cpu"}
+             "wkv-time-parallel-cpu",
+             # the crash and hang kernels are CPU loops (their faults are a segfault, abort() and a
+             # loop on the host); a CUDA fault would be another mutant
+             "crash-oob-gather", "crash-kernel-abort", "hang-kernel-loop"}
 COMPILED_MUTANTS = [n for n, m in CATALOGUE.items() if m.side == "compiled"]
 
 
