@@ -159,7 +159,7 @@ _HERE = Path(__file__).resolve().parent
 _SOURCES = tuple(
     _HERE / name
     for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py",
-                 "schedule_cpu.py")
+                 "schedule_cpu.py", "dtypes.py")
 )
 _MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in (
     "compiled.py", "kernels.py", "crash_models.py", "precision_models.py"))
