@@ -118,15 +118,15 @@ def row_from(result: dict, child: dict, *, shape: str, version: str, prompt: str
     e2e = [c.get("end_to_end") or {} for c in pairs]
     kl = [e["kl_max"] for e in e2e if isinstance(e.get("kl_max"), (int, float))]
     top1 = [e["top1_agreement"] for e in e2e if isinstance(e.get("top1_agreement"), (int, float))]
-    fractions = [d.get("envelope_fraction") for d in [result.get("drift") or {}] if d]
+    drift_of_result = result.get("drift") or {}
     return {
         "shape": shape, "version": version, "prompt": prompt, "verdict": result["verdict"],
         "pairs": [f"{c.get('expected')}~{c.get('actual')}: {c.get('verdict')}" for c in result.get("comparisons", [])],
         "worst_own_ratio": worst_own,
         "drift_worst_ratio": max((d.get("worst_ratio", 0) for d in drift if isinstance(d.get("worst_ratio"), (int, float))), default=None),
-        "drift_envelope_fraction": fractions[0] if fractions else None,
+        "drift_envelope_fraction": drift_of_result.get("envelope_fraction"),
         # The run's rounding floor at the worst record (measured only when the fixed envelope was exceeded).
-        "drift_floor": max((d.get("floor") or 0 for d in [result.get("drift") or {}]), default=None) or None,
+        "drift_floor": drift_of_result.get("floor"),
         "drift_status": [f"{c.get('expected')}~{c.get('actual')}: {(c.get('drift') or {}).get('status')} "
                          f"{(c.get('drift') or {}).get('worst_ratio')}" for c in pairs],
         "kl_max": max(kl) if kl else None, "top1_agreement": min(top1) if top1 else None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity.checkpoint import Checkpoint
+from parity.compare.verdict import is_carried
 from parity.dumpers.backends import Backend, RunPlan
 from parity.dumpers.format import StepWriter
 from parity.stages import state_slots
@@ -34,9 +35,8 @@ SEED = 20261130
 
 
 def carried(stage: str) -> bool:
-    """The stages the drift verdict reads (parity/compare/verdict.py ``is_carried``) and emb."""
-    return stage == "emb" or stage.startswith("state.") or stage in ("ln_out", "logits") or \
-        stage.endswith((".x_out", ".x_after_att"))
+    """The stages the drift verdict reads, and emb (where the trajectory starts)."""
+    return stage == "emb" or is_carried(stage)
 
 
 class FloorBackend(Backend):
