@@ -1,18 +1,24 @@
-"""GPU speed: the CUDA build vs torch eager on the same GPU, at released RWKV-5.2 shapes, fp32.
+"""GPU speed: the CUDA build vs torch on the same GPU, at released RWKV-5.2 shapes, fp32 and fp16.
 
-    python benchmarks/gpu.py --out DIR [--shapes 0.4b,1.5b] [--cache-dir DIR] [--commit SHA]
+    python benchmarks/gpu.py --out DIR [--shapes 0.4b,1.5b] [--dtypes float32,float16] [--cache-dir DIR] [--commit SHA]
 
-For each shape (random weights: speed does not depend on their values): decode ms/token (the mean
-of --decode-steps steps after a warm-up, state carried, no host copies inside the timed loop),
-prefill tokens/s (one --prefill-len prompt), for
-    tvm-cuda           the CUDA build of parity/compiled (DLight + the hand-scheduled wkv5), called
-                       through the Relax VM
-    torch-eager        a plain torch RWKV-5.2 (below), fp32, TF32 off
-    torch-cuda-graph   the same decode step captured once in a CUDA graph and replayed
+For each shape and dtype (random weights: speed does not depend on their values): decode ms/token
+(the mean of --decode-steps steps after a warm-up, state carried, no host copies inside the timed
+loop) and prefill tokens/s (one --prefill-len prompt), for
+    tvm-cuda           the plain CUDA build of parity/compiled (DLight + the hand-scheduled wkv5),
+                       each kernel a Relax VM call and a launch
+    tvm-relax-graph    the same model built with Relax's RewriteCUDAGraph (parity/compiled/
+                       cuda_graph.py): static runs of kernels captured once and replayed
+    tvm-step-graph     the plain build's whole decode step captured in one torch CUDA graph
+                       (cuda_graph.GraphDecoder)
+    torch-eager        a plain torch RWKV-5.2 (below) in the dtype, TF32 off
+    torch-cuda-graph   the same torch decode step captured once in a CUDA graph and replayed
 and the effective bandwidth of each decode as a fraction of the HBM roofline: the bytes of every
-weight a decode step reads (all but the embedding table, of which it reads one row) / decode
-time / --hbm-tbs. Also, at the first shape, the harness's own overhead: a full-dump `reference,tvm`
-parity run on CUDA ÷ (a bare torch reference run + a bare CUDA-build run) of the same plan.
+weight the TVM build's decode step reads, in the dtype it binds each one in (all but the fp32
+embedding table, of which it reads one row) / decode time / --hbm-tbs. Also, at the first shape
+in fp32, the harness's own overhead: a full-dump `reference,tvm` parity run on CUDA ÷ (a bare
+torch reference run + a bare CUDA-build run) of the same plan, from a checkpoint file, with the
+run's event timeline (where the time goes), both with the default worker processes and in process.
 
 Writes DIR/gpu-bench.json and DIR/gpu-bench.md (with the date, commit, GPU name and command).
 """
@@ -61,9 +67,10 @@ def random_weights(config, *, seed: int) -> dict[str, torch.Tensor]:
 class TorchRWKV5:
     """RWKV-5.2 in plain torch on one device: the decode step a port would write, eager."""
 
-    def __init__(self, w: dict[str, torch.Tensor], config, device: str):
+    def __init__(self, w: dict[str, torch.Tensor], config, device: str, dtype: torch.dtype = torch.float32):
         self.c = config
-        self.w = {k: v.to(device) for k, v in w.items()}
+        self.w = {k: v.to(device=device, dtype=dtype) for k, v in w.items()}
+        self.dtype = dtype
         L = config.n_layer
         self.decay = [torch.exp(-torch.exp(self.w[f"blocks.{i}.att.time_decay"])).view(config.n_head, config.head_size, 1) for i in range(L)]
         self.u = [self.w[f"blocks.{i}.att.time_faaaa"].view(config.n_head, config.head_size, 1) for i in range(L)]
@@ -71,7 +78,7 @@ class TorchRWKV5:
 
     def zero_state(self):
         C, H, N = self.c.n_embd, self.c.n_head, self.c.head_size
-        z = lambda *s: torch.zeros(*s, device=self.device)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, device=self.device, dtype=self.dtype)  # noqa: E731
         return [[z(C), z(H, N, N), z(C)] for _ in range(self.c.n_layer)]
 
     def _ln(self, x, p):
@@ -126,8 +133,8 @@ def _timed(fn, *, sync, repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def bench_torch(w, config, *, prefill_len: int, steps: int) -> dict:
-    m = TorchRWKV5(w, config, "cuda")
+def bench_torch(w, config, *, prefill_len: int, steps: int, dtype: str) -> dict:
+    m = TorchRWKV5(w, config, "cuda", getattr(torch, dtype))
     sync = torch.cuda.synchronize
     ids = torch.randint(0, config.vocab_size, (prefill_len,), device="cuda")
     one = ids[:1].clone()
@@ -150,67 +157,122 @@ def bench_torch(w, config, *, prefill_len: int, steps: int) -> dict:
     return {"decode_ms": decode_s * 1e3, "prefill_tok_s": prefill_len / prefill_s, "graph_decode_ms": graph_s * 1e3}
 
 
-def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path) -> dict:
-    import tvm
+def _param_bytes(meta: dict, w: dict) -> int:
+    """Bytes the build's decode reads from its weights: each parameter in the dtype it is bound in,
+    all but the embedding table (a decode reads one row of it)."""
+    size = {"float32": 4, "float16": 2, "bfloat16": 2}
+    dtypes = meta.get("param_dtypes") or ["float32"] * len(meta["params"])
+    return sum(w[n].numel() * size[d] for n, d in zip(meta["params"], dtypes) if n != "emb.weight")
 
+
+def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype: str) -> dict:
+    """The plain build through the VM, then the Relax-graph build and the whole-step torch graph,
+    each guarded: a way that fails records its one-line error instead of ending the benchmark."""
+    from parity.compiled.cuda_graph import GraphDecoder, build_graph_model
     from parity.compiled.runtime import CompiledRWKV
 
     ck = Checkpoint(path=Path(f"random-{config.n_layer}x{config.n_embd}"), sha256="-", config=config, weights=w)
     t0 = time.perf_counter()
-    model = CompiledRWKV(ck, variant="plain", target="cuda", cache_dir=cache_dir)
+    model = CompiledRWKV(ck, variant="plain", target="cuda", cache_dir=cache_dir, dtype=dtype)
     load_s = time.perf_counter() - t0
     dev = model.device
     ids = model._ids(np.random.default_rng(0).integers(0, config.vocab_size, prefill_len))
     one = model._ids([1])
     state = [model.zero_state().slots[n] for n in model.slot_names]
-    box = {"state": state}
 
-    def decode():
-        box["state"] = list(model.vm["decode"](one, box["state"], *model.params)[1])
+    def vm_decode(m):
+        box = {"state": [m.zero_state().slots[n] for n in m.slot_names]}
 
-    decode_s = _timed(decode, sync=dev.sync, repeat=steps)
+        def decode():
+            box["state"] = list(m.vm["decode"](one, box["state"], *m.params)[1])
+
+        return decode
+
+    decode_s = _timed(vm_decode(model), sync=dev.sync, repeat=steps)
     prefill_s = _timed(lambda: model.vm["prefill"](ids, state, *model.params), sync=dev.sync, repeat=1)
     out = {"decode_ms": decode_s * 1e3, "prefill_tok_s": prefill_len / prefill_s, "load_s": load_s,
-           "compile_seconds_on_build_machine": model.artifact.meta.get("compile_seconds")}
+           "compile_seconds_on_build_machine": model.artifact.meta.get("compile_seconds"),
+           "weight_bytes": _param_bytes(model.artifact.meta, w)}
+    try:
+        g = GraphDecoder(model)
+        out["step_graph_decode_ms"] = _timed(lambda: g.step(1), sync=g.sync, repeat=steps) * 1e3
+        del g
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal: the other rows still count
+        out["step_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     del model
+    try:
+        art = build_graph_model(config, dtype=dtype, cache_dir=cache_dir)
+        gm = CompiledRWKV(ck, variant="plain", target="cuda", cache_dir=cache_dir, dtype=dtype, artifact=art)
+        out["relax_graph_decode_ms"] = _timed(vm_decode(gm), sync=dev.sync, repeat=steps) * 1e3
+        out["relax_graph_prefill_tok_s"] = prefill_len / _timed(
+            lambda: gm.vm["prefill"](ids, [gm.zero_state().slots[n] for n in gm.slot_names], *gm.params),
+            sync=dev.sync, repeat=1)
+        del gm
+    except Exception as e:  # noqa: BLE001
+        out["relax_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     return out
 
 
-def harness_overhead(config, w, *, cache_dir: Path) -> dict:
-    """(full-dump reference,tvm parity run on CUDA) ÷ (bare reference run + bare CUDA run), same plan."""
+def harness_overhead(config, *, cache_dir: Path, workdir: Path, in_process: bool) -> dict:
+    """(full-dump reference,tvm parity run on CUDA) ÷ (bare reference run + bare CUDA run), same plan,
+    from a checkpoint file (as a user runs it: a worker reads the file, nothing is pickled across),
+    with every event of the parity run timestamped."""
+    from parity.checkpoint import load_checkpoint
     from parity.compiled.runtime import CompiledRWKV
     from parity.dumpers.backends import RunPlan
     from parity.reference import make_reference
     from parity.session import run_parity
+    from parity.synth import synthesize
 
-    ck = Checkpoint(path=Path("random"), sha256="-", config=config, weights=w)
+    path = workdir / f"bench-{config.n_layer}x{config.n_embd}.safetensors"
+    if not path.exists():
+        synthesize(path, shape=SHAPE_OF.get((config.n_layer, config.n_embd), "0.4b"), version="5.2", seed=0)
     plan = RunPlan(prefill_ids=tuple(range(1, 17)), decode_ids=(5, 9, 13, 17))
     steps = [list(plan.prefill_ids)] + [[i] for i in plan.decode_ids]
     t0 = time.perf_counter()
+    ck = load_checkpoint(path)
     ref = make_reference(ck)
     s = ref.zero_state()
     for ids in steps:
         _, s = ref.forward(ids, s)
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
+    ck = load_checkpoint(path)
     tvm_model = CompiledRWKV(ck, variant="plain", target="cuda", cache_dir=cache_dir)
     st = tvm_model.zero_state()
     for ids in steps:
         st = tvm_model.forward(ids, st).state
     t_tvm = time.perf_counter() - t0
+    del tvm_model, ref
+    events = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        out = run_parity(ck, backends=["reference", "tvm"], plan=plan, dump_dir=Path(tmp), cache_dir=cache_dir,
-                         mode="propagated", device="cuda")
+
+        def note(msg):
+            events.append((round(time.perf_counter() - t0, 3), str(msg)[:160]))
+
+        out = run_parity(load_checkpoint(path), backends=["reference", "tvm"], plan=plan, dump_dir=Path(tmp),
+                         cache_dir=cache_dir, mode="propagated", device="cuda", in_process=in_process, on_event=note,
+                         on_step=lambda *a: note("step " + " ".join(map(str, a))))
         t_parity = time.perf_counter() - t0
-    return {"bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
-            "ratio": t_parity / (t_ref + t_tvm), "verdict": out.result["verdict"]}
+    return {"in_process": in_process, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
+            "ratio": t_parity / (t_ref + t_tvm), "verdict": out.result["verdict"], "events": events}
+
+
+SHAPE_OF = {(24, 1024): "0.4b", (24, 2048): "1.5b"}
+
+
+def _ms(d: dict, key: str, roofline_ms: float) -> str:
+    if key not in d:
+        return "failed"
+    return f"{d[key]:.2f} ({roofline_ms / d[key]:.0%})"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shapes", default="0.4b,1.5b")
+    ap.add_argument("--dtypes", default="float32,float16")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=50)
@@ -223,6 +285,7 @@ def main() -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     pin_torch_math()
     args.out.mkdir(parents=True, exist_ok=True)
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit,
@@ -230,45 +293,68 @@ def main() -> int:
         "torch": torch.__version__,
         "torch_math": torch_math_settings(),
         "command": shlex.join(["python", "benchmarks/gpu.py", *sys.argv[1:]]),
-        "dtype": "float32",
+        "dtypes": dtypes,
         "hbm_tbs": args.hbm_tbs,
     }
-    rows = []
+    rows, overhead = [], []
     for i, shape in enumerate(s.strip() for s in args.shapes.split(",")):
         config = shape_config(shape, version="5.2")
         w = random_weights(config, seed=0)
-        weight_bytes = sum(t.numel() * 4 for k, t in w.items() if k != "emb.weight")
-        roofline_ms = weight_bytes / (args.hbm_tbs * 1e12) * 1e3
-        row = {"shape": shape, "config": config.describe(), "decode_weight_bytes": weight_bytes, "roofline_ms": roofline_ms}
-        row["tvm_cuda"] = bench_tvm(w, config, prefill_len=args.prefill_len, steps=args.decode_steps, cache_dir=cache_dir)
-        row["torch"] = bench_torch(w, config, prefill_len=args.prefill_len, steps=args.decode_steps)
-        for name, ms in (("tvm_cuda", row["tvm_cuda"]["decode_ms"]), ("torch_eager", row["torch"]["decode_ms"]),
-                         ("torch_cuda_graph", row["torch"]["graph_decode_ms"])):
-            row[f"roofline_fraction_{name}"] = roofline_ms / ms
+        for dtype in dtypes:
+            row = {"shape": shape, "dtype": dtype, "config": config.describe()}
+            try:
+                row["tvm_cuda"] = bench_tvm(w, config, prefill_len=args.prefill_len, steps=args.decode_steps,
+                                            cache_dir=cache_dir, dtype=dtype)
+            except Exception as e:  # noqa: BLE001 - a missing build or a failure: recorded, the torch rows still run
+                row["tvm_cuda"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            torch.cuda.empty_cache()
+            row["torch"] = bench_torch(w, config, prefill_len=args.prefill_len, steps=args.decode_steps, dtype=dtype)
+            torch.cuda.empty_cache()
+            # The roofline of the TVM build's weights as bound (fp32 decay/bonus/ln_x stay fp32 in an
+            # fp16 build); without a TVM row, every weight in the dtype.
+            nbytes = row["tvm_cuda"].get("weight_bytes") or sum(
+                t.numel() * torch.empty(0, dtype=getattr(torch, dtype)).element_size() for k, t in w.items() if k != "emb.weight")
+            row["decode_weight_bytes"] = nbytes
+            row["roofline_ms"] = nbytes / (args.hbm_tbs * 1e12) * 1e3
+            rows.append(row)
+            print(json.dumps(row, default=float), flush=True)
         if i == 0 and not args.no_overhead:
-            row["harness_overhead"] = harness_overhead(config, w, cache_dir=cache_dir)
-        rows.append(row)
-        print(json.dumps(row, default=float), flush=True)
+            with tempfile.TemporaryDirectory() as work:
+                for in_process in (False, True):
+                    try:
+                        overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work),
+                                                         in_process=in_process))
+                    except Exception as e:  # noqa: BLE001
+                        overhead.append({"in_process": in_process, "error": f"{type(e).__name__}: {e}"[:300]})
+                    print(json.dumps({k: v for k, v in overhead[-1].items() if k != "events"}, default=float), flush=True)
         del w
         torch.cuda.empty_cache()
-    (args.out / "gpu-bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float) + "\n")
+    (args.out / "gpu-bench.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "harness_overhead": overhead}, indent=1, default=float) + "\n")
     lines = [f"# GPU benchmark, {meta['gpu']}, {meta['date']}, commit {meta['commit']}", "",
-             f"`{meta['command']}` — fp32, TF32 off, random weights, prefill of {args.prefill_len} tokens, "
-             f"decode mean of {args.decode_steps} steps; roofline = decode weight bytes / {args.hbm_tbs} TB/s.", "",
-             "| shape | roofline ms | TVM CUDA decode ms (roofline) | torch eager ms (roofline) | torch CUDA graph ms (roofline) "
-             "| TVM prefill tok/s | torch prefill tok/s |", "|---|---|---|---|---|---|---|"]
+             f"`{meta['command']}` — TF32 off, random weights, prefill of {args.prefill_len} tokens, "
+             f"decode mean of {args.decode_steps} steps; roofline = the TVM build's decode weight bytes / {args.hbm_tbs} TB/s; "
+             "(%) = roofline ÷ time.", "",
+             "| shape | dtype | roofline ms | TVM CUDA decode ms | TVM + Relax CUDA graph | TVM step in one CUDA graph "
+             "| torch eager | torch CUDA graph | TVM prefill tok/s | torch prefill tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t, p = r["tvm_cuda"], r["torch"]
+        t, p, rl = r["tvm_cuda"], r["torch"], r["roofline_ms"]
         lines.append(
-            f"| {r['shape']} | {r['roofline_ms']:.2f} | {t['decode_ms']:.2f} ({r['roofline_fraction_tvm_cuda']:.0%}) "
-            f"| {p['decode_ms']:.2f} ({r['roofline_fraction_torch_eager']:.0%}) "
-            f"| {p['graph_decode_ms']:.2f} ({r['roofline_fraction_torch_cuda_graph']:.0%}) "
-            f"| {t['prefill_tok_s']:.0f} | {p['prefill_tok_s']:.0f} |")
-    if rows and "harness_overhead" in rows[0]:
-        h = rows[0]["harness_overhead"]
-        lines += ["", f"Harness overhead at {rows[0]['shape']}: full-dump parity run {h['parity_run_s']:.2f} s ÷ bare runs "
-                      f"({h['bare_reference_s']:.2f} s reference + {h['bare_tvm_cuda_s']:.2f} s CUDA build) = {h['ratio']:.2f}× "
-                      f"(verdict: {h['verdict']})"]
+            f"| {r['shape']} | {r['dtype']} | {rl:.2f} | {_ms(t, 'decode_ms', rl)} | {_ms(t, 'relax_graph_decode_ms', rl)} "
+            f"| {_ms(t, 'step_graph_decode_ms', rl)} | {_ms(p, 'decode_ms', rl)} | {_ms(p, 'graph_decode_ms', rl)} "
+            f"| {t.get('prefill_tok_s', float('nan')):.0f} | {p['prefill_tok_s']:.0f} |")
+    errors = [(r["shape"], r["dtype"], k, v) for r in rows for k, v in r["tvm_cuda"].items() if k.endswith("error")]
+    for shape, dtype, k, v in errors:
+        lines.append(f"\n{shape} {dtype} {k}: {v}")
+    for h in overhead:
+        how = "in process" if h["in_process"] else "worker processes (the default)"
+        if "error" in h:
+            lines += ["", f"Harness overhead ({how}): failed: {h['error']}"]
+            continue
+        lines += ["", f"Harness overhead at {rows[0]['shape']}, {how}: full-dump parity run {h['parity_run_s']:.2f} s ÷ bare "
+                      f"runs ({h['bare_reference_s']:.2f} s reference + {h['bare_tvm_cuda_s']:.2f} s CUDA build) = "
+                      f"{h['ratio']:.2f}× (verdict: {h['verdict']})"]
     (args.out / "gpu-bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
