@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from parity.mutants.base import Mutant, _same
 
+# Not a bundled fixture (fixtures/*.pth): made for this trap alone, kept in fixtures/precision/.
+HOT_FIXTURE = "precision/rwkv4-L7-C64-hot"
 
 # An isolated run of a low-precision build is judged against the fp32 reference's stages (the
 # session compares it with the yardstick's dump), so its first finding carries fp16's own rounding
@@ -35,5 +37,11 @@ PRECISION_CATALOGUE: dict[str, Mutant] = {
                *_same(0, 1, "L1.att.ln_x"), dtype="float16", notes=_ISOLATED_NOTE),
         Mutant("logits-fp16", "compiled", "fp32 build that hands its logits over rounded to fp16",
                *_same(0, None, "logits")),
+        # fixtures/precision/rwkv4-L7-C64-hot: layer 6's att.out reaches 94,060 in fp32 (1.44x fp16's
+        # largest finite), 47,030 in a rescaled fp16 stream (fixtures/make_fixtures.py); the first
+        # Inf is there, in both modes (the isolated layer 6 takes the same finite input of ~6).
+        Mutant("rwkv4-fp16-no-rescale", "compiled",
+               "fp16 RWKV-4 build without the residual rescale (RESCALE_LAYER 0): the stream overflows to Inf",
+               *_same(0, 6, "L6.att.out"), dtype="float16", fixture=HOT_FIXTURE, notes=_ISOLATED_NOTE),
     ]
 }

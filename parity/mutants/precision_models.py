@@ -11,6 +11,7 @@ from tvm import te, tirx
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.compiled.common import to_dtype
+from parity.compiled.rwkv4_model import RWKV4Model
 from parity.compiled.rwkv5_model import Attention, GroupNorm, RWKV5Model
 
 
@@ -82,8 +83,27 @@ class _LogitsFP16Model(RWKV5Model):
         return logits
 
 
+class _RWKV4FP16NoRescale(RWKV4Model):
+    """An fp16 RWKV-4 port that left out the official package's residual rescale."""
+
+    def __init__(self, config, *, debug: bool = False, dtype: str = "float32"):
+        super().__init__(config, debug=debug, dtype=dtype)
+        # BUG: RESCALE_LAYER 0 in fp16 — att.output and ffn.value kept whole and the stream never
+        # halved, so a residual stream past 65,504 (fp16's largest finite) becomes Inf. The stream
+        # is then canonical everywhere: no tap to multiply back, no parameter divided at load.
+        self.rescale_layer = 0
+        self.stream_scales = {}
+
+    def param_scales(self) -> dict[str, float]:
+        return {}
+
+    def _stream_in(self, layer: int, x: Tensor) -> Tensor:
+        return to_dtype(x, self.dtype)  # the isolated entry points take the canonical stream as is
+
+
 MODELS: dict = {
     "decay-in-bf16": _DecayBF16Model,
     "groupnorm-variance-fp16": _GroupNormFP16Model,
     "logits-fp16": _LogitsFP16Model,
+    "rwkv4-fp16-no-rescale": _RWKV4FP16NoRescale,
 }
