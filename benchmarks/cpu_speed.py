@@ -1,6 +1,6 @@
 """CPU speed: the scheduled llvm build vs torch eager, side by side in one process, one machine.
 
-    python benchmarks/cpu_speed.py [--shape 0.4b] [--prefill-len 64] [--decode-steps 10] [--out DIR]
+    python benchmarks/cpu_speed.py [--shape 0.4b] [--prefill-len 64] [--decode-steps 10] [--threads N] [--out DIR]
 
 Both run the same RWKV-5.2 model of a released shape (random weights: speed does not depend on
 their values) on every core of this machine: torch eager is the parity reference
@@ -9,7 +9,13 @@ parity/compiled (matmuls scheduled by parity/compiled/schedule_cpu.py), built co
 cache so its compile time is measured too. Prefill: one prompt of --prefill-len tokens from the
 zero state (best of 3); decode: the mean of --decode-steps steps, state carried. The two are
 timed alternately, so load on a shared machine falls on both. Prints a table and, with --out,
-writes cpu-speed.json and cpu-speed.md there (date, commit, CPU, command).
+writes cpu-speed.json and cpu-speed.md there (date, commit, CPU, command, load averages).
+
+--threads 1 runs both on one thread (TVM_NUM_THREADS=1, torch.set_num_threads(1)) and times
+them in the thread's CPU time instead of wall time: on a machine shared with other work, wall
+time counts the time the scheduler gave to others, CPU time does not, so the ratio of two
+single-thread runs says how fast each one's code is even under load (what it cannot show is how
+well each scales over cores: that needs the default, every core, on a quiet machine).
 """
 
 from __future__ import annotations
@@ -39,12 +45,12 @@ from parity.checkpoint import Checkpoint  # noqa: E402
 from parity.synth import shape_config  # noqa: E402
 
 
-def _best(fn, repeat: int) -> float:
+def _best(fn, repeat: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times)
 
 
@@ -54,15 +60,25 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has (a quick look)")
     ap.add_argument("--prefill-len", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="threads for both (default: every core); 1 times CPU time")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    threads = args.threads or cores
+    if threads < 1:
+        print(f"error: --threads must be at least 1, not {threads}", file=sys.stderr)
+        return 2
+    # Read by TVM's thread pool when it first starts (the first parallel kernel), so set before any build.
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # One thread: its own CPU time, blind to the time other processes took; several: wall time.
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    load_start = list(os.getloadavg())
 
     from parity.compiled.build import build_model, target_spec
     from parity.compiled.runtime import CompiledRWKV
     from parity.reference import make_reference
 
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
+    torch.set_num_threads(threads)
     config = shape_config(args.shape, version="5.2", layers=args.layers)
     ck = Checkpoint(path=Path(f"random-{args.shape}"), sha256="-", config=config, weights=random_weights(config, seed=0))
     with tempfile.TemporaryDirectory(prefix="parity-cpu-bench-") as cache:
@@ -83,21 +99,21 @@ def main() -> int:
         tvm_prefill(), torch_prefill()  # warm-up (first-call allocation)
         t_tvm_prefill = t_torch_prefill = float("inf")
         for _ in range(3):  # alternate, best of 3 each
-            t_tvm_prefill = min(t_tvm_prefill, _best(tvm_prefill, 1))
-            t_torch_prefill = min(t_torch_prefill, _best(torch_prefill, 1))
+            t_tvm_prefill = min(t_tvm_prefill, _best(tvm_prefill, 1, clock))
+            t_torch_prefill = min(t_torch_prefill, _best(torch_prefill, 1, clock))
         tvm_state = tvm_prefill().state
         with torch.no_grad():
             _, ref_state = torch_prefill()
         tvm_dec, torch_dec = [], []
         for step in range(args.decode_steps):
             tok = [ids[step % len(ids)]]
-            t0 = time.perf_counter()
+            t0 = clock()
             tvm_state = tvm_model.forward(tok, tvm_state).state
-            tvm_dec.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            tvm_dec.append(clock() - t0)
+            t0 = clock()
             with torch.no_grad():
                 _, ref_state = ref.forward(tok, ref_state)
-            torch_dec.append(time.perf_counter() - t0)
+            torch_dec.append(clock() - t0)
         # The first decode call of each includes one-time work; the mean is over the rest.
         t_tvm_dec, t_torch_dec = float(np.mean(tvm_dec[1:])), float(np.mean(torch_dec[1:]))
 
@@ -110,10 +126,13 @@ def main() -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "cpu": f"{cpu}, {cores} cores",
+        "threads": threads,
+        "clock": "thread CPU time" if threads == 1 else "wall time",
         "llvm_target": target_spec("llvm"),
         "torch": torch.__version__,
         "command": shlex.join(["python", "benchmarks/cpu_speed.py", *sys.argv[1:]]),
         # A shared machine: torch's OpenMP threads suffer more than TVM's pool when cores are oversubscribed.
+        "load_average_1_5_15_start": load_start,
         "load_average_1_5_15": list(os.getloadavg()),
         "config": config.describe(),
         "prefill_len": args.prefill_len,
@@ -130,12 +149,14 @@ def main() -> int:
     lines = [
         f"# CPU speed, {result['cpu']}, {result['date']}, commit {commit}", "",
         f"`{result['command']}` — {result['config']}, fp32, prefill of {args.prefill_len} tokens (best of 3), "
-        f"decode mean of {args.decode_steps - 1} steps; llvm target {json.dumps(result['llvm_target'])}.", "",
+        f"decode mean of {args.decode_steps - 1} steps; llvm target {json.dumps(result['llvm_target'])}; "
+        f"{threads} thread{'s' if threads > 1 else ''} each, {result['clock']}.", "",
         "| | TVM llvm (scheduled) | torch eager (parity reference) | TVM ÷ torch |", "|---|---|---|---|",
         f"| prefill | {t_tvm_prefill:.3f} s | {t_torch_prefill:.3f} s | {result['prefill_ratio']:.2f}× |",
         f"| decode | {t_tvm_dec * 1e3:.1f} ms/token | {t_torch_dec * 1e3:.1f} ms/token | {result['decode_ratio']:.2f}× |", "",
         f"Build (cold): {build_s:.1f} s — compile {art.meta['compile_seconds']} s, export (LLVM codegen) {art.meta['export_seconds']} s.",
-        f"Load average at the end (1/5/15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {cores} cores.",
+        f"Load average (1/5/15 min) at the start: {', '.join(f'{x:.1f}' for x in load_start)}; at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {cores} cores.",
     ]
     print("\n".join(lines))
     if args.out:

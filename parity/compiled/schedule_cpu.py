@@ -5,19 +5,35 @@ x[t, k] * W[n, k], with both operands contiguous along k. Unscheduled, LLVM comp
 serial scalar loop nest (a 0.4B prefill took 32x torch's time). Here each one gets a register-
 blocked dot-product schedule:
 
-- k is split into 16-float lanes and ``rfactor``-ed, so the inner loop is a vector FMA over
-  contiguous loads of both x and W (one AVX-512 register; two AVX2 ones), lanes summed at the end;
-- a TT x NT tile of (token, output) pairs is accumulated in registers (local scope), so each
-  loaded vector of W serves TT tokens and each vector of x serves NT outputs;
-- the (output tile, token tile) loop is fused and ``parallel``: rows split across the cores.
+- k is split into LANES-float lanes and ``rfactor``-ed, so the inner loop is a vector multiply
+  and add over contiguous loads of both x and W, the lanes summed once at the end;
+- a TOKEN_TILE x OUT_TILE tile of (token, output) pairs is accumulated in registers (local
+  scope), so each loaded vector of W serves TOKEN_TILE tokens and each vector of x OUT_TILE
+  outputs;
+- the (output tile, token tile) loop is fused and ``parallel``, output tiles outermost: each
+  core streams its own rows of W from memory once, and re-reads a tile's rows from cache for
+  every token tile.
 
-A decode step (T = 1) gets TT = 1 (a GEMV, bound by memory bandwidth: a wider token tile would
-only waste its tail). Epilogues fused into a matmul (bias-free adds, activations, the gate) stay
-as lowered: they are elementwise over (T, N), a small fraction of the work. The wkv scans carry
-their own parallel loops (wkv5_kernel.py) and are marked scheduled, so this pass skips them.
+What the sizes are fitted to: the target has no FMA (build.py turns it off so the plain and
+debug builds agree bit for bit), and in LLVM AVX-512 requires FMA, so ``-fma`` leaves AVX2:
+8-float vectors and 16 vector registers. A 2 x 4 tile holds 8 accumulators, 4 W vectors and
+2 x vectors (16-float lanes and 4 x 4 tiles, the previous sizes, needed 32 registers for the
+accumulators alone, and LLVM kept them on the stack: 3x slower). Measured on the 0.4B shapes,
+one thread, tile sizes swept: 2 x 4 ran 86-89 GFLOP/s, 1 x 8 80, 4 x 2 74-76, 3 x 4 57.
 
-Note the summation order of a scheduled matmul differs from the plain loop's (16 partial sums,
-then their sum): fp32 results change in the last bits, well inside every tolerance.
+The token axis of a prefill is symbolic, so a token tile of 2 would need a bounds test inside
+the inner loop; ``pad_einsum`` instead pads the token rows to a multiple of the tile (one copy of
+x in, one of the output back: O(T * (K + N)) next to the matmul's O(T * K * N)). A decode step
+(T = 1) gets TOKEN_TILE = 1 (a GEMV, bound by memory bandwidth).
+
+Epilogues fused into a matmul (adds, activations, the gate) stay as lowered: they are elementwise
+over (T, N), a small fraction of the work. The wkv scans carry their own parallel loops
+(wkv5_kernel.py) and are marked scheduled, so this pass skips them.
+
+The summation order: each output is LANES partial sums, each accumulated over k in order, then
+summed lane 0 to LANES - 1. It depends only on LANES, not on the tiles or on T, so a prefill and
+a decode step, and a plain and a debug build, add every product in the same order; it differs
+from the plain loop's (fp32 results change in the last bits, well inside every tolerance).
 """
 
 from __future__ import annotations
@@ -25,10 +41,10 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
-LANES = 16  # floats per vector accumulator: one AVX-512 register
-TOKEN_TILE = 4  # tokens per register tile in a prefill
-OUT_TILE = 4  # outputs per register tile (TOKEN_TILE x OUT_TILE x LANES accumulators: 16 zmm)
-GEMV_OUT_TILE = 8
+LANES = 8  # floats per vector accumulator: one AVX2 register (no AVX-512 without FMA, above)
+TOKEN_TILE = 2  # tokens per register tile in a prefill
+OUT_TILE = 4  # outputs per register tile: TOKEN_TILE x OUT_TILE accumulators + OUT_TILE + TOKEN_TILE loads
+GEMV_OUT_TILE = 4  # a decode step: one token, OUT_TILE rows of W streamed side by side
 
 
 def schedule_matmul(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
@@ -42,12 +58,22 @@ def schedule_matmul(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
     if len(loops) != 3:
         return None
     t, n, k = loops
-    k_extent = sch.get(k).extent
+    k_extent, n_extent, t_extent = (sch.get(loop).extent for loop in (k, n, t))
     if not isinstance(k_extent, tvm.tirx.IntImm) or k_extent.value % LANES:
         return None
-    t_extent = sch.get(t).extent
     decode = isinstance(t_extent, tvm.tirx.IntImm) and t_extent.value == 1
     tt, nt = (1, GEMV_OUT_TILE) if decode else (TOKEN_TILE, OUT_TILE)
+    if not isinstance(n_extent, tvm.tirx.IntImm) or n_extent.value % nt:
+        nt = 1  # (every Linear of the released shapes divides; a test shape may not)
+    if tt > 1 and not (isinstance(t_extent, tvm.tirx.IntImm) and t_extent.value % tt == 0):
+        padded = sch.copy()
+        try:
+            padded.pad_einsum(padded.get_sblock("NT_matmul"), [tt, 1, 1])
+            sch = padded
+        except Exception:  # noqa: BLE001 - not an einsum pad_einsum handles: untiled tokens, no bound test
+            tt = 1
+        block = sch.get_sblock("NT_matmul")
+        t, n, k = sch.get_loops(block)
     _, ki = sch.split(k, [None, LANES])
     rf = sch.rfactor(ki, factor_axis=2)  # partial sums rf[t, n, lane]: lanes contiguous
     t, n, ko, ki = sch.get_loops(rf)
