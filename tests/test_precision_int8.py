@@ -67,8 +67,8 @@ def test_an_int8_dump_is_replayed_by_an_int8_reference(tmp_path: Path) -> None:
     np.testing.assert_array_equal(replayed.read_stage(1, "L3.x_out"), DumpReader(dump).read_stage(1, "L3.x_out"))
 
 
-@pytest.mark.parametrize("spec,message", [("tvm@fp32i8", "int8 weights are built for reference, chatrwkv"),
-                                          ("hf@fp16i8", "int8 weights are built for reference, chatrwkv")])
+@pytest.mark.parametrize("spec,message", [("tvm-instrumented@fp32i8", "int8 weights are built for reference, chatrwkv, tvm"),
+                                          ("hf@fp16i8", "int8 weights are built for reference, chatrwkv, tvm")])
 def test_int8_specs(spec: str, message: str) -> None:
     with pytest.raises(ParityError, match=message):
         check_backend_spec(spec)

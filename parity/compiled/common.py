@@ -1,6 +1,7 @@
 """Pieces every compiled model family shares: token shift, taps, the FFN, the state plumbing.
 
-Precision (``dtype``: float32, float16 or bfloat16) follows ChatRWKV's strategies as the torch
+Precision (``dtype``: float32, float16 or bfloat16, or a quantisation scheme of dtypes.py, which
+computes in its activation dtype with its matmul weights stored quantised: see ``Linear``) follows ChatRWKV's strategies as the torch
 reference does (parity/reference/rwkv5.py): weights and activations in the dtype; every matmul
 accumulated in fp32 and rounded once to the dtype (what torch's CPU fp16/bf16 matmul does);
 LayerNorm statistics in fp32, its output rounded to the dtype; the embedding table normalised by
@@ -14,6 +15,7 @@ and bf16 values are exact in fp32, so the state round-trips unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -21,7 +23,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig
-from parity.compiled.dtypes import DTYPES
+from parity.compiled.dtypes import DTYPES, split_scheme
 
 LN_EPS = 1e-5
 # As the official package (and parity/reference/rwkv5.py's RESCALE_LAYER): fp16 only.
@@ -39,17 +41,94 @@ def to_dtype(x: Tensor, dtype: str) -> Tensor:
     return x if x.dtype == dtype else op.astype(x, dtype)
 
 
+# -- quantised weights (the schemes of dtypes.QUANT_SCHEMES) -----------------------------------------
+# Which weight format the Linears being constructed store: set by RWKVModel around building its
+# blocks and head, so the families' attention classes (and the bug zoo's) need no new argument.
+_QUANT: list[str | None] = [None]
+Q4_GROUP, Q4_MAX_INT, Q4_PER_WORD = 32, 7, 8  # MLC-LLM's q4f16_1, as parity/reference/q4.py
+
+
+@contextlib.contextmanager
+def quantized_linears(quant: str | None):
+    _QUANT.append(quant)
+    try:
+        yield
+    finally:
+        _QUANT.pop()
+
+
+def dequant_int8(q: te.Tensor, mx: te.Tensor, rx: te.Tensor, my: te.Tensor, ry: te.Tensor) -> te.Tensor:
+    """ChatRWKV's int8 weight, (out, in), in the activation dtype (the offsets' dtype):
+    (q + 0.5) * ry * rx + my + mx, with the package's operation order (parity/reference/int8.py), so
+    the dequantised weight equals the reference's; ry, my are per input row, rx, mx per output column."""
+    dt = mx.dtype
+    return te.compute(
+        q.shape, lambda o, i: ((q[o, i].astype(dt) + tirx.const(0.5, dt)) * ry[i] * rx[o] + my[i]) + mx[o],
+        name="dequant_int8",
+    )
+
+
+def dequant_q4(q: te.Tensor, scale: te.Tensor, *, in_features: int) -> te.Tensor:
+    """MLC-LLM's q4f16_1 weight, (out, in) fp16: code j of word w in bits [4j, 4j + 4), value
+    (code - 7) * scale[o, i // 32] (MLC's ``_dequantize``; parity/reference/q4.py packs them)."""
+    dt = scale.dtype
+
+    def value(o, i):
+        shift = ((i % Q4_PER_WORD) * 4).astype("uint32")
+        code = (q[o, i // Q4_PER_WORD] >> shift) & tirx.const(0xF, "uint32")
+        return (code.astype(dt) - tirx.const(Q4_MAX_INT, dt)) * scale[o, i // Q4_GROUP]
+
+    return te.compute((q.shape[0], in_features), value, name="dequant_q4")
+
+
 class Linear(nn.Linear):
     """A bias-free Linear in the model dtype: in fp16/bf16 accumulated in fp32 and rounded once to
-    the dtype, as torch's CPU matmul does; in fp32 exactly ``nn.Linear``."""
+    the dtype, as torch's CPU matmul does; in fp32 exactly ``nn.Linear``.
+
+    Built inside ``quantized_linears("int8" | "q4")`` it stores its weight quantised instead and the
+    compiled graph dequantises it at every call, right before the matmul (a TVM kernel of its own:
+    what a quantised port gets wrong is in the graph, not in the loader). Its parameters are then
+    ``weight_<part>`` (runtime.py makes them from the checkpoint's ``weight``):
+        int8  weight_q (out, in) uint8; weight_mx, weight_rx (out,); weight_my, weight_ry (in,)
+        q4    weight_q (out, groups * 4) uint32; weight_scale (out, groups) fp16
+    ``dequant_int8`` / ``dequant_q4`` are attributes so the bug zoo can put a wrong one on one Linear.
+    """
+
+    dequant_int8 = staticmethod(dequant_int8)
+    dequant_q4 = staticmethod(dequant_q4)
 
     def __init__(self, in_features: int, out_features: int, *, dtype: str = "float32"):
         low = dtype != "float32"
         super().__init__(in_features, out_features, bias=False, dtype=dtype, out_dtype="float32" if low else None)
         self.model_dtype = dtype
+        self.quant = _QUANT[-1]
+        if self.quant is None:
+            return
+        self.weight = None  # not a parameter of a quantised build: its parts are
+        if self.quant == "int8":
+            self.weight_q = nn.Parameter((out_features, in_features), "uint8")
+            self.weight_mx = nn.Parameter((out_features,), dtype)
+            self.weight_rx = nn.Parameter((out_features,), dtype)
+            self.weight_my = nn.Parameter((in_features,), dtype)
+            self.weight_ry = nn.Parameter((in_features,), dtype)
+        else:
+            groups = -(-in_features // Q4_GROUP)
+            self.weight_q = nn.Parameter((out_features, groups * Q4_GROUP // Q4_PER_WORD), "uint32")
+            self.weight_scale = nn.Parameter((out_features, groups), dtype)
+
+    def dequantized(self) -> Tensor:
+        """The (out, in) weight in the model dtype, dequantised by the compiled graph."""
+        if self.quant == "int8":
+            return op.tensor_expr_op(self.dequant_int8, "dequant_int8",
+                                     [self.weight_q, self.weight_mx, self.weight_rx, self.weight_my, self.weight_ry])
+        return op.tensor_expr_op(lambda q, s: self.dequant_q4(q, s, in_features=self.in_features), "dequant_q4",
+                                 [self.weight_q, self.weight_scale])
 
     def forward(self, x: Tensor) -> Tensor:
-        return to_dtype(super().forward(x), self.model_dtype)
+        if self.quant is None:
+            return to_dtype(super().forward(x), self.model_dtype)
+        y = op.matmul(x, op.permute_dims(self.dequantized()), out_dtype=self.out_dtype)
+        return to_dtype(y, self.model_dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -220,15 +299,20 @@ class RWKVModel(nn.Module):
         self.config = config
         self.debug = debug
         self.layout = layout
+        # A quantisation scheme (fp16i8, q4f16_1 ...) computes in its activation dtype; only its
+        # Linears differ (they store quantised weights), so everything else reads self.dtype as is.
+        self.scheme = dtype
+        dtype, self.quant = split_scheme(dtype)
         self.dtype = dtype
         self.rescale_layer = RESCALE_LAYER.get(dtype, 0)
         self.emb = nn.Embedding(config.vocab_size, config.n_embd, dtype="float32")
         block_kwargs = {"dtype": dtype} if dtype != "float32" else {}
-        self.blocks = nn.ModuleList(
-            [self.block_cls(config, layer=i, attention=attention, **block_kwargs) for i in range(config.n_layer)]
-        )
-        self.ln_out = LayerNorm(config.n_embd, eps=LN_EPS, dtype=dtype)
-        self.head = Linear(config.n_embd, config.vocab_size, dtype=dtype)
+        with quantized_linears(self.quant):  # every matmul weight and the head, as parity/reference does
+            self.blocks = nn.ModuleList(
+                [self.block_cls(config, layer=i, attention=attention, **block_kwargs) for i in range(config.n_layer)]
+            )
+            self.ln_out = LayerNorm(config.n_embd, eps=LN_EPS, dtype=dtype)
+            self.head = Linear(config.n_embd, config.vocab_size, dtype=dtype)
         self.tap_names: list[str] = []
         self.function_taps: dict[str, list[str]] = {}
         # Taps of the rescaled stream, multiplied back to canonical values (fp16 only).

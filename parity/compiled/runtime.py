@@ -8,6 +8,7 @@ transpose in ``state_from_canonical`` and ``state_to_canonical``, and nowhere el
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,10 +19,43 @@ from tvm.runtime.vm import VirtualMachine, VMInstrumentReturnKind
 
 from parity.checkpoint import SUPPORTED_VERSIONS, Checkpoint
 from parity.compiled.build import BuildArtifact, build_model
+from parity.compiled.dtypes import split_scheme
 from parity.errors import ParityError
 
 # (function symbol, call index within this run, output index, array) for every kernel output.
 KernelObserver = Callable[[str, int, int, np.ndarray], None]
+
+
+_QUANT_PART = re.compile(r"^(.+\.weight)_(q|mx|rx|my|ry|scale)$")
+
+
+def source_key(param: str) -> str:
+    """The checkpoint key a build parameter is made from: itself, or for a quantised Linear's part
+    (``blocks.0.att.key.weight_q`` ...; parity/compiled/common.py) the weight it quantises."""
+    m = _QUANT_PART.match(param)
+    return m.group(1) if m else param
+
+
+def quantized_parts(weight, *, weights: str, dtype: str) -> dict[str, np.ndarray]:
+    """One fp32 (out, in) weight (already divided by its rescale factor) as a quantised build binds
+    it, made by the reference's own quantiser so both sides hold the same codes:
+    int8 (parity/reference/int8.py): q (out, in) uint8 — the package's (in, out) codes transposed, so
+    the matmul reads them along the input axis — and mx, rx (out,), my, ry (in,) in ``dtype``;
+    q4 (parity/reference/q4.py): q (out, words) uint32, scale (out, groups) fp16."""
+    import torch
+
+    if weights == "int8":
+        from parity.reference import int8
+
+        p = int8.quantize(weight)
+        out = {"q": p["q"].t().contiguous().numpy()}
+        for name in ("mx", "rx", "my", "ry"):
+            out[name] = p[name].reshape(-1).to(getattr(torch, dtype)).numpy()
+        return out
+    from parity.reference import q4
+
+    p = q4.quantize(weight)
+    return {"q": p["q"].numpy().astype(np.uint32), "scale": p["scale"].numpy()}
 
 
 @dataclass
@@ -81,8 +115,11 @@ class CompiledRWKV:
         self.artifact = artifact or build_model(
             cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant, dtype=dtype
         )
-        self.dtype = self.artifact.meta.get("dtype", "float32")
-        suffix = {"float32": "", "float16": "@fp16", "bfloat16": "@bf16"}[self.dtype]
+        # A quantisation scheme (fp16i8, q4f16_1 ...) computes in its activation dtype: that is the
+        # build's ``dtype`` to everything that judges it; ``weights_format`` says how it stores weights.
+        self.scheme = self.artifact.meta.get("dtype", "float32")
+        self.dtype, self.weights_format = split_scheme(self.scheme)
+        suffix = {"float32": "", "float16": "@fp16", "bfloat16": "@bf16"}.get(self.scheme, f"@{self.scheme}")
         self.backend_name = f"mutant/{mutant}" if mutant else f"tvm{suffix}"
         # repeat: run every call twice from the same inputs and keep the second — a kernel that
         # writes into its input buffers then shows as a divergence (a pure one cannot).
@@ -95,21 +132,37 @@ class CompiledRWKV:
 
             self.device = ensure_cuda_runtime(cache_dir=self.artifact.library.parent)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.artifact.library)), self.device)
-        missing = [n for n in meta["params"] if n not in checkpoint.weights]
+        missing = [n for n in meta["params"] if source_key(n) not in checkpoint.weights]
         if missing:
             raise ParityError(f"checkpoint {checkpoint.path} lacks {missing[0]!r}, which the compiled model needs")
         # The compiled model is fp32 throughout (weights stored bf16 on disk). On the CPU it binds
         # the checkpoint's one shared fp32 copy zero-copy through DLPack (the reference reads the
         # same tensors; the compiled functions never write their params); a GPU needs its own copy.
         fp32 = checkpoint.fp32_weights()
-        if self.dtype == "float32":
+        if self.scheme == "float32":
             if target == "llvm":
                 self.params = [tvm.runtime.from_dlpack(fp32[n]) for n in meta["params"]]
             else:
                 self.params = [tvm.runtime.tensor(fp32[n].numpy(), self.device) for n in meta["params"]]
-        else:
+        elif self.weights_format is None:
             self.params = [self._low_precision_param(fp32[n], dtype=d, scale=meta["param_scales"].get(n, 1.0))
                            for n, d in zip(meta["params"], meta["param_dtypes"])]
+        else:
+            parts: dict[str, dict[str, np.ndarray]] = {}  # source weight -> its quantised parts, made once
+            self.params = []
+            for n, d in zip(meta["params"], meta["param_dtypes"]):
+                key = source_key(n)
+                scale = meta["param_scales"].get(key, 1.0)
+                if key == n:
+                    self.params.append(self._low_precision_param(fp32[n], dtype=d, scale=scale))
+                    continue
+                if key not in parts:
+                    parts[key] = quantized_parts(fp32[key] / scale if scale != 1.0 else fp32[key],
+                                                 weights=self.weights_format, dtype=self.dtype)
+                value = parts[key][n[len(key) + 1:]]
+                if str(value.dtype) != d:
+                    raise ParityError(f"{n}: the build expects {d}, the quantiser made {value.dtype}")
+                self.params.append(tvm.runtime.tensor(value, self.device))
         self.slot_names: list[str] = meta["state_slots"]
         self.tap_names: list[str] = meta["tap_names"]
         self.kernel_outputs: dict[str, list[int]] = meta["kernel_outputs"]

@@ -140,7 +140,7 @@ class ReferenceBackend(Backend):
         super().__init__(checkpoint=checkpoint, name=name, mode="eager", dtype=dtype)
         self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights)
         if weights:
-            self.extra = {"weights": weights}  # int8: the replay quantises its reference the same way
+            self.extra = {"weights": weights}  # int8 / q4: the replay quantises its reference the same way
         self.state = None
 
     def begin(self) -> None:
@@ -175,6 +175,8 @@ class TVMDebugBackend(Backend):
             extra={"target": target, "library": self.model.artifact.library.name, "cached": self.model.artifact.cached,
                    "repeat_check": repeat},
         )
+        if self.model.weights_format:  # a quantised build: its replay quantises the reference the same way
+            self.extra["weights"] = self.model.weights_format
         self.state = None
 
     def begin(self) -> None:

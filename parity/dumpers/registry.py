@@ -15,7 +15,8 @@ from parity.dumpers.backends import Backend, ReferenceBackend, TVMDebugBackend, 
 from parity.dumpers.quiet import known_tvm_warnings_hidden
 from parity.errors import ParityError
 
-__all__ = ["BACKEND_NAMES", "check_backend_spec", "did_you_mean", "dump_dir_name", "make_backend", "split_dtype"]
+__all__ = ["BACKEND_NAMES", "check_backend_spec", "did_you_mean", "dump_dir_name", "make_backend", "spec_weights",
+           "split_dtype"]
 
 BACKEND_NAMES = ("reference", "tvm", "tvm-instrumented", "chatrwkv", "hf")
 
@@ -28,9 +29,16 @@ BACKEND_DTYPES = {
     "chatrwkv": ("float32", "float16", "bfloat16"),
 }
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
-# ChatRWKV's int8 strategies: uint8 weights (parity/reference/int8.py), activations in the dtype.
+# ChatRWKV's int8 strategies: uint8 weights (parity/reference/int8.py), activations in the dtype;
+# the compiled variant dequantises the same codes in its graph (parity/compiled/common.py).
 INT8_WORDS = {"fp32i8": "float32", "fp16i8": "float16"}
-INT8_BACKENDS = ("reference", "chatrwkv")
+INT8_BACKENDS = ("reference", "chatrwkv", "tvm")
+# MLC-LLM's q4f16_1: 4-bit groups of 32, fp16 scales and activations (parity/reference/q4.py). The
+# official package has no 4-bit strategy, so chatrwkv does not run it.
+Q4_WORDS = {"q4f16_1": "float16"}
+Q4_BACKENDS = ("reference", "tvm")
+# word -> the weight format the reference and the replay are told (ReferenceBackend's ``weights``).
+WEIGHT_FORMATS = {**{w: "int8" for w in INT8_WORDS}, **{w: "q4" for w in Q4_WORDS}}
 
 
 def split_dtype(spec: str) -> tuple[str, str | None]:
@@ -48,10 +56,15 @@ def split_dtype(spec: str) -> tuple[str, str | None]:
         if base not in INT8_BACKENDS:
             raise ParityError(f"bad backend {spec!r}: int8 weights are built for {', '.join(INT8_BACKENDS)}")
         return base, INT8_WORDS[word]
+    if word in Q4_WORDS:
+        if base not in Q4_BACKENDS:
+            raise ParityError(f"bad backend {spec!r}: q4f16_1 weights are built for {', '.join(Q4_BACKENDS)}")
+        return base, Q4_WORDS[word]
     try:
         dtype = canonical_dtype(word)
     except ParityError:
-        raise ParityError(f"bad backend {spec!r}: unknown dtype {word!r}; write fp32, fp16, bf16 or fp64") from None
+        raise ParityError(f"bad backend {spec!r}: unknown dtype {word!r}; write fp32, fp16, bf16 or fp64 "
+                          f"(or a quantisation: {', '.join(WEIGHT_FORMATS)})") from None
     allowed = BACKEND_DTYPES.get(base)
     if allowed is None:
         what = "a mutant computes in its own dtype" if base.startswith("mutant/") else f"{base!r} runs in one dtype only"
@@ -64,6 +77,15 @@ def split_dtype(spec: str) -> tuple[str, str | None]:
 def spec_dtype(spec: str) -> str | None:
     """The dtype a spec asks for (None: the backend's own)."""
     return split_dtype(spec)[1]
+
+
+def spec_weights(spec: str) -> str | None:
+    """The quantised weight format a spec asks for (``int8``, ``q4``), or None: ``tvm@q4f16_1`` -> ``q4``.
+    What a judge of that backend's stages must quantise its reference with (the replay, the isolated judge)."""
+    if "@" not in spec:
+        return None
+    split_dtype(spec)
+    return WEIGHT_FORMATS.get(spec.rpartition("@")[2])
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -122,12 +144,14 @@ def make_backend(
 def _make_backend(spec: str, checkpoint: Checkpoint, *, cache_dir, on_event, target: str, repeat: bool) -> Backend:
     if "@" in spec:
         base, dtype = split_dtype(spec)
-        weights = "int8" if spec.rpartition("@")[2] in INT8_WORDS else None
+        word = spec.rpartition("@")[2]
+        weights = WEIGHT_FORMATS.get(word)
         if base == "reference":
             return ReferenceBackend(checkpoint, dtype=dtype, name=spec, weights=weights)
         if base == "tvm":
+            # A quantised build is its own compiled variant: the scheme word is its build dtype.
             return TVMDebugBackend(checkpoint, target=target, cache_dir=cache_dir, on_event=on_event, repeat=repeat,
-                                   dtype=dtype)
+                                   dtype=word if weights else dtype)
         from parity.dumpers.official import ChatRWKVBackend
 
         return ChatRWKVBackend(checkpoint, dtype=dtype, name=spec, weights=weights)

@@ -18,7 +18,7 @@ listed, with what is missing, in the replay dump's ``extra.not_replayable``; the
 
 Data flows dump -> dump: the candidate's dump is read, never its backend.
 
-The replay computes in the candidate's dtype (its dump says which): an fp16 candidate is replayed
+The replay computes in the candidate's dtype and with its quantised weights (its dump says which): an fp16 candidate is replayed
 by the fp16 reference (ChatRWKV's ``cpu fp16``, official-package exact), so the error a stage adds
 is measured against what a correct fp16 port computes from the same inputs — fp16's own rounding
 of each stage's output is then the only difference a correct port shows, and a wrong kernel stands
@@ -70,7 +70,8 @@ def replay_gaps(candidate: DumpReader, *, n_layer: int, version: str) -> list[di
 class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
 
-    def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None):
+    def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None,
+                 weights: str | None = None):
         from parity.reference import make_reference
 
         self.candidate = DumpReader(candidate_dump)
@@ -79,9 +80,12 @@ class ReplayBackend(Backend):
         # The candidate's own dtype unless told otherwise; a model handed in (the session's shared
         # fp32 reference) serves only a candidate of its dtype.
         dtype = dtype or self.candidate.dtype
-        # ... and its weights: an int8 candidate (ChatRWKV's fp32i8/fp16i8) is replayed by a reference
-        # that dequantises the same uint8 codes, so quantisation error is shared, not "own" error.
-        weights = self.candidate.extra.get("weights") if isinstance(self.candidate.extra, dict) else None
+        # ... and its weights: an int8 candidate (ChatRWKV's fp32i8/fp16i8, tvm@fp16i8) or a q4 one
+        # (tvm@q4f16_1) is replayed by a reference that dequantises the same codes (parity/reference/
+        # int8.py, q4.py), so quantisation error is shared, not "own" error. ``weights`` overrides it:
+        # the judge of an isolated quantised build replays the *yardstick's* dump with the build's format.
+        if weights is None and isinstance(self.candidate.extra, dict):
+            weights = self.candidate.extra.get("weights")
         if model is not None and (getattr(model, "dtype_name", "float32") != dtype
                                   or getattr(model, "weights_format", None) != weights):
             model = None

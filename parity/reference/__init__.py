@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def make_reference(checkpoint, *, dtype: str = "float32", weights: str | None = None):
-    """The reference model for the checkpoint's version (``weights="int8"``: ChatRWKV's int8 weights)."""
+    """The reference model for the checkpoint's version (``weights="int8"``: ChatRWKV's int8 weights; ``"q4"``: MLC-LLM's q4f16_1)."""
     from parity.checkpoint import ModelVersion
 
     if checkpoint.config.version == ModelVersion.V4:

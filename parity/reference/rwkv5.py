@@ -182,9 +182,10 @@ class LayerwiseModel:
         """The fp32 weights as the official package prepares them at load: att.output and ffn.value
         of layer l divided by its rescale factor (exact: a power of two), then — ``weights="int8"``,
         the package's ``fp32i8`` / ``fp16i8`` — every matmul weight quantised to uint8 and
-        dequantised in the model dtype (parity/reference/int8.py)."""
-        if weights not in (None, "int8"):
-            raise ParityError(f"unknown weight format {weights!r}; the reference knows int8")
+        dequantised in the model dtype (parity/reference/int8.py); ``weights="q4"``, MLC-LLM's
+        q4f16_1 — quantised to 4-bit groups and dequantised to fp16 (parity/reference/q4.py)."""
+        if weights not in (None, "int8", "q4"):
+            raise ParityError(f"unknown weight format {weights!r}; the reference knows int8 and q4")
         self.weights_format = weights
         w = dict(w)
         for layer in range(self.config.n_layer):
@@ -196,6 +197,10 @@ class LayerwiseModel:
             from parity.reference.int8 import int8_weights
 
             w = int8_weights(w, dtype=self.dtype)
+        elif weights == "q4":
+            from parity.reference.q4 import q4_weights
+
+            w = q4_weights(w, dtype=self.dtype)
         return w
 
     def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
