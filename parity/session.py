@@ -607,6 +607,7 @@ def run_parity(
                         dumps[spec] = path
                 continue
             backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say, target=target)
+            ck.release_file_pages()  # the file's pages its build read (e.g. the embedding ln0 is folded into)
             names[spec] = backend.name
             if only_isolated:
                 continue

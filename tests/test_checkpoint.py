@@ -362,6 +362,52 @@ def test_checkpoint_tensors_are_views_of_the_file_not_copies(tmp_path, suffix):
                for k in source.weights)
 
 
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (Rss in /proc/self/smaps)."""
+    total, ours = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and not head[0].endswith(":"):
+            ours = len(head) == 6 and Path(head[5]) == path
+        elif ours and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc to see mappings")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_loaded_and_upcast_checkpoints_keep_no_file_pages_resident_and_read_back_intact(tmp_path, suffix):
+    # The NaN check reads every page and the upcast every bf16 one; at 0.4B that kept 1.1 GB of
+    # the file in each process's RSS. Dropped, the tensors must still read the file's values.
+    from parity.checkpoint import save_checkpoint
+
+    source = load_checkpoint(FIXTURE_H2)
+    path = save_checkpoint(source, tmp_path / f"model{suffix}").resolve()
+    ck = load_checkpoint(path)
+    assert _resident_bytes(path) == 0
+    assert all(torch.equal(ck.weights[k], source.weights[k]) for k in source.weights)
+    assert _resident_bytes(path) > 0, "reading the weights brings the pages back (else this test sees nothing)"
+    shared = ck.fp32_weights()
+    assert _resident_bytes(path) == 0
+    assert all(torch.equal(shared[k].double(), source.weights[k].double()) for k in source.weights)
+    assert all(torch.equal(ck.weights[k], source.weights[k]) for k in source.weights)  # read again, resident again
+    assert ck.release_file_pages() > 0 and _resident_bytes(path) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc to see mappings")
+def test_a_written_mapping_is_not_dropped(tmp_path):
+    # A .pth is mapped copy-on-write: dropping a written page would silently restore the file's
+    # bytes. Nothing may write into weights, but if something did, its write must survive.
+    from parity.checkpoint import save_checkpoint
+
+    source = load_checkpoint(FIXTURE_H2)
+    path = save_checkpoint(source, tmp_path / "model.pth").resolve()
+    ck = load_checkpoint(path)
+    ck.weights["head.weight"][0, 0] = 1024.0  # exact in bf16
+    assert ck.release_file_pages() == 0
+    assert float(ck.weights["head.weight"][0, 0]) == 1024.0
+
+
 def test_a_pre_zip_pth_still_loads(tmp_path):
     # torch < 1.6 wrote a non-zip format that cannot be memory-mapped: it is read whole instead.
     weights = torch.load(FIXTURE_HN, weights_only=True)

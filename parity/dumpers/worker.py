@@ -206,6 +206,9 @@ def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: s
     try:
         ck = _child_checkpoint(payload)
         backend = _make(recipe, ck, say=lambda msg: send("event", msg))
+        # Building read the file's pages (the upcast, an embedding table folded with ln0); the
+        # backend holds what it needs now, so this worker need not keep them resident.
+        ck.release_file_pages()
         from parity.dumpers.format import partial_dir_for
 
         send("ready", {"name": backend.name, "partial": str(partial_dir_for(path)), "extra": _jsonable(backend.extra)})
