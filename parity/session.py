@@ -361,7 +361,7 @@ def _rounding_floor(ck, *, made: dict, dumps: dict, plan, dump_dir: Path, overri
 
 def _own_errors(
     ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None,
-    workers: _Workers | None = None,
+    workers: _Workers | None = None, partials: dict[str, Path] | None = None,
 ) -> dict[str, tuple[dict, dict]]:
     """The error each backend's stages add themselves: spec -> (own-error summary, comparison).
 
@@ -410,12 +410,15 @@ def _own_errors(
             comparison = compare_dumps(judge_dump, path, overrides=overrides)
             out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": judge}, comparison)
             continue
-        if spec not in dumps:
+        # A crashed backend's finished steps (its partial dump) are replayed too: without an own
+        # error they would be judged strictly, and at depth that is a false alarm (0.4B zoo).
+        candidate = dumps.get(spec) or (partials or {}).get(spec)
+        if candidate is None:
             continue
         say(f"replaying {spec}: the reference re-runs every layer on {spec}'s own inputs")
         reference_model = reference_model or _shared_reference(ck, made)
         path = dump_dir / (dump_dir_name(spec) + "-replay")
-        out[spec] = replay_own_error(ck, candidate_dump=dumps[spec], path=path, model=reference_model,
+        out[spec] = replay_own_error(ck, candidate_dump=candidate, path=path, model=reference_model,
                                      overrides=overrides, on_step=on_step,
                                      judge="reference" if "reference" in backends else "reference (replay only)")
         dumps[f"{spec} (replay)"] = path
@@ -624,7 +627,7 @@ def run_parity(
         if mode != "propagated":
             own = _own_errors(ck, backends=backends, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                               overrides=overrides, say=say, on_step=on_step, mode=mode,
-                              only_layer=only_layer, only_step=only_step, workers=workers)
+                              only_layer=only_layer, only_step=only_step, workers=workers, partials=partials)
         if mode == "isolated":
             # Only the own-error comparisons ran for compiled backends: judge those, yardstick first.
             iso_pairs = [(backends[0], spec) for spec in backends[1:] if spec in own and spec not in dumps]

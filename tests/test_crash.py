@@ -75,6 +75,9 @@ def test_a_dying_backend_is_a_verdict_with_reports(tmp_path, capsys, spec, verdi
         assert "rows[3]" in crash["traceback"] and "IndexError: list index out of range" in crash["traceback"]
     # What it finished is compared, and agrees (the fault is the only bug).
     assert crash["compared"] == {"against": "reference", "steps": step, "verdict": "no divergence", "first_divergence": None}
+    # ... by the default verdict: its finished steps replayed (own error), not judged strictly per
+    # stage, which at depth is a false alarm (the 0.4B zoo showed it at L10.att.ln_x).
+    assert result["own_errors"][spec]["records"] > 0 and result["own_errors"][spec]["first_divergence"] is None
     assert [s["index"] for s in result["steps"]] == list(range(step))
     assert result["first_divergence"] is None and result["summary"]["records"] > 0
     (pair,) = result["comparisons"]

@@ -74,7 +74,13 @@ class ReplayBackend(Backend):
                  weights: str | None = None):
         from parity.reference import make_reference
 
-        self.candidate = DumpReader(candidate_dump)
+        if ".partial-" in Path(candidate_dump).name:
+            # A crashed backend's finished steps (parity/dumpers/worker.py): replayed like any dump.
+            from parity.dumpers.worker import PartialDumpReader
+
+            self.candidate = PartialDumpReader(candidate_dump)
+        else:
+            self.candidate = DumpReader(candidate_dump)
         if self.candidate.model != checkpoint.config.to_dict():
             raise ParityError(f"dump {candidate_dump} is of another model than {checkpoint.path}; cannot replay it")
         # The candidate's own dtype unless told otherwise; a model handed in (the session's shared
