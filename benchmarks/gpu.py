@@ -18,7 +18,8 @@ weight the TVM build's decode step reads, in the dtype it binds each one in (all
 embedding table, of which it reads one row) / decode time / --hbm-tbs. Also, at the first shape
 in fp32, the harness's own overhead: a full-dump `reference,tvm` parity run on CUDA ÷ (a bare
 torch reference run + a bare CUDA-build run) of the same plan, from a checkpoint file, with the
-run's event timeline (where the time goes), both with the default worker processes and in process.
+run's event timeline (where the time goes): `parity run` and two bare scripts as fresh processes
+(what a user waits for), and run_parity called in this process, with worker processes and without.
 
 Writes DIR/gpu-bench.json and DIR/gpu-bench.md (with the date, commit, GPU name and command).
 """
@@ -213,10 +214,30 @@ def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype
     return out
 
 
-def harness_overhead(config, *, cache_dir: Path, workdir: Path, in_process: bool) -> dict:
+_STEPS = "[list(range(1, 17)), [5], [9], [13], [17]]"  # the plan below, as the bare scripts run it
+_BARE = {
+    "reference": "import sys; from pathlib import Path; from parity.checkpoint import load_checkpoint; "
+                 "from parity.reference import make_reference; ck = load_checkpoint(Path(sys.argv[1])); "
+                 "ref = make_reference(ck); s = ref.zero_state()\n"
+                 f"for ids in {_STEPS}: _, s = ref.forward(ids, s)",
+    "tvm": "import sys; from pathlib import Path; from parity.checkpoint import load_checkpoint; "
+           "from parity.compiled.runtime import CompiledRWKV; ck = load_checkpoint(Path(sys.argv[1])); "
+           "m = CompiledRWKV(ck, variant='plain', target='cuda', cache_dir=Path(sys.argv[2])); s = m.zero_state()\n"
+           f"for ids in {_STEPS}: s = m.forward(ids, s).state",  # forward copies the logits out: each step synced
+}
+
+
+def harness_overhead(config, *, cache_dir: Path, workdir: Path, how: str) -> dict:
     """(full-dump reference,tvm parity run on CUDA) ÷ (bare reference run + bare CUDA run), same plan,
-    from a checkpoint file (as a user runs it: a worker reads the file, nothing is pickled across),
-    with every event of the parity run timestamped."""
+    from a checkpoint file (as a user runs it: a worker reads the file, nothing is pickled across).
+
+    how: "workers" / "in-process" — run_parity called here (the default worker processes, or every
+    backend in this process), the bare runs here too, every event of the parity run timestamped;
+    "processes" — what a user waits for: `parity run` as a command against the two bare runs as
+    scripts, each a fresh Python process (imports and checkpoint loading on both sides)."""
+    import os
+    import subprocess
+
     from parity.checkpoint import load_checkpoint
     from parity.compiled.runtime import CompiledRWKV
     from parity.dumpers.backends import RunPlan
@@ -228,6 +249,24 @@ def harness_overhead(config, *, cache_dir: Path, workdir: Path, in_process: bool
     if not path.exists():
         synthesize(path, shape=SHAPE_OF.get((config.n_layer, config.n_embd), "0.4b"), version="5.2", seed=0)
     plan = RunPlan(prefill_ids=tuple(range(1, 17)), decode_ids=(5, 9, 13, 17))
+    if how == "processes":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+        def wall(cmd):
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode not in (0, 1):  # 1: a divergence, still a finished run
+                raise RuntimeError(f"{cmd[1:3]} exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+            return time.perf_counter() - t0, proc
+
+        t_ref, _ = wall([sys.executable, "-c", _BARE["reference"], str(path)])
+        t_tvm, _ = wall([sys.executable, "-c", _BARE["tvm"], str(path), str(cache_dir)])
+        t_parity, proc = wall([sys.executable, "-m", "parity.cli", "run", "--checkpoint", str(path), "--backends", "reference,tvm",
+                               "--ids", ",".join(map(str, plan.prefill_ids)), "--decode-ids", ",".join(map(str, plan.decode_ids)),
+                               "--decode-steps", str(len(plan.decode_ids)), "--mode", "propagated", "--device", "cuda",
+                               "--cache-dir", str(cache_dir), "-q"])
+        return {"how": how, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
+                "ratio": t_parity / (t_ref + t_tvm), "verdict": "no divergence" if proc.returncode == 0 else "divergence"}
     steps = [list(plan.prefill_ids)] + [[i] for i in plan.decode_ids]
     t0 = time.perf_counter()
     ck = load_checkpoint(path)
@@ -252,10 +291,10 @@ def harness_overhead(config, *, cache_dir: Path, workdir: Path, in_process: bool
             events.append((round(time.perf_counter() - t0, 3), str(msg)[:160]))
 
         out = run_parity(load_checkpoint(path), backends=["reference", "tvm"], plan=plan, dump_dir=Path(tmp),
-                         cache_dir=cache_dir, mode="propagated", device="cuda", in_process=in_process, on_event=note,
-                         on_step=lambda *a: note("step " + " ".join(map(str, a))))
+                         cache_dir=cache_dir, mode="propagated", device="cuda", in_process=how == "in-process",
+                         on_event=note, on_step=lambda *a: note("step " + " ".join(map(str, a))))
         t_parity = time.perf_counter() - t0
-    return {"in_process": in_process, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
+    return {"how": how, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
             "ratio": t_parity / (t_ref + t_tvm), "verdict": out.result["verdict"], "events": events}
 
 
@@ -320,12 +359,11 @@ def main() -> int:
             print(json.dumps(row, default=float), flush=True)
         if i == 0 and not args.no_overhead:
             with tempfile.TemporaryDirectory() as work:
-                for in_process in (False, True):
+                for how in ("processes", "workers", "in-process"):
                     try:
-                        overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work),
-                                                         in_process=in_process))
+                        overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work), how=how))
                     except Exception as e:  # noqa: BLE001
-                        overhead.append({"in_process": in_process, "error": f"{type(e).__name__}: {e}"[:300]})
+                        overhead.append({"how": how, "error": f"{type(e).__name__}: {e}"[:300]})
                     print(json.dumps({k: v for k, v in overhead[-1].items() if k != "events"}, default=float), flush=True)
         del w
         torch.cuda.empty_cache()
@@ -348,7 +386,9 @@ def main() -> int:
     for shape, dtype, k, v in errors:
         lines.append(f"\n{shape} {dtype} {k}: {v}")
     for h in overhead:
-        how = "in process" if h["in_process"] else "worker processes (the default)"
+        how = {"processes": "as a user waits (`parity run` vs two bare scripts, each a fresh process)",
+               "workers": "run_parity here, backends in worker processes (the default)",
+               "in-process": "run_parity here, every backend in this process"}[h["how"]]
         if "error" in h:
             lines += ["", f"Harness overhead ({how}): failed: {h['error']}"]
             continue
