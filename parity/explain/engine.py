@@ -13,6 +13,12 @@ bug can stay inside its own stage's tolerance and fail only downstream).
 
 "Explained" only when the best hypothesis reproduces the candidate and the clean reference does
 not; otherwise "not explained by any known porting bug" — never a guess dressed as a finding.
+
+The reference planted into computes as the candidate does — in its dtype, with its quantised
+weights (its dump says which; parity/dumpers/replay.py does the same) — so an fp16 candidate is
+measured against fp16's own rounding and only the bug is left to explain (the precision family of
+hypotheses: decay in bf16, GroupNorm variance in fp16, fp16 without the residual rescale, ...).
+The head (ln_out, logits) is replayed too, from the candidate's last x_out.
 """
 
 from __future__ import annotations
@@ -62,6 +68,18 @@ class Context:
     def weights(self):
         return self.checkpoint.fp32_weights()
 
+    @property
+    def head(self) -> bool:
+        """The faulty stage is the head's (ln_out, logits), not the embedding's."""
+        return self.layer is None and self.stage != "emb"
+
+    def reference(self):
+        """A fresh reference computing as the candidate does (its dtype, its quantised weights)."""
+        from parity.reference import make_reference
+
+        extra = self.candidate.extra if isinstance(self.candidate.extra, dict) else {}
+        return make_reference(self.checkpoint, dtype=self.candidate.dtype, weights=extra.get("weights"))
+
     def candidate_arrays(self, step: int) -> dict[str, np.ndarray]:
         if step not in self._cache:
             self._cache[step] = self.candidate.read_step(step)
@@ -84,11 +102,14 @@ def load_hypothesis(spec: str):
 
 def _ratio(metrics) -> float:
     """How far one record is from passing: smallest passing atol / allowed atol (inf: non-finite
-    values in other places, or another shape)."""
-    if metrics.reason in ("shape", "nonfinite"):
+    values in other places than the candidate's, or another shape)."""
+    if metrics.reason == "shape" or (metrics.reason == "nonfinite" and not metrics.nonfinite_same_places):
         return math.inf
+    # Non-finite values at the same places on both sides (an overflow to Inf, and the NaN a LayerNorm
+    # of it makes) are reproduced exactly: the finite positions decide, as for any other record.
+    reproduced_nonfinite = metrics.reason == "nonfinite"
     if metrics.min_atol is None or metrics.effective_atol is None:
-        return 0.0 if metrics.passed else math.inf
+        return 0.0 if metrics.passed or reproduced_nonfinite else math.inf
     return metrics.min_atol / metrics.effective_atol if metrics.effective_atol > 0 else math.inf
 
 
@@ -106,6 +127,12 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
 
     ids = next(s.ids for s in ctx.candidate.steps if s.index == step)
     with torch.no_grad():
+        if ctx.head:
+            name = f"L{ctx.config.n_layer - 1}.x_out"
+            if name not in seen or ROWS_PREFIX + name in seen:
+                return None
+            model.head(model.head_in(seen[name]), record=record)
+            return out
         if ctx.layer is None:
             model.embed(ids, record=record)
             return out
@@ -121,7 +148,8 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
             if any(k not in before for k in keys):
                 return None
             state = model.layer_state({s: before[k] for s, k in zip(slots, keys)})
-        _, new = model.layer(ctx.layer, torch.as_tensor(seen[name]).to(model.dtype), state, record=record)
+        # The recorded stream is canonical; an fp16 model takes it rescaled (LayerwiseModel.stream_in).
+        _, new = model.layer(ctx.layer, model.stream_in(ctx.layer, seen[name]), state, record=record)
         for s in slots:
             record(f"state.L{ctx.layer}.{s}", getattr(new, s))
     return out
@@ -146,8 +174,16 @@ def _score(model, ctx: Context, *, steps: list[int], policy: TolerancePolicy) ->
             m = compare_arrays(seen[ctx.stage], got[ctx.stage], tolerance=policy.for_stage(ctx.stage),
                                per_token=stage_info(ctx.stage).per_token)
             by_step[step] = _ratio(m)
+        dead = False
         for name in names:
+            if dead and not name.startswith("state."):
+                # Downstream of a tensor that is non-finite everywhere on both sides, a stage shows
+                # only what each kernel makes of NaN (TVM's relu, a max, gives 0; torch's gives
+                # NaN): no evidence for or against the bug that made the NaN. The state is still
+                # compared.
+                continue
             m = compare_arrays(seen[name], got[name], tolerance=policy.for_stage(name), per_token=stage_info(name).per_token)
+            dead = m.reason == "nonfinite" and bool(m.nonfinite_same_places) and m.nonfinite_count_actual == m.numel
             r = _ratio(m)
             if name == ctx.stage:
                 by_step[step] = r
@@ -161,7 +197,8 @@ def _score(model, ctx: Context, *, steps: list[int], policy: TolerancePolicy) ->
 
 def _row_profile(actual: np.ndarray, expected: np.ndarray) -> list[float]:
     a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    d = np.abs(a - b).reshape(a.shape[0], -1)
+    with np.errstate(invalid="ignore"):  # inf - inf where both overflowed: NaN, made inf below
+        d = np.abs(a - b).reshape(a.shape[0], -1)
     d[~np.isfinite(d)] = np.inf
     return [float(x) for x in d.max(axis=1)]
 
@@ -208,11 +245,9 @@ def _rank_key(r: dict):
 
 def _rank(hyps, checkpoint, ctx: Context, *, steps: list[int], policy: TolerancePolicy, upstream: bool = False) -> list[dict]:
     """Each hypothesis planted into a fresh reference and scored; best first."""
-    from parity.reference import make_reference
-
     ranked = []
     for h in hyps:
-        model = make_reference(checkpoint, dtype="float32")
+        model = ctx.reference()
         planted = h.plant(model, ctx)
         # plant() may return a detail line, or a dict with "detail" and fitted values (e.g. "eps").
         values = dict(planted) if isinstance(planted, dict) else {"detail": planted}
@@ -230,7 +265,6 @@ def explain_dump(
 ) -> dict:
     """Explain ``first_divergence`` (step, layer, stage) of the candidate dump. JSON-able dict."""
     from parity.explain.hypotheses import CATALOGUE
-    from parity.reference import make_reference
 
     candidate = DumpReader(candidate_dump)
     if candidate.model != checkpoint.config.to_dict():
@@ -243,10 +277,6 @@ def explain_dump(
     steps = [s for s in indices if step - STEPS_BEFORE <= s <= step + STEPS_AFTER]
     base = {"candidate": candidate.backend, "dump": str(candidate.path), "step": step, "layer": layer,
             "stage": stage, "steps_examined": steps}
-    if stage in ("ln_out", "logits"):
-        return {**base, "status": NOT_EXPLAINED, "summary": f"not explained: no hypotheses for the head ({stage})",
-                "hypotheses": [], "not_applicable": [], "evidence": [], "clean": None, "fix": None}
-
     family = short_stage(stage)
     hyps = {**CATALOGUE, **{h.name: h for h in extra_hypotheses}}
     if only:
@@ -254,7 +284,8 @@ def explain_dump(
     version = ctx.version
     # Upstream: hypotheses that first show at an earlier stage of the same layer. A bug whose own
     # stage stays inside that stage's tolerance (fp16 rounding at ln_x) first fails downstream.
-    order = [short_stage(n) for n in candidate.stage_order if stage_info(n).layer == layer and stage_info(n).per_token]
+    order = [short_stage(n) for n in candidate.stage_order if stage_info(n).layer == layer and stage_info(n).per_token
+             and (n == "emb") == (stage == "emb")]  # layer None: the embedding and the head are apart
     earlier = set(order[:order.index(family)]) if family in order else set()
     in_family = [h for h in hyps.values() if family in h.stages]
     upstream = [h for h in hyps.values() if family not in h.stages and set(h.stages) & earlier]
@@ -264,7 +295,7 @@ def explain_dump(
                 for h in group if version not in h.versions]
 
     not_applicable = not_applicable_of(in_family)
-    clean = _score(make_reference(checkpoint, dtype="float32"), ctx, steps=steps, policy=policy)
+    clean = _score(ctx.reference(), ctx, steps=steps, policy=policy)
     ranked = _rank([h for h in in_family if version in h.versions], checkpoint, ctx, steps=steps, policy=policy)
     searched_upstream = bool(upstream) and clean["worst_ratio"] > 1.0 and not any(r["reproduces"] for r in ranked)
     if searched_upstream:

@@ -466,16 +466,85 @@ def _rounding(stage: str, dtype: torch.dtype, label: str) -> Hypothesis:
             _wrap(model, "_wkv", wkv)
         elif stage == "att.ln_x":
             _group_norm_is(model, lambda *a, **kw: F.group_norm(*a, **kw).to(dtype).float())
+        elif stage == "logits":
+            def head(original, x, *, record=None):
+                # The logits rounded where the port hands them over: recorded and returned rounded.
+                def rounded(name, value):
+                    return value.to(dtype).to(value.dtype) if name == "logits" else value
+
+                logits = original(x, record=lambda name, value: (record or (lambda *_: None))(name, rounded(name, value)))
+                return rounded("logits", logits)
+            _wrap(model, "head", head)
 
     plant.__doc__ = f"The tensor {stage} rounded to {label} (a cast, or a kernel that stores it in {label})."
-    versions = V5 + V4 if stage in ("emb", "att.wkv") else V5
+    versions = V5 + V4 if stage in ("emb", "att.wkv", "logits") else V5
     return hypothesis(name=f"{label}-at-{stage}", title=f"{label} rounding at {stage}", stages=(stage,),
                       versions=versions, fix=f"keep {stage} in the model dtype (fp32 here); no {label} round trip")(plant)
 
 
-for _stage in ("emb", "att.r", "att.wkv", "att.ln_x"):
+for _stage in ("emb", "att.r", "att.wkv", "att.ln_x", "logits"):
     for _dt, _label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         _rounding(_stage, _dt, _label)
+
+
+# -- precision traps (docs/RWKV.md §3): what a low-precision port gets wrong -----------------------
+# The engine plants these into a reference computing in the candidate's dtype (an fp16 candidate:
+# the fp16 reference, rescaled as the official package), so fp16's own rounding is no part of the
+# reproduction error and only the trap is. Bugs that round one named tensor (logits, the wkv
+# accumulator) are the rounding family above and wkv-fp16-accumulator.
+def _round_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+@hypothesis(name="decay-in-bf16", title="decay w kept in bf16", stages=("att.wkv", "att.ln_x"),
+            fix="compute w = exp(-exp(time_decay)) in fp32 and keep it fp32 (bf16 rounds every w above 1 - 2^-9 to 1.0)")
+def decay_in_bf16(model, ctx):
+    """The decay w = exp(-exp(time_decay)) stored in bf16 (8 mantissa bits): w near 1 becomes 1.0
+    (no decay), the rest move by up to 0.4%, compounded every token. In an fp16 port the wkv's own
+    error stays inside fp16's allowance for a step, so the GroupNorm (ln_x) often shows it first."""
+    _decay(model, ctx, lambda t: _round_bf16(torch.exp(-torch.exp(_round_bf16(t)))))
+
+
+@hypothesis(name="groupnorm-variance-fp16", title="GroupNorm variance E[x^2] - E[x]^2 in fp16", stages=("att.ln_x",),
+            fix="compute the ln_x statistics in fp32, the variance as E[(x - mean)^2]")
+def groupnorm_variance_fp16(model, ctx):
+    """The ln_x variance as E[x²]−E[x]² in fp16: where a head's |mean| exceeds its spread the two
+    terms agree to most of fp16's 11 bits and the variance keeps only their rounding. Computed
+    on the candidate's own recorded wkv (as the fp16 accumulator hypothesis does): which way each
+    fp16 sum rounds flips with a last-bit change of its input."""
+
+    def gn(x, num_groups, weight=None, bias=None, eps=1e-5):
+        x = _candidate_tensor(ctx, "wkv", like=x)
+        T, C = x.shape
+        g = x.reshape(T, num_groups, C // num_groups).float()
+        mean = g.mean(-1, keepdim=True)
+        x16, m16 = g.half(), mean.half()
+        sq = torch.zeros_like(m16)
+        for i in range(g.shape[-1]):  # an fp16 accumulator, rounded after every term, in index order
+            sq = sq + x16[..., i:i + 1] * x16[..., i:i + 1]
+        var = torch.clamp((sq * (1.0 / (C // num_groups)) - m16 * m16).float(), min=0.0)
+        return ((g - mean) / torch.sqrt(var + eps)).reshape(T, C) * weight + bias
+
+    _group_norm_is(model, gn)
+
+
+@hypothesis(name="fp16-without-rescale", title="fp16 without the residual rescale",
+            stages=("att.out", "x_after_att", "ffn.out", "x_out"), versions=V5 + V4,
+            fix="in fp16 halve the residual stream after every 6th layer and divide att.output and ffn.value "
+                "of layer l by 2^(l // 6) at load (the official package's RESCALE_LAYER)")
+def fp16_without_rescale(model, ctx):
+    """An fp16 port without the official package's rescale: the residual stream, whole, past
+    65,504 becomes Inf. The reference's rescale undone: the divided weights multiplied back
+    (exact, powers of two) and the stream never halved."""
+    if not model.rescale_layer:
+        return f"a {model.dtype_name} model is never rescaled: nothing to undo"
+    scale = {i: model.layer_scale(i) for i in range(ctx.config.n_layer)}
+    if ctx.version == "4":
+        _each_layer(model, Wo=lambda p, i: p["Wo"] * scale[i], ffn_Wv=lambda p, i: p["ffn_Wv"] * scale[i])
+    else:
+        _each_layer(model, Wo=lambda p, i: p.Wo * scale[i], ffn_Wv=lambda p, i: p.ffn_Wv * scale[i])
+    model.rescale_layer = 0
+    return None
 
 
 # -- RWKV-4 -------------------------------------------------------------------------------------

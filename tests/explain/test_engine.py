@@ -19,7 +19,6 @@ from parity.dumpers.backends import RunPlan
 from parity.errors import ParityError
 from parity.explain.engine import EXPLAINED, NOT_EXPLAINED, NOTHING, explain_dump, explain_result, load_hypothesis
 from parity.mutants import CATALOGUE
-from parity.mutants.precision import PRECISION_CATALOGUE
 from parity.session import default_decode_ids, parse_ids, run_parity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +28,8 @@ HERE = f"{__file__}"
 
 # The zoo names its bugs after where they live; two hypotheses are named for the bug itself.
 OWN_HYPOTHESIS = {"groupnorm-eps-1e-5": "groupnorm-eps", "reference-sigmoid-r": "sigmoid-r",
-                  "wkv-time-parallel-cpu": "wkv-time-parallel"}
+                  "wkv-time-parallel-cpu": "wkv-time-parallel", "logits-fp16": "fp16-at-logits",
+                  "rwkv4-fp16-no-rescale": "fp16-without-rescale"}
 
 
 def _numpy_port():
@@ -82,9 +82,9 @@ def _assert_explained_by(explanation: dict, name: str) -> None:
     assert explanation["fix"] == best["fix"]
 
 
-# Crashes and hangs leave no wrong number to explain; the precision family (parity/mutants/precision.py)
-# has no hypotheses in parity/explain yet — each is localised by selftest, not explained.
-EXPLAINABLE = [n for n, m in CATALOGUE.items() if m.fault is None and n not in PRECISION_CATALOGUE]
+# Crashes and hangs leave no wrong number to explain. The precision family (parity/mutants/precision.py)
+# is explained too, each by its own trap, against a reference in the mutant's own dtype.
+EXPLAINABLE = [n for n, m in CATALOGUE.items() if m.fault is None]
 
 
 @pytest.mark.parametrize("name", EXPLAINABLE)

@@ -25,8 +25,10 @@ HERE = f"{__file__}"
 
 # Not observable on the fixtures in fp32, so nothing to explain (each checked below to give no
 # divergence, so the list cannot hide a failure): the one-pass variance cancels only when a head's
-# mean dwarfs its spread.
-UNOBSERVABLE = {"groupnorm-variance-formula"}
+# mean dwarfs its spread; the fp16 rescale exists only in fp16 and from layer 6 on (these fixtures
+# have 2 and 4 layers). The zoo test (test_engine.py) explains it on the hot fixture, where an fp16
+# build without the rescale overflows.
+UNOBSERVABLE = {"groupnorm-variance-formula", "fp16-without-rescale"}
 
 
 class _PlantContext:
