@@ -7,6 +7,7 @@ the package is on the path but not installed. Hooks are one-liners into ``Parity
 object that holds this session's state.
 
     pytest parity/ --parity-backends reference,tvm --parity-mode instrumented --parity-report-dir out/
+    pytest parity/ --parity-dtypes fp16,fp16i8,q4f16_1   # the low-precision builds to test (default fp16,bf16)
 
 A parity test that writes a report calls ``record_report(path)``; the terminal summary then lists
 it. Failing tests keep their own one-paragraph message (``describe_divergence``): the plugin adds
@@ -34,6 +35,11 @@ __all__ = ["ParityOptions", "ParitySession", "current_session", "record_report"]
 
 REPORT_DIR_ENV = "PARITY_REPORT_DIR"  # what parity/suite/conftest.py's report_dir() reads
 DEFAULT_BACKENDS = "reference,tvm"
+# The compiled model's low-precision builds the suite tests besides fp32, as tvm@<word>: ChatRWKV's
+# fp16 and bf16 strategies by default; the quantised words (int8, MLC's q4f16_1) on request, since
+# each is another build per fixture. "none" tests fp32 only.
+DEFAULT_DTYPES = "fp16,bf16"
+LOW_PRECISION_WORDS = ("fp16", "bf16", "fp16i8", "fp32i8", "q4f16_1")
 MODES = ("all", "debug", "instrumented")
 
 # --parity-mode chooses how the compiled model is observed; these are its backends and their dump
@@ -57,6 +63,7 @@ class ParityOptions:
     report_dir: Path  # where failing (or all) cases write their HTML reports
     backends: tuple[str, ...]  # the first is the yardstick, as in `parity run --backends`
     mode: str  # which capture modes of the compiled model to test: "all", "debug" or "instrumented"
+    dtypes: tuple[str, ...] = tuple(DEFAULT_DTYPES.split(","))  # low-precision builds to test (tvm@<word>)
 
     @property
     def yardstick(self) -> str:
@@ -131,6 +138,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-mode", choices=MODES, default="all",
                     help="capture modes of the compiled model to test: debug (the build returns every stage), "
                          "instrumented (the plain build, observed by the VM hook) or all (default)")
+    group.addoption("--parity-dtypes", metavar="LIST", default=DEFAULT_DTYPES,
+                    help=f"comma-separated low-precision builds of the compiled model to test besides fp32, each "
+                         f"judged by the reference in its precision and by KL/top-1 against the fp32 yardstick: "
+                         f"{', '.join(LOW_PRECISION_WORDS)} or none (default {DEFAULT_DTYPES})")
     group.addoption("--parity-device", choices=("cpu", "cuda"), default="cpu",
                     help="where the compiled model runs: cpu (the llvm build, default) or cuda (the CUDA build)")
 
@@ -244,4 +255,19 @@ def _options_from(config: pytest.Config) -> ParityOptions:
                 check_backend_spec(b)
             except ParityError as exc:
                 raise pytest.UsageError(f"--parity-backends: {exc}") from None
-    return ParityOptions(report_dir=report_dir, backends=backends, mode=config.getoption("parity_mode"))
+    return ParityOptions(report_dir=report_dir, backends=backends, mode=config.getoption("parity_mode"),
+                         dtypes=_dtypes_from(str(config.getoption("parity_dtypes"))))
+
+
+def _dtypes_from(value: str) -> tuple[str, ...]:
+    words = tuple(w.strip() for w in value.split(",") if w.strip())
+    if words == ("none",):
+        return ()
+    for w in words:
+        if w not in LOW_PRECISION_WORDS:
+            hint = "; fp32 is what the rest of the suite tests" if w in ("fp32", "float32") else ""
+            raise pytest.UsageError(f"--parity-dtypes: unknown {w!r}; choose from {', '.join(LOW_PRECISION_WORDS)} "
+                                    f"or none{hint}")
+    if len(set(words)) != len(words):
+        raise pytest.UsageError(f"--parity-dtypes lists a dtype twice: {value}")
+    return words

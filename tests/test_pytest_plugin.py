@@ -88,6 +88,36 @@ def test_bad_backends_are_usage_errors(pytester, run, args, message):
     assert message in result.stderr.str()
 
 
+def test_dtypes_reach_the_fixture(pytester, run):
+    pytester.makepyfile("""
+        def test_dtypes(parity_options):
+            assert parity_options.dtypes == ("fp16", "q4f16_1")
+    """)
+    run("--parity-dtypes", "fp16, q4f16_1").assert_outcomes(passed=1)
+    pytester.makepyfile("""
+        def test_dtypes(parity_options):
+            assert parity_options.dtypes == ("fp16", "bf16")  # the default: both ChatRWKV strategies
+    """)
+    run().assert_outcomes(passed=1)
+    pytester.makepyfile("""
+        def test_dtypes(parity_options):
+            assert parity_options.dtypes == ()
+    """)
+    run("--parity-dtypes", "none").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("fp8", "--parity-dtypes: unknown 'fp8'; choose from fp16, bf16"),
+    ("fp32", "fp32 is what the rest of the suite tests"),
+    ("fp16,fp16", "lists a dtype twice"),
+])
+def test_bad_dtypes_are_usage_errors(pytester, run, value, message):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = run("--parity-dtypes", value)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
 def test_bad_mode_is_rejected(pytester, run):
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = run("--parity-mode", "fast")

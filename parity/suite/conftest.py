@@ -49,10 +49,20 @@ def _selected(config) -> tuple[str, list[str]]:
     return backends[0], out
 
 
+def _low_precision(config) -> tuple[str, ...]:
+    """--parity-dtypes: the compiled model's low-precision builds to test (tvm@<word>), fp16 and bf16
+    by default. Read as the plugin reads it (its UsageError for a bad word comes first)."""
+    from parity.pytest_plugin import DEFAULT_DTYPES, _dtypes_from
+
+    return _dtypes_from(str(config.getoption("--parity-dtypes", default=DEFAULT_DTYPES)))
+
+
 def pytest_generate_tests(metafunc):
     if "candidate" in metafunc.fixturenames:
         _, candidates = _selected(metafunc.config)
         metafunc.parametrize("candidate", candidates)
+    if "low_precision" in metafunc.fixturenames:
+        metafunc.parametrize("low_precision", _low_precision(metafunc.config))
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +74,13 @@ def device(pytestconfig) -> str:
 @pytest.fixture(scope="session")
 def yardstick(pytestconfig) -> str:
     return _selected(pytestconfig)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    # --parity-dtypes none: no low-precision case at all (deselected), rather than one skipped
+    # "empty parameter set" case per fixture and prompt.
+    if not _low_precision(config):
+        dropped = [i for i in items if "low_precision" in getattr(i, "fixturenames", ())]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if i not in dropped]

@@ -83,8 +83,14 @@ def _assert_explained_by(explanation: dict, name: str) -> None:
 
 
 # Crashes and hangs leave no wrong number to explain. The precision family (parity/mutants/precision.py)
-# is explained too, each by its own trap, against a reference in the mutant's own dtype.
-EXPLAINABLE = [n for n, m in CATALOGUE.items() if m.fault is None]
+# is explained too, each by its own trap, against a reference in the mutant's own dtype. The
+# quantisation family (parity/mutants/quant.py: scales swapped, a group off by one) has no
+# hypotheses yet: localised by selftest, not explained.
+try:
+    from parity.mutants.quant import QUANT_CATALOGUE
+except ImportError:  # (before the quantisation zoo)
+    QUANT_CATALOGUE = {}
+EXPLAINABLE = [n for n, m in CATALOGUE.items() if m.fault is None and n not in QUANT_CATALOGUE]
 
 
 @pytest.mark.parametrize("name", EXPLAINABLE)
