@@ -26,6 +26,7 @@ from parity.report.verdict import model_check_lines
 from parity.report.verdict import fmt as _fmt
 from parity.report.verdict import console_width
 from parity.report.verdict import verdict_line as _verdict_line
+from parity.results import Record, RunResult
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
@@ -226,21 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- output -------------------------------------------------------------------------------------
-def _print_pairs(console, result: dict) -> None:
+def _print_pairs(console, result: RunResult) -> None:
     from rich.table import Table
 
-    labels = (result.get("run") or {}).get("backend_labels") or {}
     table = Table(title="every pair (the first named is the yardstick)")
     for col in ("expected", "actual", "verdict", "first divergence", "worst logits"):
         table.add_column(col, justify="right" if col == "worst logits" else "left")
-    for c in result["comparisons"]:
-        fd = c["first_divergence"]
-        where = "-" if fd is None else f"step {fd['step']} {fd['stage']}" + (f" row {fd['row']}" if fd.get("row") is not None else "")
-        style = "green" if fd is None and c["verdict"] == "no divergence" else "red"
-        table.add_row(labels.get(c["expected"], c["expected"]), labels.get(c["actual"], c["actual"]),
-                      f"[{style}]{c['verdict']}[/]", where, _fmt((c.get("summary") or {}).get("worst_logits_max_abs")))
+    for c in result.comparisons:
+        fd = c.first_divergence
+        where = "-" if fd is None else f"step {fd.step} {fd.stage}" + (f" row {fd.row}" if fd.row is not None else "")
+        style = "green" if fd is None and c.verdict == "no divergence" else "red"
+        table.add_row(result.label(c.expected), result.label(c.actual), f"[{style}]{c.verdict}[/]", where,
+                      _fmt(c.summary.worst_logits_max_abs if c.summary else None))
     console.print(table)
-    odd = result.get("odd_one_out")
+    odd = result.odd_one_out
     if odd:
         console.print(f"odd one out: [bold]{odd['backend']}[/] — {odd['explanation']}" if odd["backend"] else odd["explanation"])
 
@@ -251,25 +251,25 @@ def _print_pairs(console, result: dict) -> None:
 MAX_STEP_ROWS = 24
 
 
-def step_rows(steps: list[dict], records: list[dict], *, limit: int = MAX_STEP_ROWS) -> list[dict]:
+def step_rows(steps: list[dict], records: list[Record], *, limit: int = MAX_STEP_ROWS) -> list[dict]:
     """Per step: label, records, failed, worst record (by max_abs), worst logits max_abs; folded past ``limit``."""
     def worst_of(recs):
-        return max(recs, key=lambda r: r["max_abs"] if isinstance(r["max_abs"], float) else float("inf"))
+        return max(recs, key=lambda r: r.max_abs if isinstance(r.max_abs, float) else float("inf"))
 
-    by_step: dict[int, list[dict]] = {}
+    by_step: dict[int, list[Record]] = {}
     for r in records:
-        by_step.setdefault(r["step"], []).append(r)
+        by_step.setdefault(r.step, []).append(r)
     rows = []
     for step in steps:
         recs = by_step.get(step["index"], [])
         if recs:
-            logits = [r["max_abs"] for r in recs if r["stage"] == "logits"]
+            logits = [r.max_abs for r in recs if r.stage == "logits"]
             rows.append({"label": "prefill" if step["kind"] == "prefill" else f"decode {step['index']}",
-                         "records": len(recs), "failed": sum(not r["passed"] for r in recs),
+                         "records": len(recs), "failed": sum(not r.passed for r in recs),
                          "worst": worst_of(recs), "logits": logits[0] if logits else None, "recs": recs})
     if len(rows) <= limit:
         return rows
-    worst_i = rows.index(max(rows, key=lambda row: row["worst"]["max_abs"] if isinstance(row["worst"]["max_abs"], float)
+    worst_i = rows.index(max(rows, key=lambda row: row["worst"].max_abs if isinstance(row["worst"].max_abs, float)
                              else float("inf")))
     keep = {0, 1, 2, len(rows) - 1, worst_i} | {i for i, row in enumerate(rows) if row["failed"]}
     keep = set(sorted(keep)[: limit - 1]) | {len(rows) - 1}
@@ -290,30 +290,30 @@ def step_rows(steps: list[dict], records: list[dict], *, limit: int = MAX_STEP_R
     return out
 
 
-def _print_summary(console, result: dict) -> None:
+def _print_summary(console, result: RunResult) -> None:
     from rich.table import Table
 
-    exp, act = result["expected"], result["actual"]
+    exp, act = result.expected, result.actual
     table = Table(title=f"{act.get('backend')} ({act.get('mode')}) vs {exp.get('backend')} ({exp.get('mode')}), {act.get('dtype')}")
     for col in ("step", "records", "failed", "worst stage", "max abs", "rms-rel", "logits"):
         table.add_column(col, justify="left" if col in ("step", "worst stage") else "right", no_wrap=True)
-    for row in step_rows(result["steps"], result["records"]):
+    for row in step_rows(result.steps, result.records):
         table.add_row(row["label"], str(row["records"]), f"[red]{row['failed']}[/]" if row["failed"] else "0",
-                      row["worst"]["stage"], _fmt(row["worst"]["max_abs"]), _fmt(row["worst"]["rms_rel"]),
+                      row["worst"].stage, _fmt(row["worst"].max_abs), _fmt(row["worst"].rms_rel),
                       _fmt(row["logits"]))
     console.print(table)
     # With two backends the table above is the one pair; the pair table adds a line only when
     # there are more pairs, or a backend crashed (its row says so).
-    if len(result.get("comparisons") or []) > 1 or result.get("crashes"):
+    if len(result.comparisons) > 1 or result.crashes:
         _print_pairs(console, result)
-    if result.get("modes"):
-        for name, m in result["modes"].items():
+    if result.modes:
+        for name, m in result.modes.items():
             if m is not None:
                 fd = m["first_divergence"]
                 console.print(f"{name:>10}: " + (m["verdict"] if fd is None else describe_divergence(fd)))
     for line in model_check_lines(result):
         console.print(line)
-    for block in result.get("arbiter", []):
+    for block in result.arbiter or []:
         fd = block["first_divergence"]
         worst = max((r["min_multiplier"] for r in block["records"] if isinstance(r["min_multiplier"], float)), default=0.0)
         line = (f"fp64 arbiter, {block['backend']}: " + ("within " if fd is None else "OUT of ")
@@ -322,28 +322,27 @@ def _print_summary(console, result: dict) -> None:
         if fd is not None:
             line += f"; first at step {fd['step']} {fd['stage']} (error {fd['actual_error']:.3g} vs reference's {fd['reference_error']:.3g})"
         console.print(line)
-    for k in result.get("known_differences", []):
+    for k in result.known_differences or []:
         flag = "[yellow]applies[/]" if k["applies"] else "[dim]no effect here[/]"
         console.print(f"known difference of {k['backend']}: [bold]{k['name']}[/] ({flag}) — {k['detail']}")
-    labels = (result.get("run") or {}).get("backend_labels") or {}
-    for n in result.get("notes") or []:
-        console.print(f"note from {labels.get(n['backend'], n['backend'])}: {n['note']}", markup=False)
-    for crash in result.get("crashes") or []:
-        where = f"; its unfinished dump: {crash['partial_dump']}" if crash.get("partial_dump") and result.get("run", {}).get("partial_dumps") else ""
-        tb = "; PARITY_DEBUG=1 prints its traceback" if crash.get("traceback") and not os.environ.get("PARITY_DEBUG") else ""
-        console.print(f"{crash['name']} {crash['kind']}: {crash['error']}{where}{tb}", markup=False)
-    missing = result.get("missing") or []
+    for n in result.notes or []:
+        console.print(f"note from {result.label(n['backend'])}: {n['note']}", markup=False)
+    for crash in result.crashes:
+        where = f"; its unfinished dump: {crash.partial_dump}" if crash.partial_dump and result.run.extra.get("partial_dumps") else ""
+        tb = "; PARITY_DEBUG=1 prints its traceback" if crash.traceback and not os.environ.get("PARITY_DEBUG") else ""
+        console.print(f"{crash.name} {crash.kind}: {crash.error}{where}{tb}", markup=False)
+    missing = result.missing or []
     if missing:
         console.print(f"[dim]{len(missing)} stage records exist on one side only (not compared), "
                       f"e.g. {missing[0]['stage']} (missing in {missing[0]['missing_in']})[/]")
     # Partial rows (a backend holding e.g. the last token's logits only): what was compared, and
     # what could not be, so a stage judged on one row is never mistaken for a full comparison.
-    partial = [r for r in result.get("records") or [] if r.get("rows") is not None]
+    partial = [r for r in result.records if r.rows is not None]
     if partial:
         r = partial[0]
-        console.print(f"{len(partial)} records compared on the token rows both sides hold, e.g. {r['stage']} at step "
-                      f"{r['step']} on row(s) {', '.join(map(str, r['rows'][:8]))}", markup=False)
-    for nc in (result.get("not_comparable") or [])[:3]:
+        console.print(f"{len(partial)} records compared on the token rows both sides hold, e.g. {r.stage} at step "
+                      f"{r.step} on row(s) {', '.join(map(str, r.rows[:8]))}", markup=False)
+    for nc in (result.not_comparable or [])[:3]:
         console.print(f"not comparable: {nc.get('stage')} at step {nc.get('step')}: the sides hold rows "
                       f"{nc.get('expected_rows')} and {nc.get('actual_rows')}, none in common", markup=False)
 
@@ -402,17 +401,19 @@ class _Progress:
 
 # -- commands -----------------------------------------------------------------------------------
 def _finish(result: dict, *, args, console, json_path, html_path) -> int:
-    from parity.report.verdict import diverged
+    """Write ``result`` (its JSON form) where asked, print it (typed), and return the exit code."""
+    from parity.report.verdict import as_result
 
     _write_outputs(result, json_path=json_path, html_path=html_path, console=None if args.quiet else console)
+    typed = as_result(result)
     if not args.quiet:
-        _print_summary(console, result)
-    failed = diverged(result)
-    for crash in result.get("crashes") or []:
-        if crash.get("traceback") and os.environ.get("PARITY_DEBUG"):
+        _print_summary(console, typed)
+    failed = typed.failed
+    for crash in typed.crashes:
+        if crash.traceback and os.environ.get("PARITY_DEBUG"):
             # The port author's view: where in their code (or, for a signal, which Python frame) it died.
-            print(f"parity: {crash['name']} {crash['kind']}; its traceback:\n{crash['traceback'].rstrip()}", file=sys.stderr)
-    console.print(_verdict_line(result), style=None if args.quiet else ("bold red" if failed else "green"), markup=False)
+            print(f"parity: {crash.name} {crash.kind}; its traceback:\n{crash.traceback.rstrip()}", file=sys.stderr)
+    console.print(_verdict_line(typed), style=None if args.quiet else ("bold red" if failed else "green"), markup=False)
     return EXIT_DIVERGED if failed else EXIT_OK
 
 

@@ -10,7 +10,7 @@ Pure Python: reports and the CLI read results on machines without torch or tvm.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from parity.errors import ParityError
@@ -30,8 +30,175 @@ def _pick(cls, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in names}
 
 
+def _plain(value: Any) -> Any:
+    """A typed value back as JSON-able data: typed blocks by their ``to_dict``, containers item by item."""
+    if isinstance(value, _Block):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class _Block:
+    """A typed part of a result that reads back exactly what it was given.
+
+    Declared fields are attributes; keys a later (minor) version added, or an engine field no
+    renderer needs by name, are kept in ``extra``; and the keys a block was read with are
+    remembered, so a key that was absent is not written back (a pair's ``end_to_end`` has no
+    ``per_step``; a first release's records lack ``min_atol``). ``NESTED`` names the fields that
+    are typed blocks themselves (``[Record]``: a list of them; ``{OwnError}``: a dict of them).
+    """
+
+    NESTED: dict[str, Any] = {}
+
+    @classmethod
+    def from_dict(cls, d: Any):
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__.lower()} must be a JSON object, got {type(d).__name__}")
+        names = cls._defaults()
+        known = {k: v for k, v in d.items() if k in names}
+        for name, kind in cls.NESTED.items():
+            value = known.get(name)
+            if value is None:
+                continue
+            if isinstance(kind, list):
+                if not isinstance(value, list):
+                    raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+                known[name] = [kind[0].from_dict(v) for v in value]
+            elif isinstance(kind, set):
+                if not isinstance(value, dict):
+                    raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
+                (typ,) = kind
+                known[name] = {k: typ.from_dict(v) for k, v in value.items()}
+            else:
+                known[name] = kind.from_dict(value)
+        obj = cls(**known)
+        obj._keys = list(d)
+        obj.extra = {k: v for k, v in d.items() if k not in known}
+        return obj
+
+    @classmethod
+    def _defaults(cls) -> dict[str, Any]:
+        """Declared field -> its default, in declaration order (made once per class: records are many)."""
+        cached = cls.__dict__.get("_DEFAULTS")
+        if cached is None:
+            cached = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                      for f in fields(cls) if f.name != "extra"}
+            cls._DEFAULTS = cached
+        return cached
+
+    def to_dict(self) -> dict:
+        keys = getattr(self, "_keys", None)
+        defaults = self._defaults()
+        extra = getattr(self, "extra", None) or {}
+        out = {}
+        # The keys it was read with, in their order; then a declared field set since (or every
+        # declared field, for a block made in code); then what a later version added.
+        for key in keys if keys is not None else defaults:
+            if key in defaults:
+                out[key] = _plain(getattr(self, key))
+            elif key in extra:
+                out[key] = extra[key]
+        for key, default in defaults.items():
+            if key not in out:
+                value = getattr(self, key)
+                if value != default:
+                    out[key] = _plain(value)
+        for key, value in extra.items():
+            out.setdefault(key, value)
+        return out
+
+
 @dataclass
-class EndToEnd:
+class Record(_Block):
+    """One compared (step, stage): StageRecord.to_dict() of the diff engine (docs/result-format.md)."""
+
+    step: int | None = None
+    step_kind: str | None = None  # "prefill" | "decode"
+    stage: str | None = None
+    layer: int | None = None
+    passed: bool | None = None
+    reason: str | None = None  # why it failed: "tolerance" | "nonfinite" | "shape" | ...
+    shape: list[int] | None = None
+    actual_shape: list[int] | None = None
+    max_abs: float | str | None = None  # metrics: inf/nan are written as strings (strict JSON)
+    max_rel: float | str | None = None
+    rms_rel: float | str | None = None
+    cosine: float | str | None = None
+    mismatch_count: int | None = None
+    numel: int | None = None
+    mismatch_pct: float | str | None = None
+    worst_index: list[int] | None = None
+    worst_actual: float | str | None = None
+    worst_expected: float | str | None = None
+    min_atol: float | str | None = None  # the smallest atol that passes at this rtol
+    min_rtol: float | str | None = None
+    rows: list[int] | None = None  # the token rows compared, where one side holds only some
+    rtol: float | None = None
+    atol: float | None = None
+    atol_base: float | None = None
+    scale: float | None = None
+    tolerance_reason: str | None = None
+    nonfinite_side: str | None = None
+    first_nonfinite_index: list[int] | None = None
+    nonfinite_same_places: bool | None = None
+    nonfinite_count_actual: int | None = None
+    nonfinite_count_expected: int | None = None
+    row: int | None = None  # the first token row with a finding
+    extra: dict = field(default_factory=dict, repr=False)  # fields a later engine adds
+
+
+@dataclass
+class Divergence(Record):
+    """Where a comparison first failed: its record, and how it was judged."""
+
+    judged_by: str | None = None  # "replay" | "isolated" | "propagated" | "fp64 arbiter (tvm)" ...
+    # The fp64 arbiter's divergence (reason "arbiter"): rms errors against fp64, and the multiplier.
+    actual_error: float | None = None
+    reference_error: float | None = None
+    min_multiplier: float | None = None
+    multiplier: float | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Summary(_Block):
+    records: int | None = None
+    failed: int | None = None
+    worst_logits_max_abs: float | str | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class RunInfo(_Block):
+    """The ``run`` block: what ran, on what, how (metadata; docs/result-format.md)."""
+
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    model: dict | None = None
+    backends: list[str] | None = None
+    prefill_ids: list[int] | None = None
+    decode_ids: list[int] | None = None
+    command: str | None = None
+    tool_versions: dict | None = None
+    created: str | None = None
+    dumps: dict | None = None
+    backend_labels: dict | None = None  # spec -> how tables name it
+    isolation: str | None = None
+    timeout_s: float | None = None
+    mode: str | None = None
+    device: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # prompt, scenario, greedy, torch_math, ...
+
+    def label(self, spec: str | None) -> str | None:
+        labels = self.backend_labels if isinstance(self.backend_labels, dict) else {}
+        return labels.get(spec, spec)
+
+
+@dataclass
+class EndToEnd(_Block):
     """Next-token metrics over the logits rows of one comparison (parity/compare/endtoend.py)."""
 
     rows: int = 0
@@ -45,18 +212,20 @@ class EndToEnd:
     cosine_min: float | str | None = None
     per_step: list[dict] = field(default_factory=list)  # {step, rows, kl_max, top1_agreement, top1_flips}
     kl_rows: list[float | str] = field(default_factory=list)  # every row's KL, for corpus percentiles
+    extra: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
-class Drift:
-    """Propagated error as ratios against the dtype's depth envelope (parity/compare/verdict.py)."""
+class Drift(_Block):
+    """Propagated error as ratios against the dtype's depth envelope (parity/compare/verdict.py).
+    A pair's drift (``comparisons``) holds status, worst_ratio and envelope only."""
 
-    status: str  # "none" | "within" | "beyond"
-    worst_ratio: float | str
-    envelope: float
-    envelope_fraction: float | str
-    envelope_per_layer: float
-    envelope_reason: str
+    status: str | None = None  # "none" | "within" | "beyond"
+    worst_ratio: float | str | None = None
+    envelope: float | None = None
+    envelope_fraction: float | str | None = None
+    envelope_per_layer: float | None = None
+    envelope_reason: str | None = None
     worst_stage: str | None = None
     worst_step: int | None = None
     by_layer: list[dict] = field(default_factory=list)  # {layer, ratio, envelope}
@@ -64,50 +233,58 @@ class Drift:
     first_beyond_envelope: dict | None = None
     failed: int = 0
     floor: float | None = None  # the run's rounding floor at the worst record, where it was measured
+    extra: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
-class OwnError:
+class OwnError(_Block):
     """The error each stage of one backend adds itself: a replay or an isolated comparison."""
 
-    method: str  # "replay" | "isolated"
-    verdict: str | None
-    worst_ratio: float | str
-    records: int
-    failed: int
+    NESTED = {"first_divergence": Divergence}
+
+    method: str | None = None  # "replay" | "isolated"
+    verdict: str | None = None
+    worst_ratio: float | str | None = None
+    records: int = 0
+    failed: int = 0
     judge: str | None = None  # what the own error is measured against
     backend: str | None = None
     worst_stage: str | None = None
     worst_step: int | None = None
-    first_divergence: dict | None = None
+    first_divergence: Divergence | None = None
     not_replayable: list[dict] = field(default_factory=list)  # {step, layer, missing}
+    extra: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
-class PairResult:
-    expected: str
-    actual: str
-    verdict: str
-    first_divergence: dict | None
-    summary: dict
-    drift: dict | None = None  # status, worst_ratio, envelope
-    end_to_end: dict | None = None  # EndToEnd without per_step / kl_rows
-    records: list[dict] = field(default_factory=list)  # StageRecord.to_dict() of this pair's propagated comparison
+class PairResult(_Block):
+    NESTED = {"first_divergence": Divergence, "summary": Summary, "drift": Drift, "end_to_end": EndToEnd,
+              "records": [Record]}
+
+    expected: str | None = None
+    actual: str | None = None
+    verdict: str | None = None
+    first_divergence: Divergence | None = None
+    summary: Summary | None = None
+    drift: Drift | None = None  # status, worst_ratio, envelope
+    end_to_end: EndToEnd | None = None  # without per_step / kl_rows
+    records: list[Record] = field(default_factory=list)  # this pair's propagated comparison
     # The verdict of the steps compared; ``verdict`` is "crashed"/"timed out" when either side failed.
     compared_verdict: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
-class Crash:
+class Crash(_Block):
     """A backend that died or hung in its worker process (parity/dumpers/worker.py)."""
 
-    backend: str  # the spec (--backends)
-    name: str  # its own name, as tables show it
-    kind: str  # "crashed" | "timed out"
-    error: str  # one line: "died with SIGSEGV", "IndexError: ...", "no step finished within 5 s"
-    step: int | None  # the step it was running (0 = prefill); None: before its first step
-    step_kind: str | None
-    steps_completed: int  # steps 0..steps_completed-1 were written whole and are compared
+    backend: str | None = None  # the spec (--backends)
+    name: str | None = None  # its own name, as tables show it
+    kind: str | None = None  # "crashed" | "timed out"
+    error: str | None = None  # one line: "died with SIGSEGV", "IndexError: ...", "no step finished within 5 s"
+    step: int | None = None  # the step it was running (0 = prefill); None: before its first step
+    step_kind: str | None = None
+    steps_completed: int = 0  # steps 0..steps_completed-1 were written whole and are compared
     last_stage: dict | None = None  # {step, stage}: the last stage it recorded
     kernel: str | None = None  # the compiled kernel it had entered last (TVM debug builds)
     kernel_call: int | None = None  # which call of that kernel in the step (1: the first; layer order)
@@ -118,22 +295,28 @@ class Crash:
     timeout_s: float | None = None
     partial_dump: str | None = None  # its unfinished dump (complete: false), kept with --dump-dir
     compared: dict | None = None  # {against, steps, verdict, first_divergence}: its finished steps' verdict
+    extra: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
 class RunResult:
     """Top level: the pair judged first to fail (else the first pair), with its comparison."""
 
+    NESTED = {"first_divergence": Divergence, "summary": Summary, "records": [Record], "end_to_end": EndToEnd,
+              "drift": Drift, "own_error": OwnError, "own_errors": {OwnError}, "comparisons": [PairResult],
+              "crash": Crash, "crashes": [Crash], "run": RunInfo}
+
     verdict: str
-    first_divergence: dict | None
+    first_divergence: Divergence | None
     expected: dict  # dump descriptions: backend, mode, dtype, path, ...
     actual: dict
     policy: dict
     steps: list[dict]
-    records: list[dict]  # StageRecord.to_dict() of the comparison shown (own error's, or propagated)
-    summary: dict
+    records: list[Record]  # the comparison shown (own error's, or propagated)
+    summary: Summary
     missing: list[dict] = field(default_factory=list)
     unmatched_steps: list[dict] = field(default_factory=list)
+    not_comparable: list[dict] | None = None  # {step, stage, actual_rows, expected_rows}: no common token row
     mode: str = "propagated"  # which comparison ``records`` is: propagated | replay | isolated
     pair: dict | None = None  # {expected, actual}: the backend specs of this pair
     end_to_end: EndToEnd | None = None
@@ -151,12 +334,21 @@ class RunResult:
     known_differences: list[dict] | None = None
     first_divergence_detail: dict | None = None
     repro: str | None = None
-    run: dict = field(default_factory=dict)
+    run: RunInfo = field(default_factory=RunInfo)
     extra: dict = field(default_factory=dict)  # keys a later minor addition wrote; kept, not lost
 
     @property
     def passed(self) -> bool:
         return self.first_divergence is None and self.verdict not in FAILURE_VERDICTS
+
+    @property
+    def failed(self) -> bool:
+        """A divergence, or a backend that crashed or hung: exit 1 either way."""
+        return self.first_divergence is not None or self.verdict == "divergence" or self.verdict in FAILURE_VERDICTS
+
+    def label(self, spec: str | None) -> str | None:
+        """How tables name backend ``spec``: its ``run.backend_labels`` entry, else the spec."""
+        return self.run.label(spec)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"format": {"name": RESULT_FORMAT, "version": RESULT_VERSION}}
@@ -166,19 +358,9 @@ class RunResult:
             value = getattr(self, f.name)
             if value is None and f.name not in ("first_divergence",):
                 continue
-            if f.name == "own_errors":
-                value = {k: asdict(v) for k, v in value.items()}
-                if not value:
-                    continue
-            elif f.name == "comparisons":
-                value = [asdict(c) for c in value]  # always written, also empty: every pair, always
-            elif f.name == "crashes":
-                value = [asdict(c) for c in value]
-                if not value:
-                    continue
-            elif hasattr(value, "__dataclass_fields__"):
-                value = asdict(value)
-            out[f.name] = value
+            if f.name in ("own_errors", "crashes") and not value:
+                continue  # comparisons, by contrast, is always written, also empty: every pair, always
+            out[f.name] = _plain(value)
         out.update(self.extra)
         return out
 
@@ -194,13 +376,28 @@ class RunResult:
                               f"this one reads formats up to {RESULT_VERSION}: upgrade rwkv-parity")
         try:
             known = _pick(cls, d)
-            for name, typ in (("end_to_end", EndToEnd), ("drift", Drift), ("own_error", OwnError), ("crash", Crash)):
-                if isinstance(known.get(name), dict):
-                    known[name] = typ(**_pick(typ, known[name]))
-            known["own_errors"] = {k: OwnError(**_pick(OwnError, v)) for k, v in (d.get("own_errors") or {}).items()}
-            known["comparisons"] = [PairResult(**_pick(PairResult, c)) for c in d.get("comparisons") or []]
-            known["crashes"] = [Crash(**_pick(Crash, c)) for c in d.get("crashes") or []]
+            known.setdefault("first_divergence", None)
+            known.setdefault("summary", {})
+            for name in ("expected", "actual", "policy"):
+                known.setdefault(name, {})
+            known.setdefault("steps", [])
+            for name, kind in cls.NESTED.items():
+                value = known.get(name)
+                if value is None:
+                    continue
+                if isinstance(kind, list):
+                    if not isinstance(value, list):
+                        raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+                    known[name] = [kind[0].from_dict(v) for v in value]
+                elif isinstance(kind, set):
+                    if not isinstance(value, dict):
+                        raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
+                    (typ,) = kind
+                    known[name] = {k: typ.from_dict(v) for k, v in value.items()}
+                else:
+                    known[name] = kind.from_dict(value)
             extra = {k: v for k, v in d.items() if k not in known and k != "format"}
             return cls(**known, extra=extra)
         except (TypeError, AttributeError, ValueError) as e:
             raise ParityError(f"a malformed parity result: {e}") from None
+

@@ -78,3 +78,64 @@ def test_a_newer_format_is_refused_in_one_line(result, tmp_path, capsys):
 def test_not_a_result_is_refused(bad):
     with pytest.raises(ParityError, match="not a parity result"):
         RunResult.from_dict(bad)
+
+
+def test_records_divergences_and_run_are_typed(result):
+    from parity.results import Record, RunInfo, Summary
+
+    typed = RunResult.from_dict(result)
+    assert all(isinstance(r, Record) for r in typed.records) and len(typed.records) == result["summary"]["records"]
+    assert typed.records[0].stage == result["records"][0]["stage"] and typed.records[0].passed is True
+    assert isinstance(typed.summary, Summary) and typed.summary.records == len(typed.records)
+    assert isinstance(typed.run, RunInfo) and typed.run.backends == ["reference", "chatrwkv"]
+    assert all(isinstance(r, Record) for r in typed.comparisons[0].records)
+
+
+def test_a_divergence_is_typed_with_how_it_was_judged(result):
+    from parity.results import Divergence
+
+    record = dict(result["records"][3], passed=False, reason="tolerance", judged_by="replay")
+    typed = RunResult.from_dict({**result, "verdict": "divergence", "first_divergence": record})
+    fd = typed.first_divergence
+    assert isinstance(fd, Divergence) and fd.judged_by == "replay" and fd.stage == record["stage"]
+    assert fd.min_atol == record["min_atol"] and not typed.passed and typed.failed
+    assert typed.to_dict()["first_divergence"] == record
+
+
+def test_a_block_writes_back_only_the_keys_it_was_read_with(result):
+    # A pair's end_to_end has no per_step / kl_rows; read and written, it must not grow them.
+    pair = RunResult.from_dict(result).comparisons[0].to_dict()
+    assert "per_step" not in pair["end_to_end"] and pair == result["comparisons"][0]
+    record = {**result["records"][0], "a_later_metric": 0.5}
+    del record["min_rtol"]
+    again = RunResult.from_dict({**result, "records": [record]}).to_dict()["records"][0]
+    assert again == record and list(again) == list(record)
+
+
+def test_a_malformed_block_is_refused_in_one_line(result):
+    with pytest.raises(ParityError, match="a malformed parity result: divergence must be a JSON object"):
+        RunResult.from_dict({**result, "first_divergence": [1, 2]})
+    with pytest.raises(ParityError, match="a malformed parity result: records must be a list"):
+        RunResult.from_dict({**result, "records": {"a": 1}})
+
+
+def test_the_verdict_line_reads_the_typed_result_and_its_json_alike(result):
+    from parity.report.verdict import verdict_line
+
+    typed = RunResult.from_dict(result)
+    line = verdict_line(typed)
+    assert line == verdict_line(result) and line.startswith(f"no divergence ({len(typed.records)} records")
+    crash = {"backend": "tvm", "name": "tvm", "kind": "crashed", "error": "died with SIGSEGV", "step": 1,
+             "step_kind": "decode", "steps_completed": 1, "signal": "SIGSEGV",
+             "compared": {"against": "reference", "steps": 1, "verdict": "no divergence", "first_divergence": None}}
+    crashed = {**result, "verdict": "crashed", "crash": crash, "crashes": [crash]}
+    assert verdict_line(RunResult.from_dict(crashed)) == verdict_line(crashed) == (
+        "CRASHED: tvm died with SIGSEGV at decode step 1 (step 0 compared against reference: no divergence)")
+
+
+def test_load_result_reads_a_file_a_directory_and_a_dict(result, tmp_path):
+    from parity.report.frame import load_result
+
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    for source in (tmp_path / "result.json", tmp_path, result):
+        assert load_result(source).to_dict() == result

@@ -25,7 +25,7 @@ from parity.report.markdown import tolerance_ratio
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["load_result_dict", "load_results", "records_to_csv", "RESULT_FILE_NAME"]
+__all__ = ["load_result", "load_result_dict", "load_results", "records_to_csv", "RESULT_FILE_NAME"]
 
 # The name a directory's result is looked for under: `load_results(dir)` reads dir/result.json.
 RESULT_FILE_NAME = "result.json"
@@ -81,6 +81,17 @@ def load_result_dict(source: Any) -> dict:
         except ParityError as e:
             raise ParityError(f"{path}: {e}") from None
     return result
+
+
+def load_result(source: Any):
+    """The typed result (``parity.results.RunResult``) from a result .json, a directory holding
+    result.json, a result dict, or a ``RunResult`` (returned as it is). What the console reads;
+    ``load_results`` gives the records as a DataFrame instead."""
+    from parity.results import RunResult
+
+    if isinstance(source, RunResult):
+        return source
+    return RunResult.from_dict(load_result_dict(source))
 
 
 def load_results(path_or_dict: Any) -> pd.DataFrame:
