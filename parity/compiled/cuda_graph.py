@@ -1,15 +1,15 @@
 """A CUDA decode step without most of its launch overhead: two ways, both measured by benchmarks/gpu.py.
 
-A decode step of the plain CUDA build launches about 40 kernels a layer (950 at the 0.4B shape),
-each a Relax VM instruction plus a driver launch of a few microseconds: at 1.5B that is most of
-the step. Two ways take it out:
+A decode step of the plain CUDA build launches about 40 kernels a layer (950 in the 0.4B fp16
+build, counted in its lowered Relax), each a Relax VM instruction plus a driver launch. Two ways
+take most of them out:
 
 ``build_graph_model`` — the plain CUDA build compiled with Relax's own RewriteCUDAGraph (the
 PassContext option ``relax.backend.use_cuda_graph``, which TVM 0.27's CUDA pipeline already
 carries and leaves off). TVM lifts every run of kernels whose inputs are static (weights, memory
 it planned itself) into a function it captures once and replays (``vm.builtin.cuda_graph.
 run_or_capture``, in the runtime bundle too); kernels that read the step's inputs (ids, the
-state) or write its outputs stay plain launches (at 0.4B: 74 graph replays + about 230 launches).
+state) or write its outputs stay plain launches (0.4B fp16: 74 graph replays + about 230 launches).
 Its own cache entry beside the plain build's (``...-plain-cudagraph-<same key>.so``). The parity
 harness keeps the plain build: the VM instrument sees each kernel it runs, and a replayed graph's
 kernels are invisible to it.
