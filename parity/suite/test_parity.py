@@ -84,9 +84,12 @@ def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_d
 # fixture, ones:10 and random:16:3, 32 decode steps): correct fp16 builds reach a KL max of 1.5e-3
 # nats (rwkv5_1, ones:10), bf16 5.8e-2 (reference@bf16, rwkv5_0, ones:10); the bounds leave 6.5x
 # and 3.4x. No top-1 flip outside a near-tie was measured in either. The quantised words (int8,
-# q4f16_1) carry their quantisation error on top, not calibrated here: they are held to their own
-# error only (replayed with the same codes), their KL is reported by benchmarks/precision_table.py.
+# q4f16_1) carry their quantisation error on top, which the fp32 reference's drift envelope is not
+# made for (q4f16_1 on the RWKV-4 fixture: 1.02 of the envelope, KL max 0.012, top-1 17% over
+# ones:10 + 2 steps; benchmarks/precision_table.py): they are judged by the reference with the same
+# codes as the yardstick (the kernels, not the quantisation), with no KL bound.
 END_TO_END_KL_MAX = {"fp16": 1e-2, "bf16": 0.2}
+QUANTISED = ("fp16i8", "fp32i8", "q4f16_1")
 
 
 @pytest.mark.parametrize("prompt", list(PROMPTS), ids=list(PROMPTS))
@@ -97,6 +100,8 @@ def test_low_precision_build(checkpoint, yardstick, low_precision, prompt, cache
     if pytestconfig.getoption("--parity-mode", default="all") == "instrumented":
         pytest.skip("a low-precision build is observed in the debug capture only")
     backend = f"tvm@{low_precision}"
+    if low_precision in QUANTISED and yardstick == "reference":
+        yardstick = f"reference@{low_precision}"
     cfg = checkpoint.config
     plan = RunPlan(
         prefill_ids=parse_ids(PROMPTS[prompt], vocab_size=cfg.vocab_size),
@@ -106,8 +111,10 @@ def test_low_precision_build(checkpoint, yardstick, low_precision, prompt, cache
                          device=device)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-{backend.replace('@', '-')}-{prompt}")
     result = outcome.result
-    own = result["own_errors"][backend]  # judged at all: every record replayed, none failed
-    assert own["method"] == "replay" and own["records"] > 0 and own["failed"] == 0, own
+    assert result["records"], "nothing compared"
+    if yardstick == "reference":  # judged by its own error too: every record replayed, none failed
+        own = result["own_errors"][backend]
+        assert own["method"] == "replay" and own["records"] > 0 and own["failed"] == 0, own
     e2e = result["end_to_end"]
     assert e2e["rows"] == len(plan.prefill_ids) + DECODE_STEPS
     if low_precision in END_TO_END_KL_MAX:
