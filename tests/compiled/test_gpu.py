@@ -144,6 +144,50 @@ def test_relax_cuda_graph_build_captures_decode():
     assert captures > 0 and launches[True] + captures < launches[False], (launches, captures)
 
 
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_torch_model_is_the_reference():
+    """benchmarks/gpu.py's plain torch RWKV-5.2 (the torch rows of the GPU benchmark) computes what
+    parity's reference does: same logits and state path, prefill then a decode step (CPU, fp32;
+    both do the same operations, measured equal; 1e-5 leaves room for another CPU's op order)."""
+    import numpy as np
+    import torch
+
+    from parity.reference import make_reference
+
+    bench = _bench()
+    ck = load_checkpoint(FIXTURES / "rwkv5_2-L2-C144-H12.pth")
+    ref = make_reference(ck)
+    want, state = ref.forward([3, 1, 4, 1, 5], ref.zero_state())
+    want_next, _ = ref.forward([9], state)
+    model = bench.TorchRWKV5(ck.fp32_weights(), ck.config, "cpu")
+    carried = model.zero_state()
+    with torch.no_grad():
+        got = model.forward(torch.tensor([3, 1, 4, 1, 5]), carried)
+        got_next = model.forward(torch.tensor([9]), carried)
+    np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_next.numpy(), np.asarray(want_next), rtol=0, atol=1e-5)
+
+
+def test_benchmark_roofline_counts_each_weight_as_bound():
+    """The roofline's bytes: every parameter in the dtype the build binds it in, the embedding
+    table left out (a decode step reads one row of it)."""
+    import torch
+
+    bench = _bench()
+    w = {"emb.weight": torch.zeros(100, 8), "a.weight": torch.zeros(8, 8), "a.time_decay": torch.zeros(2, 4)}
+    meta = {"params": ["emb.weight", "a.weight", "a.time_decay"], "param_dtypes": ["float32", "float16", "float32"]}
+    assert bench._param_bytes(meta, w) == 64 * 2 + 8 * 4
+    assert bench._param_bytes({"params": meta["params"]}, w) == 64 * 4 + 8 * 4  # builds before dtypes: all fp32
+
+
 def test_llvm_only_mutants_refuse_cuda():
     from parity.mutants.compiled import builds_for
 
