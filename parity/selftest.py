@@ -142,7 +142,8 @@ def applicable(mutant: Mutant, checkpoint: Checkpoint | None) -> bool:
 
 
 def load_fixture_version(mutant: Mutant) -> str:
-    return "4" if mutant.fixture.startswith("rwkv4") else mutant.fixture.split("-")[0].removeprefix("rwkv").replace("_", ".")
+    name = Path(mutant.fixture).name  # fixtures of their own live in subfolders (precision/rwkv4-L7-C64-hot)
+    return "4" if name.startswith("rwkv4") else name.split("-")[0].removeprefix("rwkv").replace("_", ".")
 
 
 def run_selftest(

@@ -67,3 +67,14 @@ def test_unknown_mutant_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "parity.cli", "selftest", "--only", "no-such-bug"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown mutant" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_mutant_knows_its_rwkv_version():
+    """`parity selftest --checkpoint` runs the mutants of the checkpoint's version: each mutant's
+    version comes from its fixture's name, also for fixtures kept in a subfolder."""
+    from parity.selftest import load_fixture_version
+
+    versions = {name: load_fixture_version(m) for name, m in CATALOGUE.items()}
+    assert set(versions.values()) <= {"4", "5.0", "5.1", "5.2"}, versions
+    for name, m in CATALOGUE.items():
+        assert versions[name] == load_checkpoint(Path(__file__).resolve().parents[1] / "fixtures" / f"{m.fixture}.pth").config.version.value, name
