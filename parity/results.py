@@ -80,6 +80,14 @@ class _Block:
         return obj
 
     @classmethod
+    def build(cls, d: dict):
+        """A block made afresh from ``d`` (a run being assembled, not a file read back): every
+        declared field is written, as for a block made with its constructor; unknown keys kept."""
+        obj = cls.from_dict(d)
+        obj._keys = None
+        return obj
+
+    @classmethod
     def _defaults(cls) -> dict[str, Any]:
         """Declared field -> its default, in declaration order (made once per class: records are many)."""
         cached = cls.__dict__.get("_DEFAULTS")

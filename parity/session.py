@@ -1,8 +1,9 @@
-"""One parity run, start to finish: backends -> dumps -> comparison -> result dict.
+"""One parity run, start to finish: backends -> dumps -> comparison -> result.
 
 The CLI, the demo and the pytest suite all go through here, so they judge runs the same way.
 Data flows one way: each backend writes its dump; the dumps are read back and compared; the
-result (a JSON-able dict) is what reports render.
+result is assembled typed (parity/results.py: ``RunResult`` and its blocks) from the comparisons,
+and ``RunOutcome.result`` is its JSON form, what reports render and ``--json`` writes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.dumpers.worker import in_process_requested, open_dump, run_in_worker
 from parity.errors import ParityError
-from parity.results import RunResult
+from parity.results import Crash, Divergence, Drift, EndToEnd, OwnError, PairResult, Record, RunInfo, RunResult, Summary
 
 # replay (default): propagated drift judged against its envelope + each stage's own error by replay;
 # propagated: the strict per-stage verdict of the propagated run alone; isolated: own error only
@@ -76,7 +77,7 @@ def default_decode_ids(*, steps: int, vocab_size: int, seed: int = 1) -> tuple[i
 
 @dataclass
 class RunOutcome:
-    result: dict  # JSON-able; top level is the primary comparison (see ``run_parity``)
+    result: dict  # JSON-able: ``typed.to_dict()``; top level is the primary comparison (see ``run_parity``)
     dumps: dict[str, Path]
     comparisons: list[dict] = field(default_factory=list)
     # spec -> the comparison that shows the error each of its stages adds (replay or isolated)
@@ -84,6 +85,7 @@ class RunOutcome:
 
     # spec -> BackendFailure.to_dict() of each backend that crashed or hung (parity/dumpers/worker.py)
     failures: dict[str, dict] = field(default_factory=dict)
+    typed: RunResult | None = None  # the result as run_parity assembled it (``result`` is its JSON form)
 
     @property
     def crashed(self) -> bool:
@@ -101,6 +103,28 @@ def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | Non
         raise ParityError(f"dumps {expected} and {actual} are of different models; nothing to compare")
     policy = policy or TolerancePolicy.for_dtype(act.dtype, overrides)
     return compare_runs(actual=act, expected=exp, policy=policy).to_dict()
+
+
+def _typed(cls, d: dict | None):
+    """``d`` (a dict the comparison engine or the verdict made) as a fresh typed block, or None."""
+    return None if d is None else cls.build(d)
+
+
+def _divergence(fd: dict | None) -> Divergence | None:
+    # A record's fields as the engine wrote them (only its keys), plus how it was judged.
+    return None if fd is None else Divergence.from_dict(fd)
+
+
+def _shown(comparison: dict) -> RunResult:
+    """The typed top level of a result, from the comparison it shows (RunComparison.to_dict())."""
+    return RunResult(
+        verdict=comparison["verdict"], first_divergence=_divergence(comparison["first_divergence"]),
+        expected=comparison["expected"], actual=comparison["actual"], policy=comparison["policy"],
+        steps=comparison["steps"], records=[Record.from_dict(r) for r in comparison["records"]],
+        summary=Summary.from_dict(comparison["summary"]), missing=comparison.get("missing", []),
+        unmatched_steps=comparison.get("unmatched_steps", []), not_comparable=comparison.get("not_comparable"),
+        end_to_end=_typed(EndToEnd, comparison.get("end_to_end")),
+    )
 
 
 def replay_own_error(
@@ -141,30 +165,31 @@ def diff_dumps(expected: Path, actual: Path, *, checkpoint=None, overrides=None)
     a, b = names["expected"], names["actual"]
     judged = _judge_pair(a, b, comparison, own=own, mode="replay", backends=[a, b])
     side = judged["own_side"]
-    result = dict(own[side][1]) if judged["first_divergence"] is not None and side in own and \
-        judged["first_divergence"].get("judged_by") == "replay" else dict(comparison)
-    result.update(verdict=judged["verdict"], first_divergence=judged["first_divergence"], drift=judged["drift"],
-                  end_to_end=comparison.get("end_to_end"), mode="replay", pair={"expected": a, "actual": b})
+    result = _shown(own[side][1] if judged["first_divergence"] is not None and side in own and
+                    judged["first_divergence"].get("judged_by") == "replay" else comparison)
+    result.verdict, result.first_divergence = judged["verdict"], _divergence(judged["first_divergence"])
+    result.drift, result.end_to_end = _typed(Drift, judged["drift"]), _typed(EndToEnd, comparison.get("end_to_end"))
+    result.mode, result.pair = "replay", {"expected": a, "actual": b}
     if side in own:
-        result["own_error"] = {"backend": side, **own[side][0]}
-    result["own_errors"] = {spec: summary for spec, (summary, _) in own.items()}
-    result["comparisons"] = [_pair_entry(a, b, comparison, judged, failures={})]
-    return RunResult.from_dict(result).to_dict()
+        result.own_error = OwnError.build({"backend": side, **own[side][0]})
+    result.own_errors = {spec: OwnError.build(summary) for spec, (summary, _) in own.items()}
+    result.comparisons = [_pair_entry(a, b, comparison, judged, failures={})]
+    return result.to_dict()
 
 
-def divergence_detail(result: dict, *, dumps: dict[str, Path]) -> dict | None:
+def divergence_detail(result: RunResult, *, dumps: dict[str, Path]) -> dict | None:
     """What a report needs beyond the metrics: the error histogram of the first diverging tensor
     and its per-token-row worst error, read back from the two dumps (never held in the result)."""
-    fd = result.get("first_divergence")
+    fd = result.first_divergence
     if fd is None:
         return None
     paths = {str(p.resolve()): p for p in dumps.values()}
-    exp_path, act_path = (result[side].get("path") for side in ("expected", "actual"))
+    exp_path, act_path = result.expected.get("path"), result.actual.get("path")
     if exp_path not in paths or act_path not in paths:
         return None
     try:
-        a = open_dump(paths[act_path]).read_stage(fd["step"], fd["stage"]).astype(np.float64)
-        b = open_dump(paths[exp_path]).read_stage(fd["step"], fd["stage"]).astype(np.float64)
+        a = open_dump(paths[act_path]).read_stage(fd.step, fd.stage).astype(np.float64)
+        b = open_dump(paths[exp_path]).read_stage(fd.step, fd.stage).astype(np.float64)
     except ParityError:
         return None
     if a.shape != b.shape:
@@ -181,28 +206,29 @@ def divergence_detail(result: dict, *, dumps: dict[str, Path]) -> dict | None:
         hist = {"log10_edges": edges.tolist(), "counts": counts.tolist(), "exact": int(finite.size - nonzero.size),
                 "nonfinite": int(diff.size - finite.size)}
     rows = None
-    if not fd["stage"].startswith("state.") and diff.ndim >= 1:
+    if not fd.stage.startswith("state.") and diff.ndim >= 1:
         per_row = diff.reshape(diff.shape[0], -1)
         rows = [float(np.nanmax(r)) if np.isfinite(r).any() else "nan" for r in per_row]
-    return {"stage": fd["stage"], "step": fd["step"], "histogram": hist, "row_max_abs": rows}
+    return {"stage": fd.stage, "step": fd.step, "histogram": hist, "row_max_abs": rows}
 
 
-def repro_command(ck: Checkpoint, *, backends: list[str], plan: RunPlan, result: dict) -> str:
+def repro_command(ck: Checkpoint, *, backends: list[str], plan: RunPlan, result: RunResult) -> str:
     """One line that reruns just enough to see the first divergence again (or the whole run)."""
-    fd = result.get("first_divergence")
-    steps = len(plan.decode_ids) if fd is None else fd["step"]
+    fd = result.first_divergence
+    steps = len(plan.decode_ids) if fd is None else fd.step
     argv = ["parity", "run", "--checkpoint", str(ck.path), "--backends", ",".join(backends),
             "--ids", ",".join(map(str, plan.prefill_ids))]
     decode = list(plan.decode_ids)[:steps]
     argv += ["--decode-ids", ",".join(map(str, decode))] if decode else ["--decode-steps", "0"]
-    if fd is not None and result.get("mode") == "isolated":
-        argv += ["--mode", "isolated", "--only-step", str(fd["step"])]
-        if fd.get("layer") is not None:
-            argv += ["--only-layer", str(fd["layer"])]
+    if fd is not None and result.mode == "isolated":
+        argv += ["--mode", "isolated", "--only-step", str(fd.step)]
+        if fd.layer is not None:
+            argv += ["--only-layer", str(fd.layer)]
     return shlex.join(argv)
 
 
-def _run_arbiter(ck, *, result, backends, dumps, plan, dump_dir: Path, overrides, say, on_step, multiplier) -> None:
+def _run_arbiter(ck, *, result: RunResult, backends, dumps, plan, dump_dir: Path, overrides, say, on_step,
+                 multiplier) -> None:
     from parity.compare import arbitrate_runs
     from parity.compare.arbiter import DEFAULT_MULTIPLIER
     from parity.dumpers.backends import ReferenceBackend
@@ -222,17 +248,19 @@ def _run_arbiter(ck, *, result, backends, dumps, plan, dump_dir: Path, overrides
         verdict = arbitrate_runs(actual=actual, reference=reference_view, arbiter=arbiter_view, policy=policy,
                                  multiplier=multiplier or DEFAULT_MULTIPLIER).to_dict()
         blocks.append({"backend": spec, **verdict})
-    result["arbiter"] = blocks
+    result.arbiter = blocks
     # With the arbiter asked for, it is the judge: its first divergence (of the primary pair) decides.
     primary = next((b for b in blocks if b["first_divergence"] is not None), blocks[0] if blocks else None)
     if primary is not None:
-        result["tolerance_verdict"] = {"verdict": result["verdict"], "first_divergence": result["first_divergence"]}
-        result["verdict"] = primary["verdict"]
+        replaced = result.first_divergence
+        result.tolerance_verdict = {"verdict": result.verdict,
+                                    "first_divergence": None if replaced is None else replaced.to_dict()}
+        result.verdict = primary["verdict"]
         fd = primary["first_divergence"]
-        result["first_divergence"] = None if fd is None else {
+        result.first_divergence = _divergence(None if fd is None else {
             **fd, "step_kind": "prefill" if fd["step"] == 0 else "decode", "row": None, "reason": "arbiter",
             "max_abs": fd["actual_error"], "judged_by": f"fp64 arbiter ({primary['backend']})",
-        }
+        })
 
 
 def _isolatable(spec: str) -> bool:
@@ -284,7 +312,7 @@ def backend_labels(backends: list[str], names: dict[str, str]) -> dict[str, str]
     return {spec: label if counts[label] == 1 else spec for spec, label in chosen.items()}
 
 
-def _attach_crashes(result: dict, *, backends, failures: dict, pairs, judged) -> None:
+def _attach_crashes(result: RunResult, *, backends, failures: dict, pairs, judged) -> None:
     """The crash verdict: ``crashes`` (every failed backend), ``crash`` (the first), each with what
     its finished steps showed against the yardstick; the run's verdict becomes the failure's kind."""
     out = []
@@ -296,38 +324,37 @@ def _attach_crashes(result: dict, *, backends, failures: dict, pairs, judged) ->
             "against": against[0], "steps": entry["steps_completed"], "verdict": against[1]["verdict"],
             "first_divergence": against[1]["first_divergence"],
         }
-        out.append(entry)
-    result["crashes"] = out
-    result["crash"] = out[0]
-    result["verdict"] = out[0]["kind"]
+        out.append(Crash.build(entry))
+    result.crashes = out
+    result.crash = out[0]
+    result.verdict = out[0].kind
 
 
-def _crash_only_result(*, backends, failures: dict, views: dict) -> dict:
+def _crash_only_result(*, backends, failures: dict, views: dict) -> RunResult:
     """A result with nothing compared: every backend but (at most) one died before its first step."""
     first = next(spec for spec in backends if spec in failures)
     ok = next((spec for spec in backends if spec in views), None)
     expected = open_dump(views[ok]).describe() if ok is not None else {"backend": None}
-    return {
-        "verdict": failures[first].kind, "first_divergence": None, "expected": expected,
-        "actual": {"backend": failures[first].name, "path": None}, "policy": {}, "steps": [], "records": [],
-        "summary": {"records": 0, "failed": 0, "worst_logits_max_abs": None}, "mode": "propagated",
-        "pair": {"expected": ok, "actual": first},
-    }
+    return RunResult(
+        verdict=failures[first].kind, first_divergence=None, expected=expected,
+        actual={"backend": failures[first].name, "path": None}, policy={}, steps=[], records=[],
+        summary=Summary.build({"records": 0, "failed": 0, "worst_logits_max_abs": None}), mode="propagated",
+        pair={"expected": ok, "actual": first},
+    )
 
 
 def _finish_crash_only(result, *, ck, backends, plan, command, mode, device, labels, dumps, tmp, failures) -> RunOutcome:
     _attach_crashes(result, backends=backends, failures=failures, pairs=[], judged=[])
-    result["comparisons"] = []
-    result["run"] = {
+    result.comparisons = []
+    result.run = RunInfo.from_dict({
         "checkpoint": str(ck.path), "checkpoint_sha256": ck.sha256, "model": ck.config.to_dict(), "backends": backends,
         "prefill_ids": list(plan.prefill_ids), "decode_ids": list(plan.decode_ids),
         "command": command or shlex.join(["parity", *sys.argv[1:]]), "tool_versions": tool_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()}, "backend_labels": labels,
         "isolation": "worker processes", "mode": mode, "device": device,
-    }
-    result = RunResult.from_dict(result).to_dict()
-    return RunOutcome(result=result, dumps=dumps if tmp is None else {},
+    })
+    return RunOutcome(result=result.to_dict(), dumps=dumps if tmp is None else {}, typed=result,
                       failures={spec: f.to_dict() for spec, f in failures.items()})
 
 
@@ -465,24 +492,24 @@ def _judge_pair(a: str, b: str, comparison: dict, *, own: dict, mode: str, backe
     return {"verdict": verdict, "first_divergence": fd, "drift": drift, "own_side": culprit or b}
 
 
-def _pair_entry(a: str, b: str, comparison: dict, judged: dict, *, failures: dict) -> dict:
+def _pair_entry(a: str, b: str, comparison: dict, judged: dict, *, failures: dict) -> PairResult:
     """One pair of ``comparisons``: its verdict, first divergence, summary (worst logits), drift,
     end-to-end metrics and records. With a crashed or hung side the verdict is the failure's kind
     and ``compared_verdict`` what the steps it finished showed."""
     failed = failures.get(b) or failures.get(a)
-    drift = judged.get("drift")
-    return {
-        "expected": a,
-        "actual": b,
-        "verdict": failed.kind if failed is not None else judged["verdict"],
-        "first_divergence": judged["first_divergence"],
-        "summary": comparison["summary"],
-        "drift": None if drift is None else {k: drift[k] for k in ("status", "worst_ratio", "envelope")},
-        "end_to_end": None if comparison.get("end_to_end") is None else
-        {k: v for k, v in comparison["end_to_end"].items() if k not in ("per_step", "kl_rows")},
-        "records": comparison["records"],
-        "compared_verdict": judged["verdict"],
-    }
+    drift, e2e = judged.get("drift"), comparison.get("end_to_end")
+    return PairResult(
+        expected=a,
+        actual=b,
+        verdict=failed.kind if failed is not None else judged["verdict"],
+        first_divergence=_divergence(judged["first_divergence"]),
+        summary=Summary.from_dict(comparison["summary"]),
+        drift=None if drift is None else Drift.from_dict({k: drift[k] for k in ("status", "worst_ratio", "envelope")}),
+        end_to_end=None if e2e is None else
+        EndToEnd.from_dict({k: v for k, v in e2e.items() if k not in ("per_step", "kl_rows")}),
+        records=[Record.from_dict(r) for r in comparison["records"]],
+        compared_verdict=judged["verdict"],
+    )
 
 
 def odd_one_out(backends: list[str], agree: dict[tuple[str, str], bool]) -> dict:
@@ -657,22 +684,22 @@ def run_parity(
         own_summary, own_comparison = own.get(side, (None, None))
         if verdict["first_divergence"] is not None and verdict["first_divergence"].get("judged_by") in ("replay", "isolated"):
             # The top level shows the comparison that names the error: the stage that adds it.
-            result = dict(own_comparison)
-            result["mode"] = own_summary["method"]
+            result = _shown(own_comparison)
+            result.mode = own_summary["method"]
         else:
-            result = dict(primary)
-            result["mode"] = "isolated" if (mode == "isolated" and pb not in dumps) else "propagated"
-        result["verdict"] = verdict["verdict"]
-        result["first_divergence"] = verdict["first_divergence"]
-        result["pair"] = {"expected": pa, "actual": pb}
+            result = _shown(primary)
+            result.mode = "isolated" if (mode == "isolated" and pb not in dumps) else "propagated"
+        result.verdict = verdict["verdict"]
+        result.first_divergence = _divergence(verdict["first_divergence"])
+        result.pair = {"expected": pa, "actual": pb}
         if mode != "isolated" or primary.get("end_to_end"):
-            result["end_to_end"] = primary.get("end_to_end")
+            result.end_to_end = _typed(EndToEnd, primary.get("end_to_end"))
         if mode != "isolated":
-            result["drift"] = verdict["drift"]
+            result.drift = _typed(Drift, verdict["drift"])
         if own_summary is not None:
-            result["own_error"] = {"backend": side, **own_summary}
+            result.own_error = OwnError.build({"backend": side, **own_summary})
         if own:
-            result["own_errors"] = {spec: summary for spec, (summary, _) in own.items()}
+            result.own_errors = {spec: OwnError.build(summary) for spec, (summary, _) in own.items()}
         if mode != "propagated":
             method = own_summary["method"] if own_summary else None
             modes = {"propagated": None if pb not in dumps or pa not in dumps else primary}
@@ -680,18 +707,18 @@ def run_parity(
                 modes.setdefault("isolated", None)
             if method is not None:
                 modes[method] = own_comparison
-            result["modes"] = {
+            result.modes = {
                 name: None if c is None else {"verdict": c["verdict"], "first_divergence": c["first_divergence"], "summary": c["summary"]}
                 for name, c in modes.items()
             }
         if arbiter:
             _run_arbiter(ck, result=result, backends=backends, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                          overrides=overrides, say=say, on_step=on_step, multiplier=arbiter_multiplier)
-        result["first_divergence_detail"] = divergence_detail(result, dumps={**dumps, **partials})
+        result.first_divergence_detail = divergence_detail(result, dumps={**dumps, **partials})
         if failures:
             _attach_crashes(result, backends=backends, failures=failures, pairs=pairs, judged=judged)
-        result["repro"] = repro_command(ck, backends=[pa, pb], plan=plan, result=result)
-        result["run"] = {
+        result.repro = repro_command(ck, backends=[pa, pb], plan=plan, result=result)
+        run_info = {
             "checkpoint": str(ck.path),
             "checkpoint_sha256": ck.sha256,
             "model": ck.config.to_dict(),
@@ -710,7 +737,7 @@ def run_parity(
             "torch_math": torch_math_settings(),
         }
         if partials and tmp is None:
-            result["run"]["partial_dumps"] = {k: str(v) for k, v in partials.items()}
+            run_info["partial_dumps"] = {k: str(v) for k, v in partials.items()}
         extras = {spec: (open_dump(views[spec]).extra or {}) for spec in backends if spec in views}
         known = [
             {"backend": spec, **item}
@@ -720,35 +747,35 @@ def run_parity(
         if known:
             # Legitimate, named differences of a backend's math (e.g. HF's rescaling): shown with
             # every verdict so they are never mistaken for — or hidden as — a porting bug.
-            result["known_differences"] = known
-            result["run"]["known_differences"] = "; ".join(
+            result.known_differences = known
+            run_info["known_differences"] = "; ".join(
                 f"{k['backend']}: {k['name']} ({'applies' if k['applies'] else 'no effect here'})" for k in known
             )
+        result.run = RunInfo.from_dict(run_info)
         notes = [{"backend": spec, "note": str(note)} for spec, extra in extras.items()
                  for note in extra.get("notes") or [] if isinstance(extra.get("notes"), list)]
         if notes:
             # A backend's own remarks (a plug-in's ``notes``, e.g. "rows 0..T-2 come from an extra
             # entry point"): shown with every verdict, like known differences.
-            result["notes"] = notes
+            result.notes = notes
         # Every pair, always (also with two backends, and when all agree): each pair's verdict,
         # first divergence, worst logits and records, so no backend's own error goes unshown.
-        result["comparisons"] = [_pair_entry(a, b, c, j, failures=failures)
-                                 for (a, b), c, j in zip(pairs, comparisons, judged)]
+        result.comparisons = [_pair_entry(a, b, c, j, failures=failures)
+                              for (a, b), c, j in zip(pairs, comparisons, judged)]
         if len(comparisons) > 1:
-            result["odd_one_out"] = odd_one_out(
+            result.odd_one_out = odd_one_out(
                 # A pair with a crashed or hung side does not agree: its run never finished.
                 [b for b in backends if b in views],
                 {pair: j["first_divergence"] is None and not set(pair) & set(failures) for pair, j in zip(pairs, judged)}
             )
-            odd = result["odd_one_out"]["backend"]
+            odd = result.odd_one_out["backend"]
             if odd in failures:
                 others = [labels[b] for b in backends if b in views and b != odd]
-                result["odd_one_out"]["explanation"] = (f"{', '.join(others)} agree with each other; "
-                                                        f"{labels[odd]} {failures[odd].kind}")
-        # Typed on the way out (parity/results.py): one schema, versioned, that every renderer reads.
-        result = RunResult.from_dict(result).to_dict()
-        return RunOutcome(result=result, dumps=dumps if tmp is None else {}, comparisons=comparisons,
-                          own_comparisons={spec: c for spec, (_, c) in own.items()},
+                result.odd_one_out["explanation"] = (f"{', '.join(others)} agree with each other; "
+                                                     f"{labels[odd]} {failures[odd].kind}")
+        # Typed as it was assembled (parity/results.py); its JSON form is what reports and --json read.
+        return RunOutcome(result=result.to_dict(), dumps=dumps if tmp is None else {}, comparisons=comparisons,
+                          own_comparisons={spec: c for spec, (_, c) in own.items()}, typed=result,
                           failures={spec: f.to_dict() for spec, f in failures.items()})
     finally:
         if tmp is not None:

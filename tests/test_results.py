@@ -139,3 +139,14 @@ def test_load_result_reads_a_file_a_directory_and_a_dict(result, tmp_path):
     (tmp_path / "result.json").write_text(json.dumps(result))
     for source in (tmp_path / "result.json", tmp_path, result):
         assert load_result(source).to_dict() == result
+
+
+def test_a_fresh_run_writes_every_field_of_its_blocks(result):
+    # Assembled typed (session.py), a run's blocks are written whole, as the format has them: an
+    # own_errors entry carries "backend" (null) like own_error does, a pair every PairResult field.
+    from dataclasses import fields
+
+    declared = {f.name for f in fields(OwnError)} - {"extra"}
+    assert set(result["own_errors"]["chatrwkv"]) == declared and set(result["own_error"]) == declared
+    assert set(result["comparisons"][0]) == {f.name for f in fields(PairResult)} - {"extra"}
+    assert set(result["drift"]) == {f.name for f in fields(Drift)} - {"extra"}

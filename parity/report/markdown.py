@@ -8,7 +8,9 @@ Strings taken from the result (stage names, backend names, paths) are user input
 comment is concerned: a stage called ``<img src=x onerror=...>`` or ``*[x](javascript:...)*`` must
 show as text. Plain identifiers go in code spans, which Markdown renders literally; anything else
 is backslash-escaped, with ``<``, ``>`` and ``&`` as entities so no renderer can read a tag.
-Like the HTML report, this reads the result defensively: a missing key shows as a dash.
+Like the HTML report, this reads the result defensively: a missing key shows as a dash. It reads
+the typed result (parity/results.py: ``RunResult`` and its blocks); given the JSON form, it types
+it first, and a block of the wrong type is refused in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from parity.errors import ParityError
 from parity.explain.render import likely_cause_markdown
 from parity.report.values import format_number, metric_value
+from parity.results import Crash, Divergence, Record, RunResult
 
 __all__ = ["render_markdown", "tolerance_ratio"]
 
@@ -34,13 +37,15 @@ _HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 _PLAIN_IDENT = re.compile(r"^[A-Za-z0-9_.:/+=,@ -]+$")
 
 
-def tolerance_ratio(record: dict) -> float | None:
+def tolerance_ratio(record: Record | dict) -> float | None:
     """How far a record is from its tolerance edge: ``min_atol / atol`` (> 1 fails), None if unknown.
 
     min_atol is the smallest atol that passes at the record's rtol, so the ratio ranks rtol-heavy
     and atol-heavy stages on one scale. Without it (older results), max_abs / atol is the fallback;
     it overstates stages that rtol covers. Non-finite and shape failures rank above everything.
     """
+    if isinstance(record, Record):
+        record = record.to_dict()
     if not _passed(record) and record.get("reason") in ("nonfinite", "shape"):
         return math.inf
     atol = _num(record.get("atol"))
@@ -56,24 +61,32 @@ def tolerance_ratio(record: dict) -> float | None:
     return err / atol
 
 
-def render_markdown(result: dict, *, html_link: str = HTML_LINK_PLACEHOLDER, top: int = 5) -> str:
+def render_markdown(result: RunResult | dict, *, html_link: str = HTML_LINK_PLACEHOLDER, top: int = 5) -> str:
     """The summary as Markdown (GitHub-flavoured: tables, fenced code), ending in a newline."""
-    if not isinstance(result, dict):
+    if isinstance(result, dict):
+        if not isinstance(result.get("records", []), list):
+            raise ParityError(f"result['records'] must be a list, got {type(result['records']).__name__}; "
+                              "is this a comparison result?")
+        # A hand-made or first-release result may lack its verdict: it follows from the records.
+        verdict = result.get("verdict")
+        result = RunResult.from_dict({"records": [], **result, "verdict": verdict})
+    elif not isinstance(result, RunResult):
         raise ParityError(
             f"a Markdown summary needs the comparison result as a JSON object (dict), got {type(result).__name__}; "
             "pass the output of RunComparison.to_dict() or a saved result .json"
         )
-    records = _list_of_dicts(result, "records")
-    first = result.get("first_divergence") if isinstance(result.get("first_divergence"), dict) else None
-    diverged = first is not None or result.get("verdict") in ("divergence", "crashed", "timed out")
+    records = result.records
+    first = result.first_divergence
+    diverged = first is not None or result.verdict in ("divergence", "crashed", "timed out")
 
-    parts = [_headline(result, records=records, diverged=diverged)]
+    parts = [_headline(result, diverged=diverged)]
     crash = _crashes(result)
     if crash:
         parts.append(crash)
     if first is not None:
-        parts.append(_first_divergence(first, steps=_list_of_dicts(result, "steps")))
-        parts += [likely_cause_markdown(result["explanation"])] if isinstance(result.get("explanation"), dict) else []
+        parts.append(_first_divergence(first, steps=[s for s in result.steps if isinstance(s, dict)]))
+        explanation = result.extra.get("explanation")
+        parts += [likely_cause_markdown(explanation)] if isinstance(explanation, dict) else []
     elif diverged and not crash:
         parts.append("The verdict is divergence but the result names no first divergence; see the failing "
                      "records below.")
@@ -146,14 +159,16 @@ def _fmt_ratio(ratio: float | None) -> str:
     return "inf" if math.isinf(ratio) else f"{ratio:.3g}\u00d7"
 
 
-def _passed(rec: dict) -> bool:
+def _passed(rec: Record | dict) -> bool:
+    if isinstance(rec, Record):
+        return bool(rec.passed) if rec.passed is not None else rec.reason is None
     if "passed" in rec:
         return bool(rec["passed"])
     return rec.get("reason") is None
 
 
-def _list_of_dicts(result: dict, key: str) -> list[dict]:
-    value = result.get(key)
+def _list_of_dicts(result: RunResult, key: str) -> list[dict]:
+    value = getattr(result, key, None)
     if value is None:
         return []
     if not isinstance(value, list):
@@ -161,8 +176,8 @@ def _list_of_dicts(result: dict, key: str) -> list[dict]:
     return [item for item in value if isinstance(item, dict)]
 
 
-def _side(result: dict, key: str) -> dict:
-    value = result.get(key)
+def _side(result: RunResult, key: str) -> dict:
+    value = getattr(result, key, None)
     return value if isinstance(value, dict) else {}
 
 
@@ -177,15 +192,16 @@ def _step_label(step: Any, kind: Any) -> str:
 # ----------------------------------------------------------------------------- sections
 
 
-def _headline(result: dict, *, records: list[dict], diverged: bool) -> str:
-    verdict = result.get("verdict")
+def _headline(result: RunResult, *, diverged: bool) -> str:
+    records = result.records
+    verdict = result.verdict
     if verdict is None:
         verdict = "divergence" if diverged else ("no divergence" if records else "no verdict")
     mark = "\u274c" if diverged else ("\u2705" if verdict == "no divergence" else "\u2754")
     actual, expected = _side(result, "actual"), _side(result, "expected")
-    summary = _side(result, "summary")
-    n_records = summary.get("records", len(records))
-    n_failed = summary.get("failed", sum(1 for r in records if not _passed(r)))
+    summary = result.summary
+    n_records = summary.records if summary.records is not None else len(records)
+    n_failed = summary.failed if summary.failed is not None else sum(1 for r in records if not _passed(r))
 
     def who(side: dict, fallback: str) -> str:
         detail = ", ".join(_text(side[k]) for k in ("mode", "dtype") if side.get(k))
@@ -194,37 +210,36 @@ def _headline(result: dict, *, records: list[dict], diverged: bool) -> str:
     lines = [
         f"### {mark} rwkv-parity: {_text(verdict)}",
         f"{who(actual, 'actual')} vs {who(expected, 'expected')}: {_fmt(n_records)} records compared, "
-        f"{_fmt(n_failed)} failed; worst logits max abs {_fmt(summary.get('worst_logits_max_abs'))}.",
+        f"{_fmt(n_failed)} failed; worst logits max abs {_fmt(summary.worst_logits_max_abs)}.",
     ]
     return "\n\n".join(lines)
 
 
-def _first_divergence(first: dict, *, steps: list[dict]) -> str:
-    step, kind, row = first.get("step"), first.get("step_kind"), first.get("row")
+def _first_divergence(first: Divergence, *, steps: list[dict]) -> str:
+    step, kind, row = first.step, first.step_kind, first.row
     where = [_step_label(step, kind)]
-    if first.get("layer") is not None:
-        where.append(f"layer {_fmt(first.get('layer'))}")
-    where.append(f"stage {_code(first.get('stage'))}")
+    if first.layer is not None:
+        where.append(f"layer {_fmt(first.layer)}")
+    where.append(f"stage {_code(first.stage)}")
     if isinstance(row, int) and not isinstance(row, bool):
         ids = next((s.get("ids") for s in steps if s.get("index") == step), None)
         token = f" (token id {_fmt(ids[row])})" if isinstance(ids, list) and 0 <= row < len(ids) else ""
         where.append(f"token row {row}{token}")
 
-    reason = first.get("reason")
-    if reason == "shape":
-        how = f"shape {_fmt(first.get('actual_shape'))} vs expected {_fmt(first.get('shape'))}"
-    elif reason == "nonfinite":
-        how = (f"non-finite values in {_text(first.get('nonfinite_side') or '?')}, first at "
-               f"{_fmt(first.get('first_nonfinite_index'))}")
+    if first.reason == "shape":
+        how = f"shape {_fmt(first.actual_shape)} vs expected {_fmt(first.shape)}"
+    elif first.reason == "nonfinite":
+        how = (f"non-finite values in {_text(first.nonfinite_side or '?')}, first at "
+               f"{_fmt(first.first_nonfinite_index)}")
     else:
-        pct = _num(first.get("mismatch_pct"))
-        how = (f"max abs {_fmt(first.get('max_abs'))}, rms-rel {_fmt(first.get('rms_rel'))}, "
-               f"{_fmt(first.get('mismatch_count'))}/{_fmt(first.get('numel'))} elements"
+        pct = _num(first.mismatch_pct)
+        how = (f"max abs {_fmt(first.max_abs)}, rms-rel {_fmt(first.rms_rel)}, "
+               f"{_fmt(first.mismatch_count)}/{_fmt(first.numel)} elements"
                + (f" ({_fmt(pct)}%)" if pct is not None else "") + " out of tolerance, worst at "
-               f"{_fmt(first.get('worst_index'))} (actual {_fmt(first.get('worst_actual'), digits=6)}, "
-               f"expected {_fmt(first.get('worst_expected'), digits=6)})")
-    passes = (f"atol \u2265 {_fmt(first.get('min_atol'))} (allowed {_fmt(first.get('atol'))} at rtol "
-              f"{_fmt(first.get('rtol'))}), or rtol \u2265 {_fmt(first.get('min_rtol'))}")
+               f"{_fmt(first.worst_index)} (actual {_fmt(first.worst_actual, digits=6)}, "
+               f"expected {_fmt(first.worst_expected, digits=6)})")
+    passes = (f"atol \u2265 {_fmt(first.min_atol)} (allowed {_fmt(first.atol)} at rtol "
+              f"{_fmt(first.rtol)}), or rtol \u2265 {_fmt(first.min_rtol)}")
     return "\n".join([
         "**First divergence:** " + ", ".join(where),
         "",
@@ -233,11 +248,10 @@ def _first_divergence(first: dict, *, steps: list[dict]) -> str:
     ])
 
 
-def _reproduce(result: dict) -> str | None:
-    run = _side(result, "run")
+def _reproduce(result: RunResult) -> str | None:
     # The focused repro (just enough steps, the failing layer in isolation) when the run made one,
     # as the HTML report shows; else the command that produced the whole result.
-    command = result.get("repro") if isinstance(result.get("repro"), str) else run.get("command")
+    command = result.repro if isinstance(result.repro, str) else result.run.command
     if not isinstance(command, str) or not command.strip():
         # A `parity diff` result has no run block, but its two dump paths are the whole recipe.
         exp, act = _side(result, "expected").get("path"), _side(result, "actual").get("path")
@@ -248,26 +262,26 @@ def _reproduce(result: dict) -> str | None:
     return "Reproduce:\n\n" + _fence(command.strip(), info="sh")
 
 
-def _model_checks(result: dict) -> str | None:
+def _model_checks(result: RunResult) -> str | None:
     """One line each for the optional model-level blocks a run may carry (absent: nothing)."""
     lines = []
-    e2e, own, drift = (_side(result, k) for k in ("end_to_end", "own_error", "drift"))
-    if e2e:
-        lines.append(f"- End-to-end: KL mean {_fmt(e2e.get('kl_mean'))} / max {_fmt(e2e.get('kl_max'))} nats, top-1 "
-                     f"agreement {_fmt(e2e.get('top1_agreement'), digits=4)} ({_fmt(e2e.get('top1_flips'))} flips), "
-                     f"top-5 overlap {_fmt(e2e.get('top5_overlap'), digits=4)} over {_fmt(e2e.get('rows'))} rows")
-    if own:
-        fd = _side(own, "first_divergence")
-        where = f"; first at {_step_label(fd.get('step'), fd.get('step_kind'))} {_code(fd.get('stage'))}" if fd else ""
-        lines.append(f"- Error each stage adds ({_text(own.get('method') or '?')}): {_text(own.get('verdict') or '?')}, "
-                     f"worst {_fmt(own.get('worst_ratio'))}\u00d7 its tolerance at {_code(own.get('worst_stage'))}{where}")
-    if drift:
-        lines.append(f"- Drift through the layers: {_text(drift.get('status') or '?')} (worst {_fmt(drift.get('worst_ratio'))}"
-                     f", envelope {_fmt(drift.get('envelope'))})")
+    e2e, own, drift = result.end_to_end, result.own_error, result.drift
+    if e2e is not None:
+        lines.append(f"- End-to-end: KL mean {_fmt(e2e.kl_mean)} / max {_fmt(e2e.kl_max)} nats, top-1 "
+                     f"agreement {_fmt(e2e.top1_agreement, digits=4)} ({_fmt(e2e.top1_flips)} flips), "
+                     f"top-5 overlap {_fmt(e2e.top5_overlap, digits=4)} over {_fmt(e2e.rows)} rows")
+    if own is not None:
+        fd = own.first_divergence
+        where = f"; first at {_step_label(fd.step, fd.step_kind)} {_code(fd.stage)}" if fd is not None else ""
+        lines.append(f"- Error each stage adds ({_text(own.method or '?')}): {_text(own.verdict or '?')}, "
+                     f"worst {_fmt(own.worst_ratio)}\u00d7 its tolerance at {_code(own.worst_stage)}{where}")
+    if drift is not None:
+        lines.append(f"- Drift through the layers: {_text(drift.status or '?')} (worst {_fmt(drift.worst_ratio)}"
+                     f", envelope {_fmt(drift.envelope)})")
     return "\n".join(lines) if lines else None
 
 
-def _warnings(result: dict) -> str | None:
+def _warnings(result: RunResult) -> str | None:
     notes = []
     missing = _list_of_dicts(result, "missing")
     if missing:
@@ -280,10 +294,10 @@ def _warnings(result: dict) -> str | None:
         first = not_comparable[0]
         notes.append(f"- {len(not_comparable)} stage records share no token row between the sides and were not "
                      f"compared, e.g. {_code(first.get('stage'))} in step {_fmt(first.get('step'))}.")
-    partial = [r for r in _list_of_dicts(result, "records") if r.get("rows") is not None]
+    partial = [r for r in result.records if r.rows is not None]
     if partial:
         notes.append(f"- {len(partial)} records were compared on the token rows both sides hold only, e.g. "
-                     f"{_code(partial[0].get('stage'))} in step {_fmt(partial[0].get('step'))}.")
+                     f"{_code(partial[0].stage)} in step {_fmt(partial[0].step)}.")
     unmatched = _list_of_dicts(result, "unmatched_steps")
     if unmatched:
         listed = ", ".join(f"{_fmt(u.get('index'))} (only in {_text(u.get('present_in'))})" for u in unmatched[:5])
@@ -296,14 +310,14 @@ def _warnings(result: dict) -> str | None:
 TRACEBACK_LINES = 25
 
 
-def _crashes(result: dict) -> str | None:
+def _crashes(result: RunResult) -> str | None:
     """Each backend that crashed or hung: its one line, and the end of its traceback."""
     from parity.report.verdict import crash_line
 
     blocks = []
-    for c in _list_of_dicts(result, "crashes"):
+    for c in result.crashes:
         text = f"\U0001f4a5 {_text(crash_line(c))}"
-        tb = c.get("traceback")
+        tb = c.traceback
         if isinstance(tb, str) and tb.strip():
             lines = tb.rstrip().splitlines()
             shown = "\n".join(lines[-TRACEBACK_LINES:])
@@ -313,38 +327,36 @@ def _crashes(result: dict) -> str | None:
     return "\n\n".join(blocks) if blocks else None
 
 
-def _notes(result: dict) -> str | None:
+def _notes(result: RunResult) -> str | None:
     notes = _list_of_dicts(result, "notes")
     if not notes:
         return None
-    labels = result.get("run", {}).get("backend_labels", {}) if isinstance(result.get("run"), dict) else {}
-    lines = [f"- {_code(labels.get(n.get('backend'), n.get('backend')))}: {_text(n.get('note'))}" for n in notes]
+    lines = [f"- {_code(result.label(n.get('backend')))}: {_text(n.get('note'))}" for n in notes]
     return "Notes from the backends:\n\n" + "\n".join(lines)
 
 
-def _comparisons(result: dict) -> str | None:
-    comparisons = _list_of_dicts(result, "comparisons")
+def _comparisons(result: RunResult) -> str | None:
+    comparisons = result.comparisons
     # One pair is the headline already; the list adds a line with more pairs, or a crashed backend.
-    if not comparisons or (len(comparisons) < 2 and not _list_of_dicts(result, "crashes")):
+    if not comparisons or (len(comparisons) < 2 and not result.crashes):
         return None
-    run = result.get("run") if isinstance(result.get("run"), dict) else {}
-    labels = run.get("backend_labels") if isinstance(run.get("backend_labels"), dict) else {}
     lines = []
     for c in comparisons:
-        fd = c.get("first_divergence") if isinstance(c.get("first_divergence"), dict) else None
-        where = f": first at {_step_label(fd.get('step'), fd.get('step_kind'))}, {_code(fd.get('stage'))}" if fd else ""
+        fd = c.first_divergence
+        where = f": first at {_step_label(fd.step, fd.step_kind)}, {_code(fd.stage)}" if fd is not None else ""
         # The session names each side by its backend spec (a string); a describe() dict also works.
-        names = [c.get(k) if isinstance(c.get(k), str) else _side(c, k).get("backend", "?") for k in ("actual", "expected")]
-        names = [labels.get(n, n) if isinstance(n, str) else n for n in names]
-        lines.append(f"- {_text(names[0])} vs {_text(names[1])}: {_text(c.get('verdict', '?'))}{where}")
-    odd = result.get("odd_one_out")
+        names = [n if isinstance(n, str) else n.get("backend", "?") if isinstance(n, dict) else "?"
+                 for n in (c.actual, c.expected)]
+        names = [result.label(n) if isinstance(n, str) else n for n in names]
+        lines.append(f"- {_text(names[0])} vs {_text(names[1])}: {_text(c.verdict or '?')}{where}")
+    odd = result.odd_one_out
     if isinstance(odd, dict) and odd.get("explanation"):
         lines.append("")
         lines.append(f"Odd one out: {_code(odd['backend']) if odd.get('backend') else 'none'} ({_text(odd['explanation'])})")
     return "Every pair:\n\n" + "\n".join(lines)
 
 
-def _worst_table(records: list[dict], *, top: int) -> str:
+def _worst_table(records: list[Record], *, top: int) -> str:
     if not records:
         return "No records were compared."
     failing = [r for r in records if not _passed(r)]
@@ -361,10 +373,10 @@ def _worst_table(records: list[dict], *, top: int) -> str:
             "|---|---|---:|---|---:|---:|---:|---:|---:|")
     rows = []
     for ratio, r in shown:
-        result_cell = "ok" if _passed(r) else f"**{_text(r.get('reason') or 'fail')}**"
+        result_cell = "ok" if _passed(r) else f"**{_text(r.reason or 'fail')}**"
         rows.append(
-            f"| {_step_label(r.get('step'), r.get('step_kind'))} | {_code(r.get('stage'))} | {_fmt(r.get('row'))} "
-            f"| {result_cell} | {_fmt(r.get('max_abs'))} | {_fmt(r.get('rms_rel'))} | {_fmt(r.get('min_atol'))} "
-            f"| {_fmt(r.get('atol'))} | {_fmt_ratio(ratio)} |"
+            f"| {_step_label(r.step, r.step_kind)} | {_code(r.stage)} | {_fmt(r.row)} "
+            f"| {result_cell} | {_fmt(r.max_abs)} | {_fmt(r.rms_rel)} | {_fmt(r.min_atol)} "
+            f"| {_fmt(r.atol)} | {_fmt_ratio(ratio)} |"
         )
     return f"{title}\n\n{head}\n" + "\n".join(rows)
