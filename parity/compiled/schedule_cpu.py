@@ -18,8 +18,13 @@ What the sizes are fitted to: the target has no FMA (build.py turns it off so th
 debug builds agree bit for bit), and in LLVM AVX-512 requires FMA, so ``-fma`` leaves AVX2:
 8-float vectors and 16 vector registers. A 2 x 4 tile holds 8 accumulators, 4 W vectors and
 2 x vectors (16-float lanes and 4 x 4 tiles, the previous sizes, needed 32 registers for the
-accumulators alone, and LLVM kept them on the stack: 3x slower). Measured on the 0.4B shapes,
-one thread, tile sizes swept: 2 x 4 ran 86-89 GFLOP/s, 1 x 8 80, 4 x 2 74-76, 3 x 4 57.
+accumulators alone, and LLVM kept them on the stack: the whole 0.4B prefill took 2.3x as long,
+one thread). Tile sizes swept on the 1024 x 1024 matmul of a 64-token prefill, one thread: 2 x 4
+ran 86-89 GFLOP/s, 1 x 8 80, 4 x 2 74-76, 3 x 4 57; 2 x 4 also ran 83-90 on the 0.4B shape's
+1024 x 3584, 3584 x 1024 and 65536 x 1024. Each of its steps is 8 vector multiplies and 8
+adds, at best 4 cycles on Zen 5's two multiply and two add pipes (32 flops a cycle); 88 GFLOP/s
+is that peak at 2.75 GHz, about this machine's clock (its TSC: 2.6 GHz), so only wider vectors
+(AVX-512, hence FMA) would go much faster: 115-122 GFLOP/s with them, measured, not used.
 
 The token axis of a prefill is symbolic, so a token tile of 2 would need a bounds test inside
 the inner loop; ``pad_einsum`` instead pads the token rows to a multiple of the tile (one copy of
