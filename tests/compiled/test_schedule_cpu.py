@@ -113,3 +113,31 @@ def test_the_pass_schedules_matmuls_and_skips_scheduled_functions() -> None:
     out = schedule_cpu_matmuls(mod)
     assert out["mm"].attrs["tirx.is_scheduled"]
     assert out["done"].same_as(mod["done"])  # left as it was, not rescheduled
+
+
+def test_every_linear_of_a_model_is_scheduled(checkpoint) -> None:
+    """The pass finds the model's matmuls by their block name: a model change that renamed them
+    would leave every Linear unscheduled (32x slower) and nothing else would fail."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from parity.compiled.build import model_for
+
+    model = model_for(checkpoint.config, debug=False)
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    target = make_target("llvm")
+    with target:
+        mod = relax.transform.FuseTransposeMatmul()(mod)
+        mod = tvm.transform.Sequential([*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target)])(mod)
+
+    def matmuls(module: tvm.IRModule) -> set[str]:
+        return {gv.name_hint for gv, f in module.functions.items()
+                if isinstance(f, tirx.PrimFunc) and "NT_matmul" in f.script()}
+
+    before = matmuls(mod)
+    # Distinct functions, one per shape and epilogue (the layers share them): at least the
+    # C x C time-mix Linears, the FFN's C x F and F x C, and the head.
+    assert len(before) >= 4
+    after = schedule_cpu_matmuls(mod)
+    unscheduled = [name for name in before if not after[name].attrs.get("tirx.is_scheduled")]
+    assert not unscheduled
