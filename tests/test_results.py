@@ -150,3 +150,12 @@ def test_a_fresh_run_writes_every_field_of_its_blocks(result):
     assert set(result["own_errors"]["chatrwkv"]) == declared and set(result["own_error"]) == declared
     assert set(result["comparisons"][0]) == {f.name for f in fields(PairResult)} - {"extra"}
     assert set(result["drift"]) == {f.name for f in fields(Drift)} - {"extra"}
+
+
+def test_the_reports_take_the_typed_result_and_its_json_alike(result):
+    from parity.report.html import render_html
+    from parity.report.markdown import render_markdown
+
+    typed = RunResult.from_dict(result)
+    assert render_markdown(typed) == render_markdown(result)
+    assert render_html(typed, title="t") == render_html(result, title="t")

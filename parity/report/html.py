@@ -26,6 +26,7 @@ import jinja2
 
 from parity.errors import ParityError
 from parity.report.values import format_number, metric_value
+from parity.results import RunResult
 from parity.stages import short_stage, stage_info, stage_order
 
 __all__ = ["render_html", "write_html", "record_anchor"]
@@ -89,8 +90,12 @@ def _asset(name: str) -> str:
     return resources.files("parity.report").joinpath("templates", name).read_text(encoding="utf-8")
 
 
-def render_html(result: dict, *, title: str | None = None) -> str:
-    """The whole page as one string; no external resource is referenced."""
+def render_html(result: RunResult | dict, *, title: str | None = None) -> str:
+    """The whole page as one string; no external resource is referenced.
+
+    Takes the typed result or its JSON form; the page's template reads the JSON form."""
+    if isinstance(result, RunResult):
+        result = result.to_dict()
     if not isinstance(result, dict):
         raise ParityError(
             f"a report needs the comparison result as a JSON object (dict), got {type(result).__name__}; "
@@ -122,7 +127,7 @@ def render_html(result: dict, *, title: str | None = None) -> str:
     return _environment().get_template("report.html.j2").render(view)
 
 
-def write_html(result: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
+def write_html(result: RunResult | dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Render and write atomically (temp file in the same directory, then replace), so a reader or a
     CI artifact upload never sees half a report."""
     text = render_html(result, title=title)
