@@ -10,6 +10,7 @@ times the largest finite |b| of the record (see ``parity.compare.tolerance``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ from parity.errors import ParityError
 
 # How many ulps a minimum tolerance may be nudged up; rounding in atol + rtol*|b| needs one or two.
 _MAX_NUDGES = 64
+# Elements per float64 block when a large all-finite record is compared block by block: 2**21
+# elements are 16 MiB per float64 temporary. Whole-record float64 copies of a (512, 65536) logits
+# record were ~270 MB each, and the comparison held about eight of them at once (issue 9).
+_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -212,12 +217,24 @@ def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool, r
     """
     if rows is not None and not per_token:
         raise ParityError("rows apply to per-token stages only; a state slot has no token axis")
-    a = _as_float64(actual, side="actual")
-    b = _as_float64(expected, side="expected")
+    raw_a, raw_b = np.asarray(actual), np.asarray(expected)
     if rows is not None:
         rows = tuple(int(r) for r in rows)
-        if b.ndim == 0 or len(rows) != b.shape[0]:
-            raise ParityError(f"{len(rows)} token rows named for an expected array of shape {tuple(b.shape)}")
+        if raw_b.ndim == 0 or len(rows) != raw_b.shape[0]:
+            raise ParityError(f"{len(rows)} token rows named for an expected array of shape {tuple(raw_b.shape)}")
+    if (raw_a.shape == raw_b.shape and raw_b.size > _CHUNK_ELEMENTS
+            and raw_a.dtype.kind in "fiub" and raw_b.dtype.kind in "fiub"
+            and _all_finite(raw_a) and _all_finite(raw_b)):
+        # Large and finite everywhere (every logits record of a healthy long prompt): the same
+        # numbers, block by block. Non-finite records keep the whole-array path below; they are
+        # rare and their findings need the positions of every non-finite value.
+        out = _compare_finite_blocks(raw_a, raw_b, tolerance=tolerance, per_token=per_token)
+        if per_token and rows is not None:
+            out.rows = rows
+            _to_token_rows(out)
+        return out
+    a = _as_float64(raw_a, side="actual")
+    b = _as_float64(raw_b, side="expected")
     if a.shape != b.shape:
         # A finding, not an exception: a layout bug (e.g. a dropped reshape) is what we hunt.
         return RecordMetrics(
@@ -327,4 +344,118 @@ def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool, r
     elif mismatch_count:
         out.passed = False
         out.reason = "tolerance"
+    return out
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    if arr.dtype.kind != "f":
+        return True  # integers and booleans are finite
+    flat = arr.reshape(-1)
+    return all(bool(np.isfinite(flat[s : s + _CHUNK_ELEMENTS]).all()) for s in range(0, flat.size, _CHUNK_ELEMENTS))
+
+
+def _blocks(a: np.ndarray, b: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(start, a, b, |a-b|, |b|) in float64, one block of the flat records at a time."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for start in range(0, fb.size, _CHUNK_ELEMENTS):
+        af = fa[start : start + _CHUNK_ELEMENTS].astype(np.float64)
+        bf = fb[start : start + _CHUNK_ELEMENTS].astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            yield start, af, bf, np.abs(af - bf), np.abs(bf)
+
+
+def _any_mismatch(a: np.ndarray, b: np.ndarray, *, rtol: float, atol: float) -> bool:
+    return any(_mismatches(d, ab, rtol=rtol, atol=atol).any() for _, _, _, d, ab in _blocks(a, b))
+
+
+def _compare_finite_blocks(a: np.ndarray, b: np.ndarray, *, tolerance: Tolerance, per_token: bool) -> RecordMetrics:
+    """``compare_arrays`` of two same-shape, non-empty, all-finite records, one block at a time.
+
+    Every figure is the whole-array one: maxima, counts and first positions are exact (a block's
+    first maximum replaces the best so far only when strictly larger, as argmax keeps the first);
+    the norms and the dot product are sums of per-block sums, equal up to float64 summation order.
+    """
+    shape = tuple(b.shape)
+    rtol = tolerance.rtol
+    abs_max = max(float(np.max(np.abs(fb))) for fb in (
+        b.reshape(-1)[s : s + _CHUNK_ELEMENTS].astype(np.float64) for s in range(0, b.size, _CHUNK_ELEMENTS)))
+    atol = tolerance.atol + tolerance.scale * abs_max
+    count, first_flat = 0, None
+    best, best_k, worst_a, worst_b = -1.0, 0, 0.0, 0.0
+    max_rel = 0.0
+    sq_d = sq_a = sq_b = dot = 0.0
+    min_atol_cand = 0.0
+    zero_b_exceeds, any_nonzero, min_rtol_cand = False, False, 0.0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for start, af, bf, diff, abs_b in _blocks(a, b):
+            mism = _mismatches(diff, abs_b, rtol=rtol, atol=atol)
+            n = int(np.count_nonzero(mism))
+            if n and first_flat is None:
+                first_flat = start + int(np.argmax(mism))
+            count += n
+            k = int(np.argmax(diff))
+            if diff[k] > best:
+                best, best_k, worst_a, worst_b = float(diff[k]), start + k, float(af[k]), float(bf[k])
+            safe_b = np.where(abs_b > 0, abs_b, 1.0)
+            rel = np.where(abs_b > 0, diff / safe_b, np.where(diff > 0, math.inf, 0.0))
+            max_rel = max(max_rel, float(np.max(rel)))
+            sq_d += float(np.dot(diff, diff))
+            sq_a += float(np.dot(af, af))
+            sq_b += float(np.dot(bf, bf))
+            dot += float(np.dot(af, bf))
+            min_atol_cand = max(min_atol_cand, float(np.max(diff - rtol * abs_b)))
+            zero_b = abs_b == 0
+            zero_b_exceeds |= bool(np.any(diff[zero_b] > atol))
+            nonzero = ~zero_b
+            if nonzero.any():
+                any_nonzero = True
+                min_rtol_cand = max(min_rtol_cand, float(np.max((diff[nonzero] - atol) / abs_b[nonzero])))
+        norm_d, norm_a, norm_b = math.sqrt(sq_d), math.sqrt(sq_a), math.sqrt(sq_b)
+        out = RecordMetrics(
+            passed=count == 0,
+            reason="tolerance" if count else None,
+            tolerance=tolerance,
+            shape=shape,
+            actual_shape=shape,
+            numel=int(b.size),
+            effective_atol=atol,
+            mismatch_count=count,
+            mismatch_pct=100.0 * count / b.size,
+            max_abs=best,
+            worst_index=_index(best_k, shape),
+            worst_actual=worst_a,
+            worst_expected=worst_b,
+            max_rel=max_rel,
+        )
+        if norm_b == 0:
+            out.rms_rel = 0.0 if norm_d == 0 else math.inf
+        else:
+            out.rms_rel = norm_d / norm_b
+        if norm_a == 0 and norm_b == 0:
+            out.cosine = 1.0
+        elif norm_a == 0 or norm_b == 0:
+            out.cosine = 0.0  # undefined; 0 says "no shared direction" without a NaN
+        else:
+            out.cosine = float(np.clip(dot / (norm_a * norm_b), -1.0, 1.0))
+        # The minimum tolerances: the same candidates and ulp nudges as _min_atol / _min_rtol,
+        # each nudge checked against every block.
+        cand = max(min_atol_cand, 0.0)
+        for _ in range(_MAX_NUDGES):
+            if not _any_mismatch(a, b, rtol=rtol, atol=cand):
+                break
+            cand = float(np.nextafter(cand, math.inf))
+        out.min_atol = cand
+        if zero_b_exceeds:
+            out.min_rtol = math.inf
+        elif not any_nonzero:
+            out.min_rtol = 0.0
+        else:
+            cand = max(min_rtol_cand, 0.0)
+            for _ in range(_MAX_NUDGES):
+                if not _any_mismatch(a, b, rtol=cand, atol=atol):
+                    break
+                cand = float(np.nextafter(cand, math.inf))
+            out.min_rtol = cand
+    if per_token:
+        out.first_row = None if first_flat is None else first_flat // (b.size // shape[0])
     return out
