@@ -40,6 +40,10 @@ from parity.errors import ParityError
 from parity.stages import state_slots
 
 
+# ReplayBackend's default ``weights``: the candidate dump's own format (extra.weights).
+FROM_CANDIDATE = "from-candidate"
+
+
 def layer_input_name(layer: int) -> str:
     return "emb" if layer == 0 else f"L{layer - 1}.x_out"
 
@@ -71,7 +75,7 @@ class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
 
     def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None,
-                 weights: str | None = None):
+                 weights: str | None = FROM_CANDIDATE):
         from parity.reference import make_reference
 
         if ".partial-" in Path(candidate_dump).name:
@@ -89,9 +93,10 @@ class ReplayBackend(Backend):
         # ... and its weights: an int8 candidate (ChatRWKV's fp32i8/fp16i8, tvm@fp16i8) or a q4 one
         # (tvm@q4f16_1) is replayed by a reference that dequantises the same codes (parity/reference/
         # int8.py, q4.py), so quantisation error is shared, not "own" error. ``weights`` overrides it:
-        # the judge of an isolated quantised build replays the *yardstick's* dump with the build's format.
-        if weights is None and isinstance(self.candidate.extra, dict):
-            weights = self.candidate.extra.get("weights")
+        # the judge of an isolated quantised build replays the *yardstick's* dump with the build's format
+        # (None: unquantised weights, whatever the dump used).
+        if weights == FROM_CANDIDATE:
+            weights = self.candidate.extra.get("weights") if isinstance(self.candidate.extra, dict) else None
         if model is not None and (getattr(model, "dtype_name", "float32") != dtype
                                   or getattr(model, "weights_format", None) != weights):
             model = None

@@ -91,6 +91,8 @@ def test_a_quantised_tvm_dump_is_replayed_with_the_same_codes(tmp_path: Path, co
     # The isolated judge replays the yardstick's (unquantised) dump with the build's format.
     plain = make_backend("reference@fp16", ck).dump(PLAN, path=tmp_path / "fp16")
     assert ReplayBackend(ck, candidate_dump=plain, weights="int8").model.weights_format == "int8"
+    # ... and a plain build judged on a quantised yardstick's inputs gets unquantised weights.
+    assert ReplayBackend(ck, candidate_dump=dump, weights=None).model.weights_format is None
 
 
 @pytest.mark.parametrize(("spec", "want", "weights"), [
