@@ -162,7 +162,7 @@ _SOURCES = tuple(
                  "schedule_cpu.py", "dtypes.py")
 )
 _MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in (
-    "compiled.py", "kernels.py", "crash_models.py", "precision_models.py"))
+    "compiled.py", "kernels.py", "crash_models.py", "precision_models.py", "quant_models.py"))
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,11 @@ GPU_CATALOGUE: dict[str, Mutant] = {
 # The families kept in files of their own join the catalogue (their modules import Mutant from here).
 from parity.mutants.crash import CRASH_CATALOGUE  # noqa: E402
 from parity.mutants.precision import PRECISION_CATALOGUE  # noqa: E402
+from parity.mutants.quant import QUANT_CATALOGUE  # noqa: E402
 
 CATALOGUE.update(CRASH_CATALOGUE)
 CATALOGUE.update(PRECISION_CATALOGUE)
+CATALOGUE.update(QUANT_CATALOGUE)
 
 
 def get_mutant(name: str) -> Mutant:

@@ -184,9 +184,9 @@ def model_class(name: str):
     (parity/mutants/crash_models.py: crashes and hangs; precision_models.py: precision bugs)."""
     if name in MODELS:
         return MODELS[name]
-    from parity.mutants import crash_models, precision_models
+    from parity.mutants import crash_models, precision_models, quant_models
 
-    for family in (crash_models, precision_models):
+    for family in (crash_models, precision_models, quant_models):
         if name in family.MODELS:
             return family.MODELS[name]
     raise KeyError(name)
