@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from parity.compare.divergence import StepInfo
 from parity.errors import ParityError
@@ -386,6 +386,38 @@ def _as_ids(ids: Sequence[int]) -> list[int]:
 # Reading
 
 
+class StepArrays(Mapping):
+    """One step's records, a read-only mapping stage -> array that reads each array from the step
+    file when it is looked up and keeps none: whoever holds a value holds its memory, so a
+    comparison walking the stages in order holds one stage per side, not the whole step."""
+
+    def __init__(self, *, file: Path, stages: Sequence[str]):
+        self._file = file
+        self._stages = list(stages)
+        self._known = set(self._stages)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._known:
+            raise KeyError(name)
+        try:
+            with safe_open(self._file, "np") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ParityError(f"{self._file}: cannot read stage {name!r} ({e}); {_DAMAGED}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stages)
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    def __repr__(self) -> str:
+        return f"StepArrays({str(self._file)!r}, {len(self._stages)} stages)"
+
+
 class DumpReader:
     """A validated, complete dump; step files are read on demand.
 
@@ -433,14 +465,20 @@ class DumpReader:
         """The stages recorded in step ``index``, in stage_order."""
         return list(self._step_entry(index)["stages"])
 
-    def read_step(self, index: int) -> dict[str, np.ndarray]:
+    def read_step(self, index: int) -> StepArrays:
+        """Step ``index``'s stages, in stage_order; each array is read from the file when looked up.
+
+        Not all at once: a 512-token prefill of a 0.1B model is ~0.6 GB of records, and a
+        comparison holds two steps (issue 9). The file is checked readable now, as before.
+        """
         entry = self._step_entry(index)
         file = self.path / entry["file"]
         try:
-            arrays = load_file(file)
+            with safe_open(file, "np"):
+                pass
         except (SafetensorError, OSError) as e:
             raise ParityError(f"{file}: cannot read step file ({e}); {_DAMAGED}") from None
-        return {name: arrays[name] for name in entry["stages"]}
+        return StepArrays(file=file, stages=entry["stages"])
 
     def read_stage(self, index: int, stage: str) -> np.ndarray:
         entry = self._step_entry(index)
