@@ -386,6 +386,18 @@ def _rounding_floor(ck, *, made: dict, dumps: dict, plan, dump_dir: Path, overri
     return RoundingFloor(compare_dumps(reference, path, overrides=overrides))
 
 
+def _quantised_weights(spec: str) -> str | None:
+    """The quantised weight format backend ``spec`` computes with (``int8``, ``q4``), or None."""
+    from parity.compiled.dtypes import split_scheme
+    from parity.dumpers.registry import spec_weights
+
+    if spec.startswith("mutant/"):
+        from parity.mutants import get_mutant
+
+        return split_scheme(get_mutant(spec.removeprefix("mutant/")).dtype)[1]
+    return spec_weights(spec)
+
+
 def _own_errors(
     ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None,
     workers: _Workers | None = None, partials: dict[str, Path] | None = None,
@@ -423,17 +435,24 @@ def _own_errors(
             dumps[f"{spec} (isolated)"] = path
             judge_dump, judge = dumps[yardstick], yardstick
             dtype = DumpReader(path).dtype
-            if dtype != DumpReader(judge_dump).dtype:
+            weights = _quantised_weights(spec)
+            judge_reader = DumpReader(judge_dump)
+            judge_weights = judge_reader.extra.get("weights") if isinstance(judge_reader.extra, dict) else None
+            if dtype != judge_reader.dtype or weights != judge_weights:
                 # A low-precision build judged by the reference *in its dtype*, run on the same
                 # yardstick inputs: its own rounding is then no error (fp16 isolated TVM vs the fp32
                 # yardstick needs 0.13 of max|b|, vs the fp16 reference 2.3e-3; calibrate_precision).
                 from parity.dumpers.replay import ReplayBackend
 
-                say(f"running the reference in {dtype} on {yardstick}'s inputs: the judge of {spec}'s isolated layers")
-                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype)
+                # ... and with the same quantised codes: a quantised build's isolated layers set beside
+                # an unquantised judge would show the quantisation as their own error (tvm@fp16i8 was
+                # called a divergence at L0.att.wkv that way).
+                say(f"running the reference in {dtype}{' with ' + weights + ' weights' if weights else ''} on "
+                    f"{yardstick}'s inputs: the judge of {spec}'s isolated layers")
+                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype, weights=weights)
                 judge_dump = replay.dump(replay.plan(), path=dump_dir / (dump_dir_name(spec) + "-isolated-judge"),
                                          on_step=on_step)
-                judge = f"reference@{dtype} on {yardstick}'s inputs"
+                judge = f"reference@{dtype}{' (' + weights + ' weights)' if weights else ''} on {yardstick}'s inputs"
             comparison = compare_dumps(judge_dump, path, overrides=overrides)
             out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": judge}, comparison)
             continue

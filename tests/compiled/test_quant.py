@@ -59,6 +59,21 @@ def test_compiled_matches_the_reference_with_the_same_codes(name: str, scheme: s
 
 
 @pytest.mark.parametrize("scheme", ["fp16i8", "q4f16_1"])
+def test_isolated_against_the_fp32_yardstick_is_judged_with_the_same_codes(scheme: str, tmp_path: Path,
+                                                                          compile_cache: Path) -> None:
+    # The fp32 reference is the yardstick; the quantised build's isolated layers are judged by the
+    # reference in the build's dtype *and* codes, run on the yardstick's inputs. Judged by an
+    # unquantised reference, tvm@fp16i8's quantisation was its "own error" (divergence at L0.att.wkv).
+    ck = load_checkpoint(FIXTURES / "rwkv5_2-L4-C128-H2.pth")
+    result = run_parity(ck, backends=["reference", f"tvm@{scheme}"], plan=PLAN, dump_dir=tmp_path / "d",
+                        cache_dir=compile_cache, mode="isolated", in_process=True).result
+    assert result["verdict"] == "no divergence", result["first_divergence"]
+    own = result["own_error"]
+    assert own["method"] == "isolated" and own["worst_ratio"] < 1.0
+    assert "weights" in own["judge"] and own["judge"].startswith("reference@float16")
+
+
+@pytest.mark.parametrize("scheme", ["fp16i8", "q4f16_1"])
 def test_end_to_end_against_fp32_is_the_quantisation_s_own(scheme: str, tmp_path: Path, compile_cache: Path) -> None:
     ck = load_checkpoint(FIXTURES / "rwkv5_2-L4-C128-H2.pth")
     dumps = {s: make_backend(s, ck, cache_dir=compile_cache).dump(PLAN, path=tmp_path / s)
