@@ -178,6 +178,20 @@ def main() -> int:
     here = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     rows, synths = [], {}
+    now = _dt.datetime.now(_dt.timezone.utc)
+
+    def write(rows: list[dict]) -> None:
+        result = {
+            "benchmark": "memory", "created": now.isoformat(timespec="seconds"), "checkout_commit": here,
+            "checkout_dirty": dirty, "cpu_count": os.cpu_count(), "target_factor": TARGET_FACTOR,
+            "synth": synths, "rows": rows,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"memory-{now:%Y-%m-%d}-{here[:10]}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(result))
+        print(f"wrote {stem}.md and .json", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="parity-memory-") as tmp:
         tmp = Path(tmp)
         synth_dir = args.synth_dir or tmp / "checkpoints"
@@ -219,23 +233,14 @@ def main() -> int:
                     "command": "parity " + " ".join(cmd[3:]),
                 }
                 rows.append(row)
+                write(rows)  # after every row: a long invocation leaves what it measured so far
                 print(f"    exit {m['exit_code']}, {m['wall_s']} s, tree peak RSS {m['peak_tree_rss_bytes'] / 1e9:.2f} GB "
                       f"({row['ratio']}x fp32 + file; target {target / 1e9:.2f} GB), PSS {m['peak_tree_pss_bytes'] / 1e9:.2f} GB",
                       flush=True)
                 if dump_dir.exists():
                     subprocess.run(["rm", "-rf", str(dump_dir)], check=True)
 
-    now = _dt.datetime.now(_dt.timezone.utc)
-    result = {
-        "benchmark": "memory", "created": now.isoformat(timespec="seconds"), "checkout_commit": here,
-        "checkout_dirty": dirty, "cpu_count": os.cpu_count(), "target_factor": TARGET_FACTOR,
-        "synth": synths, "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory-{now:%Y-%m-%d}-{here[:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.md and .json")
+    write(rows)
     return 0
 
 
