@@ -480,6 +480,15 @@ def _judge_pair(a: str, b: str, comparison: dict, *, own: dict, mode: str, backe
     from parity.compare.verdict import VERDICT_ADDED, VERDICT_PASS, classify, drift_summary
 
     drift = drift_summary(comparison, dtype=comparison["actual"].get("dtype", "float32"), floor=floor)
+    formats = {s: _quantised_weights(s) for s in (a, b) if not s.endswith(")")}  # "x (isolated)": its own spec's
+    if len(set(formats.values())) > 1:
+        # Quantised weights on one side only: the envelope measures rounding, not quantisation
+        # (q4f16_1 vs fp32 drifts past it on correct builds); what the quantisation costs is the
+        # end-to-end metrics' to say, and a kernel bug is the same-codes replay's (own error).
+        drift = {**drift, "status": "not judged",
+                 "not_judged": "quantised weights on one side only ("
+                               + ", ".join(f"{s}: {w or 'unquantised'}" for s, w in formats.items())
+                               + "): the envelope covers rounding, not quantisation; see KL and top-1"}
     # An own error is measured against a judge: the yardstick for isolated runs, the torch
     # reference for replays. It speaks for this pair only when the judge is one of the two, or is
     # no backend of the run (an independent reference): between two other backends it says

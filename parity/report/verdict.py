@@ -164,7 +164,9 @@ def model_check_lines(result: RunResult | dict) -> list[str]:
                      + (f"; {len(own.not_replayable)} (step, layer) pairs not replayable" if own.not_replayable else ""))
     if drift:
         status = {"none": "none (every stage within its allowance)", "within": "within the envelope (a pass)",
-                  "beyond": "[bold]BEYOND the envelope[/]"}[drift.status]
+                  "beyond": "[bold]BEYOND the envelope[/]",
+                  "not judged": "not judged (quantised weights on one side only: the end-to-end line says what "
+                                "quantisation costs)"}[drift.status]
         lines.append(f"propagated drift: worst {drift.worst_ratio:.3g}x the per-stage allowance"
                      + (f" at step {drift.worst_step} {drift.worst_stage}" if drift.worst_stage else "")
                      + f", {drift.envelope_fraction:.2g} of the envelope there ({drift.envelope:g}x): {status}")

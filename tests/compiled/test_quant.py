@@ -73,6 +73,19 @@ def test_isolated_against_the_fp32_yardstick_is_judged_with_the_same_codes(schem
     assert "weights" in own["judge"] and own["judge"].startswith("reference@float16")
 
 
+def test_against_fp32_the_drift_is_not_judged_and_the_kernel_is(tmp_path: Path, compile_cache: Path) -> None:
+    # Quantised vs the fp32 reference: the drift envelope covers rounding, not quantisation (q4 on
+    # this fixture drifts to ~6x it), so the drift is reported "not judged"; the verdict is the
+    # replay's (same codes), which a wrong group or scale fails (parity selftest's quant zoo).
+    ck = load_checkpoint(FIXTURES / "rwkv5_2-L4-C128-H2.pth")
+    result = run_parity(ck, backends=["reference", "tvm@q4f16_1"], plan=PLAN, dump_dir=tmp_path / "d",
+                        cache_dir=compile_cache, in_process=True).result
+    assert result["verdict"] == "no divergence", result["first_divergence"]
+    assert result["drift"]["status"] == "not judged" and "quantised" in result["drift"]["not_judged"]
+    assert result["drift"]["envelope_fraction"] > 1  # what the fixed envelope would have called a finding
+    assert result["own_error"]["method"] == "replay" and result["own_error"]["worst_ratio"] < 1
+
+
 @pytest.mark.parametrize("scheme", ["fp16i8", "q4f16_1"])
 def test_end_to_end_against_fp32_is_the_quantisation_s_own(scheme: str, tmp_path: Path, compile_cache: Path) -> None:
     ck = load_checkpoint(FIXTURES / "rwkv5_2-L4-C128-H2.pth")
