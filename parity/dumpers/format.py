@@ -14,6 +14,8 @@ import glob
 import json
 import os
 import shutil
+import struct
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -22,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from parity.compare.divergence import StepInfo
 from parity.errors import ParityError
@@ -55,21 +56,38 @@ def partial_dir_for(path: str | os.PathLike[str], *, pid: int | None = None) -> 
 # Writing
 
 
-class StepWriter:
-    """Collects one step's stages; the owning ``DumpWriter`` writes them when the step block exits."""
+# safetensors' dtype names for the numpy dtypes a step may hold.
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
 
-    def __init__(self, *, index: int, kind: str, ids: list[int], stage_order: list[str], extend: bool = False):
+
+class StepWriter:
+    """Collects one step's stages; the owning ``DumpWriter`` writes them when the step block exits.
+
+    Each stage's bytes go to a spool file as it is added, not into memory:
+    a 512-token prefill of a 0.1B model is ~0.6 GB of records, which a writer used to hold in full
+    on top of the arrays its backend had just produced (issue 9). The spool is an unnamed file in
+    the dump's partial directory (same disk; gone when closed, or when the process is killed).
+    """
+
+    def __init__(self, *, index: int, kind: str, ids: list[int], stage_order: list[str], extend: bool = False,
+                 spool_dir: Path, failed):
         self.index = index
         self.kind = kind
         self.ids = ids
         self._order = stage_order  # the manifest's own list: extended in place when ``extend``
         self._extend = extend
         self._position = {name: i for i, name in enumerate(stage_order)}
-        self._arrays: dict[str, np.ndarray] = {}
+        self._specs: dict[str, tuple[str, tuple[int, ...], int]] = {}  # name -> (dtype, shape, bytes), spool order
+        self._spool_dir = spool_dir
+        self._spool = None  # opened at the first add
+        self._failed = failed  # DumpWriter._write_failed: a failed spool write aborts the dump like any write
         self._written = False
 
     def add(self, name: str, array: np.ndarray) -> None:
-        """Record ``array`` as stage ``name`` of this step; the array is copied now."""
+        """Record ``array`` as stage ``name`` of this step; its bytes are written (to the step's spool) now."""
         if self._written:
             raise ParityError(f"step {self.index} was already written; add stages inside its `with` block")
         if not isinstance(name, str) or not name:
@@ -82,7 +100,7 @@ class StepWriter:
                 f"stage {name!r} is not in this dump's stage_order; use a canonical stage name "
                 "(parity/stages.py) or add it to stage_order when creating the DumpWriter"
             )
-        if name in self._arrays:
+        if name in self._specs:
             raise ParityError(
                 f"stage {name!r} added twice in step {self.index}; each stage is recorded once per step"
             )
@@ -99,19 +117,34 @@ class StepWriter:
                 f"stage {name!r}: dtype {array.dtype} is not a float or integer dtype; store "
                 "float16/float32/float64 (upcast bfloat16 to float32)"
             )
-        # A copy, so later in-place updates by the caller (state buffers are reused across steps)
-        # cannot change what was recorded; native byte order and C order because safetensors
-        # stores raw little-endian contiguous bytes.
-        self._arrays[name] = np.array(array, dtype=array.dtype.newbyteorder("="), order="C", copy=True)
+        # Written now, so later in-place updates by the caller (state buffers are reused across
+        # steps) cannot change what was recorded; little-endian C order because safetensors stores
+        # raw little-endian contiguous bytes. (A copy only when the array is not already that.)
+        data = np.require(array.astype(array.dtype.newbyteorder("<"), copy=False), requirements="C")
+        try:
+            if self._spool is None:
+                self._spool = tempfile.TemporaryFile(dir=self._spool_dir)
+            # file.write, not ndarray.tofile: a full disk then reads "No space left on device".
+            self._spool.write(data.reshape(-1).view(np.uint8))
+        except OSError as e:  # a full disk
+            self.discard()
+            raise self._failed(f"step {self.index}", e) from None
+        self._specs[name] = (data.dtype.name, tuple(int(n) for n in array.shape), int(data.nbytes))
 
     @property
     def stages(self) -> list[str]:
         """The stages added so far, in stage_order (not insertion) order."""
-        return sorted(self._arrays, key=self._position.__getitem__)
+        return sorted(self._specs, key=self._position.__getitem__)
+
+    def discard(self) -> None:
+        """Close the spool, which frees its disk space (after the step file is written, or when it never will be)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
 
 class DumpWriter:
-    """Writes a dump step by step, holding at most one step in memory.
+    """Writes a dump step by step; each stage goes to disk as it is added (see StepWriter).
 
     Use as a context manager; the dump appears at ``path`` only when the ``with`` block exits
     cleanly::
@@ -263,13 +296,15 @@ class DumpWriter:
         index = len(self._manifest["steps"])
         writer = StepWriter(
             index=index, kind=kind, ids=id_list, stage_order=self._manifest["stage_order"],
-            extend=self._extend_stage_order,
+            extend=self._extend_stage_order, spool_dir=self.partial_path,
+            failed=self._write_failed,
         )
         self._step_open = True
         try:
             yield writer
             self._write_step(writer)
         finally:
+            writer.discard()
             self._step_open = False
 
     def _write_step(self, step: StepWriter) -> None:
@@ -283,7 +318,7 @@ class DumpWriter:
             "kind": step.kind,
         }
         try:
-            save_file(step._arrays, tmp, metadata=metadata)
+            save_file(step, tmp, metadata=metadata)
             os.replace(tmp, self.partial_path / name)
         except (SafetensorError, OSError) as e:  # safetensors reports a full disk as SafetensorError
             raise self._write_failed(f"step {step.index}", e) from None
@@ -291,7 +326,7 @@ class DumpWriter:
             {"index": step.index, "kind": step.kind, "ids": step.ids, "file": name, "stages": step.stages}
         )
         step._written = True
-        step._arrays = {}  # release the step's memory before the next one is computed
+        step.discard()  # its bytes are in the step file now
         self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -317,6 +352,28 @@ class DumpWriter:
             raise ParityError(
                 f"DumpWriter for {self.path} is {self._state}, not open; use it as a context manager"
             )
+
+
+def save_file(step: StepWriter, path: Path, *, metadata: dict[str, str]) -> None:
+    """Write ``step``'s spooled stages to ``path`` as a safetensors file: the layout
+    ``safetensors.numpy.save_file`` writes (little-endian u64 header length, JSON header padded
+    with spaces to 8 bytes, then each tensor's bytes back to back), streamed from the spool in
+    blocks, so the step is never in memory. (The name is the one this module used to import, so
+    fault-injection tests that replace ``format.save_file`` still reach every step-file write.)"""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape, nbytes) in step._specs.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        if step._spool is not None:
+            step._spool.flush()
+            step._spool.seek(0)
+            shutil.copyfileobj(step._spool, out, 16 << 20)
 
 
 def _absolute(path: str | os.PathLike[str]) -> Path:
