@@ -153,13 +153,14 @@ def model_for(
     return model
 
 
-# Every source whose text shapes the binary; a change to any of them is a new cache key. Read as
+# Every source whose text shapes the binary (cuda_graph.py: the CUDA-graph builds, kept under the
+# plain build's key); a change to any of them is a new cache key. Read as
 # files, not imported, so computing a key needs no TVM compiler.
 _HERE = Path(__file__).resolve().parent
 _SOURCES = tuple(
     _HERE / name
     for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py",
-                 "schedule_cpu.py", "dtypes.py")
+                 "schedule_cpu.py", "dtypes.py", "cuda_graph.py")
 )
 _MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in (
     "compiled.py", "kernels.py", "crash_models.py", "precision_models.py", "quant_models.py"))
