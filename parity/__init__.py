@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["load_results"]
+__all__ = ["load_result", "load_results"]
 
 
 def __getattr__(name: str):
     # Lazy on purpose: every `import parity.<sub>` runs this file first, and parity.compare must stay
     # importable with numpy alone (no pandas, torch or tvm pulled in behind its back).
-    if name == "load_results":
-        from parity.report.frame import load_results
+    if name in ("load_result", "load_results"):
+        # load_result: one result file as the typed RunResult (parity/results.py); load_results:
+        # many, as a pandas DataFrame with a row per record.
+        from parity.report import frame
 
-        return load_results
+        return getattr(frame, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -109,6 +109,11 @@ def test_package_exports_load_results_lazily():
     import parity
 
     assert parity.load_results is load_results
+    # ... and load_result, the typed RunResult of one result (what the renderers read).
+    from parity.report.frame import load_result
+    from parity.results import RunResult
+
+    assert parity.load_result is load_result and isinstance(parity.load_result(_result()), RunResult)
     # parity/__init__.py runs before every parity.* import; it must not drag pandas into parity.compare.
     code = ("import sys, parity, parity.compare; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pandas', 'torch', 'tvm')); "
