@@ -156,7 +156,8 @@ class ReplayBackend(Backend):
             if last in seen and "rows." + last not in seen:
                 self.model.head(self.model.head_in(seen[last]), record=record)
         # Only the candidate's state is carried to the next step: the replay never feeds itself.
-        self._state_before = {k: v for k, v in seen.items() if k.startswith("state.")}
+        # Keys first, then only the state stages: a step read lazily (StepArrays) loads what is looked up.
+        self._state_before = {k: seen[k] for k in seen if k.startswith("state.")}
         order = {n: i for i, n in enumerate(self.canonical_order())}
         for name in sorted(out, key=lambda n: order.get(n, len(order))):
             step.add(name, out[name])
