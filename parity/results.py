@@ -59,21 +59,7 @@ class _Block:
             raise TypeError(f"{cls.__name__.lower()} must be a JSON object, got {type(d).__name__}")
         names = cls._defaults()
         known = {k: v for k, v in d.items() if k in names}
-        for name, kind in cls.NESTED.items():
-            value = known.get(name)
-            if value is None:
-                continue
-            if isinstance(kind, list):
-                if not isinstance(value, list):
-                    raise TypeError(f"{name} must be a list, got {type(value).__name__}")
-                known[name] = [kind[0].from_dict(v) for v in value]
-            elif isinstance(kind, set):
-                if not isinstance(value, dict):
-                    raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
-                (typ,) = kind
-                known[name] = {k: typ.from_dict(v) for k, v in value.items()}
-            else:
-                known[name] = kind.from_dict(value)
+        _read_nested(cls, known)
         obj = cls(**known)
         obj._keys = list(d)
         obj.extra = {k: v for k, v in d.items() if k not in known}
@@ -118,6 +104,26 @@ class _Block:
             out.setdefault(key, value)
         return out
 
+
+
+def _read_nested(cls, known: dict) -> None:
+    """Type, in place, the nested blocks ``cls.NESTED`` names: ``[T]`` a list of T, ``{T}`` a dict of
+    T by key, ``T`` one T; absent or null blocks stay as they are."""
+    for name, kind in cls.NESTED.items():
+        value = known.get(name)
+        if value is None:
+            continue
+        if isinstance(kind, list):
+            if not isinstance(value, list):
+                raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+            known[name] = [kind[0].from_dict(v) for v in value]
+        elif isinstance(kind, set):
+            if not isinstance(value, dict):
+                raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
+            (typ,) = kind
+            known[name] = {k: typ.from_dict(v) for k, v in value.items()}
+        else:
+            known[name] = kind.from_dict(value)
 
 @dataclass
 class Record(_Block):
@@ -389,21 +395,7 @@ class RunResult:
             for name in ("expected", "actual", "policy"):
                 known.setdefault(name, {})
             known.setdefault("steps", [])
-            for name, kind in cls.NESTED.items():
-                value = known.get(name)
-                if value is None:
-                    continue
-                if isinstance(kind, list):
-                    if not isinstance(value, list):
-                        raise TypeError(f"{name} must be a list, got {type(value).__name__}")
-                    known[name] = [kind[0].from_dict(v) for v in value]
-                elif isinstance(kind, set):
-                    if not isinstance(value, dict):
-                        raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
-                    (typ,) = kind
-                    known[name] = {k: typ.from_dict(v) for k, v in value.items()}
-                else:
-                    known[name] = kind.from_dict(value)
+            _read_nested(cls, known)
             extra = {k: v for k, v in d.items() if k not in known and k != "format"}
             return cls(**known, extra=extra)
         except (TypeError, AttributeError, ValueError) as e:
