@@ -209,6 +209,22 @@ def _to_token_rows(out: RecordMetrics) -> None:
             setattr(out, field, (out.rows[index[0]], *index[1:]))
 
 
+
+def _set_rms_and_cosine(out, *, norm_d: float, norm_a: float, norm_b: float, dot) -> None:
+    """rms_rel and cosine from the norms of the difference, a and b, and (called only when both
+    norms are nonzero) their dot product: one definition for the whole-array and blocked paths."""
+    if norm_b == 0:
+        out.rms_rel = 0.0 if norm_d == 0 else math.inf
+    else:
+        out.rms_rel = norm_d / norm_b
+    if norm_a == 0 and norm_b == 0:
+        out.cosine = 1.0
+    elif norm_a == 0 or norm_b == 0:
+        out.cosine = 0.0  # undefined; 0 says "no shared direction" without a NaN
+    else:
+        out.cosine = float(np.clip(dot() / (norm_a * norm_b), -1.0, 1.0))
+
+
 def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool, rows=None) -> RecordMetrics:
     """Judge ``actual`` against ``expected``; ``per_token``: axis 0 is the token row.
 
@@ -307,16 +323,7 @@ def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool, r
             norm_d = float(np.linalg.norm(diff))
             norm_a = float(np.linalg.norm(af))
             norm_b = float(np.linalg.norm(bf))
-            if norm_b == 0:
-                out.rms_rel = 0.0 if norm_d == 0 else math.inf
-            else:
-                out.rms_rel = norm_d / norm_b
-            if norm_a == 0 and norm_b == 0:
-                out.cosine = 1.0
-            elif norm_a == 0 or norm_b == 0:
-                out.cosine = 0.0  # undefined; 0 says "no shared direction" without a NaN
-            else:
-                out.cosine = float(np.clip(np.dot(af, bf) / (norm_a * norm_b), -1.0, 1.0))
+            _set_rms_and_cosine(out, norm_d=norm_d, norm_a=norm_a, norm_b=norm_b, dot=lambda: np.dot(af, bf))
             out.min_atol = _min_atol(diff, abs_b, rtol=tolerance.rtol)
             out.min_rtol = _min_rtol(diff, abs_b, atol=atol)
         elif b.size == 0:
@@ -427,16 +434,7 @@ def _compare_finite_blocks(a: np.ndarray, b: np.ndarray, *, tolerance: Tolerance
             worst_expected=worst_b,
             max_rel=max_rel,
         )
-        if norm_b == 0:
-            out.rms_rel = 0.0 if norm_d == 0 else math.inf
-        else:
-            out.rms_rel = norm_d / norm_b
-        if norm_a == 0 and norm_b == 0:
-            out.cosine = 1.0
-        elif norm_a == 0 or norm_b == 0:
-            out.cosine = 0.0  # undefined; 0 says "no shared direction" without a NaN
-        else:
-            out.cosine = float(np.clip(dot / (norm_a * norm_b), -1.0, 1.0))
+        _set_rms_and_cosine(out, norm_d=norm_d, norm_a=norm_a, norm_b=norm_b, dot=lambda: dot)
         # The minimum tolerances: the same candidates and ulp nudges as _min_atol / _min_rtol,
         # each nudge checked against every block.
         cand = max(min_atol_cand, 0.0)
