@@ -24,6 +24,9 @@ from parity.errors import ParityError
 
 # (function symbol, call index within this run, output index, array) for every kernel output.
 KernelObserver = Callable[[str, int, int, np.ndarray], None]
+# (canonical stage, array) for each debug tap, one at a time; the array may view the VM's output, so
+# a consumer that keeps it past the call keeps that output alive (it is never written afterwards).
+TapConsumer = Callable[[str, np.ndarray], None]
 
 
 _QUANT_PART = re.compile(r"^(.+\.weight)_(q|mx|rx|my|ry|scale)$")
@@ -209,8 +212,16 @@ class CompiledRWKV:
             raise ParityError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
         return tvm.runtime.tensor(arr.astype("int32"), self.device)
 
-    def forward(self, ids, state: CompiledState | None = None, *, observe: KernelObserver | None = None) -> StepOutput:
-        """Run T tokens: ``prefill`` for T > 1, ``decode`` for T = 1. The input state is not modified."""
+    def forward(self, ids, state: CompiledState | None = None, *, observe: KernelObserver | None = None,
+                on_tap: TapConsumer | None = None) -> StepOutput:
+        """Run T tokens: ``prefill`` for T > 1, ``decode`` for T = 1. The input state is not modified.
+
+        ``on_tap`` (debug build): each tap is handed over as it is taken from the VM's outputs, in
+        ``tap_names`` order, and the returned ``taps`` is empty. The step's TVM outputs are the
+        taps themselves (a 512-token prefill of a 0.1B model: ~0.6 GB); converting them all before
+        writing any held them twice (issue 9). Here each is handed over as a view of the VM's
+        output (the CPU; a GPU copies one tap at a time), and the returned ``logits`` is a view too.
+        """
         tids = self._ids(ids)
         state = state or self.zero_state()
         fn = "decode" if tids.shape[0] == 1 else "prefill"
@@ -225,10 +236,27 @@ class CompiledRWKV:
             if observe is not None:
                 self.vm.set_instrument(lambda *a: VMInstrumentReturnKind.NO_OP)
         new_state = CompiledState(dict(zip(self.slot_names, list(out[1]))))
+        if self.variant == "debug" and on_tap is not None:
+            # The logits as a view, not a copy: a (T, V) copy at T = 512 is another 134 MB at 0.1B.
+            logits = self._host_view(out[0])
+            pending = list(out[2])
+            del out  # its containers would keep every tap's TVM tensor alive to the end
+            for i, name in enumerate(self.tap_names):
+                tensor, pending[i] = pending[i], None
+                on_tap(name, self._host_view(tensor))
+                del tensor  # released now (unless the consumer kept the view): the next tap's turn
+            return StepOutput(logits=logits, state=new_state, taps={})
         taps = {}
         if self.variant == "debug":
             taps = {name: t.numpy() for name, t in zip(self.tap_names, list(out[2]))}
         return StepOutput(logits=out[0].numpy(), state=new_state, taps=taps)
+
+    def _host_view(self, tensor: tvm.runtime.Tensor) -> np.ndarray:
+        """A host array of ``tensor``: on the CPU a zero-copy view (DLPack; it keeps the tensor
+        alive while it lives), on a GPU a copy."""
+        if self.target == "llvm":
+            return np.from_dlpack(tensor)
+        return tensor.numpy()
 
     # -- isolated (teacher-forced) pieces: debug build only -----------------------------------
     def _require_pieces(self) -> None:

@@ -183,10 +183,10 @@ class TVMDebugBackend(Backend):
         self.state = self.model.zero_state()
 
     def record_step(self, ids: list[int], step: StepWriter) -> None:
-        out = self.model.forward(ids, self.state)
+        # Each tap goes to the step (whose writer puts it on disk at once) as the VM's output is
+        # taken, so a long prefill's taps never exist twice over (issue 9); same arrays, same order.
+        out = self.model.forward(ids, self.state, on_tap=step.add)
         self.state = out.state
-        for name, value in out.taps.items():
-            step.add(name, value)
         for name, value in self.model.state_to_canonical(out.state).items():
             step.add(name, value)
 
