@@ -78,11 +78,25 @@ class HFBackend(Backend):
         hc["rescale_every"] = RESCALE_EVERY
         hc.pop("architectures")
         hc.pop("model_type")
-        self.model = RwkvForCausalLM(RwkvConfig(**hc)).eval()
-        state = {chatrwkv_to_hf(k): v.float() for k, v in checkpoint.weights.items()}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ParityError(f"HF RWKV parameters do not match the checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        # Built on the meta device (no random init, no memory) and given the checkpoint's one shared
+        # fp32 copy (Checkpoint.fp32_weights) as its parameters (assign=True): no fp32 copy of its
+        # own (issue 9: at 0.4B the hf run was 2.76x the weights + file, this copy among the cause).
+        with torch.device("meta"):
+            self.model = RwkvForCausalLM(RwkvConfig(**hc))
+        self.model.eval()
+        state = {chatrwkv_to_hf(k): v for k, v in checkpoint.fp32_weights().items()}
+        # HF divides these two weights of every layer l >= RESCALE_EVERY by 2^(l // RESCALE_EVERY)
+        # in place at its first eval forward (RwkvModel._rescale_layers): they get copies of their
+        # own, so the shared tensors (which the reference reads, in-process) are never written.
+        for layer in range(RESCALE_EVERY, cfg.n_layer):
+            for key in (f"rwkv.blocks.{layer}.attention.output.weight", f"rwkv.blocks.{layer}.feed_forward.value.weight"):
+                if key in state:
+                    state[key] = state[key].clone()
+        missing, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
+        left_on_meta = [n for n, t in (*self.model.named_parameters(), *self.model.named_buffers()) if t.is_meta]
+        if missing or unexpected or left_on_meta:
+            raise ParityError(f"HF RWKV parameters do not match the checkpoint: missing {(missing or left_on_meta)[:3]}, "
+                              f"unexpected {unexpected[:3]}")
         self.torch = torch
         self.state = None
         self._capture: dict = {}

@@ -108,3 +108,42 @@ def test_rescaling_applies_past_six_layers_and_logits_still_agree(deep_checkpoin
     for stage in RESCALED:
         name = f"L{RESCALE_EVERY}.{stage}"
         np.testing.assert_allclose(hf[name], ref[name], rtol=1e-4, atol=1e-5 * np.abs(ref[name]).max())
+
+
+def test_hf_runs_on_the_checkpoints_shared_fp32_weights(deep_checkpoint) -> None:
+    from parity.hf_names import chatrwkv_to_hf
+
+    backend = make_backend("hf", deep_checkpoint)
+    params = dict(backend.model.named_parameters())
+    shared = {chatrwkv_to_hf(k): v for k, v in deep_checkpoint.fp32_weights().items()}
+    assert params.keys() == shared.keys()
+    own = {f"rwkv.blocks.{RESCALE_EVERY}.attention.output.weight", f"rwkv.blocks.{RESCALE_EVERY}.feed_forward.value.weight"}
+    for name, param in params.items():
+        # The same memory, not an equal copy: HF holds no fp32 copy of its own (issue 9) ...
+        if name not in own:
+            assert param.data_ptr() == shared[name].data_ptr(), name
+        # ... but for the two weights HF rescales in place on its first eval forward.
+        else:
+            assert param.data_ptr() != shared[name].data_ptr(), name
+
+
+def test_hf_leaves_the_shared_weights_unwritten_and_computes_as_transformers_loads_it(deep_checkpoint, tmp_path) -> None:
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    from parity.hf_names import chatrwkv_to_hf, hf_config
+
+    before = {k: v.clone() for k, v in deep_checkpoint.fp32_weights().items()}
+    reader = DumpReader(make_backend("hf", deep_checkpoint).dump(PLAN, path=tmp_path / "hf"))
+    after = deep_checkpoint.fp32_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a shared weight was written"
+    # The model built the way transformers' users build it (its own parameters, weights copied in
+    # by load_state_dict), run on the same ids: the same logits, bit for bit.
+    hc = {k: v for k, v in hf_config(deep_checkpoint.config).items() if k not in ("architectures", "model_type")}
+    plain = RwkvForCausalLM(RwkvConfig(**{**hc, "rescale_every": RESCALE_EVERY})).eval()
+    plain.load_state_dict({chatrwkv_to_hf(k): v.float() for k, v in deep_checkpoint.weights.items()}, strict=True)
+    state = None
+    with torch.no_grad():
+        for index, (_, ids) in enumerate(PLAN.steps()):
+            out = plain(input_ids=torch.tensor([ids]), state=state, use_cache=True)
+            state = out.state
+            assert reader.read_step(index)["logits"].tobytes() == out.logits[0].numpy().tobytes(), f"step {index}"
