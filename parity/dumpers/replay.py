@@ -13,7 +13,9 @@ and a deep network amplifies that) cannot reach this comparison; a porting bug i
 What a candidate must record for layer l of step k to be replayable (docs/backends.md):
     the layer's input   ``emb`` (l = 0) or ``L{l-1}.x_out``, at step k;
     its state before    every ``state.L{l}.<slot>`` at step k-1 (none at step 0: the zero state).
-The head (ln_out, logits) is replayed on ``L{n-1}.x_out``. Layers that are not replayable are
+The head (ln_out, logits) is replayed on ``L{n-1}.x_out``. Inside an RWKV-5 layer, GroupNorm
+runs on the candidate's own ``L{l}.att.wkv`` where it recorded one (parity.stages.SPLICE_STAGES says why):
+the scan's error is judged at wkv, and ln_x, gated and att.out show only what they add. Layers that are not replayable are
 listed, with what is missing, in the replay dump's ``extra.not_replayable``; they are not judged.
 
 Data flows dump -> dump: the candidate's dump is read, never its backend.
@@ -37,7 +39,7 @@ from parity.checkpoint import Checkpoint
 from parity.dumpers.backends import Backend, RunPlan
 from parity.dumpers.format import DumpReader, StepWriter
 from parity.errors import ParityError
-from parity.stages import state_slots
+from parity.stages import SPLICE_STAGES, state_slots
 
 
 # ReplayBackend's default ``weights``: the candidate dump's own format (extra.weights).
@@ -73,6 +75,8 @@ def replay_gaps(candidate: DumpReader, *, n_layer: int, version: str) -> list[di
 
 class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
+
+    splice_stages: tuple[str, ...] = SPLICE_STAGES  # where a layer goes on from the candidate's value
 
     def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None,
                  weights: str | None = FROM_CANDIDATE):
@@ -149,7 +153,8 @@ class ReplayBackend(Backend):
                     state = zero[layer]
                 else:
                     state = self.model.layer_state({s: self._state_before[f"state.L{layer}.{s}"] for s in slots})
-                _, new_state = self.model.layer(layer, x, state, record=record)
+                splice = _splice(seen, layer=layer, stages=self.splice_stages)
+                _, new_state = self.model.layer(layer, x, state, record=record, splice=splice)
                 for s in slots:
                     record(f"state.L{layer}.{s}", getattr(new_state, s))
             last = f"L{cfg.n_layer - 1}.x_out"
@@ -161,6 +166,13 @@ class ReplayBackend(Backend):
         order = {n: i for i, n in enumerate(self.canonical_order())}
         for name in sorted(out, key=lambda n: order.get(n, len(order))):
             step.add(name, out[name])
+
+
+def _splice(seen, *, layer: int, stages: tuple[str, ...]) -> dict:
+    """The candidate's own values the replayed layer goes on from (parity.stages.SPLICE_STAGES: GroupNorm's
+    input), where it recorded them for every token row."""
+    names = [f"L{layer}.{stage}" for stage in stages]
+    return {n: seen[n] for n in names if n in seen and "rows." + n not in seen}
 
 
 def replay_dump(

@@ -116,7 +116,8 @@ class RWKV4Reference(LayerwiseModel):
         return out, aa, bb, pp
 
     # embed, layer, head and forward: LayerwiseModel; _layer() is this family's.
-    def _layer(self, i: int, x: torch.Tensor, st: LayerState4, *, record: Recorder):
+    def _layer(self, i: int, x: torch.Tensor, st: LayerState4, *, record: Recorder, splice=None):
+        # ``splice`` (parity.stages.SPLICE_STAGES) is for GroupNorm's input; RWKV-4 has no GroupNorm.
         """Layer ``i`` on input rows x (T, C) from state ``st``: (x_out (T, C), the layer's new state)."""
         p, C = self.layers[i], self.config.n_embd
         pre = f"L{i}.att."

@@ -18,6 +18,7 @@ fp16 accumulator loses ~1e-3 relative (docs/RWKV.md §3). GroupNorm runs in fp32
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable, Protocol
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from parity.checkpoint import Checkpoint, ModelConfig, ModelVersion
 from parity.errors import ParityError
+from parity.stages import SPLICE_STAGES
 
 # ln_x eps of the official package since 0.8.21 (training: GroupNorm(o/8, eps=1e-5), the same thing).
 LN_X_EPS = 64e-5
@@ -42,6 +44,7 @@ RESCALE_LAYER = {"float16": 6}
 # Stages that carry the residual stream's scale; a rescaled model records them multiplied back
 # (by a power of two, so exactly) to the canonical, unscaled values every other backend records.
 _STREAM_STAGES = ("att.out", "ffn.out", "x_after_att", "x_out")
+
 
 
 def rescale_layer_for(dtype: str) -> int:
@@ -165,9 +168,14 @@ class LayerwiseModel:
         x = torch.as_tensor(x)
         return (x.to(self.acc) / self.layer_scale(n)).to(self.dtype)
 
-    def layer(self, index: int, x: torch.Tensor, state, *, record: Recorder | None = None):
+    def layer(self, index: int, x: torch.Tensor, state, *, record: Recorder | None = None,
+              splice: Mapping[str, object] | None = None):
         """Layer ``index`` on this model's stream rows x (T, C) (``stream_in`` of a canonical one) from
-        ``state``: (x_out in this model's stream, the layer's new state). Records canonical values."""
+        ``state``: (x_out in this model's stream, the layer's new state). Records canonical values.
+
+        ``splice`` (canonical stage name -> a value, numpy or torch): after recording its own value of
+        such a stage, the layer goes on from the given one instead (the replay's GroupNorm input,
+        parity/dumpers/replay.py). Only the stages in ``parity.stages.SPLICE_STAGES`` are honoured."""
         record = record or _no_record
         scale = self.layer_scale(index)
         if scale != 1.0:
@@ -176,7 +184,8 @@ class LayerwiseModel:
             def record(stage: str, value: torch.Tensor) -> None:
                 inner(stage, value.to(self.acc) * scale if stage in stream else value)
 
-        return self._layer(index, x, state, record=record)
+        splice = {f"L{index}.{s}": splice[f"L{index}.{s}"] for s in SPLICE_STAGES if f"L{index}.{s}" in (splice or {})}
+        return self._layer(index, x, state, record=record, splice=splice)
 
     def _prepared_weights(self, w: dict, *, weights: str | None) -> dict:
         """The fp32 weights as the official package prepares them at load: att.output and ffn.value
@@ -326,7 +335,7 @@ class RWKV5Reference(LayerwiseModel):
         # Its own method so a deliberately wrong reference (tests, the bug zoo) can override it.
         return xr @ p.Wr.T  # (T, A); v5: no sigmoid on r (v4 has one)
 
-    def _att(self, x, layer: int, st: LayerState, record: Recorder):
+    def _att(self, x, layer: int, st: LayerState, record: Recorder, splice: Mapping[str, object]):
         c, p = self.config, self.layers[layer]
         T, H, N = x.shape[0], c.n_head, c.head_size
         pre = f"L{layer}.att."
@@ -358,6 +367,8 @@ class RWKV5Reference(LayerwiseModel):
         )
         wkv = wkv.reshape(T, H * N)  # (T, A) fp32
         record(pre + "wkv", wkv)
+        if pre + "wkv" in splice:
+            wkv = torch.as_tensor(splice[pre + "wkv"]).to(self.acc).reshape(T, H * N)
         # GroupNorm per token and per head over that head's N channels, never over time.
         ln_x = F.group_norm(wkv, num_groups=H, weight=p.lnx_w, bias=p.lnx_b, eps=LN_X_EPS)
         record(pre + "ln_x", ln_x)
@@ -390,9 +401,10 @@ class RWKV5Reference(LayerwiseModel):
         return out, LayerState(att_x=st.att_x, att_kv=st.att_kv, ffn_x=xx[-1].clone())
 
     # -- entry points (embed, head and forward: LayerwiseModel) --------------------------------
-    def _layer(self, index: int, x: torch.Tensor, state: LayerState, *, record: Recorder):
+    def _layer(self, index: int, x: torch.Tensor, state: LayerState, *, record: Recorder,
+               splice: Mapping[str, object]):
         """Layer ``index`` on input rows x (T, C) from ``state``: (x_out (T, C), the layer's new state)."""
-        att, st = self._att(x, index, state, record)
+        att, st = self._att(x, index, state, record, splice)
         x = x + att
         record(f"L{index}.x_after_att", x)
         ffn, st = self._ffn(x, index, st, record)

@@ -81,6 +81,24 @@ def logits_only(checkpoint):
     return LogitsOnly(checkpoint)
 
 
+class WkvNudgePort(NumpyPortBase):
+    """A correct port whose scan output differs from the reference's, in each row's worst-conditioned
+    head (largest max|wkv| / head std), by 1e-4 x max|wkv|: half the wkv record's fp32 allowance
+    (scale 2e-4 x max|wkv|), as a port whose scan sums in another order may."""
+
+    def _wkv(self, r, k, v, *, p, state):
+        out = super()._wkv(r, k, v, p=p, state=state)
+        g = out.reshape(out.shape[0], self.n_head, self.head_size).copy()
+        for row in g:
+            head = int(np.argmax(np.abs(row).max() / row.std(-1)))
+            row[head, 0] += 1e-4 * np.abs(row).max()
+        return g.reshape(out.shape)
+
+
+def wkv_nudge_port(checkpoint):
+    return WkvNudgePort(checkpoint)
+
+
 HERE = f"{__file__}"
 
 
@@ -118,6 +136,24 @@ def test_a_plugin_with_a_groupnorm_eps_bug_is_named_at_ln_x(ck, tmp_path):
     fd = out.result["first_divergence"]
     assert out.result["verdict"] == "divergence"
     assert (fd["step"], fd["stage"], fd["judged_by"]) == (0, "L0.att.ln_x", "replay")
+
+
+def test_groupnorm_runs_on_the_candidates_own_wkv(ck, tmp_path):
+    """GroupNorm divides each head by its own spread: a wkv difference the wkv record allows reaches
+    ln_x amplified in a head that nearly cancels. The replay splices the candidate's wkv in, so ln_x
+    and what follows show only their own error; replayed whole-layer, the same port fails at ln_x."""
+    out = run_parity(ck, backends=["reference", f"{HERE}:wkv_nudge_port"], plan=plan(ck), dump_dir=tmp_path)
+    own = out.result["own_errors"][f"{HERE}:wkv_nudge_port"]
+    assert out.result["verdict"] == "no divergence"
+    assert own["failed"] == 0 and own["worst_stage"].endswith(".att.wkv"), own  # the nudge, seen where it is made
+
+    class WholeLayerReplay(ReplayBackend):
+        splice_stages = ()
+
+    whole = WholeLayerReplay(ck, candidate_dump=out.dumps[f"{HERE}:wkv_nudge_port"])
+    path = whole.dump(whole.plan(), path=tmp_path / "whole-layer")
+    failed = [r for r in compare_dumps(path, out.dumps[f"{HERE}:wkv_nudge_port"])["records"] if not r["passed"]]
+    assert failed and failed[0]["stage"].endswith(".att.ln_x"), [(r["step"], r["stage"]) for r in failed[:3]]
 
 
 def test_a_bug_in_one_deep_layer_is_named_at_that_layer(ck, tmp_path):
