@@ -16,7 +16,11 @@ fixture (fixtures/precision/, where an fp16 residual needs the rescale), and wit
 checkpoint of your own (e.g. ``parity synth --shape 0.4b``). Backends: our TVM build and the
 official package (ChatRWKV) in fp16 and bf16, the reference in the dtype (its KL is the dtype's own
 cost; its own error is zero by construction, so it is not listed), and the quantised builds
-(tvm@fp16i8, tvm@q4f16_1) whose own error is judged with the same codes.
+(tvm@fp16i8, tvm@fp32i8, tvm@q4f16_1, and the official package's chatrwkv@fp16i8) whose own error
+is judged with the same codes — the reference dequantising the candidate's own int8 / q4 weights —
+while KL and top-1 are against the fp32 reference (what the quantisation costs). Their drift from
+the fp32 reference is recorded but not judged (parity/session.py: the envelope covers rounding, not
+quantisation), and the table says so.
 
 The tolerances these ratios are measured in are those of parity/compare/tolerance.py; the
 measurements behind each constant (benchmarks/calibrate_precision.py, not re-run here) are
@@ -28,6 +32,10 @@ quoted from benchmarks/results/calibrate_precision.json in the output.
         --specs tvm@fp16,tvm@bf16 --out benchmarks/results/precision_table-0.4b
 
 Writes OUT.json and OUT.md (default benchmarks/results/precision_table) with the date and commit.
+With --merge the rows of an existing OUT.json that this run does not redo are kept (each row names
+the run that made it), so a few backends can be re-measured without re-running every one:
+
+    python benchmarks/precision_table.py --specs tvm@fp16i8,tvm@fp32i8,tvm@q4f16_1,chatrwkv@fp16i8 --merge
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 FIXTURES = sorted((REPO / "fixtures").glob("*.pth")) + sorted((REPO / "fixtures" / "precision").glob("*.pth"))
 SPECS = ("tvm@fp16", "chatrwkv@fp16", "reference@fp16", "tvm@bf16", "chatrwkv@bf16", "reference@bf16",
-         "tvm@fp16i8", "tvm@q4f16_1")
+         "tvm@fp16i8", "tvm@fp32i8", "tvm@q4f16_1", "chatrwkv@fp16i8")
 PROMPTS = ("ones:10", "random:16:3")
 
 
@@ -79,7 +87,7 @@ def run_case(ck, *, spec: str, prompt: str, decode_steps: int, cache_dir: Path |
         "first_divergence": None if fd is None else {k: fd.get(k) for k in ("step", "stage", "judged_by")},
         "own_worst_ratio": own.get("worst_ratio"), "own_worst_at": [own.get("worst_step"), own.get("worst_stage")],
         "own_judge": own.get("judge"), "own_records": own.get("records"),
-        "drift_envelope_fraction": _drift_fraction(drift),
+        "drift_envelope_fraction": _drift_fraction(drift), "drift_status": drift.get("status"),
         "kl_max": e2e.get("kl_max"), "top1_agreement": e2e.get("top1_agreement"), "top1_flips": e2e.get("top1_flips"),
         "rows": e2e.get("rows"), "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -132,28 +140,58 @@ def _g(x) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
+def _key(row: dict) -> tuple:
+    return row["checkpoint"], row["prompt"], row["decode_steps"], row["spec"]
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each row this run redid replaced, and this run's other rows added: grouped by
+    checkpoint (in order of first appearance), then by backend in SPECS order, as one run writes them."""
+    fresh = {_key(r): r for r in new}
+    rows = [fresh.pop(_key(r), r) for r in old] + list(fresh.values())
+    first = {}
+    for r in rows:
+        first.setdefault(r["checkpoint"], len(first))
+    rank = {s: i for i, s in enumerate(SPECS)}
+    return sorted(rows, key=lambda r: (first[r["checkpoint"]], rank.get(r["spec"], len(rank))))
+
+
+def _drift(r: dict) -> str:
+    if r.get("drift_status") == "not judged":  # quantised vs fp32: recorded, not a verdict
+        return f"{_g(r['drift_envelope_fraction'])} (not judged)"
+    return _g(r["drift_envelope_fraction"])
+
+
 def write(out: Path, *, rows: list[dict], meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # OUT names the pair without a suffix; with_suffix would eat a dotted name's tail ("-0.4b").
     out.parent.joinpath(out.name + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=1, allow_nan=True) + "\n")
+    runs = meta.get("runs") or [meta]
+    several = len(runs) > 1  # rows from more than one run: each names its run's commit
     md = [f"# Precision table ({meta['date']}, commit {meta['commit']})", "",
-          f"`{meta['command']}` — {meta['seconds']:.0f} s on this machine", "",
+          *[f"- `{m['command']}` — {m['seconds']:.0f} s on this machine ({m['date']}, commit {m['commit']})"
+            for m in runs], "", *([meta["note"], ""] if meta.get("note") else []),
           "Each row: `parity run --backends reference,SPEC` (fp32 reference the yardstick, replay verdict). "
           "own error: worst record error / its allowance, the candidate replayed by the reference in its "
           "dtype and weights (1 = the tolerance); drift: worst carried-stage drift / the dtype's envelope; "
-          "KL max (nats) and top-1 agreement against the fp32 reference's logits, every token row.", "",
-          "| fixture | prompt | backend | verdict | own error (worst) | at | drift / envelope | KL max | top-1 |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "KL max (nats) and top-1 agreement against the fp32 reference's logits, every token row. "
+          "Quantised backends (…i8, q4f16_1): own error against the reference with the same codes; their "
+          "drift from the unquantised fp32 reference is shown but not judged (the envelope covers rounding, "
+          "not quantisation), so their verdict is the own error's.", "",
+          "| fixture | prompt | backend | verdict | own error (worst) | at | drift / envelope | KL max | top-1 |"
+          + (" run |" if several else ""),
+          "|---|---|---|---|---|---|---|---|---|" + ("---|" if several else "")]
     for r in rows:
         if "error" in r:
-            md.append(f"| {r['checkpoint']} | {r['prompt']} | {r['spec']} | error: {r['error']} | | | | | |")
+            md.append(f"| {r['checkpoint']} | {r['prompt']} | {r['spec']} | error: {r['error']} | | | | | |"
+                      + (f" {r.get('run', '')} |" if several else ""))
             continue
         own = "- (itself)" if r["spec"].startswith("reference@") else _g(r["own_worst_ratio"])
         at = "" if r["spec"].startswith("reference@") else f"step {r['own_worst_at'][0]} {r['own_worst_at'][1]}"
         top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%" + (
             f" ({r['top1_flips']} flips)" if r["top1_flips"] else "")
         md.append(f"| {r['checkpoint']} | {r['prompt']} +{r['decode_steps']} | {r['spec']} | {r['verdict']} | {own} | "
-                  f"{at} | {_g(r['drift_envelope_fraction'])} | {_g(r['kl_max'])} | {top1} |")
+                  f"{at} | {_drift(r)} | {_g(r['kl_max'])} | {top1} |" + (f" {r.get('run', '')} |" if several else ""))
     md += ["", "## Worst per backend", "", "| backend | own error | KL max | top-1 min | verdicts |", "|---|---|---|---|---|"]
     for spec in dict.fromkeys(r["spec"] for r in rows):
         mine = [r for r in rows if r["spec"] == spec and "error" not in r]
@@ -180,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "precision_table")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an existing OUT.json that this run does not redo")
+    ap.add_argument("--note", default=None, help="a paragraph for the top of OUT.md (kept by --merge unless given)")
     args = ap.parse_args(argv)
 
     from parity.checkpoint import load_checkpoint
@@ -195,6 +236,15 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     meta = {"date": dt.date.today().isoformat(), "commit": _commit(),
             "command": "python benchmarks/precision_table.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    old_rows, old_runs, note = [], [], args.note
+    previous = args.out.parent / (args.out.name + ".json")
+    if args.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        old_run = {k: old[k] for k in ("date", "commit", "command", "seconds") if k in old}
+        old_runs = old.get("runs") or [old_run]
+        # A row of an older file names no run: it is the file's (single) run's.
+        old_rows = [{**r, "run": r.get("run", old_runs[0].get("commit"))} for r in old.get("rows", [])]
+        note = note if note is not None else old.get("note")
     for path in paths:
         ck = load_checkpoint(path)
         for spec in specs:
@@ -206,9 +256,10 @@ def main(argv=None) -> int:
                     except ParityError as exc:  # e.g. a spec this checkpoint's version has no build of
                         row = {"checkpoint": path.stem, "prompt": prompt, "decode_steps": args.decode_steps,
                                "spec": spec, "error": str(exc).splitlines()[0]}
-                rows.append(row)
+                rows.append({**row, "run": meta["commit"]})
                 print(json.dumps(row), flush=True)
-                write(args.out, rows=rows, meta={**meta, "seconds": time.perf_counter() - t0})
+                this = {**meta, "seconds": time.perf_counter() - t0}
+                write(args.out, rows=merged(old_rows, rows), meta={**this, "runs": [*old_runs, this], "note": note})
     return 0
 
 
