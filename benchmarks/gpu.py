@@ -48,20 +48,22 @@ from parity.dumpers.backends import pin_torch_math, torch_math_settings  # noqa:
 from parity.synth import shape_config  # noqa: E402
 
 
-def random_weights(config, *, seed: int) -> dict[str, torch.Tensor]:
-    """fp32 weights of the right shapes with sane magnitudes (finite everything, decays in (0, 1))."""
-    gen = torch.Generator().manual_seed(seed)
+def random_weights(config, *, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """fp32 weights of the right shapes with sane magnitudes (finite everything, decays in (0, 1)),
+    drawn on ``device`` and returned on the CPU (drawing 1.5B values is seconds on a GPU, tens of
+    seconds on a busy CPU; speed does not depend on which values)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for key, shape in expected_shapes(config).items():
         if key.endswith("time_decay"):
-            t = torch.rand(shape, generator=gen) * 5 - 6
+            t = torch.rand(shape, generator=gen, device=device) * 5 - 6
         elif "time_mix" in key:
-            t = torch.rand(shape, generator=gen)
+            t = torch.rand(shape, generator=gen, device=device)
         elif key.startswith(("ln", "blocks")) and (".ln" in key or key.startswith("ln")):
             t = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
         else:
-            t = torch.randn(shape, generator=gen) * (0.1 if "time_" in key else 1 / math.sqrt(shape[-1]))
-        out[key] = t.float().contiguous()
+            t = torch.randn(shape, generator=gen, device=device) * (0.1 if "time_" in key else 1 / math.sqrt(shape[-1]))
+        out[key] = t.float().cpu().contiguous()
     return out
 
 
@@ -166,7 +168,81 @@ def _param_bytes(meta: dict, w: dict) -> int:
     return sum(w[n].numel() * size[d] for n, d in zip(meta["params"], dtypes) if n != "emb.weight")
 
 
-def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype: str) -> dict:
+def _err(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+def profile_decode(model, *, steps: int = 3) -> dict:
+    """Where a plain decode step's GPU time goes: every kernel CUPTI sees over ``steps`` VM decode
+    steps (torch.profiler), per step: how many kernels, the sum of their GPU times (the step's
+    time without launch gaps), and the kernels that take the most."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    one = model._ids([1])
+    st = [model.zero_state().slots[n] for n in model.slot_names]
+    model.vm["decode"](one, st, *model.params)
+    model.device.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            st = list(model.vm["decode"](one, st, *model.params)[1])
+        model.device.sync()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by = {}
+    for e in kernels:
+        n, us = by.get(e.name, (0, 0.0))
+        by[e.name] = (n + 1, us + e.device_time)
+    top = sorted(by.items(), key=lambda kv: -kv[1][1])[:12]
+    return {"kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": sum(e.device_time for e in kernels) / steps / 1e3,
+            "top": [{"kernel": k[:80], "per_step": n / steps, "ms_per_step": us / steps / 1e3} for k, (n, us) in top]}
+
+
+def bench_gemv_variant(ck, *, gemv: str, steps: int, cache_dir: Path, dtype: str, want_logits) -> dict:
+    """The plain build under another CUDA GEMV schedule (gemv_cuda.py, $PARITY_CUDA_GEMV; built by
+    scripts/gpu-job --prepare): decode ms through the VM and in one step graph, and how far its logits
+    after one decode step are from the default build's (same state, same token)."""
+    import os
+
+    from parity.compiled.cuda_graph import GraphDecoder
+    from parity.compiled.runtime import CompiledRWKV
+
+    before = os.environ.get("PARITY_CUDA_GEMV")
+    os.environ["PARITY_CUDA_GEMV"] = gemv
+    try:
+        model = CompiledRWKV(ck, variant="plain", target="cuda", cache_dir=cache_dir, dtype=dtype)
+    finally:
+        if before is None:
+            os.environ.pop("PARITY_CUDA_GEMV")
+        else:
+            os.environ["PARITY_CUDA_GEMV"] = before
+    one = model._ids([1])
+    out = {"library": model.artifact.library.name}
+    st = [model.zero_state().slots[n] for n in model.slot_names]
+    got = model.vm["decode"](one, st, *model.params)[0].numpy().astype(np.float64)
+    out["logits_max_abs_vs_default"] = float(np.max(np.abs(got - want_logits)))
+    out["logits_max_abs_default"] = float(np.max(np.abs(want_logits)))
+    box = {"state": [model.zero_state().slots[n] for n in model.slot_names]}
+
+    def decode():
+        box["state"] = list(model.vm["decode"](one, box["state"], *model.params)[1])
+
+    out["decode_ms"] = _timed(decode, sync=model.device.sync, repeat=steps) * 1e3
+    try:
+        out["profile"] = profile_decode(model)
+    except Exception as e:  # noqa: BLE001
+        out["profile_error"] = _err(e)
+    try:
+        g = GraphDecoder(model)
+        out["step_graph_decode_ms"] = _timed(lambda: g.step(1), sync=g.sync, repeat=steps) * 1e3
+        del g
+    except Exception as e:  # noqa: BLE001
+        out["step_graph_error"] = _err(e)
+    del model
+    return out
+
+
+def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype: str, gemvs=(), profile=False,
+              relax_graph: bool = True) -> dict:
     """The plain build through the VM, then the Relax-graph build and the whole-step torch graph,
     each guarded: a way that fails records its one-line error instead of ending the benchmark."""
     from parity.compiled.cuda_graph import GraphDecoder, build_graph_model
@@ -190,6 +266,8 @@ def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype
         return decode
 
     decode_s = _timed(vm_decode(model), sync=dev.sync, repeat=steps)
+    zero = [model.zero_state().slots[n] for n in model.slot_names]
+    want_logits = model.vm["decode"](one, zero, *model.params)[0].numpy().astype(np.float64)
     prefill_s = _timed(lambda: model.vm["prefill"](ids, state, *model.params), sync=dev.sync, repeat=1)
     out = {"decode_ms": decode_s * 1e3, "prefill_tok_s": prefill_len / prefill_s, "load_s": load_s,
            "compile_seconds_on_build_machine": model.artifact.meta.get("compile_seconds"),
@@ -199,8 +277,22 @@ def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype
         out["step_graph_decode_ms"] = _timed(lambda: g.step(1), sync=g.sync, repeat=steps) * 1e3
         del g
     except Exception as e:  # noqa: BLE001 - recorded, not fatal: the other rows still count
-        out["step_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        out["step_graph_error"] = _err(e)
+    if profile:
+        try:
+            out["profile"] = profile_decode(model)
+        except Exception as e:  # noqa: BLE001
+            out["profile_error"] = _err(e)
     del model
+    for gemv in gemvs:  # before the Relax-graph build: the figures the decode speed work asks for first
+        try:
+            out.setdefault("gemv", {})[gemv] = bench_gemv_variant(ck, gemv=gemv, steps=steps, cache_dir=cache_dir,
+                                                                  dtype=dtype, want_logits=want_logits)
+        except Exception as e:  # noqa: BLE001
+            out.setdefault("gemv", {})[gemv] = {"error": _err(e)}
+        print(json.dumps({"gemv": gemv, **{k: v for k, v in out["gemv"][gemv].items() if k != "profile"}}, default=float), flush=True)
+    if not relax_graph:
+        return out
     try:
         art = build_graph_model(config, dtype=dtype, cache_dir=cache_dir)
         gm = CompiledRWKV(ck, variant="plain", target="cuda", cache_dir=cache_dir, dtype=dtype, artifact=art)
@@ -210,7 +302,7 @@ def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype
             sync=dev.sync, repeat=1)
         del gm
     except Exception as e:  # noqa: BLE001
-        out["relax_graph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        out["relax_graph_error"] = _err(e)
     return out
 
 
@@ -318,6 +410,14 @@ def main() -> int:
     ap.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth of the GPU in TB/s (H200: 4.8)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--no-overhead", action="store_true", help="skip the harness-overhead measurement")
+    ap.add_argument("--overhead-shape", default="0.4b", help="the shape the harness overhead is measured at")
+    ap.add_argument("--overhead-how", default="processes,workers,in-process",
+                    help="which overhead measurements (harness_overhead's how), in order")
+    ap.add_argument("--gemv", default="", help="comma-separated CUDA GEMV variants (gemv_cuda.GEMV_CONFIGS) measured "
+                                             "beside the default build, at the shapes/dtypes of --gemv-at")
+    ap.add_argument("--gemv-at", default="1.5b:float16", help="shape:dtype pairs the --gemv variants are measured at")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of the plain build's decode (torch.profiler)")
+    ap.add_argument("--no-relax-graph", action="store_true", help="skip the Relax-graph build's rows")
     args = ap.parse_args()
     from parity.compiled.build import default_cache_dir
 
@@ -336,14 +436,21 @@ def main() -> int:
         "hbm_tbs": args.hbm_tbs,
     }
     rows, overhead = [], []
-    for i, shape in enumerate(s.strip() for s in args.shapes.split(",")):
+    gemv_at = {tuple(p.split(":")) for p in args.gemv_at.split(",") if p}
+    gemvs = [g.strip() for g in args.gemv.split(",") if g.strip()]
+    meta["gemv_variants"] = gemvs
+    for shape in (s.strip() for s in args.shapes.split(",")):
         config = shape_config(shape, version="5.2")
-        w = random_weights(config, seed=0)
+        t0 = time.perf_counter()
+        w = random_weights(config, seed=0, device="cuda")
+        print(f"{shape}: random weights in {time.perf_counter() - t0:.1f} s", flush=True)
         for dtype in dtypes:
             row = {"shape": shape, "dtype": dtype, "config": config.describe()}
             try:
                 row["tvm_cuda"] = bench_tvm(w, config, prefill_len=args.prefill_len, steps=args.decode_steps,
-                                            cache_dir=cache_dir, dtype=dtype)
+                                            cache_dir=cache_dir, dtype=dtype, profile=args.profile,
+                                            gemvs=gemvs if (shape, dtype) in gemv_at else (),
+                                            relax_graph=not args.no_relax_graph)
             except Exception as e:  # noqa: BLE001 - a missing build or a failure: recorded, the torch rows still run
                 row["tvm_cuda"] = {"error": f"{type(e).__name__}: {e}"[:300]}
             torch.cuda.empty_cache()
@@ -357,16 +464,25 @@ def main() -> int:
             row["roofline_ms"] = nbytes / (args.hbm_tbs * 1e12) * 1e3
             rows.append(row)
             print(json.dumps(row, default=float), flush=True)
-        if i == 0 and not args.no_overhead:
-            with tempfile.TemporaryDirectory() as work:
-                for how in ("processes", "workers", "in-process"):
-                    try:
-                        overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work), how=how))
-                    except Exception as e:  # noqa: BLE001
-                        overhead.append({"how": how, "error": f"{type(e).__name__}: {e}"[:300]})
-                    print(json.dumps({k: v for k, v in overhead[-1].items() if k != "events"}, default=float), flush=True)
+            _write(args, meta, rows, overhead)  # after every row: a timeout keeps what was measured
         del w
         torch.cuda.empty_cache()
+    if not args.no_overhead:
+        config = shape_config(args.overhead_shape, version="5.2")
+        with tempfile.TemporaryDirectory() as work:
+            for how in args.overhead_how.split(","):
+                try:
+                    overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work), how=how))
+                except Exception as e:  # noqa: BLE001
+                    overhead.append({"how": how, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(json.dumps({k: v for k, v in overhead[-1].items() if k != "events"}, default=float), flush=True)
+                _write(args, meta, rows, overhead)
+    print(_write(args, meta, rows, overhead))
+    return 0
+
+
+def _write(args, meta: dict, rows: list, overhead: list) -> str:
+    """gpu-bench.json and gpu-bench.md from what has been measured so far; returns the table."""
     (args.out / "gpu-bench.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "harness_overhead": overhead}, indent=1, default=float) + "\n")
     lines = [f"# GPU benchmark, {meta['gpu']}, {meta['date']}, commit {meta['commit']}", "",
@@ -385,6 +501,20 @@ def main() -> int:
     errors = [(r["shape"], r["dtype"], k, v) for r in rows for k, v in r["tvm_cuda"].items() if k.endswith("error")]
     for shape, dtype, k, v in errors:
         lines.append(f"\n{shape} {dtype} {k}: {v}")
+    for r in rows:
+        t, rl = r["tvm_cuda"], r["roofline_ms"]
+        for g, v in (t.get("gemv") or {}).items():
+            if "error" in v:
+                lines.append(f"\n{r['shape']} {r['dtype']} GEMV {g}: failed: {v['error']}")
+                continue
+            lines.append(f"\n{r['shape']} {r['dtype']} GEMV {g}: decode {_ms(v, 'decode_ms', rl)}, step graph "
+                         f"{_ms(v, 'step_graph_decode_ms', rl)} ms; logits after one step differ from the default build's "
+                         f"by {v['logits_max_abs_vs_default']:.2e} at most (largest logit {v['logits_max_abs_default']:.2e})")
+        for name, p in [("default", t.get("profile"))] + [(g, v.get("profile")) for g, v in (t.get("gemv") or {}).items()]:
+            if p:
+                lines.append(f"\n{r['shape']} {r['dtype']} {name} build, profile: {p['kernels_per_step']:.0f} kernels a step, "
+                             f"{p['gpu_busy_ms_per_step']:.3f} ms of kernel time a step; most: "
+                             + "; ".join(f"{k['kernel']} x{k['per_step']:.0f} {k['ms_per_step']:.3f} ms" for k in p["top"][:5]))
     for h in overhead:
         how = {"processes": "as a user waits (`parity run` vs two bare scripts, each a fresh process)",
                "workers": "run_parity here, backends in worker processes (the default)",
@@ -392,12 +522,11 @@ def main() -> int:
         if "error" in h:
             lines += ["", f"Harness overhead ({how}): failed: {h['error']}"]
             continue
-        lines += ["", f"Harness overhead at {rows[0]['shape']}, {how}: full-dump parity run {h['parity_run_s']:.2f} s ÷ bare "
+        lines += ["", f"Harness overhead at {args.overhead_shape}, {how}: full-dump parity run {h['parity_run_s']:.2f} s ÷ bare "
                       f"runs ({h['bare_reference_s']:.2f} s reference + {h['bare_tvm_cuda_s']:.2f} s CUDA build) = "
                       f"{h['ratio']:.2f}× (verdict: {h['verdict']})"]
     (args.out / "gpu-bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

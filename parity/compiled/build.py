@@ -34,6 +34,7 @@ CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
 PIPELINE_ID = "FuseTransposeMatmul+cpu-matmul-schedule|dlight-gpu-tolerant"
 VARIANTS = ("plain", "debug")
 from parity.compiled.dtypes import DTYPES  # noqa: E402  (re-exported: what the build computes in)
+from parity.compiled.gemv_cuda import DEFAULT_GEMV, GEMV_CONFIGS  # noqa: E402  (no TVM compiler needed)
 
 _TARGETS = {
     "llvm": {"kind": "llvm"},
@@ -85,6 +86,15 @@ def make_target(name: str):
     return tvm.target.Target(spec)
 
 
+def cuda_gemv() -> str:
+    """The CUDA GEMV schedule a build uses: $PARITY_CUDA_GEMV, else DLight's own (gemv_cuda.py).
+    A choice other than the default is part of the cache key and of the entry's name."""
+    name = os.environ.get("PARITY_CUDA_GEMV") or DEFAULT_GEMV
+    if name != DEFAULT_GEMV and name not in GEMV_CONFIGS:
+        raise ParityError(f"unknown PARITY_CUDA_GEMV {name!r}; choose one of {', '.join([DEFAULT_GEMV, *GEMV_CONFIGS])}")
+    return name
+
+
 def _tolerant(rule):
     """A DLight rule that returns None (leave the kernel to the next rule) where it would raise:
     DLight's GPU Reduction rule asserts on some reductions (a sum of a sum, in the bug zoo)."""
@@ -118,7 +128,14 @@ def compile_pipeline(target: str, tvm_target):
         # The CUDA pipeline's own legalisation, with DLight's GPU rules made tolerant. The scans
         # are marked scheduled (wkv_cuda.py), so DLight leaves them alone.
         legalize = [p for p in cuda.legalize_passes(tvm_target) if not isinstance(p, dl.ApplyDefaultSchedule)]
-        rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+        gemv = cuda_gemv()
+        if gemv == DEFAULT_GEMV:
+            gemv_rule = dl.gpu.GEMV()
+        else:  # DLight's GEMV schedule with other tile sizes (gemv_cuda.py; $PARITY_CUDA_GEMV)
+            from parity.compiled.gemv_cuda import wide_gemv_rule
+
+            gemv_rule = wide_gemv_rule(GEMV_CONFIGS[gemv])
+        rules = (dl.gpu.Matmul(), gemv_rule, dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
         passes = [*cuda.library_dispatch_passes(tvm_target), *legalize,
                   dl.ApplyDefaultSchedule(*(_tolerant(r) for r in rules))]
         lower = [*cuda.dataflow_lower_passes(tvm_target), *cuda.finalize_passes(tvm_target)]
@@ -160,7 +177,7 @@ _HERE = Path(__file__).resolve().parent
 _SOURCES = tuple(
     _HERE / name
     for name in ("common.py", "rwkv4_model.py", "rwkv5_model.py", "wkv4_kernel.py", "wkv5_kernel.py", "wkv_cuda.py", "targets.py",
-                 "schedule_cpu.py", "dtypes.py", "cuda_graph.py")
+                 "schedule_cpu.py", "dtypes.py", "cuda_graph.py", "gemv_cuda.py")
 )
 _MUTANT_SOURCES = tuple(_HERE.parent / "mutants" / name for name in (
     "compiled.py", "kernels.py", "crash_models.py", "precision_models.py", "quant_models.py"))
@@ -177,6 +194,8 @@ def cache_key(*, config: ModelConfig, variant: str, target: str, mutant: str | N
     h = hashlib.sha256()
     if dtype != "float32":  # (absent for fp32: its keys are those of the builds made before dtypes)
         h.update(f"dtype={dtype}".encode() + b"\0")
+    if target == "cuda" and cuda_gemv() != DEFAULT_GEMV:  # (absent for the default: DLight's rule)
+        h.update(f"gemv={cuda_gemv()}".encode() + b"\0")
     if mutant is not None:
         for part in (f"mutant={mutant}", *(p.read_text() for p in _MUTANT_SOURCES)):
             h.update(part.encode())
@@ -319,6 +338,8 @@ def entry_path(
         family += f"-mutant-{mutant}"
     if dtype != "float32":
         family += f"-{dtype}"
+    if target == "cuda" and cuda_gemv() != DEFAULT_GEMV:
+        family += f"-gemv-{cuda_gemv()}"
     return cache_dir / f"{family}-{variant}-{target}-{key}.so"
 
 
@@ -375,6 +396,7 @@ def _compile_entry(
         "target": target,
         "tvm_version": tvm.__version__,
         "pipeline": PIPELINE_ID,
+        "cuda_gemv": cuda_gemv() if target == "cuda" else None,
         "params": [name for name, _ in params],
         # What the runtime binds each parameter as (absent in builds made before dtypes: all fp32),
         # and the ones it divides first (fp16's residual rescale, common.py).

@@ -342,6 +342,29 @@ def test_cuda_fp16_parity_every_fixture(name, cache, tmp_path):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16i8", "fp32i8", "q4f16_1"])
+def test_cuda_lowp_parity_every_fixture(dtype, name, cache, tmp_path):
+    """The bf16 and quantised CUDA builds against the reference in their own format (same dtype, and
+    for int8 / q4 the same codes: reference@<scheme> dequantises the codes the build binds), no
+    divergence under the default verdict and isolated, as tests/compiled/test_quant.py asks of the
+    llvm builds. Only the GPU's scheduled kernels (DLight's GEMV over a dequantised weight, the
+    scan) are new here."""
+    from parity.compare.verdict import VERDICT_PASS
+
+    ck = load_checkpoint(FIXTURES / f"{name}.pth")
+    r = run_parity(ck, backends=[f"reference@{dtype}", f"tvm@{dtype}"], plan=_plan(ck), dump_dir=tmp_path,
+                   cache_dir=cache, mode="both", device="cuda").result
+    _record(dtype, name, {"verdict": r["verdict"], "modes": {m: (b or {}).get("verdict") for m, b in r["modes"].items()},
+                          "own_error": {k: (r.get("own_error") or {}).get(k) for k in ("method", "failed", "worst_ratio")},
+                          "summary": r.get("summary")})
+    assert r["run"]["device"] == "cuda"
+    assert r["verdict"] == VERDICT_PASS, r["first_divergence"]
+    assert r["modes"]["isolated"]["first_divergence"] is None, r["modes"]["isolated"]["first_divergence"]
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cuda_graphs_compute_what_the_plain_build_does(dtype, cache):
     """The two speed-ups of parity/compiled/cuda_graph.py change no kernel, only how they are

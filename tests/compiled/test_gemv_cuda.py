@@ -1,0 +1,75 @@
+"""The CUDA GEMV variants (parity/compiled/gemv_cuda.py): chosen by $PARITY_CUDA_GEMV, part of the
+cache key, and really scheduled with the loads they promise. Here, no GPU: the CUDA source TVM
+generates is what is checked; the GPU job measures their speed and how far their logits are from
+the default build's (benchmarks/gpu.py --gemv)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from parity.compiled.build import DEFAULT_GEMV, cache_key, cuda_gemv, entry_path
+from parity.compiled.gemv_cuda import GEMV_CONFIGS
+from parity.errors import ParityError
+from parity.synth import shape_config
+
+# One layer at the 1.5B width (C 2048, F 7168) and a small vocabulary: the GEMVs of a released
+# shape, compiled in seconds.
+WIDE = dataclasses.replace(shape_config("1.5b", version="5.2"), n_layer=1, vocab_size=4096)
+
+
+def test_default_is_dlight_and_a_variant_is_its_own_entry(monkeypatch, tmp_path):
+    monkeypatch.delenv("PARITY_CUDA_GEMV", raising=False)
+    assert cuda_gemv() == DEFAULT_GEMV == "dlight"
+    plain = cache_key(config=WIDE, variant="plain", target="cuda")
+    llvm = cache_key(config=WIDE, variant="plain", target="llvm")
+    monkeypatch.setenv("PARITY_CUDA_GEMV", "v16")
+    assert cache_key(config=WIDE, variant="plain", target="cuda") != plain
+    assert cache_key(config=WIDE, variant="plain", target="llvm") == llvm  # the llvm build has no GEMV rule
+    assert "-gemv-v16-plain-cuda-" in entry_path(WIDE, variant="plain", target="cuda", cache_dir=tmp_path).name
+    monkeypatch.setenv("PARITY_CUDA_GEMV", "v99")
+    with pytest.raises(ParityError, match="unknown PARITY_CUDA_GEMV 'v99'; choose one of dlight, v16"):
+        cuda_gemv()
+
+
+def _gemv_kernels(monkeypatch, gemv: str | None) -> dict[str, str]:
+    """name -> CUDA source of each decode GEMV kernel (NT_matmul, no seq_len argument) of WIDE in fp16."""
+    import tvm
+
+    from parity.compiled.build import compile_pipeline, make_target, model_for
+    from parity.compiled.cuda import cuda_sources
+
+    if gemv:
+        monkeypatch.setenv("PARITY_CUDA_GEMV", gemv)
+    else:
+        monkeypatch.delenv("PARITY_CUDA_GEMV", raising=False)
+    model = model_for(WIDE, debug=False, target="cuda", dtype="float16")
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    target = make_target("cuda")
+    with target:
+        mod = compile_pipeline("cuda", target)(mod)
+    (src,) = cuda_sources(tvm.compile(mod, target=target, relax_pipeline=None).mod)
+    out = {}
+    for m in re.finditer(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (fused_NT_matmul\w*)\(([^)]*)\) \{', src):
+        if "seq_len" not in m.group(3):  # the prefill's matmuls take the token count
+            end = src.find('extern "C" __global__', m.end())
+            out[m.group(2)] = (int(m.group(1)), src[m.end():end])
+    return out
+
+
+def test_v16_loads_the_weight_16_bytes_at_a_time(monkeypatch):
+    """DLight's rule loads the fp16 weight 4 bytes (a half2) at a time; the v16-ts4 variant 16 bytes
+    (a uint4 of 8 halves) in blocks of 4 rows x 32 threads; both keep fp32 accumulators."""
+    dlight = _gemv_kernels(monkeypatch, None)
+    wide = _gemv_kernels(monkeypatch, "v16-ts4")
+    assert dlight and set(dlight) == set(wide)
+    cfg = GEMV_CONFIGS["v16-ts4"]
+    for name, (threads, body) in wide.items():
+        assert threads == cfg.ts * cfg.tr, name
+        assert re.search(r"\w+_weight_local_ptr\[0\] = \*\(uint4\*\)", body), name
+        assert "float NT_matmul_intermediate_rf_local" in body, name  # fp32 accumulation kept
+    for name, (threads, body) in dlight.items():
+        assert threads == 512, name  # DLight's 16 x 32
+        assert not re.search(r"\w+_weight_local_ptr\[0\] = \*\(uint4\*\)", body), name
