@@ -32,6 +32,11 @@ GRAPH_FIXTURE = "rwkv5_2-L2-C144-H12"  # tests/compiled/test_gpu.py: the graphs 
 GEMVS = [g for g in os.environ.get("PREPARE_GEMV", "v16,v16-ts4,v16-ts2-tr64").split(",") if g]
 
 
+def fixture(name: str):
+    """A mutant's fixture: fixtures/NAME.pth (some in a subfolder, e.g. precision/)."""
+    return load_checkpoint(Path("fixtures") / f"{name}.pth").config
+
+
 def todo() -> list[tuple[str, object, dict]]:
     """(what, config, build keywords) of every build, in the job's order."""
     fixtures = {p.stem: load_checkpoint(p).config for p in sorted(Path("fixtures").glob("*.pth"))}
@@ -46,7 +51,7 @@ def todo() -> list[tuple[str, object, dict]]:
                 (GRAPH_FIXTURE, cfg, dict(graph=True, dtype=dtype))]
     out.append(("0.4b", s04, dict(variant="debug", target="cuda")))  # stage 04b
     for name, m in GPU_CATALOGUE.items():  # stage mutants: on CUDA, and the llvm verdict beside
-        out += [(name, fixtures[m.fixture], dict(variant="debug", target=t, mutant=name)) for t in ("cuda", "llvm")]
+        out += [(name, fixture(m.fixture), dict(variant="debug", target=t, mutant=name)) for t in ("cuda", "llvm")]
     for dtype in ("float32", "float16"):  # stage bench: 1.5B, plain and the Relax-graph build
         out += [("1.5b", s15, dict(variant="plain", target="cuda", dtype=dtype)), ("1.5b", s15, dict(graph=True, dtype=dtype))]
     out += [("1.5b", s15, dict(variant="plain", target="cuda", dtype="float16", gemv=g)) for g in GEMVS]
@@ -55,7 +60,7 @@ def todo() -> list[tuple[str, object, dict]]:
     out += [(name, cfg, dict(variant=v, target="cuda")) for name, cfg in fixtures.items() for v in ("plain", "debug")]
     for name, m in CATALOGUE.items():
         if m.side == "compiled" and builds_for(name, "cuda"):
-            out.append((name, fixtures[m.fixture], dict(variant="debug", target="cuda", mutant=name)))
+            out.append((name, fixture(m.fixture), dict(variant="debug", target="cuda", mutant=name)))
     return out
 
 
