@@ -25,6 +25,12 @@ Writes benchmarks/results/memory-<date>-<commit>.md and .json (the commit of thi
 row names the commit it ran). Numbers are from this machine in this run only.
 
     python benchmarks/memory.py --shapes 0.4b --trees f653b1b,HEAD --synth-dir /tmp/h4   # before/after
+    python benchmarks/memory.py --checkpoint /tmp/m1/m01.safetensors --trees f661eed,HEAD \
+        --ids random:512:5 --decode-steps 4 --suffix long-prompt-2      # a checkpoint you made already
+
+--checkpoint measures the given files instead of synthesising --shapes (a row's shape is then the
+file's name); --suffix is added to the results' file names, so a second table of one day and
+commit does not overwrite the first.
 """
 
 from __future__ import annotations
@@ -172,6 +178,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, help="synthesise only N layers (a quick check of this script, not a measurement)")
     ap.add_argument("--vocab", type=int, help="synthesise a vocabulary of V tokens (likewise)")
     ap.add_argument("--synth-dir", type=Path, help="keep (and reuse) the synthesised checkpoints here")
+    ap.add_argument("--checkpoint", type=Path, action="append", default=[],
+                    help="measure this checkpoint file (repeatable) instead of synthesising --shapes")
+    ap.add_argument("--suffix", default="", help="added to the results' file names: memory-<date>-<commit>-SUFFIX")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the Markdown and JSON go")
     args = ap.parse_args()
 
@@ -187,7 +196,7 @@ def main() -> int:
             "synth": synths, "rows": rows,
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"memory-{now:%Y-%m-%d}-{here[:10]}"
+        stem = args.out / f"memory-{now:%Y-%m-%d}-{here[:10]}{'-' + args.suffix if args.suffix else ''}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(result))
         print(f"wrote {stem}.md and .json", flush=True)
@@ -204,12 +213,19 @@ def main() -> int:
             trees[rev] = (trees[rev][0], export_tree(rev, trees[rev][0]))
         from parity.checkpoint import load_checkpoint
 
-        for shape in args.shapes.split(","):
-            extra = [*(["--layers", str(args.layers)] if args.layers else []), *(["--vocab", str(args.vocab)] if args.vocab else [])]
-            suffix = "".join(f"-{a.lstrip('-')[0]}{b}" for a, b in zip(extra[::2], extra[1::2]))
-            ck_path = synth_dir / f"rwkv{args.version.replace('.', '_')}-{shape}{suffix}.pth"
-            synths[shape + suffix] = synth(shape, version=args.version, out=ck_path, env=env, extra=extra)
+        for shape in args.checkpoint or args.shapes.split(","):
+            if args.checkpoint:  # given: measured as it is, named by its file
+                ck_path, shape, suffix = shape.resolve(), shape.name, ""
+                if not ck_path.is_file():
+                    sys.exit(f"--checkpoint {ck_path}: no such file")
+            else:
+                extra = [*(["--layers", str(args.layers)] if args.layers else []),
+                         *(["--vocab", str(args.vocab)] if args.vocab else [])]
+                suffix = "".join(f"-{a.lstrip('-')[0]}{b}" for a, b in zip(extra[::2], extra[1::2]))
+                ck_path = synth_dir / f"rwkv{args.version.replace('.', '_')}-{shape}{suffix}.pth"
+                synths[shape + suffix] = synth(shape, version=args.version, out=ck_path, env=env, extra=extra)
             ck = load_checkpoint(ck_path)
+            version = ck.config.version.value
             fp32, file_bytes = ck.fp32_nbytes(), ck_path.stat().st_size
             del ck
             for rev, (tree, commit) in trees.items():
@@ -223,7 +239,7 @@ def main() -> int:
                 m = measure(cmd, cwd=tree, env=dict(env, PYTHONPATH=str(tree)))
                 target = TARGET_FACTOR * (fp32 + file_bytes)
                 row = {
-                    "shape": shape + suffix, "version": args.version, "tree": rev, "commit": commit,
+                    "shape": shape + suffix, "version": version, "tree": rev, "commit": commit,
                     "fp32_weight_bytes": fp32, "checkpoint_file_bytes": file_bytes,
                     "target_bytes": int(target), **m,
                     "ratio": round(m["peak_tree_rss_bytes"] / (fp32 + file_bytes), 2),
