@@ -1,14 +1,18 @@
 """The catalogue of known porting bugs, each one plantable into the torch reference.
 
-A hypothesis is a small named function that patches *one part* of a fresh reference instance
+A hypothesis is a small named function that patches *one part* of a fresh copy of the reference
 (parity/reference/): a replaceable method (``_wkv``, ``_receptance``, ``layer``), a weight of one
 layer, the embedding table, or — for the parts written inline — the module globals (``F``,
-``torch``) seen while one method runs. The engine (engine.py) replays the faulty layer with each
+``torch``) seen while one method runs. The copy has its own attributes and its own list of layers
+but shares their tensors (engine.Context.reference): a hypothesis replaces a tensor or a layer's
+entry, never writes into one. The engine (engine.py) replays the faulty layer with each
 planted and keeps the hypotheses that reproduce the candidate.
 
 ``stages``: the short stage names (``att.wkv``, ``emb``, ``att_kv`` for ``state.L{l}.att_kv``)
 where the bug first shows — the family a first divergence there selects. ``versions``: the RWKV
-versions it exists in; elsewhere it is listed as not applicable, with why.
+versions it exists in; elsewhere it is listed as not applicable, with why. ``weights``: for a bug of
+a quantised port's dequantisation, the weight formats it exists in (``int8``, ``q4``: the format the
+candidate's dump names); empty for every other bug.
 
 Add your own as ``module:attr`` or ``file.py:attr`` (``parity explain --hypothesis``): ``attr`` is a
 ``Hypothesis``, e.g. made by the ``@hypothesis(...)`` decorator below.
@@ -43,18 +47,20 @@ class Hypothesis:
     # plant(model, ctx) patches ``model`` in place; returns a detail for the report (e.g. the
     # fitted eps) or None. ctx: engine.Context (checkpoint, candidate arrays, step, layer).
     plant: Callable
+    # Quantised-weight bugs only: the candidate weight formats they exist in (() = any candidate).
+    weights: tuple[str, ...] = ()
 
 
 CATALOGUE: dict[str, Hypothesis] = {}
 
 
 def hypothesis(*, name: str, title: str, stages: tuple[str, ...], versions: tuple[str, ...] = V5, fix: str,
-               register: bool = True):
+               register: bool = True, weights: tuple[str, ...] = ()):
     """Decorator: a plant(model, ctx) function becomes a named, documented Hypothesis."""
 
     def wrap(fn) -> Hypothesis:
         h = Hypothesis(name=name, title=title, stages=tuple(stages), versions=tuple(versions), fix=fix,
-                       doc=" ".join((fn.__doc__ or title).split()), plant=fn)
+                       doc=" ".join((fn.__doc__ or title).split()), plant=fn, weights=tuple(weights))
         if register:
             CATALOGUE[name] = h
         return h
@@ -586,3 +592,142 @@ def v4_rescale_off_by_one(model, ctx):
         return out, aa, bb, pp
 
     model._wkv = wkv
+
+
+# -- quantised weights: a dequantisation kernel's indexing mistakes ---------------------------------
+# A quantised candidate (tvm@fp16i8, tvm@q4f16_1, a port of ChatRWKV's int8 or MLC's q4f16_1) is
+# replayed by the reference that dequantises the same codes (parity/reference/int8.py, q4.py; the
+# compiled build binds codes made by those same quantisers). A hypothesis here re-dequantises those
+# codes the wrong way and puts the result in place of the faulty layer's matrices (or the head's), so
+# quantisation error is shared and only the kernel's mistake is left to reproduce. Every matmul of
+# the layer shows it; in both families the first is att.r (layer 0's receptance).
+QUANT_STAGES = ("att.r", "att.k", "att.v", "att.g", "att.out", "ffn.r", "ffn.k", "ffn.out", "logits")
+# The reference's matrix attributes (a v5 _Layer's field, a v4 layer dict's key) -> checkpoint key.
+_MATRICES = (("Wr", "att.receptance.weight"), ("Wk", "att.key.weight"), ("Wv", "att.value.weight"),
+             ("Wg", "att.gate.weight"), ("Wo", "att.output.weight"), ("ffn_Wk", "ffn.key.weight"),
+             ("ffn_Wr", "ffn.receptance.weight"), ("ffn_Wv", "ffn.value.weight"))
+_RESCALED = ("att.output.weight", "ffn.value.weight")  # divided by 2^(l // 6) in fp16, before quantising
+
+
+def _requantized(model, ctx, dequantize) -> None:
+    """The faulty layer's matrices (the head's, for ln_out/logits) replaced by ``dequantize(weight)``:
+    the fp32 weight prepared as the reference prepares it (rescaled in fp16), quantised by the
+    reference's own quantiser, dequantised the wrong way; ``dequantize`` returns (out, in) or None
+    (the bug cannot apply to that matrix: it keeps the reference's correct one)."""
+    w = ctx.weights
+
+    def redo(key: str, scale: float):
+        new = dequantize(w[key] / scale if scale != 1.0 else w[key])
+        return None if new is None else new.to(model.dtype)
+
+    if ctx.layer is None:
+        new = redo("head.weight", 1.0)
+        if new is not None:
+            model.head_weight = new
+        return
+    i, p = ctx.layer, model.layers[ctx.layer]
+    changes = {}
+    for attr, suffix in _MATRICES:
+        key = f"blocks.{i}.{suffix}"
+        if key not in w:  # 5.0 and RWKV-4: no gate
+            continue
+        new = redo(key, model.layer_scale(i) if suffix in _RESCALED else 1.0)
+        if new is not None:
+            changes[attr] = new
+    model.layers[i] = {**p, **changes} if isinstance(p, dict) else dataclasses.replace(p, **changes)
+
+
+def _int8_parts(weight: torch.Tensor, dtype: torch.dtype):
+    """ChatRWKV's codes and ranges of one (out, in) weight (parity/reference/int8.py), in the
+    package's (in, out) layout: q (N, M); my, ry (N, 1) per input row; mx, rx (M,) per output column."""
+    from parity.reference import int8
+
+    p = int8.quantize(weight)
+    return p["q"].to(dtype), *(p[k].to(dtype) for k in ("mx", "rx", "my", "ry"))
+
+
+def _int8_square(fn):
+    """A dequantisation that indexes a per-input vector by output (or back): in bounds only when
+    in = out, so a port with it reads out of bounds, or crashes, on the other matrices; here those
+    keep their correct dequantisation, as the bug zoo's int8-scales-swapped does."""
+
+    def dequantize(weight, *, dtype):
+        return fn(weight, dtype=dtype) if weight.shape[0] == weight.shape[1] else None
+
+    return dequantize
+
+
+@hypothesis(name="int8-scales-swapped", title="int8 row and column scales swapped", stages=QUANT_STAGES,
+            versions=V5 + V4, weights=("int8",),
+            fix="dequantise as (q + 0.5) * ry[in] * rx[out] + my[in] + mx[out]: ry/my are per input row, "
+                "rx/mx per output column")
+def int8_scales_swapped(model, ctx):
+    """ChatRWKV's int8 dequantisation with the row and column scales indexed by each other's axis:
+    (q + 0.5) * ry[out] * rx[in] for ry[in] * rx[out] (the offsets right) — every weight moves by
+    the ratio of its row's and its column's range. Square matrices only (see _int8_square)."""
+
+    def dq(weight, *, dtype):
+        q, mx, rx, my, ry = _int8_parts(weight, dtype)
+        return ((q + 0.5) * ry.reshape(1, -1) * rx.reshape(-1, 1) + my + mx).t()  # BUG: ry by out, rx by in
+
+    _requantized(model, ctx, functools.partial(_int8_square(dq), dtype=model.dtype))
+    return "square matrices; the others would be read out of bounds"
+
+
+@hypothesis(name="int8-offsets-swapped", title="int8 row and column offsets swapped", stages=QUANT_STAGES,
+            versions=V5 + V4, weights=("int8",),
+            fix="dequantise as (q + 0.5) * ry[in] * rx[out] + my[in] + mx[out]: my is the input row's "
+                "minimum, mx the output column's")
+def int8_offsets_swapped(model, ctx):
+    """ChatRWKV's int8 dequantisation with the row and column offsets (minima) indexed by each
+    other's axis: + my[out] + mx[in] for + my[in] + mx[out] (the scales right). Square matrices only."""
+
+    def dq(weight, *, dtype):
+        q, mx, rx, my, ry = _int8_parts(weight, dtype)
+        return ((q + 0.5) * ry * rx + my.reshape(1, -1) + mx.reshape(-1, 1)).t()  # BUG: my by out, mx by in
+
+    _requantized(model, ctx, functools.partial(_int8_square(dq), dtype=model.dtype))
+    return "square matrices; the others would be read out of bounds"
+
+
+@hypothesis(name="int8-offsets-dropped", title="int8 offsets dropped", stages=QUANT_STAGES,
+            versions=V5 + V4, weights=("int8",),
+            fix="add the row and column minima back: (q + 0.5) * ry * rx + my + mx, not (q + 0.5) * ry * rx")
+def int8_offsets_dropped(model, ctx):
+    """ChatRWKV's int8 dequantisation without its offsets (the row and column minima subtracted
+    before scaling): every weight is shifted by my[in] + mx[out]."""
+
+    def dq(weight):
+        q, mx, rx, my, ry = _int8_parts(weight, model.dtype)
+        return ((q + 0.5) * ry * rx).t()  # BUG: + my + mx missing
+
+    _requantized(model, ctx, dq)
+
+
+def _q4_dequantized(weight: torch.Tensor, *, scale_of) -> torch.Tensor:
+    """MLC's q4f16_1 weight (parity/reference/q4.py) dequantised with ``scale_of(scale)`` for its
+    (out, groups) fp16 scales: (code - 7) * scale in fp16, as the reference and MLC's kernel compute it."""
+    from parity.reference import q4
+
+    parts = q4.quantize(weight)
+    return q4.dequantize({"q": parts["q"], "scale": scale_of(parts["scale"])}, in_features=weight.shape[1])
+
+
+@hypothesis(name="q4-group-off-by-one", title="4-bit group boundary off by one", stages=QUANT_STAGES,
+            versions=V5 + V4, weights=("q4",),
+            fix="element i of a row belongs to group i // 32: dequantise it with scale[out, i // 32]")
+def q4_group_off_by_one(model, ctx):
+    """q4f16_1's dequantisation with each group of 32 taking the previous group's scale (group 0 its
+    own): a group index off by one, every weight but the first group's scaled by its neighbour's range."""
+    _requantized(model, ctx, functools.partial(
+        _q4_dequantized, scale_of=lambda s: torch.cat((s[:, :1], s[:, :-1]), dim=1)))  # BUG: group g - 1
+
+
+@hypothesis(name="q4-scale-as-bf16", title="q4 scales read in the wrong dtype (fp16 bits as bf16)",
+            stages=QUANT_STAGES, versions=V5 + V4, weights=("q4",),
+            fix="declare the q4f16_1 scale buffer float16, the dtype it is stored in (q4bf16 is another scheme)")
+def q4_scale_as_bf16(model, ctx):
+    """q4f16_1's fp16 scales read by a kernel that declares them bfloat16: the same 16 bits, another
+    exponent and mantissa split, so every scale (and weight) is wrong by a large, irregular factor."""
+    _requantized(model, ctx, functools.partial(
+        _q4_dequantized, scale_of=lambda s: s.view(torch.int16).view(torch.bfloat16).float().to(torch.float16)))

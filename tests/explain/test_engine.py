@@ -16,9 +16,12 @@ import pytest
 
 from parity.checkpoint import load_checkpoint
 from parity.dumpers.backends import RunPlan
+from parity.dumpers.registry import make_backend
 from parity.errors import ParityError
 from parity.explain.engine import EXPLAINED, NOT_EXPLAINED, NOTHING, explain_dump, explain_result, load_hypothesis
+from parity.explain.hypotheses import CATALOGUE as CATALOGUE_H
 from parity.mutants import CATALOGUE
+from parity.mutants.quant import QUANT_CATALOGUE
 from parity.session import default_decode_ids, parse_ids, run_parity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,12 +87,8 @@ def _assert_explained_by(explanation: dict, name: str) -> None:
 
 # Crashes and hangs leave no wrong number to explain. The precision family (parity/mutants/precision.py)
 # is explained too, each by its own trap, against a reference in the mutant's own dtype. The
-# quantisation family (parity/mutants/quant.py: scales swapped, a group off by one) has no
-# hypotheses yet: localised by selftest, not explained.
-try:
-    from parity.mutants.quant import QUANT_CATALOGUE
-except ImportError:  # (before the quantisation zoo)
-    QUANT_CATALOGUE = {}
+# quantisation family (parity/mutants/quant.py) is explained below, beside a correct build of its
+# scheme.
 EXPLAINABLE = [n for n, m in CATALOGUE.items() if m.fault is None and n not in QUANT_CATALOGUE]
 
 
@@ -104,6 +103,35 @@ def test_every_zoo_mutant_is_explained_by_its_own_hypothesis(name, tmp_path, com
     assert explanation["candidate"] == f"mutant/{name}"
     assert explanation["stage"] == out.result["first_divergence"]["stage"]
     _assert_explained_by(explanation, OWN_HYPOTHESIS.get(name, name))
+
+
+@pytest.mark.parametrize("name", list(QUANT_CATALOGUE))
+def test_a_quant_mutant_is_named_and_a_correct_build_of_its_scheme_is_not(name, tmp_path, compile_cache):
+    # The mutant (a wrong dequantisation index) and the correct build of its scheme (tvm@fp16i8 /
+    # tvm@q4f16_1) each record the mutant's prompt, and each is explained at the place the zoo says
+    # the mutant first diverges (tests/mutants/test_quant.py: a run finds it there). Dumps made in
+    # process, with one decode step, rather than a whole run: CI time; the step still reads a state.
+    mutant = CATALOGUE[name]
+    clean = f"tvm@{mutant.dtype}"
+    ck = load_checkpoint(FIXTURES / f"{mutant.fixture}.pth")
+    plan = RunPlan(prefill_ids=parse_ids(mutant.ids, vocab_size=ck.config.vocab_size),
+                   decode_ids=default_decode_ids(steps=1, vocab_size=ck.config.vocab_size))
+    where = {"step": mutant.isolated.step, "stage": mutant.isolated.stage}
+    dumps = {s: make_backend(s, ck, cache_dir=compile_cache).dump(plan, path=tmp_path / s.replace("/", "_"))
+             for s in (f"mutant/{name}", clean)}
+
+    _assert_explained_by(explain_dump(ck, candidate_dump=dumps[f"mutant/{name}"], first_divergence=where),
+                         name)  # the hypotheses are named after the zoo's bugs
+
+    # The correct build, asked at the same place: the clean reference already reproduces it, and
+    # none of its scheme's dequantisation bugs does (each is tried; the other scheme's are not).
+    forced = explain_dump(ck, candidate_dump=dumps[clean], first_divergence=where)
+    assert forced["status"] == NOT_EXPLAINED and forced["clean"]["worst_ratio"] <= 1.0
+    assert forced["fix"] is None
+    fmt = "int8" if mutant.dtype.endswith("i8") else "q4"
+    quant = {h["name"]: h for h in forced["hypotheses"] if CATALOGUE_H[h["name"]].weights}
+    assert set(quant) == {n for n, h in CATALOGUE_H.items() if fmt in h.weights}
+    assert not any(h["reproduces"] for h in quant.values()), [(n, h["worst_ratio"]) for n, h in quant.items()]
 
 
 @pytest.mark.parametrize("name", ["groupnorm-eps-1e-5", "state-transposed", "token-shift-off-by-one"])

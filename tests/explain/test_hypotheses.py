@@ -70,6 +70,11 @@ for _name in CATALOGUE:
 
 def _cases():
     for name, h in CATALOGUE.items():
+        if h.weights:
+            # A quantised port's dequantisation bug is tried only on a candidate whose dump names its
+            # weight format (the replay then dequantises the same codes); a plug-in here is an fp32
+            # port. test_engine.py explains them on the zoo's real quantised builds instead.
+            continue
         for path in (V5, V4):
             version = "4" if path == V4 else "5.2"
             if version in h.versions:
