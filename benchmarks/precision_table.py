@@ -209,6 +209,20 @@ def write(out: Path, *, rows: list[dict], meta: dict) -> None:
     out.parent.joinpath(out.name + ".md").write_text("\n".join(md) + "\n")
 
 
+def render_only(out: Path, *, note: str | None) -> int:
+    """OUT.md again from OUT.json, measuring nothing (a new --note is stored in OUT.json as well)."""
+    path = out.parent / (out.name + ".json")
+    if not path.is_file():
+        print(f"precision_table: {path} not found; nothing to render", file=sys.stderr)
+        return 2
+    data = json.loads(path.read_text())
+    if note is not None:
+        data["note"] = note
+        path.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+    write(out, rows=data.pop("rows"), meta=data)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", default=None, help="comma-separated fixture stems (default: every one)")
@@ -221,7 +235,12 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing OUT.json that this run does not redo")
     ap.add_argument("--note", default=None, help="a paragraph for the top of OUT.md (kept by --merge unless given)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: rewrite OUT.md from OUT.json (with --note, which is stored in OUT.json too)")
     args = ap.parse_args(argv)
+
+    if args.render_only:
+        return render_only(args.out, note=args.note)
 
     from parity.checkpoint import load_checkpoint
     from parity.errors import ParityError
