@@ -34,7 +34,7 @@ CACHE_SCHEMA = 3  # 3: isolated entry points and their taps (function_taps)
 PIPELINE_ID = "FuseTransposeMatmul+cpu-matmul-schedule|dlight-gpu-tolerant"
 VARIANTS = ("plain", "debug")
 from parity.compiled.dtypes import DTYPES  # noqa: E402  (re-exported: what the build computes in)
-from parity.compiled.gemv_cuda import DEFAULT_GEMV, GEMV_CONFIGS  # noqa: E402  (no TVM compiler needed)
+from parity.compiled.gemv_cuda import DEFAULT_GEMV, GEMV_CONFIGS, gemv_config  # noqa: E402  (no TVM compiler needed)
 
 _TARGETS = {
     "llvm": {"kind": "llvm"},
@@ -90,8 +90,9 @@ def cuda_gemv() -> str:
     """The CUDA GEMV schedule a build uses: $PARITY_CUDA_GEMV, else DLight's own (gemv_cuda.py).
     A choice other than the default is part of the cache key and of the entry's name."""
     name = os.environ.get("PARITY_CUDA_GEMV") or DEFAULT_GEMV
-    if name != DEFAULT_GEMV and name not in GEMV_CONFIGS:
-        raise ParityError(f"unknown PARITY_CUDA_GEMV {name!r}; choose one of {', '.join([DEFAULT_GEMV, *GEMV_CONFIGS])}")
+    if name != DEFAULT_GEMV and gemv_config(name) is None:
+        raise ParityError(f"unknown PARITY_CUDA_GEMV {name!r}; choose one of {', '.join([DEFAULT_GEMV, *GEMV_CONFIGS])} "
+                          "or write ts<rows>-tr<threads>-c<1|2|4>-l<load bytes>")
     return name
 
 
@@ -134,7 +135,7 @@ def compile_pipeline(target: str, tvm_target):
         else:  # DLight's GEMV schedule with other tile sizes (gemv_cuda.py; $PARITY_CUDA_GEMV)
             from parity.compiled.gemv_cuda import wide_gemv_rule
 
-            gemv_rule = wide_gemv_rule(GEMV_CONFIGS[gemv])
+            gemv_rule = wide_gemv_rule(gemv_config(gemv))
         rules = (dl.gpu.Matmul(), gemv_rule, dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
         passes = [*cuda.library_dispatch_passes(tvm_target), *legalize,
                   dl.ApplyDefaultSchedule(*(_tolerant(r) for r in rules))]

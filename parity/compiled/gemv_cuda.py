@@ -17,6 +17,7 @@ only change is the marked config block. The build picks a config with $PARITY_CU
 # ruff: noqa: E741, N806
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import reduce
 
@@ -29,13 +30,32 @@ class GemvConfig:
     vec_load: int  # bytes per load of the weight (4: DLight's; 16: one 128-bit load)
 
 
-# "dlight" is DLight's own rule (not this class): the default, the build the GPU runs proved.
+# "dlight" is DLight's own rule (not this schedule): the default, the build the GPU runs proved.
+# vec_c stays 4: TVM 0.27's CUDA codegen cannot initialise an 8-wide float accumulator
+# (make_ulonglong4 with 8 arguments, an nvcc error); a 16-byte load of 8 halves then feeds two
+# 4-wide steps.
 DEFAULT_GEMV = "dlight"
 GEMV_CONFIGS = {
-    "v16": GemvConfig(ts=16, tr=32, vec_c=8, vec_load=16),  # DLight's blocks, 128-bit loads
-    "v16-ts4": GemvConfig(ts=4, tr=32, vec_c=8, vec_load=16),  # and 4 rows per block: 4x the blocks
-    "v16-ts2-tr64": GemvConfig(ts=2, tr=64, vec_c=8, vec_load=16),  # 2 rows x 64 threads per block
+    "v16": GemvConfig(ts=16, tr=32, vec_c=4, vec_load=16),  # DLight's blocks, 16-byte loads
+    "v16-ts4": GemvConfig(ts=4, tr=32, vec_c=4, vec_load=16),  # and 4 rows per block: 4x the blocks
+    "v16-ts2-tr64": GemvConfig(ts=2, tr=64, vec_c=4, vec_load=16),  # 2 rows x 64 threads per block
 }
+_SPEC = re.compile(r"ts(\d+)-tr(\d+)-c(\d+)-l(\d+)")
+
+
+def gemv_config(name: str) -> GemvConfig | None:
+    """The config a $PARITY_CUDA_GEMV value names: a key of GEMV_CONFIGS, or a spelled-out
+    ``ts<rows>-tr<threads>-c<vec_c>-l<load bytes>`` (e.g. ts8-tr32-c4-l16), so a benchmark can try
+    tile sizes without editing this file; None when it is neither."""
+    if name in GEMV_CONFIGS:
+        return GEMV_CONFIGS[name]
+    m = _SPEC.fullmatch(name)
+    if m is None:
+        return None
+    ts, tr, vec_c, vec_load = map(int, m.groups())
+    if ts * tr > 1024 or vec_c not in (1, 2, 4) or vec_load not in (2, 4, 8, 16) or not ts or not tr:
+        return None
+    return GemvConfig(ts=ts, tr=tr, vec_c=vec_c, vec_load=vec_load)
 
 
 def wide_gemv_rule(config: GemvConfig):

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from parity.compiled.build import DEFAULT_GEMV, cache_key, cuda_gemv, entry_path
-from parity.compiled.gemv_cuda import GEMV_CONFIGS
+from parity.compiled.gemv_cuda import GEMV_CONFIGS, GemvConfig, gemv_config
 from parity.errors import ParityError
 from parity.synth import shape_config
 
 # One layer at the 1.5B width (C 2048, F 7168) and a small vocabulary: the GEMVs of a released
 # shape, compiled in seconds.
 WIDE = dataclasses.replace(shape_config("1.5b", version="5.2"), n_layer=1, vocab_size=4096)
+
+
+# A 16-byte load of the weight into the thread's registers, as TVM prints it (a uint4 array, or a
+# half array written through a uint4 pointer).
+WEIGHT_LOAD_16 = re.compile(r"_weight_local_ptr(\[0\]| \+ 0\)) = \*\(uint4\*\)\(\w+_weight_ptr")
 
 
 def test_default_is_dlight_and_a_variant_is_its_own_entry(monkeypatch, tmp_path):
@@ -29,13 +35,20 @@ def test_default_is_dlight_and_a_variant_is_its_own_entry(monkeypatch, tmp_path)
     assert cache_key(config=WIDE, variant="plain", target="cuda") != plain
     assert cache_key(config=WIDE, variant="plain", target="llvm") == llvm  # the llvm build has no GEMV rule
     assert "-gemv-v16-plain-cuda-" in entry_path(WIDE, variant="plain", target="cuda", cache_dir=tmp_path).name
-    monkeypatch.setenv("PARITY_CUDA_GEMV", "v99")
-    with pytest.raises(ParityError, match="unknown PARITY_CUDA_GEMV 'v99'; choose one of dlight, v16"):
-        cuda_gemv()
+    monkeypatch.setenv("PARITY_CUDA_GEMV", "ts8-tr32-c4-l16")  # tile sizes spelled out
+    assert cuda_gemv() == "ts8-tr32-c4-l16" and gemv_config("ts8-tr32-c4-l16") == GemvConfig(ts=8, tr=32, vec_c=4, vec_load=16)
+    for bad in ("v99", "ts64-tr32-c4-l16", "ts4-tr32-c8-l16", "ts4-tr32-c4-l32"):  # > 1024 threads; an 8-wide
+        monkeypatch.setenv("PARITY_CUDA_GEMV", bad)  # accumulator (an nvcc error in TVM 0.27); a 32-byte load
+        with pytest.raises(ParityError, match=f"unknown PARITY_CUDA_GEMV '{bad}'; choose one of dlight, v16"):
+            cuda_gemv()
 
 
-def _gemv_kernels(monkeypatch, gemv: str | None) -> dict[str, str]:
-    """name -> CUDA source of each decode GEMV kernel (NT_matmul, no seq_len argument) of WIDE in fp16."""
+def _gemv_kernels(monkeypatch, gemv: str | None, *, nvcc_into: Path | None = None) -> dict[str, tuple[int, str]]:
+    """name -> (threads, CUDA source) of each decode GEMV kernel (NT_matmul, no seq_len argument)
+    of WIDE in fp16; with ``nvcc_into``, the whole source also goes through nvcc there (where
+    nvcc exists), as a build's does: TVM prints code nvcc may still refuse."""
+    from parity.compiled import cuda
+
     import tvm
 
     from parity.compiled.build import compile_pipeline, make_target, model_for
@@ -51,12 +64,19 @@ def _gemv_kernels(monkeypatch, gemv: str | None) -> dict[str, str]:
     with target:
         mod = compile_pipeline("cuda", target)(mod)
     (src,) = cuda_sources(tvm.compile(mod, target=target, relax_pipeline=None).mod)
+    if nvcc_into is not None and cuda.nvcc_path() is not None:
+        assert cuda.compile_source(src, cache_dir=nvcc_into)[:4] == b"\x50\xed\x55\xba"  # the fatbin magic
     out = {}
     for m in re.finditer(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (fused_NT_matmul\w*)\(([^)]*)\) \{', src):
         if "seq_len" not in m.group(3):  # the prefill's matmuls take the token count
             end = src.find('extern "C" __global__', m.end())
             out[m.group(2)] = (int(m.group(1)), src[m.end():end])
     return out
+
+
+@pytest.mark.parametrize("gemv", list(GEMV_CONFIGS))
+def test_every_variant_compiles_through_nvcc(monkeypatch, tmp_path, gemv):
+    assert _gemv_kernels(monkeypatch, gemv, nvcc_into=tmp_path)
 
 
 def test_v16_loads_the_weight_16_bytes_at_a_time(monkeypatch):
@@ -68,8 +88,8 @@ def test_v16_loads_the_weight_16_bytes_at_a_time(monkeypatch):
     cfg = GEMV_CONFIGS["v16-ts4"]
     for name, (threads, body) in wide.items():
         assert threads == cfg.ts * cfg.tr, name
-        assert re.search(r"\w+_weight_local_ptr\[0\] = \*\(uint4\*\)", body), name
+        assert WEIGHT_LOAD_16.search(body), name
         assert "float NT_matmul_intermediate_rf_local" in body, name  # fp32 accumulation kept
     for name, (threads, body) in dlight.items():
         assert threads == 512, name  # DLight's 16 x 32
-        assert not re.search(r"\w+_weight_local_ptr\[0\] = \*\(uint4\*\)", body), name
+        assert not WEIGHT_LOAD_16.search(body), name
