@@ -138,7 +138,7 @@ def measure(ck_path: Path, *, prompt: str, steps: int, work: Path, backends: lis
                 row["isolated"] = worst_by_class(needed_scales(iso_dump, ref32, dtype=dtype))
                 same = same_dtype_yardstick.get(dtype)
                 if same is None:
-                    yard = ReplayBackend(ck, candidate_dump=ref32, dtype=dtype)
+                    yard = ReplayBackend(ck, candidate_dump=ref32, dtype=dtype, splice=False)  # a judge: no splice
                     same = same_dtype_yardstick[dtype] = yard.dump(yard.plan(), path=work / f"reference-replayed-{short}")
                 row["iso_dtype"] = worst_by_class(needed_scales(iso_dump, same, dtype=dtype))
             row.update(propagated(path, ref32, dtype=dtype))

@@ -137,6 +137,31 @@ DEFAULT_STAGE_TOLERANCES: dict[str, dict[str, Tolerance]] = {
     },
 }
 
+# The scan judged on the candidate's own inputs (the replay splices r, k and v in: parity.stages.
+# SPLICE_STAGES): every correct port of any dtype runs the wkv scan in fp32 (docs/RWKV.md §3; an fp16
+# accumulator is the zoo's wkv-fp16-accumulator bug), so on identical inputs its own error is fp32's,
+# and its output's rounding to the dtype is within the dtype's rtol (fp16 2^-11 < 1e-3, bf16 2^-8 <
+# 1.6e-2). Measured (replay, tvm@fp16, the four RWKV-5 fixtures x ones:10, random:16:3, random:10:7, 8
+# decode steps): every att.wkv and state att_kv record bit-identical to the replay (ratio 0); the
+# precision zoo's decay-in-bf16 there 0.37-3.1x of fp16's default allowance, under it in 8 of 12 runs.
+# Carried stages (the state) keep the dtype's default: their propagated drift is measured in it.
+SPLICED_SCAN_PATTERN = "L*.att.wkv"
+
+
+def spliced_scan_tolerance(dtype: str) -> Tolerance | None:
+    """The wkv record's tolerance where the replay ran the scan on the candidate's own r, k, v: the
+    dtype's rtol and atol with fp32's ``scale``; None where the dtype's own is as tight (fp32, fp64)."""
+    own, fp32 = DEFAULT_TOLERANCES[canonical_dtype(dtype)], DEFAULT_TOLERANCES["float32"]
+    if own.scale <= fp32.scale:
+        return None
+    return Tolerance(
+        rtol=own.rtol, atol=own.atol, scale=fp32.scale,
+        reason=f"scale {fp32.scale:g}: the replay ran the scan on this backend's own r, k, v, and every correct "
+        "port sums it in fp32 whatever its dtype (replayed tvm@fp16 on every RWKV-5 fixture: bit-identical); "
+        f"rtol {own.rtol:g} covers the output's rounding to {canonical_dtype(dtype)}",
+    )
+
+
 # Short spellings people type on the command line (and that strategy strings like "cpu fp32" use).
 _DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

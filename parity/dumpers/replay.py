@@ -13,9 +13,9 @@ and a deep network amplifies that) cannot reach this comparison; a porting bug i
 What a candidate must record for layer l of step k to be replayable (docs/backends.md):
     the layer's input   ``emb`` (l = 0) or ``L{l-1}.x_out``, at step k;
     its state before    every ``state.L{l}.<slot>`` at step k-1 (none at step 0: the zero state).
-The head (ln_out, logits) is replayed on ``L{n-1}.x_out``. Inside an RWKV-5 layer, GroupNorm
-runs on the candidate's own ``L{l}.att.wkv`` where it recorded one (parity.stages.SPLICE_STAGES says why):
-the scan's error is judged at wkv, and ln_x, gated and att.out show only what they add. Layers that are not replayable are
+The head (ln_out, logits) is replayed on ``L{n-1}.x_out``. Inside an RWKV-5 layer, the scan
+runs on the candidate's own ``att.r``/``att.k``/``att.v`` and GroupNorm on its own ``att.wkv`` where it
+recorded them (parity.stages.SPLICE_STAGES says why): each stage shows only the error it adds. Layers that are not replayable are
 listed, with what is missing, in the replay dump's ``extra.not_replayable``; they are not judged.
 
 Data flows dump -> dump: the candidate's dump is read, never its backend.
@@ -76,10 +76,8 @@ def replay_gaps(candidate: DumpReader, *, n_layer: int, version: str) -> list[di
 class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
 
-    splice_stages: tuple[str, ...] = SPLICE_STAGES  # where a layer goes on from the candidate's value
-
     def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None,
-                 weights: str | None = FROM_CANDIDATE):
+                 weights: str | None = FROM_CANDIDATE, splice: bool = True):
         from parity.reference import make_reference
 
         if ".partial-" in Path(candidate_dump).name:
@@ -113,6 +111,10 @@ class ReplayBackend(Backend):
             extra={"replays": str(self.candidate.path), "candidate": self.candidate.backend,
                    "not_replayable": self.gaps},
         )
+        # Where a layer goes on from the candidate's own values (parity.stages.SPLICE_STAGES). Off for
+        # a judge: the isolated judge re-runs the *yardstick's* layers in the build's dtype, and the
+        # isolated build computed its own r, k, v and wkv from those inputs — so must its judge.
+        self.splice_stages = SPLICE_STAGES if splice else ()
         self._missing = {(g["step"], g["layer"]) for g in self.gaps}
         self._step = 0
         self._state_before: dict[str, np.ndarray] | None = None
@@ -173,6 +175,25 @@ def _splice(seen, *, layer: int, stages: tuple[str, ...]) -> dict:
     input), where it recorded them for every token row."""
     names = [f"L{layer}.{stage}" for stage in stages]
     return {n: seen[n] for n in names if n in seen and "rows." + n not in seen}
+
+
+def splices_scan_inputs(candidate_dump: Path) -> bool:
+    """Whether a replay of this dump runs every layer's scan on the candidate's own r, k and v: an
+    RWKV-5 dump holding all three, all token rows, for every layer of every step."""
+    from parity.dumpers.worker import open_dump
+
+    reader = open_dump(candidate_dump)
+    n_layer = int(reader.model.get("n_layer", 0))
+    if reader.model.get("version") == "4" or not n_layer or not reader.steps:
+        return False
+    for step in reader.steps:
+        have = set(reader.step_stages(step.index))
+        for layer in range(n_layer):
+            for s in ("r", "k", "v"):
+                name = f"L{layer}.att.{s}"
+                if name not in have or "rows." + name in have:
+                    return False
+    return True
 
 
 def replay_dump(

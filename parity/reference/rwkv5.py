@@ -335,6 +335,13 @@ class RWKV5Reference(LayerwiseModel):
         # Its own method so a deliberately wrong reference (tests, the bug zoo) can override it.
         return xr @ p.Wr.T  # (T, A); v5: no sigmoid on r (v4 has one)
 
+    @staticmethod
+    def _spliced(splice: Mapping[str, object], stage: str, own: torch.Tensor) -> torch.Tensor:
+        """``own``, or the value handed in for ``stage`` in its dtype and shape (``layer(splice=...)``)."""
+        if stage not in splice:
+            return own
+        return torch.as_tensor(splice[stage]).to(own.dtype).reshape(own.shape)
+
     def _att(self, x, layer: int, st: LayerState, record: Recorder, splice: Mapping[str, object]):
         c, p = self.config, self.layers[layer]
         T, H, N = x.shape[0], c.n_head, c.head_size
@@ -358,6 +365,7 @@ class RWKV5Reference(LayerwiseModel):
         record(pre + "r", r)
         record(pre + "k", k)
         record(pre + "v", v)
+        r, k, v = (self._spliced(splice, pre + name, own) for name, own in (("r", r), ("k", k), ("v", v)))
         if p.Wg is not None:
             g = F.silu(xg @ p.Wg.T)
             record(pre + "g", g)
@@ -367,8 +375,7 @@ class RWKV5Reference(LayerwiseModel):
         )
         wkv = wkv.reshape(T, H * N)  # (T, A) fp32
         record(pre + "wkv", wkv)
-        if pre + "wkv" in splice:
-            wkv = torch.as_tensor(splice[pre + "wkv"]).to(self.acc).reshape(T, H * N)
+        wkv = self._spliced(splice, pre + "wkv", wkv)
         # GroupNorm per token and per head over that head's N channels, never over time.
         ln_x = F.group_norm(wkv, num_groups=H, weight=p.lnx_w, bias=p.lnx_b, eps=LN_X_EPS)
         record(pre + "ln_x", ln_x)

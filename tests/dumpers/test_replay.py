@@ -17,7 +17,7 @@ from parity.bisect import bisect
 from parity.checkpoint import load_checkpoint
 from parity.dumpers.backends import RunPlan
 from parity.dumpers.format import DumpReader
-from parity.dumpers.replay import ReplayBackend, replay_dump, replay_gaps
+from parity.dumpers.replay import ReplayBackend, replay_dump, replay_gaps, splices_scan_inputs
 from parity.errors import ParityError
 from parity.session import compare_dumps, default_decode_ids, run_parity
 
@@ -118,6 +118,8 @@ def test_correct_backends_add_no_error_of_their_own(ck, tmp_path, backend, compi
     assert own["method"] == "replay" and own["records"] > 0 and own["failed"] == 0
     assert own["not_replayable"] == []
     assert out.result["verdict"] == "no divergence"
+    # The official package records no r, k, v (docs/backends.md): its replay computes its own.
+    assert splices_scan_inputs(out.dumps[backend]) == (backend != "chatrwkv")
 
 
 def test_replay_of_the_reference_itself_is_exact(ck, tmp_path):
@@ -146,11 +148,7 @@ def test_groupnorm_runs_on_the_candidates_own_wkv(ck, tmp_path):
     own = out.result["own_errors"][f"{HERE}:wkv_nudge_port"]
     assert out.result["verdict"] == "no divergence"
     assert own["failed"] == 0 and own["worst_stage"].endswith(".att.wkv"), own  # the nudge, seen where it is made
-
-    class WholeLayerReplay(ReplayBackend):
-        splice_stages = ()
-
-    whole = WholeLayerReplay(ck, candidate_dump=out.dumps[f"{HERE}:wkv_nudge_port"])
+    whole = ReplayBackend(ck, candidate_dump=out.dumps[f"{HERE}:wkv_nudge_port"], splice=False)
     path = whole.dump(whole.plan(), path=tmp_path / "whole-layer")
     failed = [r for r in compare_dumps(path, out.dumps[f"{HERE}:wkv_nudge_port"])["records"] if not r["passed"]]
     assert failed and failed[0]["stage"].endswith(".att.ln_x"), [(r["step"], r["stage"]) for r in failed[:3]]
