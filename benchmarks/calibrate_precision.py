@@ -31,6 +31,7 @@ Writes benchmarks/results/calibrate_precision.json and .md with the date and com
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as dt
 import json
 import math
@@ -209,19 +210,32 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--backends", default="reference,tvm,chatrwkv")
     ap.add_argument("--out", default="calibrate_precision", help="results file stem under benchmarks/results/")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="no run: merge the rows of these results .json (e.g. one per fixture, run side by side)")
     args = ap.parse_args()
     fixtures = [p for p in FIXTURES if not args.fixtures or p.stem in args.fixtures] + list(args.checkpoint)
     t0 = time.perf_counter()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="calibrate-precision-") as tmp:
-        for i, ck in enumerate(fixtures):
-            for j, prompt in enumerate(args.prompts):
-                rows += measure(ck, prompt=prompt, steps=args.decode_steps, work=Path(tmp) / f"{i}-{j}",
-                                backends=args.backends.split(","))
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        commits = sorted({part["commit"] for part in parts})
+        seconds = max(part["seconds"] for part in parts)
+        command = "; ".join(part["command"] for part in parts) + " (run side by side, merged)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="calibrate-precision-") as tmp:
+            for i, ck in enumerate(fixtures):
+                for j, prompt in enumerate(args.prompts):
+                    rows += measure(ck, prompt=prompt, steps=args.decode_steps, work=Path(tmp) / f"{i}-{j}",
+                                    backends=args.backends.split(","))
+        # An exported tree (scripts/scale-job) has no git: the commit it was exported from, if given.
+        commits = [os.environ.get("PARITY_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()]
+        seconds = time.perf_counter() - t0
+        command = "python benchmarks/calibrate_precision.py " + " ".join(sys.argv[1:])
     summary = summarise(rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    meta = {"date": dt.date.today().isoformat(), "commit": commit, "seconds": time.perf_counter() - t0,
-            "command": "python benchmarks/calibrate_precision.py " + " ".join(sys.argv[1:])}
+    meta = {"date": dt.date.today().isoformat(), "commit": ",".join(c[:10] for c in commits), "seconds": seconds,
+            "command": command}
     results = REPO / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.out}.json").write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1, default=str))
