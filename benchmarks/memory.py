@@ -197,8 +197,9 @@ def main() -> int:
         }
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"memory-{now:%Y-%m-%d}-{here[:10]}{'-' + args.suffix if args.suffix else ''}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(result))
+        # Not with_suffix: a --suffix with a dot in it (0.4b) would lose its tail.
+        Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(f"{stem}.md").write_text(markdown(result))
         print(f"wrote {stem}.md and .json", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="parity-memory-") as tmp:
