@@ -44,6 +44,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,9 @@ PROMPTS = ("ones:10", "random:16:3")
 
 
 def _commit() -> str:
+    # An exported tree (scripts/scale-job) is not a git checkout: the commit it was exported from.
+    if os.environ.get("PARITY_COMMIT"):
+        return os.environ["PARITY_COMMIT"][:7]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
