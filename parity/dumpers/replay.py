@@ -155,7 +155,7 @@ class ReplayBackend(Backend):
                     state = zero[layer]
                 else:
                     state = self.model.layer_state({s: self._state_before[f"state.L{layer}.{s}"] for s in slots})
-                splice = _splice(seen, layer=layer, stages=self.splice_stages)
+                splice = spliced_values(seen, layer=layer, stages=self.splice_stages)
                 _, new_state = self.model.layer(layer, x, state, record=record, splice=splice)
                 for s in slots:
                     record(f"state.L{layer}.{s}", getattr(new_state, s))
@@ -170,7 +170,7 @@ class ReplayBackend(Backend):
             step.add(name, out[name])
 
 
-def _splice(seen, *, layer: int, stages: tuple[str, ...]) -> dict:
+def spliced_values(seen, *, layer: int, stages: tuple[str, ...] = SPLICE_STAGES) -> dict:
     """The candidate's own values the replayed layer goes on from (parity.stages.SPLICE_STAGES: GroupNorm's
     input), where it recorded them for every token row."""
     names = [f"L{layer}.{stage}" for stage in stages]

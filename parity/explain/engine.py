@@ -33,6 +33,7 @@ from parity.compare import TolerancePolicy
 from parity.compare.divergence import ROWS_PREFIX
 from parity.compare.metrics import compare_arrays
 from parity.dumpers.format import DumpReader
+from parity.dumpers.replay import spliced_values
 from parity.errors import ParityError
 from parity.stages import short_stage, stage_info, state_slots
 
@@ -168,7 +169,10 @@ def _replay_layer(model, ctx: Context, *, step: int) -> dict[str, np.ndarray] | 
                 return None
             state = model.layer_state({s: before[k] for s, k in zip(slots, keys)})
         # The recorded stream is canonical; an fp16 model takes it rescaled (LayerwiseModel.stream_in).
-        _, new = model.layer(ctx.layer, model.stream_in(ctx.layer, seen[name]), state, record=record)
+        # The scan's inputs and GroupNorm's spliced in as the verdict's replay does (parity/dumpers/
+        # replay.py), so a hypothesis is held to the tolerance the divergence was judged by, on the same inputs.
+        _, new = model.layer(ctx.layer, model.stream_in(ctx.layer, seen[name]), state, record=record,
+                             splice=spliced_values(seen, layer=ctx.layer))
         for s in slots:
             record(f"state.L{ctx.layer}.{s}", getattr(new, s))
     return out
