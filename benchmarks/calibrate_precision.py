@@ -11,8 +11,8 @@ the dtype, and the official package's ``cpu fp16`` / ``cpu bf16`` — is measure
   isolated    (TVM only) its layers run on the fp32 reference's inputs, against the fp32 reference
               (`--mode isolated` today): one layer's rounding, inputs rounded to the dtype included;
   iso/dtype   (TVM only) the same isolated run against the reference *in the dtype* on the same
-              fp32 inputs (the fp32 reference's dump replayed by the fp16/bf16 reference): the
-              yardstick an isolated run of a low-precision build should have;
+              fp32 inputs (the fp32 reference's dump replayed by the fp16/bf16 reference, the
+              isolated build's own r, k, v and wkv spliced in): the judge `--mode isolated` uses;
   propagated  against the fp32 reference, whole run: carried-stage drift per unit of depth (the
               verdict's envelope units) and the end-to-end metrics (KL max, top-1 agreement).
 
@@ -116,7 +116,6 @@ def measure(ck_path: Path, *, prompt: str, steps: int, work: Path, backends: lis
                    decode_ids=default_decode_ids(steps=steps, vocab_size=ck.config.vocab_size))
     ref32 = ReferenceBackend(ck).dump(plan, path=work / "reference")
     fp64_model = ReferenceBackend(ck, dtype="float64").model
-    same_dtype_yardstick: dict[str, Path] = {}
     rows = []
     for dtype in DTYPES:
         short = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
@@ -137,10 +136,10 @@ def measure(ck_path: Path, *, prompt: str, steps: int, work: Path, backends: lis
                 iso = TVMIsolatedBackend(ck, reference_dump=ref32, model=backend.model)
                 iso_dump = iso.dump(plan, path=work / f"{spec}-isolated")
                 row["isolated"] = worst_by_class(needed_scales(iso_dump, ref32, dtype=dtype))
-                same = same_dtype_yardstick.get(dtype)
-                if same is None:
-                    yard = ReplayBackend(ck, candidate_dump=ref32, dtype=dtype, splice=False)  # a judge: no splice
-                    same = same_dtype_yardstick[dtype] = yard.dump(yard.plan(), path=work / f"reference-replayed-{short}")
+                # The judge `parity run --mode isolated` uses: the reference in the dtype on the yardstick's
+                # inputs, with the isolated build's own r, k, v and wkv spliced in (parity/session.py).
+                yard = ReplayBackend(ck, candidate_dump=ref32, dtype=dtype, splice_from=iso_dump)
+                same = yard.dump(yard.plan(), path=work / f"{spec}-isolated-judge")
                 row["iso_dtype"] = worst_by_class(needed_scales(iso_dump, same, dtype=dtype))
             row.update(propagated(path, ref32, dtype=dtype))
             row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -127,6 +127,17 @@ def _shown(comparison: dict) -> RunResult:
     )
 
 
+def _with_spliced_scan(overrides, *, dump: Path) -> list:
+    """The user's --tol, then — where a judge ran the scan on ``dump``'s own r, k, v (every layer and step)
+    — att.wkv at fp32's precision (tolerance.spliced_scan_tolerance says why)."""
+    from parity.compare.tolerance import SPLICED_SCAN_PATTERN, spliced_scan_tolerance
+    from parity.dumpers.replay import splices_scan_inputs
+
+    out = list(dict(overrides or {}).items())
+    scan = spliced_scan_tolerance(open_dump(dump).dtype) if splices_scan_inputs(dump) else None
+    return out + [(SPLICED_SCAN_PATTERN, scan)] if scan is not None else out
+
+
 def replay_own_error(
     ck, *, candidate_dump: Path, path: Path, model, overrides, judge: str, on_step=None
 ) -> tuple[dict, dict]:
@@ -134,17 +145,8 @@ def replay_own_error(
     from parity.compare.verdict import own_error_summary
     from parity.dumpers.replay import replay_dump
 
-    from parity.compare.tolerance import SPLICED_SCAN_PATTERN, spliced_scan_tolerance
-    from parity.dumpers.replay import splices_scan_inputs
-
     replayed, gaps = replay_dump(ck, candidate_dump=candidate_dump, path=path, model=model, on_step=on_step)
-    # Where the replay's scan ran on the candidate's own r, k, v, wkv is judged at fp32's precision
-    # (tolerance.spliced_scan_tolerance says why); the user's --tol still comes first.
-    overrides = list(dict(overrides or {}).items())
-    scan = spliced_scan_tolerance(open_dump(candidate_dump).dtype) if splices_scan_inputs(candidate_dump) else None
-    if scan is not None:
-        overrides.append((SPLICED_SCAN_PATTERN, scan))
-    comparison = compare_dumps(replayed, candidate_dump, overrides=overrides)
+    comparison = compare_dumps(replayed, candidate_dump, overrides=_with_spliced_scan(overrides, dump=candidate_dump))
     return {**own_error_summary(comparison, method="replay", not_replayable=gaps), "judge": judge}, comparison
 
 
@@ -458,11 +460,12 @@ def _own_errors(
                 # called a divergence at L0.att.wkv that way).
                 say(f"running the reference in {dtype}{' with ' + weights + ' weights' if weights else ''} on "
                     f"{yardstick}'s inputs: the judge of {spec}'s isolated layers")
-                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype, weights=weights, splice=False)
+                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype, weights=weights, splice_from=path)
                 judge_dump = replay.dump(replay.plan(), path=dump_dir / (dump_dir_name(spec) + "-isolated-judge"),
                                          on_step=on_step)
                 judge = f"reference@{dtype}{' (' + weights + ' weights)' if weights else ''} on {yardstick}'s inputs"
-            comparison = compare_dumps(judge_dump, path, overrides=overrides)
+            comparison = compare_dumps(judge_dump, path, overrides=_with_spliced_scan(overrides, dump=path)
+                                       if judge_dump != dumps[yardstick] else overrides)
             out[spec] = ({**own_error_summary(comparison, method="isolated"), "judge": judge}, comparison)
             continue
         # A crashed backend's finished steps (its partial dump) are replayed too: without an own

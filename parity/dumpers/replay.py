@@ -77,7 +77,7 @@ class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
 
     def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None,
-                 weights: str | None = FROM_CANDIDATE, splice: bool = True):
+                 weights: str | None = FROM_CANDIDATE, splice: bool = True, splice_from: Path | None = None):
         from parity.reference import make_reference
 
         if ".partial-" in Path(candidate_dump).name:
@@ -111,10 +111,16 @@ class ReplayBackend(Backend):
             extra={"replays": str(self.candidate.path), "candidate": self.candidate.backend,
                    "not_replayable": self.gaps},
         )
-        # Where a layer goes on from the candidate's own values (parity.stages.SPLICE_STAGES). Off for
-        # a judge: the isolated judge re-runs the *yardstick's* layers in the build's dtype, and the
-        # isolated build computed its own r, k, v and wkv from those inputs — so must its judge.
+        # Where a layer goes on from the candidate's own values (parity.stages.SPLICE_STAGES), and whose:
+        # the replayed dump's by default; ``splice_from`` another dump's — the isolated judge replays the
+        # *yardstick's* inputs, and splices in the isolated build's own r, k, v and wkv, which it computed
+        # from those same inputs (without, fp16 tvm's isolated L23.att.ln_x needed 1.4e-2 of max|b| at 0.4B).
         self.splice_stages = SPLICE_STAGES if splice else ()
+        self.splice_source = None
+        if splice and splice_from is not None:
+            from parity.dumpers.worker import open_dump
+
+            self.splice_source = open_dump(splice_from)
         self._missing = {(g["step"], g["layer"]) for g in self.gaps}
         self._step = 0
         self._state_before: dict[str, np.ndarray] | None = None
@@ -138,6 +144,10 @@ class ReplayBackend(Backend):
         cfg = self.checkpoint.config
         slots = state_slots(cfg.version.value)
         seen = self.candidate.read_step(index)
+        source = seen
+        if self.splice_source is not None:
+            have = {st.index for st in self.splice_source.steps}
+            source = self.splice_source.read_step(index) if index in have else {}
         out: dict[str, np.ndarray] = {}
 
         def record(stage: str, value: torch.Tensor) -> None:
@@ -155,7 +165,7 @@ class ReplayBackend(Backend):
                     state = zero[layer]
                 else:
                     state = self.model.layer_state({s: self._state_before[f"state.L{layer}.{s}"] for s in slots})
-                splice = spliced_values(seen, layer=layer, stages=self.splice_stages)
+                splice = spliced_values(source, layer=layer, stages=self.splice_stages)
                 _, new_state = self.model.layer(layer, x, state, record=record, splice=splice)
                 for s in slots:
                     record(f"state.L{layer}.{s}", getattr(new_state, s))

@@ -154,6 +154,20 @@ def test_groupnorm_runs_on_the_candidates_own_wkv(ck, tmp_path):
     assert failed and failed[0]["stage"].endswith(".att.ln_x"), [(r["step"], r["stage"]) for r in failed[:3]]
 
 
+def test_the_isolated_judge_splices_the_builds_own_scan_inputs(ck, tmp_path, compile_cache):
+    """An isolated fp16 layer is judged by the fp16 reference on the yardstick's inputs; that judge takes the
+    build's own r, k, v and wkv (computed from the same inputs), so its scan is held to fp32's precision."""
+    from parity.compare.verdict import record_ratio
+
+    out = run_parity(ck, backends=["reference", "tvm@fp16"], plan=plan(ck), dump_dir=tmp_path, cache_dir=compile_cache,
+                     mode="isolated")
+    own, comparison = out.result["own_errors"]["tvm@fp16"], out.own_comparisons["tvm@fp16"]
+    assert own["method"] == "isolated" and own["records"] > 0 and own["failed"] == 0, own
+    assert "L*.att.wkv" in [o["pattern"] for o in comparison["policy"]["overrides"]]
+    wkv = [record_ratio(r) for r in comparison["records"] if r["stage"].endswith(".att.wkv")]
+    assert wkv and max(wkv) < 0.05, max(wkv)  # measured 0: the same fp32 sums on the same inputs
+
+
 def test_a_bug_in_one_deep_layer_is_named_at_that_layer(ck, tmp_path):
     out = run_parity(ck, backends=["reference", f"{HERE}:eps_port_layer3"], plan=plan(ck), dump_dir=tmp_path)
     fd = out.result["first_divergence"]
