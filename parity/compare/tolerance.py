@@ -84,9 +84,10 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
         reason=_TORCH_REASON.format(dtype="float16")
         + "scale 1e-2: correct fp16 backends (TVM, the official package's cpu fp16) replayed by the fp16 "
         "reference (scan and GroupNorm on the backend's own inputs, parity.stages.SPLICE_STAGES) need at most "
-        "2.2e-3 (rwkv5_1 fixture, random:16:3, L0.ffn.out) and 5.6e-4 on ln_x/gated; isolated TVM layers beside "
-        "the fp16 reference on the same inputs 2.4e-3 on ln_x (benchmarks/calibrate_precision.py, every "
-        "fixture): 4.2x margin; at the 0.4B shape tvm@fp16, tvm@fp16i8 and tvm@q4f16_1 reach 0.10x, 0.08x and "
+        "2.2e-3 (rwkv5_1 fixture, random:16:3, L0.ffn.out) and 5.6e-4 on ln_x/gated (benchmarks/calibrate_precision.py, "
+        "every fixture): 4.5x margin; isolated TVM layers beside an fp16 reference that computed its own r, k, v "
+        "needed 2.4e-3 on the fixtures but 1.42e-2 at the 0.4B shape (L23.att.ln_x), which is why the isolated "
+        "judge splices the build's own too; at the 0.4B shape tvm@fp16, tvm@fp16i8 and tvm@q4f16_1 reach 0.10x, 0.08x and "
         "0.10x of it (benchmarks/results/precision_table-0.4b.md); and their propagated drift from the fp32 reference, in these allowances, stays within the "
         "drift envelope (at most 7.0 per unit of depth after 32 decode steps; 5e-3 would need 14). Against "
         "the fp32 reference one fp16 stage is up to 0.13 x max|b| off (its own rounding, GroupNorm-amplified), "
