@@ -172,6 +172,24 @@ def _err(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
 
+def _profile_and_step_graph(model, out: dict, *, steps: int, profile: bool) -> None:
+    """The decode's per-kernel profile (if asked) and the whole step under one CUDA graph, into ``out``;
+    a failure of either is recorded, not fatal: the other rows still count."""
+    from parity.compiled.cuda_graph import GraphDecoder
+
+    if profile:  # before the GraphDecoder: nothing else may run on the VMs while one replays
+        try:
+            out["profile"] = profile_decode(model)
+        except Exception as e:  # noqa: BLE001
+            out["profile_error"] = _err(e)
+    try:
+        g = GraphDecoder(model)
+        out["step_graph_decode_ms"] = _timed(lambda: g.step(1), sync=g.sync, repeat=steps) * 1e3
+        del g
+    except Exception as e:  # noqa: BLE001
+        out["step_graph_error"] = _err(e)
+
+
 def profile_decode(model, *, steps: int = 3) -> dict:
     """Where a plain decode step's GPU time goes: every kernel CUPTI sees over ``steps`` VM decode
     steps (torch.profiler), per step: how many kernels, the sum of their GPU times (the step's
@@ -203,7 +221,6 @@ def bench_gemv_variant(ck, *, gemv: str, steps: int, cache_dir: Path, dtype: str
     after one decode step are from the default build's (same state, same token)."""
     import os
 
-    from parity.compiled.cuda_graph import GraphDecoder
     from parity.compiled.runtime import CompiledRWKV
 
     before = os.environ.get("PARITY_CUDA_GEMV")
@@ -227,16 +244,7 @@ def bench_gemv_variant(ck, *, gemv: str, steps: int, cache_dir: Path, dtype: str
         box["state"] = list(model.vm["decode"](one, box["state"], *model.params)[1])
 
     out["decode_ms"] = _timed(decode, sync=model.device.sync, repeat=steps) * 1e3
-    try:
-        out["profile"] = profile_decode(model)
-    except Exception as e:  # noqa: BLE001
-        out["profile_error"] = _err(e)
-    try:
-        g = GraphDecoder(model)
-        out["step_graph_decode_ms"] = _timed(lambda: g.step(1), sync=g.sync, repeat=steps) * 1e3
-        del g
-    except Exception as e:  # noqa: BLE001
-        out["step_graph_error"] = _err(e)
+    _profile_and_step_graph(model, out, steps=steps, profile=True)
     del model
     return out
 
@@ -245,7 +253,7 @@ def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype
               relax_graph: bool = True) -> dict:
     """The plain build through the VM, then the Relax-graph build and the whole-step torch graph,
     each guarded: a way that fails records its one-line error instead of ending the benchmark."""
-    from parity.compiled.cuda_graph import GraphDecoder, build_graph_model
+    from parity.compiled.cuda_graph import build_graph_model
     from parity.compiled.runtime import CompiledRWKV
 
     ck = Checkpoint(path=Path(f"random-{config.n_layer}x{config.n_embd}"), sha256="-", config=config, weights=w)
@@ -272,17 +280,7 @@ def bench_tvm(w, config, *, prefill_len: int, steps: int, cache_dir: Path, dtype
     out = {"decode_ms": decode_s * 1e3, "prefill_tok_s": prefill_len / prefill_s, "load_s": load_s,
            "compile_seconds_on_build_machine": model.artifact.meta.get("compile_seconds"),
            "weight_bytes": _param_bytes(model.artifact.meta, w)}
-    if profile:  # before the GraphDecoder: nothing else may run on the VMs while one replays
-        try:
-            out["profile"] = profile_decode(model)
-        except Exception as e:  # noqa: BLE001
-            out["profile_error"] = _err(e)
-    try:
-        g = GraphDecoder(model)
-        out["step_graph_decode_ms"] = _timed(lambda: g.step(1), sync=g.sync, repeat=steps) * 1e3
-        del g
-    except Exception as e:  # noqa: BLE001 - recorded, not fatal: the other rows still count
-        out["step_graph_error"] = _err(e)
+    _profile_and_step_graph(model, out, steps=steps, profile=profile)
     del model
     for gemv in gemvs:  # before the Relax-graph build: the figures the decode speed work asks for first
         try:
