@@ -159,17 +159,34 @@ def last_row(xx: te.Tensor) -> te.Tensor:
     return te.compute((xx.shape[1],), lambda c: xx[xx.shape[0] - 1, c], name="last_row")
 
 
+# The packed function a streaming debug build hands each tap to (parity/compiled/runtime.py
+# registers it): (name, tap[, previous token]) -> token, a 0-d int32 tensor. The token only chains
+# the calls: each call takes the one before it, and the last one is a function output.
+TAP_SINK = "parity.tap_sink"
+
+
 class Taps:
     """Collects named intermediates for the debug build; a no-op in the plain build.
 
     Every tap is returned in fp32 (exact for fp16/bf16 values; numpy has no bfloat16), and a stage
-    named in ``scales`` (the rescaled residual stream) multiplied back to its canonical value."""
+    named in ``scales`` (the rescaled residual stream) multiplied back to its canonical value.
 
-    def __init__(self, enabled: bool, *, scales: dict[str, float] | None = None):
+    ``stream`` (the debug build's prefill and decode): each tap leaves the graph where it is made,
+    through a call to ``TAP_SINK`` that hands it to the runtime while it is alive, instead of
+    being returned. A 512-token prefill's taps are ~0.6 GB at 0.1B, and as outputs of the
+    function they were all alive at once when it returned (issue 9); handed over one by one, each
+    is freed after its last use in the graph. The calls are marked pure (a packed call in a
+    dataflow block must be) and chained by a token that ends in the function's outputs, so no
+    pass drops them and they run in ``names`` order; the graph computing each tap is unchanged.
+    """
+
+    def __init__(self, enabled: bool, *, scales: dict[str, float] | None = None, stream: bool = False):
         self.enabled = enabled
         self.scales = scales or {}
+        self.stream = stream
         self.names: list[str] = []
         self.values: list[Tensor] = []
+        self.token: Tensor | None = None  # stream: the last sink call's result
 
     def __call__(self, name: str, value: Tensor) -> None:
         if self.enabled:
@@ -177,7 +194,39 @@ class Taps:
             if self.scales.get(name, 1.0) != 1.0:
                 value = value * self.scales[name]
             self.names.append(name)
-            self.values.append(value)
+            if self.stream:
+                self.token = self._sink(name, value)
+            else:
+                self.values.append(value)
+
+    def read(self, slot: Tensor) -> Tensor:
+        """``slot``, a field of the function's ``state`` argument; when streaming, read from the
+        tuple again here, where it is used.
+
+        The exporter reads every field at the top of the function, and FuseOps orders its output by
+        the first binding of each fused group: a late layer's token shift, fused with its state
+        field's read, counted as placed at the top, so everything it depends on (every earlier
+        layer) was emitted before the first tap sink, and the sinks, with every tap alive until
+        its own, ran at the end (measured on the L4 fixture). Read where it is used, each sink
+        stays near where its tap is made. A read computes nothing: the kernels are unchanged."""
+        if not (self.enabled and self.stream):
+            return slot
+        from tvm import relax as rx
+
+        bb = rx.BlockBuilder.current()
+        field = bb.lookup_binding(slot._expr)
+        if not isinstance(field, rx.TupleGetItem):
+            return slot
+        return Tensor(_expr=bb.emit(rx.TupleGetItem(field.tuple_value, field.index), name_hint="state_field"))
+
+    def _sink(self, name: str, value: Tensor) -> Tensor:
+        import tvm
+        from tvm import relax as rx
+
+        prev = () if self.token is None else (self.token._expr,)
+        call = rx.call_pure_packed(TAP_SINK, tvm.ir.StringImm(name), value._expr, *prev,
+                                   ty_args=rx.TensorType([], "int32"))
+        return Tensor(_expr=rx.BlockBuilder.current().emit(call, name_hint="tap_token"))
 
 
 def lerp(xx: Tensor, sx: Tensor, mix: Tensor) -> Tensor:
@@ -254,15 +303,15 @@ class Block(nn.Module):
         i, dt = self.layer, self.dtype
         xx = self.ln1(x)
         tap(f"L{i}.att.ln1", xx)
-        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(att_x, dt)])
+        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
         tap(f"L{i}.att.shift", sx)
-        att, new_att_state = self.att(xx, sx, *att_state, layer=i, tap=tap)
+        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap)
         new_att_x = to_dtype(op.tensor_expr_op(last_row, "last_row", [xx]), "float32")
         x = x + att
         tap(f"L{i}.x_after_att", x)
         xx = self.ln2(x)
         tap(f"L{i}.ffn.ln2", xx)
-        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(ffn_x, dt)])
+        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(ffn_x), dt)])
         tap(f"L{i}.ffn.shift", sx)
         x = x + self.ffn(xx, sx, layer=i, tap=tap)
         tap(f"L{i}.x_out", x)
@@ -274,10 +323,11 @@ class RWKVModel(nn.Module):
     """The model skeleton shared by the families: embedding + ln0, blocks, ln_out, head.
 
     Entry points (explicit state, no hidden KV cache):
-        prefill(ids (seq_len,), state) -> (logits (seq_len, V), new_state[, taps])
-        decode (ids (1,),       state) -> (logits (1, V),       new_state[, taps])
-    ``state`` is a flat tuple in ``layout.names(n_layer)`` order; the debug build also returns
-    every canonical stage ("taps") in ``tap_names`` order.
+        prefill(ids (seq_len,), state) -> (logits (seq_len, V), new_state[, token])
+        decode (ids (1,),       state) -> (logits (1, V),       new_state[, token])
+    ``state`` is a flat tuple in ``layout.names(n_layer)`` order; the debug build also hands every
+    canonical stage ("taps") to the runtime's ``TAP_SINK`` as it is made, in ``tap_names`` order
+    (``Taps``), and returns the token that chains those calls.
 
     The debug build also exports the model in pieces, for isolated (teacher-forced) runs in which
     each piece is fed the *reference's* input, so its error is its own and not inherited:
@@ -331,8 +381,8 @@ class RWKVModel(nn.Module):
                 out[f"blocks.{layer}.ffn.value.weight"] = s
         return out
 
-    def _taps(self, enabled: bool) -> Taps:
-        return Taps(enabled, scales=self.stream_scales)
+    def _taps(self, enabled: bool, *, stream: bool = False) -> Taps:
+        return Taps(enabled, scales=self.stream_scales, stream=stream)
 
     # -- pieces, shared by the whole-model and the isolated entry points -----------------------
     def embed(self, ids: Tensor, tap: Taps) -> Tensor:
@@ -352,7 +402,7 @@ class RWKVModel(nn.Module):
         return logits
 
     def _forward(self, ids: Tensor, state):
-        tap = self._taps(self.debug)
+        tap = self._taps(self.debug, stream=self.debug)  # the plain build: no taps, its graph as before
         x = self.embed(ids, tap)
         new_state = []
         n = len(self.layout.slots)
@@ -364,7 +414,7 @@ class RWKVModel(nn.Module):
         logits = self.run_head(x, tap)
         self.tap_names = tap.names
         if self.debug:
-            return logits, tuple(new_state), tuple(tap.values)
+            return logits, tuple(new_state), tap.token  # the taps went to TAP_SINK as they were made
         return logits, tuple(new_state)
 
     def prefill(self, ids: Tensor, state):

@@ -9,6 +9,7 @@ transpose in ``state_from_canonical`` and ``state_to_canonical``, and nowhere el
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,30 @@ from parity.errors import ParityError
 
 # (function symbol, call index within this run, output index, array) for every kernel output.
 KernelObserver = Callable[[str, int, int, np.ndarray], None]
-# (canonical stage, array) for each debug tap, one at a time; the array may view the VM's output, so
-# a consumer that keeps it past the call keeps that output alive (it is never written afterwards).
+# (canonical stage, array) for each debug tap, one at a time, while the compiled function runs. On
+# the CPU the array views the VM's buffer, which the function reuses for later values once the
+# call returns: a consumer writes the bytes away (StepWriter.add) or copies them before returning.
 TapConsumer = Callable[[str, np.ndarray], None]
+
+# The packed function the debug build's prefill and decode hand each tap to as it is made
+# (common.py's Taps; the same name there: common.py needs TVM's compiler, this file must not).
+TAP_SINK = "parity.tap_sink"
+_SINK = threading.local()  # .consumer: the TapConsumer of the call running in this thread
+_TOKEN: list = []  # the one 0-d token every sink call returns (made at the first call)
+
+
+def _tap_sink(name, tensor, *prev):
+    consumer = getattr(_SINK, "consumer", None)
+    if consumer is None:
+        # Only a debug build called outside CompiledRWKV.forward gets here.
+        raise RuntimeError(f"{TAP_SINK}: a debug build's tap {name!r} arrived with no consumer set")
+    consumer(str(name), tensor)
+    if not _TOKEN:
+        _TOKEN.append(tvm.runtime.tensor(np.zeros((), "int32")))
+    return _TOKEN[0]
+
+
+tvm.register_global_func(TAP_SINK, _tap_sink, override=True)
 
 
 _QUANT_PART = re.compile(r"^(.+\.weight)_(q|mx|rx|my|ry|scale)$")
@@ -216,40 +238,44 @@ class CompiledRWKV:
                 on_tap: TapConsumer | None = None) -> StepOutput:
         """Run T tokens: ``prefill`` for T > 1, ``decode`` for T = 1. The input state is not modified.
 
-        ``on_tap`` (debug build): each tap is handed over as it is taken from the VM's outputs, in
-        ``tap_names`` order, and the returned ``taps`` is empty. The step's TVM outputs are the
-        taps themselves (a 512-token prefill of a 0.1B model: ~0.6 GB); converting them all before
-        writing any held them twice (issue 9). Here each is handed over as a view of the VM's
-        output (the CPU; a GPU copies one tap at a time), and the returned ``logits`` is a view too.
+        The debug build hands each tap to ``TAP_SINK`` while the function runs, in ``tap_names``
+        order, and reuses its buffer after its last use in the graph (common.py's Taps), so a
+        long prefill's taps (~0.6 GB at 512 tokens of a 0.1B model) are never all alive at once
+        (issue 9). ``on_tap`` receives each as it comes: on the CPU a zero-copy view of the VM's
+        buffer, valid only until ``on_tap`` returns (see TapConsumer), on a GPU a copy; the
+        returned ``taps`` is then empty and ``logits`` a view of the function's output. Without
+        ``on_tap`` each tap is copied into ``taps``.
         """
         tids = self._ids(ids)
         state = state or self.zero_state()
         fn = "decode" if tids.shape[0] == 1 else "prefill"
+        taps: dict[str, np.ndarray] = {}
+        streamed = on_tap is not None
+        if on_tap is None:
+            def on_tap(name: str, value: np.ndarray) -> None:
+                taps[name] = np.array(value)  # a copy: the VM may reuse a buffer the view shows
+
+        def hand_over(name: str, tensor: tvm.runtime.Tensor) -> None:
+            on_tap(name, self._host_view(tensor))
+
         if observe is not None:
             self.vm.set_instrument(self._instrument(observe))
         try:
             args = (tids, [state.slots[n] for n in self.slot_names], *self.params)
             if self.repeat:
+                _SINK.consumer = lambda name, tensor: None  # the first run's taps are not the step's
                 self.vm[fn](*args)
+            _SINK.consumer = hand_over
             out = self.vm[fn](*args)
         finally:
+            _SINK.consumer = None
             if observe is not None:
                 self.vm.set_instrument(lambda *a: VMInstrumentReturnKind.NO_OP)
         new_state = CompiledState(dict(zip(self.slot_names, list(out[1]))))
-        if self.variant == "debug" and on_tap is not None:
-            # The logits as a view, not a copy: a (T, V) copy at T = 512 is another 134 MB at 0.1B.
-            logits = self._host_view(out[0])
-            pending = list(out[2])
-            del out  # its containers would keep every tap's TVM tensor alive to the end
-            for i, name in enumerate(self.tap_names):
-                tensor, pending[i] = pending[i], None
-                on_tap(name, self._host_view(tensor))
-                del tensor  # released now (unless the consumer kept the view): the next tap's turn
-            return StepOutput(logits=logits, state=new_state, taps={})
-        taps = {}
-        if self.variant == "debug":
-            taps = {name: t.numpy() for name, t in zip(self.tap_names, list(out[2]))}
-        return StepOutput(logits=out[0].numpy(), state=new_state, taps=taps)
+        # Streamed, the logits come back as a view, not a copy: a (T, V) copy at T = 512 is another
+        # 134 MB at 0.1B (the same array as the "logits" tap the consumer was handed).
+        logits = self._host_view(out[0]) if streamed else out[0].numpy()
+        return StepOutput(logits=logits, state=new_state, taps=taps)
 
     def _host_view(self, tensor: tvm.runtime.Tensor) -> np.ndarray:
         """A host array of ``tensor``: on the CPU a zero-copy view (DLPack; it keeps the tensor

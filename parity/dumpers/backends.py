@@ -183,9 +183,12 @@ class TVMDebugBackend(Backend):
         self.state = self.model.zero_state()
 
     def record_step(self, ids: list[int], step: StepWriter) -> None:
-        # Each tap goes to the step (whose writer puts it on disk at once) as the VM's output is
-        # taken, so a long prefill's taps never exist twice over (issue 9); same arrays, same order.
-        out = self.model.forward(ids, self.state, on_tap=step.add)
+        # Each tap goes to the step as the compiled function makes it, so a long prefill's taps are
+        # never all alive at once (issue 9). The array views a buffer the function reuses once the
+        # tap is handed over: a StepWriter (also behind the worker's wrapper) puts the bytes on disk
+        # at once; anything else (Backend.step's StagesOfOneStep keeps what it is given) gets a copy.
+        add = step.add if getattr(step, "writes_at_once", False) else (lambda name, value: step.add(name, value.copy()))
+        out = self.model.forward(ids, self.state, on_tap=add)
         self.state = out.state
         for name, value in self.model.state_to_canonical(out.state).items():
             step.add(name, value)

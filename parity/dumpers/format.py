@@ -72,6 +72,10 @@ class StepWriter:
     the dump's partial directory (same disk; gone when closed, or when the process is killed).
     """
 
+    # ``add`` has written the array's bytes when it returns and keeps no reference to it, so a
+    # caller may hand it a view of a buffer that is reused right after (the TVM debug build's taps).
+    writes_at_once = True
+
     def __init__(self, *, index: int, kind: str, ids: list[int], stage_order: list[str], extend: bool = False,
                  spool_dir: Path, failed):
         self.index = index
