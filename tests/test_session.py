@@ -199,3 +199,61 @@ def test_compare_dumps_refuses_a_missing_dump(tmp_path):
     a = write_dump(tmp_path / "a", model=MODEL, logits=np.zeros((2, V), np.float32))
     with pytest.raises(ParityError, match="no dump"):
         compare_dumps(a, tmp_path / "nowhere")
+
+
+# -- judge_policy: who judges a record, with which allowance -------------------------------------
+
+
+def write_low_dump(path: Path, *, version: str = "5.2", stages=("L0.att.r", "L0.att.k", "L0.att.v"),
+                   dtype: str = "bfloat16") -> Path:
+    """A one-step, one-layer dump in ``dtype`` holding ``stages`` for both token rows."""
+    with DumpWriter(
+        path=path, backend="b", mode="eager", dtype=dtype, model={**MODEL, "version": version},
+        stage_order=stage_order(n_layer=1, version=version), checkpoint=None,
+        tool_versions={}, extra={},
+    ) as w:
+        with w.step(kind="prefill", ids=[1, 2]) as s:
+            for name in ("emb", *stages):
+                s.add(name, np.ones((2, C), np.float32))
+    return path
+
+
+def test_a_spliced_bf16_replay_gets_the_judged_scale_and_the_fp32_scan(tmp_path):
+    from parity.compare.tolerance import JUDGE_REPLAY, JUDGED_TOLERANCES
+    from parity.session import judge_policy
+
+    policy = judge_policy(JUDGE_REPLAY, dump=write_low_dump(tmp_path / "d"), spliced=True)
+    assert (policy.judge, policy.spliced_scan) == (JUDGE_REPLAY, True)
+    assert policy.for_stage("L0.att.ln_x") == JUDGED_TOLERANCES[JUDGE_REPLAY]["bfloat16"]
+    assert policy.for_stage("L0.att.wkv").scale == 2e-4  # fp32's: the scan ran on the dump's own r, k, v
+
+
+def test_a_judge_that_could_not_splice_an_rwkv5_scan_judges_as_a_pair(tmp_path):
+    # No r, k, v recorded: the judge's GroupNorm renormalised its own wkv, as two runs do.
+    from parity.compare.tolerance import JUDGE_ISOLATED, JUDGE_PAIR, JUDGE_REPLAY
+    from parity.session import judge_policy
+
+    bare = write_low_dump(tmp_path / "bare", stages=("L0.x_out",))
+    for judge in (JUDGE_REPLAY, JUDGE_ISOLATED):
+        policy = judge_policy(judge, dump=bare, spliced=True)
+        assert (policy.judge, policy.spliced_scan, policy.default.scale) == (JUDGE_PAIR, False, 1.0)
+    # ... and so does one told it did not splice (an isolated build judged by its yardstick directly).
+    full = write_low_dump(tmp_path / "full")
+    assert judge_policy(JUDGE_ISOLATED, dump=full, spliced=False).judge == JUDGE_PAIR
+    assert judge_policy(JUDGE_PAIR, dump=full).default.scale == 1.0  # the pair never splices
+
+
+def test_an_rwkv4_replay_is_judged_on_its_own_inputs_without_a_scan_splice(tmp_path):
+    # RWKV-4 has no GroupNorm to renormalise a judge's own wkv: the judged scale, the wkv at it too.
+    from parity.compare.tolerance import JUDGE_REPLAY
+    from parity.session import judge_policy
+
+    policy = judge_policy(JUDGE_REPLAY, dump=write_low_dump(tmp_path / "v4", version="4"), spliced=True)
+    assert (policy.judge, policy.spliced_scan, policy.default.scale) == (JUDGE_REPLAY, False, 5e-2)
+    assert policy.for_stage("L0.att.wkv") == policy.default
+
+
+def test_compare_dumps_judges_a_pair_by_the_dtypes_defaults(tmp_path):
+    a = write_low_dump(tmp_path / "a")
+    result = compare_dumps(a, write_low_dump(tmp_path / "b"))
+    assert (result["policy"]["judge"], result["policy"]["default"]["scale"]) == ("pair", 1.0)
