@@ -21,6 +21,11 @@ and atol as the dtype's defaults): (min_atol - atol) / max|expected|. The worst 
 stage (ln_x and att.gated, where GroupNorm divides by a head's own spread; everything else) over
 every fixture, prompt, step and backend is what the constants are set from.
 
+Which constant each measure sets (parity/compare/tolerance.py; who judges: session.judge_policy):
+own/dtype the replay's, iso/dtype the isolated judge's (JUDGED_TOLERANCES where a dtype has its own,
+else the dtype's default); drift/depth the pair's drift envelope (compare/verdict.py), in the pair's
+allowances. own/fp64 and isolated (against fp32) say what the dtype's rounding itself costs.
+
 Writes benchmarks/results/calibrate_precision.json and .md with the date and commit.
 
     python benchmarks/calibrate_precision.py                         # every fixture (~10 min on 2 cores)
@@ -210,7 +215,7 @@ def main() -> int:
     ap.add_argument("--backends", default="reference,tvm,chatrwkv")
     ap.add_argument("--out", default="calibrate_precision", help="results file stem under benchmarks/results/")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
-                    help="no run: merge the rows of these results .json (e.g. one per fixture, run side by side)")
+                    help="no run: merge the rows of these results .json (e.g. one per fixture, each its own process)")
     args = ap.parse_args()
     fixtures = [p for p in FIXTURES if not args.fixtures or p.stem in args.fixtures] + list(args.checkpoint)
     t0 = time.perf_counter()
@@ -220,7 +225,7 @@ def main() -> int:
         rows = [r for part in parts for r in part["rows"]]
         commits = sorted({part["commit"] for part in parts})
         seconds = max(part["seconds"] for part in parts)
-        command = "; ".join(part["command"] for part in parts) + " (run side by side, merged)"
+        command = "; ".join(part["command"] for part in parts) + " (one process each, merged)"
     else:
         with tempfile.TemporaryDirectory(prefix="calibrate-precision-") as tmp:
             for i, ck in enumerate(fixtures):
