@@ -317,14 +317,20 @@ _BARE = {
 }
 
 
-def harness_overhead(config, *, cache_dir: Path, workdir: Path, how: str) -> dict:
+def harness_overhead(config, *, cache_dir: Path, workdir: Path, how: str, mode: str = "propagated") -> dict:
     """(full-dump reference,tvm parity run on CUDA) ÷ (bare reference run + bare CUDA run), same plan,
     from a checkpoint file (as a user runs it: a worker reads the file, nothing is pickled across).
 
     how: "workers" / "in-process" — run_parity called here (the default worker processes, or every
     backend in this process), the bare runs here too, every event of the parity run timestamped;
     "processes" — what a user waits for: `parity run` as a command against the two bare runs as
-    scripts, each a fresh Python process (imports and checkpoint loading on both sides)."""
+    scripts, each a fresh Python process (imports and checkpoint loading on both sides).
+
+    mode: the parity run's --mode. "propagated" (the figures before 2026-11-30-4) runs each backend
+    once and judges every stage strictly: at 0.4B inherited drift crosses that verdict at depth (the
+    0.4B test records it, prefill L15.att.ln_x), so its "divergence" there is no finding. "replay"
+    is what `parity run` does by default (each layer replayed by the reference on the build's own
+    inputs, drift judged against the dtype's envelope): more work, and a verdict that means one."""
     import os
     import subprocess
 
@@ -353,9 +359,9 @@ def harness_overhead(config, *, cache_dir: Path, workdir: Path, how: str) -> dic
         t_tvm, _ = wall([sys.executable, "-c", _BARE["tvm"], str(path), str(cache_dir)])
         t_parity, proc = wall([sys.executable, "-m", "parity.cli", "run", "--checkpoint", str(path), "--backends", "reference,tvm",
                                "--ids", ",".join(map(str, plan.prefill_ids)), "--decode-ids", ",".join(map(str, plan.decode_ids)),
-                               "--decode-steps", str(len(plan.decode_ids)), "--mode", "propagated", "--device", "cuda",
+                               "--decode-steps", str(len(plan.decode_ids)), "--mode", mode, "--device", "cuda",
                                "--cache-dir", str(cache_dir), "-q"])
-        return {"how": how, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
+        return {"how": how, "mode": mode, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
                 "ratio": t_parity / (t_ref + t_tvm), "verdict": "no divergence" if proc.returncode == 0 else "divergence"}
     steps = [list(plan.prefill_ids)] + [[i] for i in plan.decode_ids]
     t0 = time.perf_counter()
@@ -381,11 +387,21 @@ def harness_overhead(config, *, cache_dir: Path, workdir: Path, how: str) -> dic
             events.append((round(time.perf_counter() - t0, 3), str(msg)[:160]))
 
         out = run_parity(load_checkpoint(path), backends=["reference", "tvm"], plan=plan, dump_dir=Path(tmp),
-                         cache_dir=cache_dir, mode="propagated", device="cuda", in_process=how == "in-process",
+                         cache_dir=cache_dir, mode=mode, device="cuda", in_process=how == "in-process",
                          on_event=note, on_step=lambda *a: note("step " + " ".join(map(str, a))))
         t_parity = time.perf_counter() - t0
-    return {"how": how, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
-            "ratio": t_parity / (t_ref + t_tvm), "verdict": out.result["verdict"], "events": events}
+    # What follows the backends' last step (comparing the dumps, judging, the result): no event
+    # marks it, so it is the run's end minus the last event.
+    after = t_parity - max((t for t, _ in events), default=0.0)
+    return {"how": how, "mode": mode, "bare_reference_s": t_ref, "bare_tvm_cuda_s": t_tvm, "parity_run_s": t_parity,
+            "after_last_event_s": after, "ratio": t_parity / (t_ref + t_tvm), "verdict": out.result["verdict"],
+            "first_divergence": _where(out.result.get("first_divergence")), "events": events}
+
+
+def _where(fd) -> str | None:
+    if not fd:
+        return None
+    return f"{'prefill' if fd.get('step') == 0 else 'decode ' + str(fd.get('step'))} {fd.get('stage')}"
 
 
 SHAPE_OF = {(24, 1024): "0.4b", (24, 2048): "1.5b"}
@@ -410,7 +426,8 @@ def main() -> int:
     ap.add_argument("--no-overhead", action="store_true", help="skip the harness-overhead measurement")
     ap.add_argument("--overhead-shape", default="0.4b", help="the shape the harness overhead is measured at")
     ap.add_argument("--overhead-how", default="processes,workers,in-process",
-                    help="which overhead measurements (harness_overhead's how), in order")
+                    help="which overhead measurements (harness_overhead's how), in order; HOW:MODE runs the "
+                         "parity run in that --mode (default propagated)")
     ap.add_argument("--gemv", default="", help="comma-separated CUDA GEMV variants (gemv_cuda.GEMV_CONFIGS) measured "
                                              "beside the default build, at the shapes/dtypes of --gemv-at")
     ap.add_argument("--gemv-at", default="1.5b:float16", help="shape:dtype pairs the --gemv variants are measured at")
@@ -437,7 +454,7 @@ def main() -> int:
     gemv_at = {tuple(p.split(":")) for p in args.gemv_at.split(",") if p}
     gemvs = [g.strip() for g in args.gemv.split(",") if g.strip()]
     meta["gemv_variants"] = gemvs
-    for shape in (s.strip() for s in args.shapes.split(",")):
+    for shape in (s.strip() for s in args.shapes.split(",") if s.strip()):  # --shapes "": the overhead only
         config = shape_config(shape, version="5.2")
         t0 = time.perf_counter()
         w = random_weights(config, seed=0, device="cuda")
@@ -468,11 +485,13 @@ def main() -> int:
     if not args.no_overhead:
         config = shape_config(args.overhead_shape, version="5.2")
         with tempfile.TemporaryDirectory() as work:
-            for how in args.overhead_how.split(","):
+            for item in args.overhead_how.split(","):
+                how, _, mode = item.partition(":")
+                mode = mode or "propagated"
                 try:
-                    overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work), how=how))
+                    overhead.append(harness_overhead(config, cache_dir=cache_dir, workdir=Path(work), how=how, mode=mode))
                 except Exception as e:  # noqa: BLE001
-                    overhead.append({"how": how, "error": f"{type(e).__name__}: {e}"[:300]})
+                    overhead.append({"how": how, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
                 print(json.dumps({k: v for k, v in overhead[-1].items() if k != "events"}, default=float), flush=True)
                 _write(args, meta, rows, overhead)
     print(_write(args, meta, rows, overhead))
@@ -517,12 +536,15 @@ def _write(args, meta: dict, rows: list, overhead: list) -> str:
         how = {"processes": "as a user waits (`parity run` vs two bare scripts, each a fresh process)",
                "workers": "run_parity here, backends in worker processes (the default)",
                "in-process": "run_parity here, every backend in this process"}[h["how"]]
+        mode = h.get("mode", "propagated")
         if "error" in h:
-            lines += ["", f"Harness overhead ({how}): failed: {h['error']}"]
+            lines += ["", f"Harness overhead ({how}, --mode {mode}): failed: {h['error']}"]
             continue
-        lines += ["", f"Harness overhead at {args.overhead_shape}, {how}: full-dump parity run {h['parity_run_s']:.2f} s ÷ bare "
-                      f"runs ({h['bare_reference_s']:.2f} s reference + {h['bare_tvm_cuda_s']:.2f} s CUDA build) = "
-                      f"{h['ratio']:.2f}× (verdict: {h['verdict']})"]
+        after = f"; {h['after_last_event_s']:.2f} s of it after the last step" if "after_last_event_s" in h else ""
+        where = f" at {h['first_divergence']}" if h.get("first_divergence") else ""
+        lines += ["", f"Harness overhead at {args.overhead_shape}, {how}, --mode {mode}: full-dump parity run "
+                      f"{h['parity_run_s']:.2f} s ÷ bare runs ({h['bare_reference_s']:.2f} s reference + "
+                      f"{h['bare_tvm_cuda_s']:.2f} s CUDA build) = {h['ratio']:.2f}× (verdict: {h['verdict']}{where}{after})"]
     (args.out / "gpu-bench.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 

@@ -56,8 +56,9 @@ def dequant_int8_cuda(q: te.Tensor, mx: te.Tensor, rx: te.Tensor, my: te.Tensor,
 
     Written with ``*`` and ``+``, nvcc contracts ``(t * rx) + my`` into one fused multiply-add
     (SASS HFMA2 in the fp16 build; FFMA in fp32), which rounds once where the reference rounds
-    twice: a weight an ulp off here and there, and on the GPU tvm@fp16i8 failed reference@fp16i8
-    on two fixtures (own error 1.65x and 1.23x the tolerance, benchmarks/results/gpu-2026-11-30-3).
+    twice: emulated on the fixtures' weights, 13-15 % of them differ (by one rounding of the
+    intermediate, up to ~1000 ulp of a weight near zero, where + mx cancels), and on the GPU
+    tvm@fp16i8 failed reference@fp16i8 on two fixtures (own error 1.65x and 1.23x the tolerance, benchmarks/results/gpu-2026-11-30-3).
     The same contraction emulated in the reference on the CPU gives 1.30x and 0.75x (from 0.13x
     and 0.11x). The llvm build is compiled without FMA (build.py), so it needs no such care."""
     dt = str(mx.dtype)

@@ -3,7 +3,7 @@
 nvcc contracts ``a * b + c`` into one fused multiply-add (one rounding) unless told otherwise, and
 the reference (parity/reference/int8.py: one torch op per step on the CPU) rounds every product and
 sum on its own. With common.py's ``*`` / ``+`` spelling, the fp16i8 CUDA build's dequantisation ran
-an HFMA2 at ``(t * rx) + my``: weights an ulp off, and tvm@fp16i8 failed reference@fp16i8 on the GPU
+an HFMA2 at ``(t * rx) + my``: 13-15 % of the weights off (emulated), and tvm@fp16i8 failed reference@fp16i8 on the GPU
 on two fixtures (benchmarks/results/gpu-2026-11-30-3). targets.py gives CUDA builds
 ``dequant_int8_cuda`` instead. Here: the PTX nvcc makes of it (the property the GPU relies on),
 that CUDA builds use it, and that a build's dequant kernels give the reference's weights bit for
