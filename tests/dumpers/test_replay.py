@@ -163,7 +163,7 @@ def test_the_isolated_judge_splices_the_builds_own_scan_inputs(ck, tmp_path, com
                      mode="isolated")
     own, comparison = out.result["own_errors"]["tvm@fp16"], out.own_comparisons["tvm@fp16"]
     assert own["method"] == "isolated" and own["records"] > 0 and own["failed"] == 0, own
-    assert "L*.att.wkv" in [o["pattern"] for o in comparison["policy"]["overrides"]]
+    assert "L*.att.wkv" in [o["pattern"] for o in comparison["policy"]["stage_defaults"]]
     wkv = [record_ratio(r) for r in comparison["records"] if r["stage"].endswith(".att.wkv")]
     assert wkv and max(wkv) < 0.05, max(wkv)  # measured 0: the same fp32 sums on the same inputs
 
