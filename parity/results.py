@@ -52,9 +52,12 @@ class _Block:
     """
 
     NESTED: dict[str, Any] = {}
+    NULLABLE = False  # as a value of a ``{T}`` dict: null stands for "not run" (``modes``)
 
     @classmethod
     def from_dict(cls, d: Any):
+        if isinstance(d, cls):
+            return d  # already typed (a block set on a RunResult as it is assembled)
         if not isinstance(d, dict):
             raise TypeError(f"{cls.__name__.lower()} must be a JSON object, got {type(d).__name__}")
         names = cls._defaults()
@@ -121,7 +124,8 @@ def _read_nested(cls, known: dict) -> None:
             if not isinstance(value, dict):
                 raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
             (typ,) = kind
-            known[name] = {k: typ.from_dict(v) for k, v in value.items()}
+            # ``modes`` writes null for a mode that did not run: a block type says whether null is one of its values.
+            known[name] = {k: None if v is None and typ.NULLABLE else typ.from_dict(v) for k, v in value.items()}
         else:
             known[name] = kind.from_dict(value)
 
@@ -204,7 +208,16 @@ class RunInfo(_Block):
     timeout_s: float | None = None
     mode: str | None = None
     device: str | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # prompt, scenario, greedy, torch_math, ...
+    # A text prompt (parity run --text/--prompt-file/--scenario; parity/scenarios.py run_keys) and greedy decoding
+    scenario: dict | str | None = None  # {name, description, source}
+    template: str | None = None
+    text: str | None = None
+    tokenizer_ids: list[int] | None = None
+    model_ids: list[int] | None = None  # the ids the model ran: tokenizer ids folded id % V where they did not fit
+    vocab_folded: bool | None = None
+    warnings: list[str] | None = None
+    greedy: dict | None = None  # parity/greedy.py: {steps, yardstick, backends, margins, comparisons, ...}
+    extra: dict = field(default_factory=dict, repr=False)  # torch_math, known_differences, partial_dumps, ...
 
     def label(self, spec: str | None) -> str | None:
         labels = self.backend_labels if isinstance(self.backend_labels, dict) else {}
@@ -234,6 +247,8 @@ class Drift(_Block):
     """Propagated error as ratios against the dtype's depth envelope (parity/compare/verdict.py).
     A pair's drift (``comparisons``) holds status, worst_ratio and envelope only."""
 
+    NESTED = {"first_over_tolerance": Divergence, "first_beyond_envelope": Divergence}
+
     status: str | None = None  # "none" | "within" | "beyond"
     worst_ratio: float | str | None = None
     envelope: float | None = None
@@ -243,8 +258,8 @@ class Drift(_Block):
     worst_stage: str | None = None
     worst_step: int | None = None
     by_layer: list[dict] = field(default_factory=list)  # {layer, ratio, envelope}
-    first_over_tolerance: dict | None = None
-    first_beyond_envelope: dict | None = None
+    first_over_tolerance: Divergence | None = None  # the propagated comparison's first failing record
+    first_beyond_envelope: Divergence | None = None  # step, step_kind, stage, layer, row, max_abs, min_atol, atol
     failed: int = 0
     floor: float | None = None  # the run's rounding floor at the worst record, where it was measured
     extra: dict = field(default_factory=dict, repr=False)
@@ -268,6 +283,23 @@ class OwnError(_Block):
     first_divergence: Divergence | None = None
     not_replayable: list[dict] = field(default_factory=list)  # {step, layer, missing}
     extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ModeVerdict(_Block):
+    """One capture mode's verdict in ``modes`` (propagated, replay, isolated), side by side."""
+
+    NESTED = {"first_divergence": Divergence, "summary": Summary}
+    NULLABLE = True  # a mode that did not run
+
+    verdict: str | None = None
+    first_divergence: Divergence | None = None  # that comparison's first failing record
+    summary: Summary | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, key: str) -> Any:
+        # parity/cli.py's summary still reads a mode by key (m["first_divergence"]); attributes are the API.
+        return getattr(self, key)
 
 
 @dataclass
@@ -318,7 +350,7 @@ class RunResult:
 
     NESTED = {"first_divergence": Divergence, "summary": Summary, "records": [Record], "end_to_end": EndToEnd,
               "drift": Drift, "own_error": OwnError, "own_errors": {OwnError}, "comparisons": [PairResult],
-              "crash": Crash, "crashes": [Crash], "run": RunInfo}
+              "crash": Crash, "crashes": [Crash], "run": RunInfo, "modes": {ModeVerdict}}
 
     verdict: str
     first_divergence: Divergence | None
@@ -342,14 +374,25 @@ class RunResult:
     crashes: list[Crash] = field(default_factory=list)
     notes: list[dict] | None = None  # {backend, note}: what backends say about themselves
     odd_one_out: dict | None = None
-    modes: dict | None = None
+    modes: dict[str, ModeVerdict | None] | None = None  # propagated / replay / isolated -> its verdict, null: not run
     arbiter: list[dict] | None = None
     tolerance_verdict: dict | None = None
     known_differences: list[dict] | None = None
     first_divergence_detail: dict | None = None
     repro: str | None = None
     run: RunInfo = field(default_factory=RunInfo)
+    # parity explain / --explain: the likely porting bug (status, summary, fix, evidence, hypotheses, ...)
+    explanation: dict | None = None
     extra: dict = field(default_factory=dict)  # keys a later minor addition wrote; kept, not lost
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A block assembled as plain data (session.py sets ``modes`` as dicts) is typed as it is set,
+        # so every reader sees attributes; read as from_dict reads a file: its keys, in their order.
+        if name in RunResult.NESTED and value is not None and not isinstance(value, _Block):
+            known = {name: value}
+            _read_nested(RunResult, known)
+            value = known[name]
+        object.__setattr__(self, name, value)
 
     @property
     def passed(self) -> bool:

@@ -159,3 +159,46 @@ def test_the_reports_take_the_typed_result_and_its_json_alike(result):
     typed = RunResult.from_dict(result)
     assert render_markdown(typed) == render_markdown(result)
     assert render_html(typed, title="t") == render_html(result, title="t")
+
+
+def test_modes_are_typed_and_a_mode_that_did_not_run_stays_null(result):
+    from parity.results import ModeVerdict, Summary
+
+    typed = RunResult.from_dict(result)
+    assert set(typed.modes) == {"propagated", "replay"}  # the default replay run: both verdicts side by side
+    assert all(isinstance(m, ModeVerdict) and isinstance(m.summary, Summary) for m in typed.modes.values())
+    assert typed.modes["replay"].summary.records == result["modes"]["replay"]["summary"]["records"]
+    d = {**result, "modes": {**result["modes"], "isolated": None}}
+    again = RunResult.from_dict(d)
+    assert again.modes["isolated"] is None and again.to_dict() == d
+    with pytest.raises(ParityError, match="a malformed parity result: ownerror must be a JSON object"):
+        RunResult.from_dict({**result, "own_errors": {"chatrwkv": None}})  # null means "not run" in modes only
+
+
+def test_a_block_set_as_plain_data_is_typed_as_it_is_set(result):
+    # session.py sets modes as dicts; every reader (cli, HTML, bisect) then reads attributes.
+    from parity.results import Divergence, ModeVerdict
+
+    typed = RunResult.from_dict(result)
+    record = dict(result["records"][3], passed=False, reason="tolerance")
+    plain = {"verdict": "divergence", "first_divergence": record, "summary": result["summary"]}
+    typed.modes = {"propagated": plain, "isolated": None}
+    mode = typed.modes["propagated"]
+    assert isinstance(mode, ModeVerdict) and isinstance(mode.first_divergence, Divergence)
+    assert mode.first_divergence.stage == record["stage"] and mode["verdict"] == "divergence"
+    assert typed.to_dict()["modes"] == {"propagated": plain, "isolated": None}
+
+
+def test_drift_records_the_explanation_and_the_prompt_have_typed_homes(result):
+    from parity.results import Divergence
+
+    record = dict(result["records"][3], passed=False, reason="tolerance")
+    explanation = {"status": "explained", "summary": "explained: GroupNorm eps", "hypotheses": []}
+    run = {**result["run"], "template": "chatrwkv", "text": "User: hi", "vocab_folded": False, "greedy": {"steps": 2}}
+    d = {**result, "drift": {**result["drift"], "first_over_tolerance": record}, "run": run, "explanation": explanation}
+    typed = RunResult.from_dict(d)
+    assert isinstance(typed.drift.first_over_tolerance, Divergence) and typed.drift.first_over_tolerance.stage == record["stage"]
+    assert typed.explanation == explanation and "explanation" not in typed.extra
+    assert (typed.run.template, typed.run.text, typed.run.greedy) == ("chatrwkv", "User: hi", {"steps": 2})
+    assert not {"template", "text", "greedy"} & set(typed.run.extra)
+    assert json.dumps(typed.to_dict()) == json.dumps(d)  # the same keys in the same order: the format is unchanged

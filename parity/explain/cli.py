@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 from parity.errors import ParityError
+from parity.report.verdict import as_result
+from parity.results import RunResult
 
 EXIT_OK, EXIT_UNEXPLAINED = 0, 1
 TOP = 5  # hypotheses listed in the console; the JSON has them all
@@ -87,8 +89,8 @@ def cmd_explain(args, console) -> int:
         raise ParityError(f"{args.result} is not a parity result JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(result, dict) or "first_divergence" not in result:
         raise ParityError(f"{args.result} is not a parity run result (no first_divergence)")
-    explanation = explain_result(result, checkpoint=args.checkpoint, extra_hypotheses=extra)
-    if args.json:
+    explanation = explain_result(as_result(result), checkpoint=args.checkpoint, extra_hypotheses=extra)
+    if args.json:  # the file as it was read, plus its explanation
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**result, "explanation": explanation}, indent=1, default=str) + "\n")
     print_explanation(console, explanation, quiet=args.quiet)
@@ -107,14 +109,20 @@ def kept_dumps(args):
         yield Path(tmp)
 
 
-def attach_explanation(result: dict, *, checkpoint, hypotheses: list[str] = ()) -> dict | None:
-    """``parity run --explain``: explain the result's first divergence (if any) in place."""
+def attach_explanation(result: RunResult | dict, *, checkpoint, hypotheses: list[str] = ()) -> dict | None:
+    """``parity run --explain``: explain the result's first divergence (if any) in place: the typed
+    result's ``explanation``, or the key of its JSON form."""
     from parity.explain.engine import explain_result
 
-    if result.get("first_divergence") is None:
+    typed = as_result(result)
+    if typed.first_divergence is None:
         return None
-    result["explanation"] = explain_result(result, checkpoint=checkpoint, extra_hypotheses=_hypotheses(list(hypotheses)))
-    return result["explanation"]
+    explanation = explain_result(typed, checkpoint=checkpoint, extra_hypotheses=_hypotheses(list(hypotheses)))
+    if isinstance(result, dict):
+        result["explanation"] = explanation
+    else:
+        result.explanation = explanation
+    return explanation
 
 
 def explain_bisect(checkpoint, *, backends: list[str], plan, found: dict, cache_dir=None, hypotheses=()) -> dict:
@@ -128,7 +136,7 @@ def explain_bisect(checkpoint, *, backends: list[str], plan, found: dict, cache_
         if out.crashed:
             from parity.report.verdict import crash_line
 
-            raise ParityError(crash_line(out.result["crash"]))
+            raise ParityError(crash_line(as_result(out.typed if out.typed is not None else out.result).crash))
         return explain_dump(checkpoint, candidate_dump=out.dumps[backends[1]], first_divergence=found,
                             extra_hypotheses=_hypotheses(list(hypotheses)))
 

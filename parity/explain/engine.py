@@ -35,6 +35,8 @@ from parity.compare.metrics import compare_arrays
 from parity.dumpers.format import DumpReader
 from parity.dumpers.replay import spliced_values
 from parity.errors import ParityError
+from parity.report.verdict import as_result
+from parity.results import Record, RunResult
 from parity.stages import short_stage, stage_info, state_slots
 
 EXPLAINED = "explained"
@@ -283,16 +285,19 @@ def _rank(hyps, checkpoint, ctx: Context, *, steps: list[int], policy: Tolerance
 
 
 def explain_dump(
-    checkpoint, *, candidate_dump: Path, first_divergence: dict, policy: TolerancePolicy | None = None,
+    checkpoint, *, candidate_dump: Path, first_divergence: Record | dict, policy: TolerancePolicy | None = None,
     extra_hypotheses=(), only: list[str] | None = None,
 ) -> dict:
-    """Explain ``first_divergence`` (step, layer, stage) of the candidate dump. JSON-able dict."""
+    """Explain ``first_divergence`` (step, layer, stage) of the candidate dump: a typed record or
+    divergence, or its JSON form (``parity bisect``'s ``found``). JSON-able dict."""
     from parity.explain.hypotheses import CATALOGUE
+
+    first_divergence = Record.from_dict(first_divergence)  # itself when typed already
 
     candidate = DumpReader(candidate_dump)
     if candidate.model != checkpoint.config.to_dict():
         raise ParityError(f"dump {candidate_dump} is of another model than {checkpoint.path}; cannot explain it")
-    step, stage = int(first_divergence["step"]), first_divergence["stage"]
+    step, stage = int(first_divergence.step), first_divergence.stage
     layer = stage_info(stage).layer
     ctx = Context(checkpoint=checkpoint, candidate=candidate, step=step, layer=layer, stage=stage)
     policy = policy or TolerancePolicy.for_dtype(candidate.dtype)
@@ -358,38 +363,41 @@ def explain_dump(
             "hypotheses": ranked, "not_applicable": not_applicable}
 
 
-def candidate_of(result: dict) -> str:
+def candidate_of(result: RunResult | dict) -> str:
     """The backend a result blames: the one whose own error diverged, else the odd one out, else
     the compared side."""
-    own = result.get("own_error") or {}
-    if own.get("first_divergence") is not None:
-        return own["backend"]
-    for spec, summary in (result.get("own_errors") or {}).items():
-        if summary.get("first_divergence") is not None:
+    result = as_result(result)
+    own = result.own_error
+    if own is not None and own.first_divergence is not None:
+        return own.backend
+    for spec, summary in result.own_errors.items():
+        if summary.first_divergence is not None:
             return spec
-    odd = (result.get("odd_one_out") or {}).get("backend")
-    return odd or result["actual"]["backend"]
+    odd = (result.odd_one_out or {}).get("backend")
+    return odd or result.actual["backend"]
 
 
-def explain_result(result: dict, *, checkpoint=None, extra_hypotheses=(), only=None) -> dict:
-    """Explain a ``parity run --json`` result (it must have kept its dumps: ``--dump-dir``)."""
+def explain_result(result: RunResult | dict, *, checkpoint=None, extra_hypotheses=(), only=None) -> dict:
+    """Explain a ``parity run --json`` result, typed or its JSON form (it must have kept its dumps:
+    ``--dump-dir``)."""
     from parity.checkpoint import load_checkpoint
 
-    fd = result.get("first_divergence")
+    result = as_result(result)
+    fd = result.first_divergence
     if fd is None:
         return {"status": NOTHING, "summary": "no divergence: nothing to explain", "hypotheses": []}
-    dumps = (result.get("run") or {}).get("dumps") or {}
+    dumps = result.run.dumps or {}
     spec = candidate_of(result)
     if spec not in dumps:
         raise ParityError(f"the result keeps no dump of {spec}: rerun parity run with --dump-dir DIR --json PATH")
     if checkpoint is None:
-        path = (result.get("run") or {}).get("checkpoint")
+        path = result.run.checkpoint
         if not path:
             raise ParityError("the result names no checkpoint; pass --checkpoint")
         checkpoint = load_checkpoint(Path(path))
     elif not hasattr(checkpoint, "config"):
         checkpoint = load_checkpoint(Path(checkpoint))
-    policy = TolerancePolicy.from_dict(result["policy"]) if result.get("policy") else None
+    policy = TolerancePolicy.from_dict(result.policy) if result.policy else None
     if not Path(dumps[spec]).is_dir():
         raise ParityError(f"dump {dumps[spec]} of {spec} no longer exists; rerun with --dump-dir")
     return explain_dump(checkpoint, candidate_dump=Path(dumps[spec]), first_divergence=fd, policy=policy,

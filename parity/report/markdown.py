@@ -85,7 +85,7 @@ def render_markdown(result: RunResult | dict, *, html_link: str = HTML_LINK_PLAC
         parts.append(crash)
     if first is not None:
         parts.append(_first_divergence(first, steps=[s for s in result.steps if isinstance(s, dict)]))
-        explanation = result.extra.get("explanation")
+        explanation = result.explanation
         parts += [likely_cause_markdown(explanation)] if isinstance(explanation, dict) else []
     elif diverged and not crash:
         parts.append("The verdict is divergence but the result names no first divergence; see the failing "

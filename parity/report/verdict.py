@@ -120,10 +120,10 @@ def verdict_line(result: RunResult | dict) -> str:
     if first is not None and result.verdict == "drift beyond envelope":
         # No stage adds error out of tolerance; the propagated trajectory left its envelope.
         drift = result.drift or Drift()
-        beyond = drift.first_beyond_envelope if isinstance(drift.first_beyond_envelope, dict) else first.to_dict()
+        beyond = drift.first_beyond_envelope if drift.first_beyond_envelope is not None else first
         return (f"DRIFT BEYOND ENVELOPE: no stage adds error out of tolerance, but the propagated error reaches "
-                f"{fmt(drift.envelope_fraction)}x its envelope; first beyond it at step {beyond.get('step')} "
-                f"{beyond.get('stage')} (max abs {fmt(beyond.get('max_abs'))})")
+                f"{fmt(drift.envelope_fraction)}x its envelope; first beyond it at step {beyond.step} "
+                f"{beyond.stage} (max abs {fmt(beyond.max_abs)})")
     if first is not None:
         try:
             return "DIVERGENCE: " + describe_divergence(first)

@@ -14,7 +14,8 @@ from parity.compare import TolerancePolicy, compare_arrays
 from parity.dumpers.backends import RunPlan
 from parity.pytest_plugin import record_report
 from parity.report.html import write_html
-from parity.report.verdict import verdict_line
+from parity.report.verdict import as_result, verdict_line
+from parity.results import RunResult
 from parity.session import default_decode_ids, parse_ids, run_parity
 from parity.stages import stage_order, state_slots, state_stage_names
 from parity.suite.conftest import report_dir
@@ -24,15 +25,20 @@ PROMPTS = {"ones10": "ones:10", "random16": "random:16:3"}
 POLICY = TolerancePolicy.for_dtype("float32")
 
 
+def _typed(outcome) -> RunResult:
+    """The run's typed result; an outcome made from a comparison's JSON form alone is read back."""
+    return outcome.typed if outcome.typed is not None else as_result(outcome.result)
+
+
 def _assert_no_divergence(outcome, *, name: str) -> None:
-    result = outcome.result
-    if result["first_divergence"] is not None or outcome.crashed:  # a crashed backend never passes
+    result = _typed(outcome)
+    if result.first_divergence is not None or outcome.crashed:  # a crashed backend never passes
         path = report_dir() / f"{name}.html"
         write_html(result, path)
         # The result JSON beside it: `parity report NAME.json --markdown` turns it into a PR comment.
-        path.with_suffix(".json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        path.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n")
         record_report(path)  # listed in the terminal summary by the parity pytest plugin
-        what = verdict_line(result) if result["first_divergence"] is None else describe_divergence(result["first_divergence"])
+        what = verdict_line(result) if result.first_divergence is None else describe_divergence(result.first_divergence)
         pytest.fail(f"{what}\nreport: {path}", pytrace=False)
 
 
@@ -65,17 +71,17 @@ def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_d
 
     # A pass must have compared something: every step, and in every step the stages each capture
     # mode is sure of (instrumented captures fewer, but always these).
-    records = outcome.result["records"]
-    assert {r["step"] for r in records} == set(range(1 + DECODE_STEPS))
+    records = _typed(outcome).records
+    assert {r.step for r in records} == set(range(1 + DECODE_STEPS))
     required = {"emb", "logits"} | {f"L{l}.att.wkv" for l in range(cfg.n_layer)}
     required |= set(state_stage_names(n_layer=cfg.n_layer, slots=state_slots(cfg.version.value)))
     if backend == "tvm" and yardstick == "reference":  # the debug build returns every stage of the version
         required |= {s for s in stage_order(n_layer=cfg.n_layer, version=cfg.version.value)}
     for step in range(1 + DECODE_STEPS):
-        compared = {r["stage"] for r in records if r["step"] == step}
+        compared = {r.stage for r in records if r.step == step}
         assert required <= compared, f"step {step} did not compare {sorted(required - compared)}"
-    prefill_logits = next(r for r in records if r["step"] == 0 and r["stage"] == "logits")
-    assert prefill_logits["shape"] == [len(plan.prefill_ids), cfg.vocab_size]  # all T rows kept
+    prefill_logits = next(r for r in records if r.step == 0 and r.stage == "logits")
+    assert prefill_logits.shape == [len(plan.prefill_ids), cfg.vocab_size]  # all T rows kept
 
 
 # -- the compiled model in low precision (--parity-dtypes: fp16 and bf16 by default) -------------
@@ -110,16 +116,16 @@ def test_low_precision_build(checkpoint, yardstick, low_precision, prompt, cache
     outcome = run_parity(checkpoint, backends=[yardstick, backend], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir,
                          device=device)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-{backend.replace('@', '-')}-{prompt}")
-    result = outcome.result
-    assert result["records"], "nothing compared"
+    result = _typed(outcome)
+    assert result.records, "nothing compared"
     if yardstick == "reference":  # judged by its own error too: every record replayed, none failed
-        own = result["own_errors"][backend]
-        assert own["method"] == "replay" and own["records"] > 0 and own["failed"] == 0, own
-    e2e = result["end_to_end"]
-    assert e2e["rows"] == len(plan.prefill_ids) + DECODE_STEPS
+        own = result.own_errors[backend]
+        assert own.method == "replay" and own.records > 0 and own.failed == 0, own
+    e2e = result.end_to_end
+    assert e2e.rows == len(plan.prefill_ids) + DECODE_STEPS
     if low_precision in END_TO_END_KL_MAX:
-        assert e2e["kl_max"] <= END_TO_END_KL_MAX[low_precision], f"{backend}: KL max {e2e['kl_max']:.3g} nats"
-        assert e2e["top1_flips"] == 0, f"{backend}: {e2e['top1_flips']} top-1 flips outside near-ties"
+        assert e2e.kl_max <= END_TO_END_KL_MAX[low_precision], f"{backend}: KL max {e2e.kl_max:.3g} nats"
+        assert e2e.top1_flips == 0, f"{backend}: {e2e.top1_flips} top-1 flips outside near-ties"
 
 
 # -- each backend against itself ----------------------------------------------------------------
@@ -190,7 +196,7 @@ def test_prompt_length_equal_to_head_count(checkpoint, cache_dir, tmp_path):
     plan = RunPlan(prefill_ids=tuple(range(3, 3 + cfg.n_head)), decode_ids=(7, 8))
     outcome = run_parity(checkpoint, backends=["reference", "tvm"], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-T-eq-H")
-    assert re.match(r"no divergence", outcome.result["verdict"])
+    assert re.match(r"no divergence", _typed(outcome).verdict)
 
 
 def test_three_independent_implementations_agree(checkpoint, cache_dir, tmp_path):
@@ -204,15 +210,15 @@ def test_three_independent_implementations_agree(checkpoint, cache_dir, tmp_path
         decode_ids=default_decode_ids(steps=DECODE_STEPS, vocab_size=cfg.vocab_size),
     )
     outcome = run_parity(checkpoint, backends=backends, plan=plan, dump_dir=tmp_path, cache_dir=cache_dir)
-    result = outcome.result
-    for pair in result["comparisons"]:
-        assert pair["first_divergence"] is None, (
-            f"{pair['actual']} vs {pair['expected']}: {describe_divergence(pair['first_divergence'])}"
+    result = _typed(outcome)
+    for pair in result.comparisons:
+        assert pair.first_divergence is None, (
+            f"{pair.actual} vs {pair.expected}: {describe_divergence(pair.first_divergence)}"
         )
-    assert result["odd_one_out"]["backend"] is None
+    assert result.odd_one_out["backend"] is None
     # Each pair compared at least the logits and the full state of every step.
-    for comparison in outcome.comparisons:
-        stages = {(r["step"], r["stage"]) for r in comparison["records"]}
+    for pair in result.comparisons:
+        stages = {(r.step, r.stage) for r in pair.records}
         for step in range(1 + DECODE_STEPS):
             assert (step, "logits") in stages
             assert all((step, s) in stages for s in state_stage_names(n_layer=cfg.n_layer, slots=state_slots(cfg.version.value)))

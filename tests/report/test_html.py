@@ -732,3 +732,24 @@ def test_model_level_cards_escape_their_strings():
     result["drift"]["status"] = evil
     page = render_html(result)
     assert "<script>alert" not in page and _section(page, "cards").count("&lt;script&gt;") == 3
+
+
+def test_the_typed_result_and_its_json_form_render_the_same_page():
+    # The page reads the typed result (parity/results.py) by attribute; a saved file is typed on entry.
+    from parity.results import RunResult
+
+    result = _full_result()
+    result.update(_model_checks(), explanation={"status": "explained", "summary": "explained: eps", "fix": "use 64e-5"})
+    result["crashes"] = [{"backend": "mutant/x", "name": "x", "kind": "crashed", "error": "died with SIGSEGV", "step": 2,
+                          "step_kind": "decode", "steps_completed": 2, "last_stage": {"step": 1, "stage": "logits"}}]
+    page = render_html(result)
+    assert render_html(RunResult.from_dict(json.loads(json.dumps(result)))) == page
+    assert "Likely cause" in page and "Backend crashed" in page and "Model-level checks" in page
+
+
+def test_a_block_read_from_an_empty_object_counts_as_absent():
+    result = _result(fail=None)
+    result.update(end_to_end={}, own_error={}, drift={})
+    assert '<section id="cards"' not in render_html(result)
+    result["first_divergence"] = {}
+    assert "there is no first divergence" in _section(render_html(result), "first-divergence")
