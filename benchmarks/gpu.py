@@ -409,7 +409,10 @@ SHAPE_OF = {(24, 1024): "0.4b", (24, 2048): "1.5b"}
 
 def _ms(d: dict, key: str, roofline_ms: float) -> str:
     if key not in d:
-        return "failed"
+        # "failed" only where the row says so (an error beside it); else it was not measured (e.g.
+        # --no-relax-graph), which the 2026-11-30-4 table printed as "failed"
+        prefix = key.removesuffix("decode_ms")
+        return "failed" if any(k.endswith("error") and k.startswith(prefix) for k in d) else "not run"
     return f"{d[key]:.2f} ({roofline_ms / d[key]:.0%})"
 
 
