@@ -300,7 +300,13 @@ def explain_dump(
     step, stage = int(first_divergence.step), first_divergence.stage
     layer = stage_info(stage).layer
     ctx = Context(checkpoint=checkpoint, candidate=candidate, step=step, layer=layer, stage=stage)
-    policy = policy or TolerancePolicy.for_dtype(candidate.dtype)
+    if policy is None:
+        # Judged as the verdict judges a replay (the faulty layer is replayed with the candidate's r, k, v
+        # and wkv spliced in): the pair's policy would hold bf16 to 1.0 of max|b| instead of 5e-2.
+        from parity.compare.tolerance import JUDGE_REPLAY
+        from parity.session import judge_policy
+
+        policy = judge_policy(JUDGE_REPLAY, dump=Path(candidate_dump), spliced=True)
     indices = sorted(s.index for s in candidate.steps)
     steps = [s for s in indices if step - STEPS_BEFORE <= s <= step + STEPS_AFTER]
     base = {"candidate": candidate.backend, "dump": str(candidate.path), "step": step, "layer": layer,
