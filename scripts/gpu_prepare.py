@@ -53,7 +53,7 @@ def todo() -> list[tuple[str, object, dict]]:
                 (GRAPH_FIXTURE, cfg, dict(graph=True, dtype=dtype))]
     out.append(("0.4b", s04, dict(variant="debug", target="cuda")))  # stage 04b
     for name, m in GPU_CATALOGUE.items():  # stage mutants: on CUDA, and the llvm verdict beside
-        out += [(name, fixture(m.fixture), dict(variant="debug", target=t, mutant=name)) for t in ("cuda", "llvm")]
+        out += [(name, fixture(m.fixture), dict(variant="debug", target=t, mutant=name, dtype=m.dtype)) for t in ("cuda", "llvm")]
     for dtype in ("float32", "float16"):  # stage bench: 1.5B, plain and the Relax-graph build
         out += [("1.5b", s15, dict(variant="plain", target="cuda", dtype=dtype)), ("1.5b", s15, dict(graph=True, dtype=dtype))]
     out += [("1.5b", s15, dict(variant="plain", target="cuda", dtype="float16", gemv=g)) for g in GEMVS]
@@ -62,7 +62,9 @@ def todo() -> list[tuple[str, object, dict]]:
     out += [(name, cfg, dict(variant=v, target="cuda")) for name, cfg in fixtures.items() for v in ("plain", "debug")]
     for name, m in CATALOGUE.items():
         if m.side == "compiled" and builds_for(name, "cuda"):
-            out.append((name, fixture(m.fixture), dict(variant="debug", target="cuda", mutant=name)))
+            # In the mutant's own dtype (decay-in-bf16 is an fp16 build, int8-scales-swapped an fp16i8 one):
+            # the GPU test asks for that build.
+            out.append((name, fixture(m.fixture), dict(variant="debug", target="cuda", mutant=name, dtype=m.dtype)))
     return out
 
 
