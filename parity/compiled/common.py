@@ -131,6 +131,16 @@ class Linear(nn.Linear):
         return to_dtype(y, self.model_dtype)
 
 
+def linears(model) -> list[Linear]:
+    """Every Linear of ``model``: each block's attention and FFN matmuls, then the head (the CUDA
+    retarget and the bug zoo's quantised Linears both walk them)."""
+    found = []
+    for block in model.blocks:
+        for part in (block.att, block.ffn):
+            found += [v for v in vars(part).values() if isinstance(v, Linear)]
+    return found + [model.head]
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm with weights in the model dtype; fp16/bf16 compute it in fp32 and round the output
     (torch's CPU layer_norm on fp16 does the same); fp32 is exactly ``nn.LayerNorm``."""

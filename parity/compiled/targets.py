@@ -79,27 +79,12 @@ def dequant_int8_cuda(q: te.Tensor, mx: te.Tensor, rx: te.Tensor, my: te.Tensor,
     return te.compute(q.shape, value, name="dequant_int8")
 
 
-def _modules(module, seen=None):
-    """``module`` and every nn.Module below it (attributes, lists of them), each once."""
-    from tvm.relax.frontend import nn
-
-    seen = set() if seen is None else seen
-    if id(module) in seen:
-        return
-    seen.add(id(module))
-    yield module
-    for value in vars(module).values():
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(v, nn.Module):
-                yield from _modules(v, seen)
-
-
 def retarget_dequant(model) -> int:
     """Give every int8 Linear of ``model`` that dequantises the correct way (common.dequant_int8)
     the CUDA spelling of it; a bug-zoo Linear keeps its own wrong one. Returns how many changed."""
     changed = 0
-    for m in _modules(model):
-        if isinstance(m, common.Linear) and m.quant == "int8" and m.dequant_int8 is common.dequant_int8:
+    for m in common.linears(model):
+        if m.quant == "int8" and m.dequant_int8 is common.dequant_int8:
             m.dequant_int8 = dequant_int8_cuda
             changed += 1
     return changed

@@ -8,17 +8,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from parity.compiled.common import Q4_GROUP, Q4_MAX_INT, Q4_PER_WORD, Linear
+from parity.compiled.common import Q4_GROUP, Q4_MAX_INT, Q4_PER_WORD, linears
 from parity.compiled.rwkv5_model import RWKV5Model
-
-
-def linears(model) -> list[Linear]:
-    """Every Linear of ``model``: each block's attention and FFN matmuls, then the head."""
-    found = []
-    for block in model.blocks:
-        for part in (block.att, block.ffn):
-            found += [v for v in vars(part).values() if isinstance(v, Linear)]
-    return found + [model.head]
 
 
 def dequant_int8_scales_swapped(q: te.Tensor, mx: te.Tensor, rx: te.Tensor, my: te.Tensor, ry: te.Tensor) -> te.Tensor:

@@ -94,8 +94,9 @@ def test_cuda_builds_dequantise_with_the_cuda_spelling():
     (its target has no FMA); a bug-zoo Linear keeps its own wrong dequantisation on CUDA too."""
     from parity.compiled import common
     from parity.compiled.build import model_for
+    from parity.compiled.common import linears
     from parity.compiled.targets import dequant_int8_cuda
-    from parity.mutants.quant_models import dequant_int8_scales_swapped, linears
+    from parity.mutants.quant_models import dequant_int8_scales_swapped
 
     cfg = load_checkpoint(FIXTURES / "rwkv5_2-L2-C144-H12.pth").config
     for dtype in ("fp16i8", "fp32i8"):
