@@ -124,7 +124,7 @@ def judge_policy(judge: str, *, dump: Path, overrides=None, spliced: bool = Fals
     from parity.dumpers.replay import splices_scan_inputs
 
     reader = open_dump(dump)
-    scan = judge != JUDGE_PAIR and spliced and splices_scan_inputs(dump)
+    scan = judge != JUDGE_PAIR and spliced and splices_scan_inputs(reader)  # the manifest read once
     if judge != JUDGE_PAIR and not scan and reader.model.get("version") != "4":
         judge = JUDGE_PAIR
     return TolerancePolicy.for_dtype(reader.dtype, overrides, judge=judge, spliced_scan=scan)

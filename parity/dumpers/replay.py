@@ -121,6 +121,7 @@ class ReplayBackend(Backend):
             from parity.dumpers.worker import open_dump
 
             self.splice_source = open_dump(splice_from)
+        self._splice_steps = {st.index for st in self.splice_source.steps} if self.splice_source is not None else set()
         self._missing = {(g["step"], g["layer"]) for g in self.gaps}
         self._step = 0
         self._state_before: dict[str, np.ndarray] | None = None
@@ -146,8 +147,7 @@ class ReplayBackend(Backend):
         seen = self.candidate.read_step(index)
         source = seen
         if self.splice_source is not None:
-            have = {st.index for st in self.splice_source.steps}
-            source = self.splice_source.read_step(index) if index in have else {}
+            source = self.splice_source.read_step(index) if index in self._splice_steps else {}
         out: dict[str, np.ndarray] = {}
 
         def record(stage: str, value: torch.Tensor) -> None:
@@ -187,12 +187,13 @@ def spliced_values(seen, *, layer: int, stages: tuple[str, ...] = SPLICE_STAGES)
     return {n: seen[n] for n in names if n in seen and "rows." + n not in seen}
 
 
-def splices_scan_inputs(candidate_dump: Path) -> bool:
+def splices_scan_inputs(candidate_dump) -> bool:
     """Whether a replay of this dump runs every layer's scan on the candidate's own r, k and v: an
-    RWKV-5 dump holding all three, all token rows, for every layer of every step."""
+    RWKV-5 dump holding all three, all token rows, for every layer of every step. ``candidate_dump``:
+    its path, or the dump already open (a reader from open_dump)."""
     from parity.dumpers.worker import open_dump
 
-    reader = open_dump(candidate_dump)
+    reader = open_dump(candidate_dump) if isinstance(candidate_dump, (str, Path)) else candidate_dump
     n_layer = int(reader.model.get("n_layer", 0))
     if reader.model.get("version") == "4" or not n_layer or not reader.steps:
         return False
