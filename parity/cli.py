@@ -309,8 +309,8 @@ def _print_summary(console, result: RunResult) -> None:
     if result.modes:
         for name, m in result.modes.items():
             if m is not None:
-                fd = m["first_divergence"]
-                console.print(f"{name:>10}: " + (m["verdict"] if fd is None else describe_divergence(fd)))
+                fd = m.first_divergence
+                console.print(f"{name:>10}: " + (m.verdict if fd is None else describe_divergence(fd)))
     for line in model_check_lines(result):
         console.print(line)
     for block in result.arbiter or []:

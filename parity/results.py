@@ -298,7 +298,7 @@ class ModeVerdict(_Block):
     extra: dict = field(default_factory=dict, repr=False)
 
     def __getitem__(self, key: str) -> Any:
-        # parity/cli.py's summary still reads a mode by key (m["first_divergence"]); attributes are the API.
+        # Reading a mode by key, as code written for the JSON form does (m["first_divergence"]); attributes are the API.
         return getattr(self, key)
 
 
