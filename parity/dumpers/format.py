@@ -1,7 +1,9 @@
 """The on-disk dump format: one directory holding ``manifest.json`` and one safetensors file per step.
 
 A dump must stay readable without this tool (plain ``json`` + ``safetensors.numpy``; see
-docs/dump-format.md), so this module imports numpy and safetensors only — never torch or tvm.
+docs/dump-format.md), so this module imports numpy and safetensors only — never torch or tvm. It
+writes and reads the safetensors layout itself (``save_file``, ``_parse_header``), so that a step is
+streamed to disk and a stage read back without mapping the file.
 
 Writing is atomic: everything goes into a sibling ``<dir>.partial-<pid>`` directory, and only a
 clean ``close()`` marks the manifest complete and renames that directory into place. A crashed or
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from parity.compare.divergence import StepInfo
 from parity.errors import ParityError
@@ -445,6 +447,173 @@ def _as_ids(ids: Sequence[int]) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Reading
+#
+# Step files are read without safetensors' ``safe_open``: it parses the header and mmaps the file
+# at every open (~3 ms), and a comparison looks a stage up thousands of times (two sides, every
+# stage of every step: ~6000 lookups at 0.4B), so reopening was seconds of a parity run. Here each
+# file's header is parsed once, with the checks safetensors makes, and kept (a few hundred bytes a
+# stage); each array is read with positioned reads into a fresh array. Nothing is mapped and no
+# file stays open, so nothing stays resident beyond the arrays a caller holds (issue 9).
+
+# Beyond this a header length is garbage, not a header (safetensors' own MAX_HEADER_SIZE).
+_MAX_HEADER_BYTES = 100_000_000
+# The dtypes a step file may hold: the writer's (_SAFETENSORS_DTYPES). numpy has no bfloat16, so a
+# dump stores none (bfloat16 runs record float32); a file holding one was not written here.
+_NUMPY_DTYPES = {code: np.dtype(name).newbyteorder("<") for name, code in _SAFETENSORS_DTYPES.items()}
+
+
+class _Unreadable(Exception):
+    """Why a step file cannot be read: the reason only; the caller names the file and adds _DAMAGED."""
+
+
+class _Replaced(_Unreadable):
+    """The file is a sound step file, but its own header says it is another step's."""
+
+
+class _StepFile:
+    """One step file's parsed header — each stage's dtype, shape and offset, nothing else — and
+    reads of single stages from it, each opening the file, reading and closing it.
+
+    Offsets are kept from the start of the data, so every decode step of a run has the same layout
+    (only the header's step number differs), and a layout equal to ``like``'s is that one object:
+    a reader of a 64-step dump keeps about two layouts, not 65.
+
+    The header was parsed for one version of the file, known by (device, inode, size, mtime): a
+    file found changed at a read (rewritten, truncated, replaced) is parsed and checked again
+    before anything is read, so an array never comes from an old header's offsets in a new file's
+    bytes; a file cut short between that check and the read is caught by the read coming up short.
+    (A same-size rewrite in place within one mtime tick is not seen; nothing that writes dumps does that.)
+    """
+
+    __slots__ = ("path", "_index", "_kind", "_parsed")
+
+    def __init__(self, path: Path, *, index: int, kind: str, like: _StepFile | None = None):
+        self.path = path
+        self._index, self._kind = index, kind
+        with open(path, "rb", buffering=0) as f:
+            self._load(f, os.fstat(f.fileno()), like=like)
+
+    def keys(self) -> set[str]:
+        return set(self._parsed[2])
+
+    def check(self) -> None:
+        """Raise _Unreadable/OSError if the file is no longer readable; parse it again if it changed."""
+        if _identity(os.stat(self.path)) != self._parsed[0]:
+            with open(self.path, "rb", buffering=0) as f:
+                self._load(f, os.fstat(f.fileno()))
+
+    def read(self, name: str) -> np.ndarray:
+        with open(self.path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            if _identity(st) != self._parsed[0]:
+                self._load(f, st)
+            _, data_start, layout = self._parsed
+            try:
+                dtype, shape, begin = layout[name]
+            except KeyError:
+                raise _Unreadable(f"the file changed after the dump was opened and no longer holds stage {name!r}") from None
+            out = np.empty(shape, dtype)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            offset = data_start + begin
+            f.seek(offset)
+            done = 0
+            while done < len(view):  # one read, unless the OS returns less (Linux caps a read at ~2 GiB)
+                got = f.readinto(view[done:])
+                if not got:
+                    raise _Unreadable(
+                        f"the file ends at byte {offset + done}, inside stage {name!r}'s data; "
+                        "it was cut short after the dump was opened"
+                    )
+                done += got
+        return out
+
+    def _load(self, f, st: os.stat_result, *, like: _StepFile | None = None) -> None:
+        data_start, layout, metadata = _parse_header(f, size=st.st_size)
+        if like is not None and like._parsed[2] == layout:
+            layout = like._parsed[2]
+        # Each file repeats its step index and kind in its header (written by DumpWriter): a step
+        # file swapped with another step's, or copied in from another run, shows here rather than
+        # as a comparison of the wrong tokens.
+        if metadata.get("format") == FORMAT_NAME and (
+            metadata.get("step") != str(self._index) or metadata.get("kind") != self._kind
+        ):
+            raise _Replaced(
+                f"the file holds step {metadata.get('step')} ({metadata.get('kind')}), the manifest lists it "
+                f"as step {self._index} ({self._kind}); a step file was replaced"
+            )
+        self._parsed = (_identity(st), data_start, layout)  # one assignment: a read never sees half of it
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_header(f, *, size: int) -> tuple[int, dict[str, tuple[np.dtype, tuple[int, ...], int]], dict[str, str]]:
+    """Where the data starts, the stages (name -> dtype, shape, offset of its bytes from the start
+    of the data) and the metadata of the safetensors file open as ``f``, of ``size`` bytes.
+
+    Checked as safetensors checks a file it opens: a sane header length, a JSON object, known
+    dtypes, each stage's byte span matching its shape, the spans back to back from the end of the
+    header to the end of the file (so a truncated or padded file is refused here, not mid-read)."""
+    if size < 8:
+        raise _Unreadable(f"{size} bytes, too short for a safetensors header")
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) != 8:
+        raise _Unreadable(f"the file ends inside its header length ({len(prefix)} of 8 bytes read)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > _MAX_HEADER_BYTES or 8 + length > size:
+        raise _Unreadable(f"the header length {length} does not fit a file of {size} bytes")
+    raw = f.read(length)
+    if len(raw) != length:
+        raise _Unreadable(f"the file ends inside its header ({8 + len(raw)} of {size} bytes read)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Unreadable(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _Unreadable("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # optional; null is how safetensors writes none
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Unreadable("the header's __metadata__ is not an object of strings")
+    data_start = 8 + length
+    tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _Unreadable(f"stage {name!r}: its header entry is not an object")
+        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        dtype = _NUMPY_DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            raise _Unreadable(f"stage {name!r} has dtype {code!r}, not one a dump stores ({', '.join(_NUMPY_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise _Unreadable(f"stage {name!r}: shape {shape!r} is not a list of sizes")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
+            raise _Unreadable(f"stage {name!r}: data_offsets {offsets!r} is not a [begin, end] pair")
+        begin, end = offsets
+        need = int(np.prod(shape, dtype=object)) * dtype.itemsize  # object: no overflow on a garbage shape
+        if end - begin != need:
+            raise _Unreadable(f"stage {name!r}: data_offsets {offsets} span {end - begin} bytes, its shape {shape} "
+                              f"of {code} needs {need}")
+        spans.append((begin, end, name))
+        tensors[name] = (dtype, tuple(shape), begin)
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise _Unreadable(f"stage {name!r} starts at data byte {begin}, not {at}: the stages' bytes must be back to back")
+        at = end
+    if data_start + at != size:
+        raise _Unreadable(f"the header accounts for {data_start + at} bytes, the file has {size}")
+    return data_start, tensors, metadata
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, _Unreadable) else _reason(exc)
 
 
 class StepArrays(Mapping):
@@ -452,8 +621,9 @@ class StepArrays(Mapping):
     file when it is looked up and keeps none: whoever holds a value holds its memory, so a
     comparison walking the stages in order holds one stage per side, not the whole step."""
 
-    def __init__(self, *, file: Path, stages: Sequence[str]):
-        self._file = file
+    def __init__(self, *, source: _StepFile, stages: Sequence[str]):
+        self._source = source  # the reader's parsed header of the step file
+        self._file = source.path
         self._stages = list(stages)
         self._known = set(self._stages)
 
@@ -461,10 +631,9 @@ class StepArrays(Mapping):
         if name not in self._known:
             raise KeyError(name)
         try:
-            with safe_open(self._file, "np") as f:
-                return f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ParityError(f"{self._file}: cannot read stage {name!r} ({e}); {_DAMAGED}") from None
+            return self._source.read(name)
+        except (_Unreadable, OSError) as e:
+            raise ParityError(f"{self._file}: cannot read stage {name!r} ({_why(e)}); {_DAMAGED}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._known
@@ -501,8 +670,8 @@ class DumpReader:
         self.steps: list[StepInfo] = [
             StepInfo(index=s["index"], kind=s["kind"], ids=list(s["ids"])) for s in m["steps"]
         ]
-        # Opening each file reads only its header, which safetensors checks against the file size:
-        # cheap, and it catches a truncated or garbled file now rather than mid-comparison.
+        # Each file's header is parsed now (and kept: see _StepFile) and checked against the file's
+        # size: cheap, and it catches a truncated or garbled file now rather than mid-comparison.
         for s in m["steps"]:
             keys = self._open_keys(s)
             missing = [name for name in s["stages"] if name not in keys]
@@ -533,13 +702,12 @@ class DumpReader:
         comparison holds two steps (issue 9). The file is checked readable now, as before.
         """
         entry = self._step_entry(index)
-        file = self.path / entry["file"]
+        source = self._step_file(entry)
         try:
-            with safe_open(file, "np"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise ParityError(f"{file}: cannot read step file ({e}); {_DAMAGED}") from None
-        return StepArrays(file=file, stages=entry["stages"])
+            source.check()
+        except (_Unreadable, OSError) as e:
+            raise ParityError(f"{source.path}: cannot read step file ({_why(e)}); {_DAMAGED}") from None
+        return StepArrays(source=source, stages=entry["stages"])
 
     def read_stage(self, index: int, stage: str) -> np.ndarray:
         entry = self._step_entry(index)
@@ -548,12 +716,11 @@ class DumpReader:
                 f"stage {stage!r} was not recorded in step {index} of {self.path} "
                 f"({len(entry['stages'])} stages recorded; see the manifest's steps[{index}].stages)"
             )
-        file = self.path / entry["file"]
+        source = self._step_file(entry)
         try:
-            with safe_open(file, "np") as f:
-                return f.get_tensor(stage)
-        except (SafetensorError, OSError) as e:
-            raise ParityError(f"{file}: cannot read stage {stage!r} ({e}); {_DAMAGED}") from None
+            return source.read(stage)
+        except (_Unreadable, OSError) as e:
+            raise ParityError(f"{source.path}: cannot read stage {stage!r} ({_why(e)}); {_DAMAGED}") from None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -577,25 +744,33 @@ class DumpReader:
         return self.manifest["steps"][int(index)]
 
     def _open_keys(self, entry: dict[str, Any]) -> set[str]:
+        """Parse and check step ``entry``'s file (kept for its reads); the stages it holds."""
         file = self.path / entry["file"]
         if not file.is_file():
             raise ParityError(f"{file}: step file listed in the manifest is missing; {_DAMAGED}")
+        files = self._step_files()
         try:
-            with safe_open(file, "np") as f:
-                keys, header = set(f.keys()), f.metadata() or {}
-        except (SafetensorError, OSError) as e:
-            raise ParityError(f"{file}: corrupt step file ({e}); {_DAMAGED}") from None
-        # Each file repeats its step index and kind in its header (written by DumpWriter): a step
-        # file swapped with another step's, or copied in from another run, shows here rather than
-        # as a comparison of the wrong tokens.
-        if header.get("format") == FORMAT_NAME and (
-            header.get("step") != str(entry["index"]) or header.get("kind") != entry["kind"]
-        ):
-            raise ParityError(
-                f"{file}: the file holds step {header.get('step')} ({header.get('kind')}), the manifest lists it "
-                f"as step {entry['index']} ({entry['kind']}); a step file was replaced; {_DAMAGED}"
-            )
-        return keys
+            source = _StepFile(file, index=entry["index"], kind=entry["kind"], like=files.get(entry["index"] - 1))
+        except _Replaced as e:
+            raise ParityError(f"{file}: {e}; {_DAMAGED}") from None
+        except (_Unreadable, OSError) as e:
+            raise ParityError(f"{file}: corrupt step file ({_why(e)}); {_DAMAGED}") from None
+        files[entry["index"]] = source
+        return source.keys()
+
+    def _step_file(self, entry: dict[str, Any]) -> _StepFile:
+        files = self._step_files()
+        if entry["index"] not in files:  # a subclass that built itself without _open_keys
+            self._open_keys(entry)
+        return files[entry["index"]]
+
+    def _step_files(self) -> dict[int, _StepFile]:
+        # Made here, not in __init__: PartialDumpReader (worker.py) builds itself without it.
+        try:
+            return self._parsed_steps
+        except AttributeError:
+            self._parsed_steps: dict[int, _StepFile] = {}
+            return self._parsed_steps
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:

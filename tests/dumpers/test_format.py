@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -441,3 +442,194 @@ def test_file_damaged_after_open_is_reported_on_read(dump: Path) -> None:
         reader.read_step(1)
     with pytest.raises(ParityError, match="cannot read stage 'emb'"):
         reader.read_stage(1, "emb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading without safe_open: each step file's header is parsed once (format._StepFile), each stage
+# read with positioned reads into a fresh array.
+
+
+def _step_file_parts(file: Path) -> tuple[dict, bytes]:
+    """A step file's header (parsed here with plain json, not by the code under test) and its data."""
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def _write_step_file(file: Path, header: dict | bytes, data: bytes, *, length: int | None = None) -> None:
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+
+
+def _edit_header(edit):
+    def apply(file: Path) -> None:
+        header, data = _step_file_parts(file)
+        edit(header)
+        _write_step_file(file, header, data)
+    return apply
+
+
+def _set(stage: str, field: str, value):
+    return _edit_header(lambda h: h[stage].__setitem__(field, value))
+
+
+def _overlap(header: dict) -> None:
+    # emb is float16 (C*2 bytes for one row), L0.att.wkv float32: point emb at the first half of
+    # wkv's bytes, so two stages claim the same bytes and emb's own go unclaimed.
+    begin = header["L0.att.wkv"]["data_offsets"][0]
+    header["emb"]["data_offsets"] = [begin, begin + C * 2]
+
+
+# (damage to step 1's file, words the one line must hold, whether safetensors refuses it too)
+MALFORMED = {
+    "header length past the end": (
+        lambda f: f.write_bytes(struct.pack("<Q", f.stat().st_size) + f.read_bytes()[8:]), "does not fit a file of", True),
+    "header not JSON": (lambda f: _write_step_file(f, b"{not json}      ", b""), "the header is not JSON", True),
+    "header not UTF-8": (lambda f: _write_step_file(f, b'{"\xff": 1}      ', b""), "the header is not JSON", True),
+    "header a list": (lambda f: _write_step_file(f, b"[]      ", b""), "not a JSON object", True),
+    "a bfloat16 stage": (_set("logits", "dtype", "BF16"), "has dtype 'BF16', not one a dump stores", False),
+    "an unknown dtype": (_set("logits", "dtype", "F128"), "has dtype 'F128'", True),
+    "shape not matching the bytes": (_set("logits", "shape", [1, V + 1]), "needs 68", True),
+    "shape of strings": (_set("logits", "shape", ["1", V]), "is not a list of sizes", True),
+    "negative offsets": (_set("logits", "data_offsets", [-4, 60]), "is not a [begin, end] pair", True),
+    "two stages on the same bytes": (_edit_header(_overlap), "must be back to back", True),
+    "bytes past the last stage": (lambda f: f.write_bytes(f.read_bytes() + b"\0" * 8), "the file has", True),
+    "metadata not strings": (_edit_header(lambda h: h["__metadata__"].__setitem__("step", 1)), "__metadata__ is not an object of strings", True),
+    "metadata a list": (_edit_header(lambda h: h.__setitem__("__metadata__", [])), "__metadata__ is not an object of strings", True),
+    "shorter than a header length": (lambda f: f.write_bytes(b"\x10\0\0"), "3 bytes, too short", True),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_step_file_is_refused_in_one_line(dump: Path, name: str) -> None:
+    damage, words, safetensors_refuses = MALFORMED[name]
+    file = dump / step_file_name(1)
+    damage(file)
+    with pytest.raises(ParityError) as info:
+        DumpReader(dump)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{file}: corrupt step file (") and "re-run the dump" in message, message
+    assert words in message, message
+    # The checks are safetensors' own: the library refuses the same file (it knows bfloat16, which
+    # a dump never stores, since numpy has none).
+    from safetensors import safe_open
+
+    if safetensors_refuses:
+        with pytest.raises(Exception):
+            with safe_open(file, "np") as f:
+                [f.get_tensor(k) for k in f.keys()]
+
+
+def test_files_safetensors_wrote_are_read_bit_exact(dump: Path) -> None:
+    # Its own save_file pads the header and orders the data by alignment, not by name: the reader
+    # must follow the offsets, not assume the writer's layout. Every dtype the writer stores.
+    rng = np.random.default_rng(3)
+    arrays = {
+        "emb": rng.standard_normal((1, C)).astype(np.float16),
+        "L0.att.wkv": rng.integers(-9, 9, (1, C)).astype(np.int8),
+        "logits": rng.standard_normal((1, V)),  # float64
+        "state.L0.att_x": rng.integers(0, 2**40, (C,), dtype=np.uint64),
+        "state.L0.att_kv": rng.standard_normal((H, N, N)) > 0,  # bool
+    }
+    save_file(arrays, dump / step_file_name(1), metadata={"format": "rwkv-parity-dump", "format_version": "1",
+                                                          "step": "1", "kind": "decode"})
+    reader = DumpReader(dump)
+    step = reader.read_step(1)
+    for name, want in arrays.items():
+        for got in (step[name], reader.read_stage(1, name)):
+            assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes(), name
+
+
+def test_integer_and_empty_stages_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    values = {"emb": np.zeros((0, C), np.float32), "logits": np.arange(V, dtype=np.int64).reshape(1, V)}
+    with make_writer(path) as writer, writer.step(kind="prefill", ids=[1]) as step:
+        for name, array in values.items():
+            step.add(name, array)
+    reader = DumpReader(path)
+    for name, want in values.items():
+        got = reader.read_stage(0, name)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+def test_reading_maps_nothing_and_leaves_no_file_open(dump: Path) -> None:
+    # A held safe_open handle keeps the file mapped, its pages resident (issue 9); a read here is
+    # open, read, close: afterwards the process neither maps a step file nor holds one open.
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc: cannot see this process's mappings")
+    reader = DumpReader(dump)
+    held = [reader.read_step(i) for i in range(3)]
+    arrays = [step[name] for step in held for name in step] + [reader.read_stage(2, "logits")]
+    assert len(arrays) == 16
+    assert str(dump) not in Path("/proc/self/maps").read_text()
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if f.startswith(str(dump))], open_files
+
+
+def test_a_file_rewritten_after_open_is_read_from_its_new_header(dump: Path, tmp_path: Path) -> None:
+    # The new file's header is longer and its stages sit elsewhere: stale offsets would read other
+    # stages' bytes. The reader sees the file changed and parses it again.
+    reader = DumpReader(dump)
+    step = reader.read_step(1)
+    file = dump / step_file_name(1)
+    header, _ = _step_file_parts(file)
+    logits = np.linspace(-1, 1, V, dtype=np.float64).reshape(1, V)  # float64: twice the bytes it had
+    arrays = {name: np.ones(header[name]["shape"], np.float32) for name in header if name != "__metadata__"}
+    arrays["logits"] = logits
+    save_file(arrays, file, metadata={**header["__metadata__"], "note": "rewritten" * 20})
+    assert step["logits"].tobytes() == logits.tobytes()
+    assert reader.read_stage(1, "logits").tobytes() == logits.tobytes()
+    np.testing.assert_array_equal(reader.read_stage(1, "emb"), np.ones((1, C), np.float32))
+
+
+def test_a_file_replaced_after_open_by_another_steps_is_refused_on_read(dump: Path) -> None:
+    reader = DumpReader(dump)
+    (dump / step_file_name(1)).write_bytes((dump / step_file_name(2)).read_bytes())
+    with pytest.raises(ParityError, match=r"step-0001\.safetensors: cannot read stage 'logits' \(the file holds step 2 "
+                                          r"\(decode\), the manifest lists it as step 1 \(decode\); a step file was replaced\)"):
+        reader.read_stage(1, "logits")
+    with pytest.raises(ParityError, match=r"cannot read step file \(the file holds step 2"):
+        reader.read_step(1)
+
+
+def test_a_file_truncated_after_open_is_refused_on_read(dump: Path) -> None:
+    reader = DumpReader(dump)
+    step = reader.read_step(0)
+    file = dump / step_file_name(0)
+    file.write_bytes(file.read_bytes()[:-10])  # the last stage's bytes cut short, as by a full disk
+    for read in (lambda: step["state.L0.att_x"], lambda: reader.read_stage(0, "emb"), lambda: reader.read_step(0)):
+        with pytest.raises(ParityError) as info:
+            read()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{file}: cannot read ") and "the file has" in message, message
+
+
+def test_a_file_cut_short_between_the_check_and_the_read_is_refused(dump: Path, monkeypatch) -> None:
+    # The race the size check cannot see: the file shrinks after the reader looked at it. Made
+    # here by letting the reader's fstat report the file as it was before the cut.
+    reader = DumpReader(dump)
+    file = dump / step_file_name(0)
+    header, _ = _step_file_parts(file)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    before = os.stat(file)
+    file.write_bytes(file.read_bytes()[:-10])  # the last stage's bytes are the ones cut
+    monkeypatch.setattr(os, "fstat", lambda fd: before)
+    with pytest.raises(ParityError) as info:
+        reader.read_stage(0, last)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{file}: cannot read stage {last!r} (the file ends at byte"), message
+    assert "cut short after the dump was opened" in message, message
+
+
+def test_decode_steps_share_one_parsed_layout(tmp_path: Path) -> None:
+    # What a reader keeps per step file must not grow with the stages times the steps: decode
+    # steps, which differ only in the step number in their header, share one parsed layout.
+    from parity.dumpers import format as fmt
+
+    path = tmp_path / "run"
+    write_run(path, ids=[5, 6, 7], n_decode=4)
+    reader = DumpReader(path)
+    layouts = {id(reader._step_file(entry)._parsed[2]) for entry in reader.manifest["steps"]}
+    assert len(layouts) == 2  # the prefill's, and the decode steps' one
+    assert isinstance(reader._step_file(reader.manifest["steps"][3]), fmt._StepFile)
