@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import struct
@@ -448,12 +449,14 @@ def _as_ids(ids: Sequence[int]) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Reading
 #
-# Step files are read without safetensors' ``safe_open``: it parses the header and mmaps the file
-# at every open (~3 ms), and a comparison looks a stage up thousands of times (two sides, every
-# stage of every step: ~6000 lookups at 0.4B), so reopening was seconds of a parity run. Here each
-# file's header is parsed once, with the checks safetensors makes, and kept (a few hundred bytes a
-# stage); each array is read with positioned reads into a fresh array. Nothing is mapped and no
-# file stays open, so nothing stays resident beyond the arrays a caller holds (issue 9).
+# Step files are read without safetensors' ``safe_open``: it parses the header and maps the file
+# at every open, and a comparison looks stages up tens of thousands of times (a 9-step 0.4B dump
+# pair: 22572 lookups, 13 s of a 27 s comparison at ~0.6 ms each; 0.7 s now, see
+# benchmarks/results/read_speed-0.4b.md). Here each file's header is parsed once, with the checks
+# safetensors makes, and kept (decode steps share one layout); each array is read with positioned
+# reads into a fresh array. Nothing is mapped and no file stays open, so nothing stays resident
+# beyond the arrays a caller holds (issue 9): reading a 592 MiB prefill step stage by stage peaks
+# at its largest array (128 MiB), where safe_open peaked at twice that.
 
 # Beyond this a header length is garbage, not a header (safetensors' own MAX_HEADER_SIZE).
 _MAX_HEADER_BYTES = 100_000_000
@@ -596,7 +599,7 @@ def _parse_header(f, *, size: int) -> tuple[int, dict[str, tuple[np.dtype, tuple
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
             raise _Unreadable(f"stage {name!r}: data_offsets {offsets!r} is not a [begin, end] pair")
         begin, end = offsets
-        need = int(np.prod(shape, dtype=object)) * dtype.itemsize  # object: no overflow on a garbage shape
+        need = math.prod(shape) * dtype.itemsize  # Python ints: a garbage shape cannot overflow
         if end - begin != need:
             raise _Unreadable(f"stage {name!r}: data_offsets {offsets} span {end - begin} bytes, its shape {shape} "
                               f"of {code} needs {need}")
