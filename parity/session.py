@@ -26,6 +26,7 @@ from parity.dumpers.backends import RunPlan, target_for_device, tool_versions, t
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.dumpers.worker import in_process_requested, open_dump, run_in_worker
+from parity.heap import trim_heap
 from parity.errors import ParityError
 from parity.results import Crash, Divergence, Drift, EndToEnd, OwnError, PairResult, Record, RunInfo, RunResult, Summary
 
@@ -104,7 +105,9 @@ def compare_dumps(expected: Path, actual: Path, *, policy: TolerancePolicy | Non
     if exp.model != act.model:
         raise ParityError(f"dumps {expected} and {actual} are of different models; nothing to compare")
     policy = policy or judge_policy(JUDGE_PAIR, dump=actual, overrides=overrides)
-    return compare_runs(actual=act, expected=exp, policy=policy).to_dict()
+    result = compare_runs(actual=act, expected=exp, policy=policy).to_dict()
+    trim_heap()  # the records it read are gone; their pages go back (parity/heap.py)
+    return result
 
 
 def judge_policy(judge: str, *, dump: Path, overrides=None, spliced: bool = False) -> TolerancePolicy:

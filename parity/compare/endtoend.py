@@ -21,7 +21,10 @@ import numpy as np
 
 from parity.compare.metrics import json_safe
 
-_BLOCK_ROWS = 64  # rows per float64 block: 64 x 65536 x 8 B = 32 MiB per array
+# Rows per float64 block: 16 x 65536 x 8 B = 8 MiB per array. A block makes about eight such
+# temporaries (both sides, their log-softmax, exp, products); at 64 rows that was ~0.25 GB on top
+# of the two (512, 65536) records, the run's peak on a 0.1B model with a 512-token prompt (issue 9).
+_BLOCK_ROWS = 16
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from parity.checkpoint import Checkpoint
 from parity.dumpers.format import DumpWriter, StepWriter
 from parity.errors import ParityError
+from parity.heap import trim_heap
 from parity.stages import stage_order
 
 # Called after each step: (backend name, step index, number of steps).
@@ -108,6 +109,7 @@ class Backend:
             for index, (kind, ids) in enumerate(steps):
                 with writer.step(kind=kind, ids=ids) as step:
                     self.record_step(ids, step)
+                trim_heap()  # the step's arrays are gone; their pages go back (parity/heap.py)
                 if on_step:
                     on_step(self.name, index, len(steps))
         return writer.path

@@ -76,16 +76,19 @@ class TVMIsolatedBackend(Backend):
         state = self._state_before(index)
         n_layer = self.checkpoint.config.n_layer
         slots = state_slots(self.checkpoint.config.version.value)
-        out: dict[str, np.ndarray] = {}
+        # Each entry point's records go to the step's spool as they come (StepWriter.add writes the
+        # bytes now), not into one dict for the whole step: at 512 tokens that dict was the
+        # worker's peak (issue 9). The file lists its stages in stage_order whatever the order.
+        def add(records: dict[str, np.ndarray]) -> None:
+            for name, value in records.items():
+                step.add(name, value)
+
         if self.only_layer is None:
-            out.update(self.model.iso_embed(ids))
-            out.update(self.model.iso_head(ref[f"L{n_layer - 1}.x_out"]))
+            add(self.model.iso_embed(ids))
+            add(self.model.iso_head(ref[f"L{n_layer - 1}.x_out"]))
         for layer in range(n_layer) if self.only_layer is None else [self.only_layer]:
             x_in = ref["emb"] if layer == 0 else ref[f"L{layer - 1}.x_out"]
             layer_state = {s: state[f"state.L{layer}.{s}"] for s in slots}
             taps, new_state = self.model.iso_layer(layer, x_in, layer_state)
-            out.update(taps)
-            out.update(new_state)
-        order = {n: i for i, n in enumerate(self.canonical_order())}
-        for name in sorted(out, key=lambda n: order.get(n, len(order))):
-            step.add(name, out[name])
+            add(taps)
+            add(new_state)

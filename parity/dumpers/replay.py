@@ -148,11 +148,13 @@ class ReplayBackend(Backend):
         source = seen
         if self.splice_source is not None:
             source = self.splice_source.read_step(index) if index in self._splice_steps else {}
-        out: dict[str, np.ndarray] = {}
-
         def record(stage: str, value: torch.Tensor) -> None:
+            # Straight to the step's spool (StepWriter.add writes the bytes now): a 512-token
+            # prefill's replayed stages are ~0.6 GB at 0.1B, which a dict held until the step's end
+            # on top of the reference model (issue 9; the run's peak, measured). The file lists its
+            # stages in stage_order whatever the order they are added in.
             value = value.detach()
-            out[stage] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+            step.add(stage, (value.float() if value.dtype == torch.bfloat16 else value).numpy())
 
         with torch.no_grad():
             self.model.embed(ids, record=record)
@@ -175,9 +177,6 @@ class ReplayBackend(Backend):
         # Only the candidate's state is carried to the next step: the replay never feeds itself.
         # Keys first, then only the state stages: a step read lazily (StepArrays) loads what is looked up.
         self._state_before = {k: seen[k] for k in seen if k.startswith("state.")}
-        order = {n: i for i, n in enumerate(self.canonical_order())}
-        for name in sorted(out, key=lambda n: order.get(n, len(order))):
-            step.add(name, out[name])
 
 
 def spliced_values(seen, *, layer: int, stages: tuple[str, ...] = SPLICE_STAGES) -> dict:
