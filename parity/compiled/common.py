@@ -152,9 +152,20 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self.model_dtype == "float32":
             return super().forward(x)
-        y = op.layer_norm(to_dtype(x, "float32"), normalized_shape=self.normalized_shape,
-                          weight=to_dtype(self.weight, "float32"), bias=to_dtype(self.bias, "float32"), eps=self.eps)
-        return to_dtype(y, self.model_dtype)
+        # One kernel: the casts in and out inside the op. Written as separate Relax casts they were
+        # four kernels per LayerNorm on CUDA (x, weight and bias each cast on its own: FuseOps does
+        # not fuse a producer into a layer_norm); topi's layer_norm on the fp32 casts is the same
+        # arithmetic the legalised op.layer_norm computes.
+        eps, dt = self.eps, self.model_dtype
+
+        def layer_norm(x: te.Tensor, weight: te.Tensor, bias: te.Tensor) -> te.Tensor:
+            from tvm import topi
+
+            y = topi.nn.layer_norm(topi.cast(x, "float32"), topi.cast(weight, "float32"), topi.cast(bias, "float32"),
+                                   axis=[-1], epsilon=eps)
+            return topi.cast(y, dt)
+
+        return op.tensor_expr_op(layer_norm, "layer_norm", [x, self.weight, self.bias])
 
 
 def token_shift(xx: te.Tensor, last: te.Tensor) -> te.Tensor:
@@ -239,9 +250,27 @@ class Taps:
         return Tensor(_expr=rx.BlockBuilder.current().emit(call, name_hint="tap_token"))
 
 
-def lerp(xx: Tensor, sx: Tensor, mix: Tensor) -> Tensor:
-    # Same operation order as the reference: xx*μ + sx*(1-μ).
-    return xx * mix + sx * (1.0 - mix)
+def time_mix(xx: Tensor, sx: Tensor, mixes: list[Tensor], *, fp32_copy: bool = False) -> list[Tensor]:
+    """Every lerp of one time-mix, xx*μ + sx*(1-μ) (the reference's operation order) for each
+    (1, 1, C) μ of ``mixes``, in one kernel with one output per μ. As separate Relax ops each lerp
+    was a kernel of its own (nothing fuses siblings, and a matmul takes no producer), six per layer.
+    ``fp32_copy``: one more output, xx in fp32 (the state keeps its last row): from this kernel,
+    where a cast of its own was one more kernel per time-mix in fp16/bf16; xx itself in fp32."""
+    low = fp32_copy and xx.dtype != "float32"
+
+    def mix_te(xx: te.Tensor, sx: te.Tensor, *mus: te.Tensor) -> list[te.Tensor]:
+        one = tirx.const(1.0, xx.dtype)
+
+        def body(t, c):
+            outs = [xx[t, c] * mu[0, 0, c] + sx[t, c] * (one - mu[0, 0, c]) for mu in mus]
+            return tuple(outs + [xx[t, c].astype("float32")] if low else outs)
+
+        outs = te.compute(xx.shape, body, name="time_mix")
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+    out = op.tensor_expr_op(mix_te, "time_mix", [xx, sx, *mixes])
+    out = list(out) if isinstance(out, (list, tuple)) else [out]
+    return out + [xx] if fp32_copy and not low else out
 
 
 class FeedForward(nn.Module):
@@ -254,11 +283,14 @@ class FeedForward(nn.Module):
         self.receptance = Linear(C, C, dtype=dtype)
         self.value = Linear(F, C, dtype=dtype)
 
-    def forward(self, xx: Tensor, sx: Tensor, *, layer: int, tap: Taps) -> Tensor:
-        C = self.config.n_embd
+    def mixes(self) -> list[Tensor]:
+        """The time-mix μ of this half, in the order ``forward`` takes its ``mixed`` inputs."""
+        return [self.time_mix_k, self.time_mix_r]
+
+    def forward(self, xx: Tensor, sx: Tensor, *, layer: int, tap: Taps, mixed: list[Tensor] | None = None) -> Tensor:
+        """``mixed``: ``time_mix(xx, sx, self.mixes())`` when the caller made it already."""
         pre = f"L{layer}.ffn."
-        xk = lerp(xx, sx, op.reshape(self.time_mix_k, (C,)))
-        xr = lerp(xx, sx, op.reshape(self.time_mix_r, (C,)))
+        xk, xr = mixed or time_mix(xx, sx, self.mixes())
         tap(pre + "xk", xk)
         tap(pre + "xr", xr)
         r = op.sigmoid(self.receptance(xr))
@@ -315,17 +347,21 @@ class Block(nn.Module):
         tap(f"L{i}.att.ln1", xx)
         sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
         tap(f"L{i}.att.shift", sx)
-        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap)
-        new_att_x = to_dtype(op.tensor_expr_op(last_row, "last_row", [xx]), "float32")
+        # The lerps of each half are made here, in one kernel with xx's fp32 copy, whose last row
+        # the state keeps (a view in decode: T = 1), so no cast of its own is needed.
+        *mixed, xx32 = time_mix(xx, sx, self.att.mixes(), fp32_copy=True)
+        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed)
+        new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
         x = x + att
         tap(f"L{i}.x_after_att", x)
         xx = self.ln2(x)
         tap(f"L{i}.ffn.ln2", xx)
         sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(ffn_x), dt)])
         tap(f"L{i}.ffn.shift", sx)
-        x = x + self.ffn(xx, sx, layer=i, tap=tap)
+        *mixed, xx32 = time_mix(xx, sx, self.ffn.mixes(), fp32_copy=True)
+        x = x + self.ffn(xx, sx, layer=i, tap=tap, mixed=mixed)
         tap(f"L{i}.x_out", x)
-        new_ffn_x = to_dtype(op.tensor_expr_op(last_row, "last_row", [xx]), "float32")
+        new_ffn_x = op.tensor_expr_op(last_row, "last_row", [xx32])
         return x, (new_att_x, *new_att_state, new_ffn_x)
 
 

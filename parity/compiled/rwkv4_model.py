@@ -12,7 +12,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig
-from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, lerp, to_dtype
+from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, time_mix, to_dtype
 from parity.compiled.wkv4_kernel import wkv4
 
 PP_INIT = -1e30
@@ -44,15 +44,18 @@ class Attention4(nn.Module):
         self.receptance = Linear(C, A, dtype=dtype)
         self.output = Linear(A, C, dtype=dtype)
 
-    def forward(self, xx: Tensor, sx: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, *, layer: int, tap: Taps):
-        """(T, C) inputs and this layer's (aa, bb, pp) -> (att.out, (aa, bb, pp))."""
-        C = self.config.n_embd
+    def mixes(self) -> list[Tensor]:
+        """The time-mix μ (k, v, r), in the order ``forward`` takes its ``mixed`` inputs."""
+        return [self.time_mix_k, self.time_mix_v, self.time_mix_r]
+
+    def forward(self, xx: Tensor, sx: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, *, layer: int, tap: Taps,
+                mixed: list[Tensor] | None = None):
+        """(T, C) inputs and this layer's (aa, bb, pp) -> (att.out, (aa, bb, pp)). ``mixed``:
+        ``time_mix(xx, sx, self.mixes())`` when the caller made it already (common.Block does)."""
         T = xx.shape[0]
         A = self.config.dim_att
         pre = f"L{layer}.att."
-        xk = lerp(xx, sx, op.reshape(self.time_mix_k, (C,)))
-        xv = lerp(xx, sx, op.reshape(self.time_mix_v, (C,)))
-        xr = lerp(xx, sx, op.reshape(self.time_mix_r, (C,)))
+        xk, xv, xr = mixed or time_mix(xx, sx, self.mixes())
         for name, val in (("xk", xk), ("xv", xv), ("xr", xr)):
             tap(pre + name, val)
         r = op.sigmoid(self.receptance(xr))  # v4: sigmoid on r

@@ -19,7 +19,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig, ModelVersion
-from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, lerp, to_dtype
+from tvm import te, tirx
+
+from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, time_mix, to_dtype
 from parity.compiled.wkv5_kernel import wkv5
 
 LN_X_EPS = 64e-5  # the official package since 0.8.21; older ports used 1e-5 (docs/RWKV.md §2)
@@ -59,13 +61,47 @@ class GroupNorm(nn.Module):
         return y * self.weight + self.bias
 
 
+class GroupNormKernel(GroupNorm):
+    """``GroupNorm`` in one kernel: one TE op holding both reductions and the affine tail, where
+    the four Relax ops above (sum, subtract, sum of squares, divide) are a kernel each on CUDA.
+    The arithmetic is theirs, in their order: mean = sum * (1/N); centred = x - mean;
+    var = sum(centred^2) * (1/N); y = centred / sqrt(var + eps) * weight + bias. (``GroupNorm``
+    stays as it is: the bug zoo's GroupNorms and examples/mlc_rwkv5 build on its ops.)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        T, C = x.shape
+        G = self.num_groups
+        N = C // G
+        inv_n, eps = 1.0 / N, self.eps
+
+        def group_norm(x: te.Tensor, weight: te.Tensor, bias: te.Tensor) -> te.Tensor:
+            xg = te.compute((x.shape[0], G, N), lambda t, h, n: x[t, h * N + n], name="xg")  # (T, H, N)
+            i = te.reduce_axis((0, N), name="i")
+            total = te.compute((x.shape[0], G), lambda t, h: te.sum(xg[t, h, i], axis=i), name="total")
+            centred = te.compute(xg.shape, lambda t, h, n: xg[t, h, n] - total[t, h] * tirx.const(inv_n, "float32"),
+                                 name="centred")
+            j = te.reduce_axis((0, N), name="j")
+            sq = te.compute((x.shape[0], G), lambda t, h: te.sum(centred[t, h, j] * centred[t, h, j], axis=j), name="sq")
+            # (T, H, N) out, reshaped after: one GPU thread block per (token, head) (written as
+            # (T, C), DLight gave the whole token one block and looped over its heads).
+            return te.compute(
+                xg.shape,
+                lambda t, h, n: centred[t, h, n]
+                / tirx.sqrt(sq[t, h] * tirx.const(inv_n, "float32") + tirx.const(eps, "float32"))
+                * weight[h * N + n] + bias[h * N + n],
+                name="group_norm",
+            )
+
+        return op.reshape(op.tensor_expr_op(group_norm, "group_norm", [x, self.weight, self.bias]), (T, C))
+
+
 class Attention(nn.Module):
     """The v5 time-mix. Its replaceable parts are class attributes and small methods (``kernel``,
     ``group_norm_cls``, ``receptance_act``, ``decay_and_bonus``, ``kernel_state``), so the bug zoo
     (parity/mutants/) injects a porting bug by overriding one of them, never by copying this class."""
 
     kernel = wkv5
-    group_norm_cls = GroupNorm
+    group_norm_cls = GroupNormKernel
 
     def __init__(self, config: ModelConfig, *, dtype: str = "float32"):
         C, A, H, N = config.n_embd, config.dim_att, config.n_head, config.head_size
@@ -110,23 +146,25 @@ class Attention(nn.Module):
         """The layout adapter into the kernel: identity, since wkv5 keeps the canonical [h, k, v]."""
         return att_kv
 
-    def forward(self, xx: Tensor, sx: Tensor, att_kv: Tensor, *, layer: int, tap: Taps):
-        """(T, C) inputs and this layer's wkv state -> (att.out, (new att_kv,))."""
+    def mixes(self) -> list[Tensor]:
+        """The time-mix μ (k, v, r[, g]), in the order ``forward`` takes its ``mixed`` inputs."""
+        return [self.time_mix_k, self.time_mix_v, self.time_mix_r] + ([self.time_mix_g] if self.gated else [])
+
+    def forward(self, xx: Tensor, sx: Tensor, att_kv: Tensor, *, layer: int, tap: Taps,
+                mixed: list[Tensor] | None = None):
+        """(T, C) inputs and this layer's wkv state -> (att.out, (new att_kv,)). ``mixed``:
+        ``time_mix(xx, sx, self.mixes())`` when the caller made it already (common.Block does)."""
         cfg = self.config
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         T = xx.shape[0]
         pre = f"L{layer}.att."
 
-        def mix(p: nn.Parameter) -> Tensor:
-            return op.reshape(p, (C,))
-
-        xk = lerp(xx, sx, mix(self.time_mix_k))
-        xv = lerp(xx, sx, mix(self.time_mix_v))
-        xr = lerp(xx, sx, mix(self.time_mix_r))
+        mixed = mixed or time_mix(xx, sx, self.mixes())
+        xk, xv, xr = mixed[:3]
         for name, val in (("xk", xk), ("xv", xv), ("xr", xr)):
             tap(pre + name, val)
         if self.gated:
-            xg = lerp(xx, sx, mix(self.time_mix_g))
+            xg = mixed[3]
             tap(pre + "xg", xg)
         r = self.receptance_act(self.receptance(xr))  # (T, A)
         k = self.key(xk)
@@ -139,7 +177,10 @@ class Attention(nn.Module):
         w, u = self.decay_and_bonus()
 
         def scan_input(x: Tensor) -> Tensor:  # the scan reads fp32 whatever the dtype
-            return to_dtype(op.reshape(x, (T, H, N)), "float32")
+            # Cast, then reshape: the cast (elementwise) fuses into the matmul's epilogue, and the
+            # reshape is a view; reshaped first, the cast was a kernel of its own (an injective op
+            # does not fuse after a matmul).
+            return op.reshape(to_dtype(x, "float32"), (T, H, N))
 
         wkv, new_kv = op.tensor_ir_op(
             self.kernel,

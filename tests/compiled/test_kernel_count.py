@@ -1,0 +1,38 @@
+"""Kernels per layer of the plain CUDA build's decode step (issue 10): lowered here, no GPU needed.
+
+In a CUDA graph each kernel costs ~2 us whatever it computes, so a layer's count is its floor. A
+v5.2 layer is 15 launches in fp32 and fp16 alike: two LayerNorms, two time-mixes (each with its
+token shift and every lerp in one kernel), eight matmuls (casts and activations in their
+epilogues), the decay, the scan and GroupNorm. It was 24 in fp32 and 35 in fp16 before (the
+casts, lerps and GroupNorm's pieces each a kernel; benchmarks/results/kernel-count-*.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+from parity.synthetic import make_config
+
+
+def decode_launches(*, n_layer: int, dtype: str) -> int:
+    import tvm
+
+    from parity.compiled import build
+
+    cfg = make_config(n_layer=n_layer, n_embd=128, head_size=64, vocab_size=64)
+    model = build.model_for(cfg, debug=False, target="cuda", dtype=dtype)
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    target = build.make_target("cuda")
+    with target:
+        mod = build.compile_pipeline("cuda", target)(mod)
+    # A TIR function launches one kernel per loop nest bound to blockIdx.x.
+    launches = {gv.name_hint: max(1, f.script().count('thread="blockIdx.x"'))
+                for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    called = re.findall(r"^\s*(?:\w+ = )?(\w+)\(", mod["decode"].script(), re.M)
+    return sum(launches[name] for name in called if name in launches)
+
+
+def test_a_decode_layer_is_fifteen_kernel_launches() -> None:
+    # fp16, where the casts were (fp32 counts the same: benchmarks/kernel_count.py). One layer; the
+    # other four launches are the embedding's gather and ln0, then ln_out and the head's matmul.
+    assert decode_launches(n_layer=1, dtype="float16") == 4 + 15
