@@ -192,6 +192,7 @@ def main() -> int:
     old, new = load_reader_module(args.before), load_reader_module(None)
     result: dict = {
         "commit": _git("rev-parse", "--short", "HEAD").strip(), "before": args.before,
+        "command": "python benchmarks/read_speed.py " + " ".join(sys.argv[1:]),
         "expected": args.expected, "actual": args.actual,
         "stages_per_dump": sum(len(s["stages"]) for s in json.loads((Path(args.expected) / "manifest.json").read_text())["steps"]),
     }
@@ -225,6 +226,8 @@ def render(r: dict) -> str:
         f"# Dump read speed: reader of {r['before']} (safe_open per lookup) vs {r['commit']} (header parsed once)",
         "",
         f"expected: `{r['expected']}` ({r['stages_per_dump']} recorded stages), actual: `{r['actual']}`",
+        "",
+        f"    {r['command']}",
         "",
         "| | before | after | before / after |",
         "|---|---:|---:|---:|",
