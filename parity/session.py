@@ -12,6 +12,7 @@ import datetime as _dt
 import shlex
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -291,6 +292,12 @@ def _run_arbiter(ck, *, result: RunResult, backends, dumps, plan, dump_dir: Path
             **fd, "step_kind": "prefill" if fd["step"] == 0 else "decode", "row": None, "reason": "arbiter",
             "max_abs": fd["actual_error"], "judged_by": f"fp64 arbiter ({primary['backend']})",
         })
+
+
+def _runs_beside(target: str) -> bool:
+    """Whether the compiled backends' workers run while the reference runs here: on the GPU, where
+    their weights do not take host memory. On the CPU they run first, alone (issue 9's memory)."""
+    return target == "cuda"
 
 
 def _isolatable(spec: str) -> bool:
@@ -691,6 +698,17 @@ def run_parity(
 
         # Workers first: until the reference runs here, this process holds the checkpoint only
         # memory-mapped, so a worker's fp32 copy of the weights and ours are never alive together.
+        # A compiled backend on the GPU holds its weights there, not beside ours: its worker runs
+        # while the reference runs here (two devices busy at once), and the run waits for it below.
+        beside: dict[str, Future] = {}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-gpu-worker") if (
+            isolate and _runs_beside(target)) else None
+
+        def run_worker(spec: str) -> None:
+            path = workers.run(spec, path=Path(dump_dir) / dump_dir_name(spec))
+            if path is not None:
+                dumps[spec] = path
+
         for spec in sorted(backends, key=in_parent):
             say(f"preparing backend {spec}")
             only_isolated = mode == "isolated" and spec != backends[0] and _isolatable(spec)
@@ -698,10 +716,11 @@ def run_parity(
                 names.setdefault(spec, spec)
                 if not only_isolated:  # else its isolated run (after the yardstick's dump) is all that is wanted
                     say(f"running {spec} in a worker process: prefill of {len(plan.prefill_ids)} tokens + "
-                        f"{len(plan.decode_ids)} decode steps")
-                    path = workers.run(spec, path=Path(dump_dir) / dump_dir_name(spec))
-                    if path is not None:
-                        dumps[spec] = path
+                        f"{len(plan.decode_ids)} decode steps" + (" (beside the reference)" if pool and _isolatable(spec) else ""))
+                    if pool is not None and _isolatable(spec):
+                        beside[spec] = pool.submit(run_worker, spec)
+                    else:
+                        run_worker(spec)
                 continue
             backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say, target=target)
             ck.release_file_pages()  # the file's pages its build read (e.g. the embedding ln0 is folded into)
@@ -710,6 +729,10 @@ def run_parity(
                 continue
             say(f"running {spec}: prefill of {len(plan.prefill_ids)} tokens + {len(plan.decode_ids)} decode steps")
             dumps[spec] = backend.dump(plan, path=Path(dump_dir) / dump_dir_name(spec), on_step=on_step)
+        if pool is not None:
+            pool.shutdown(wait=True)  # the GPU workers' dumps (or their failures) are in by now
+            for future in beside.values():
+                future.result()  # an error of the harness itself (not the backend's: those are failures)
         # Every pair, the earlier-listed backend as the yardstick: with three or more, agreement
         # between two of them is what tells which one is wrong. A crashed backend's finished steps
         # (its partial dump) are compared like any dump.

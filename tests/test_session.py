@@ -257,3 +257,31 @@ def test_compare_dumps_judges_a_pair_by_the_dtypes_defaults(tmp_path):
     a = write_low_dump(tmp_path / "a")
     result = compare_dumps(a, write_low_dump(tmp_path / "b"))
     assert (result["policy"]["judge"], result["policy"]["default"]["scale"]) == ("pair", 1.0)
+
+
+def test_a_gpu_worker_runs_beside_the_reference(checkpoint, tmp_path, monkeypatch):
+    """On the GPU (here: the rule forced on for the llvm build) the compiled backend's worker runs
+    in a thread of its own while the reference runs in this one, and the run waits for its dump."""
+    import threading
+
+    import parity.session as session
+
+    monkeypatch.setattr(session, "_runs_beside", lambda target: True)
+    threads: dict[str, set[str]] = {}
+    events: list[str] = []
+
+    def on_step(name, index, total):
+        threads.setdefault(name, set()).add(threading.current_thread().name)
+
+    plan = RunPlan(prefill_ids=(1, 2, 3), decode_ids=(4, 5))
+    outcome = run_parity(checkpoint, backends=["reference", "tvm"], plan=plan, dump_dir=tmp_path / "d",
+                         on_step=on_step, on_event=events.append, mode="propagated")
+    assert outcome.typed.verdict == "no divergence"
+    assert any("tvm in a worker process" in e and "beside the reference" in e for e in events)
+    tvm_threads = next(v for k, v in threads.items() if k.startswith("tvm"))
+    assert all(t.startswith("parity-gpu-worker") for t in tvm_threads), threads
+    assert threads["reference"] == {threading.main_thread().name}
+    from parity.dumpers.format import DumpReader
+
+    tvm_dump = DumpReader(outcome.dumps["tvm"])  # finished (a complete dump) before the comparison
+    assert [s.kind for s in tvm_dump.steps] == ["prefill", "decode", "decode"]
