@@ -341,8 +341,11 @@ class Block(nn.Module):
         self.att = attention(config, dtype=dtype) if dtype != "float32" else attention(config)
         self.ffn = FeedForward(config, dtype=dtype)
 
-    def forward(self, x: Tensor, att_x: Tensor, att_state, ffn_x: Tensor, *, tap: Taps):
+    def forward(self, x: Tensor, att_x: Tensor, att_state, ffn_x: Tensor, *, tap: Taps, decay: Tensor | None = None):
+        """``decay``: the attention's decay w when the model made every layer's at once
+        (RWKVModel.layer_decays), else None and the attention makes its own."""
         i, dt = self.layer, self.dtype
+        att_kwargs = {"decay": decay} if decay is not None else {}
         xx = self.ln1(x)
         tap(f"L{i}.att.ln1", xx)
         sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
@@ -350,7 +353,8 @@ class Block(nn.Module):
         # The lerps of each half are made here, in one kernel with xx's fp32 copy, whose last row
         # the state keeps (a view in decode: T = 1), so no cast of its own is needed.
         *mixed, xx32 = time_mix(xx, sx, self.att.mixes(), fp32_copy=True)
-        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed)
+        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed,
+                                      **att_kwargs)
         new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
         x = x + att
         tap(f"L{i}.x_after_att", x)
@@ -437,8 +441,13 @@ class RWKVModel(nn.Module):
         tap("emb", x)
         return x
 
-    def run_layer(self, i: int, x: Tensor, layer_state, tap: Taps):
-        return self.blocks[i](x, layer_state[0], layer_state[1:-1], layer_state[-1], tap=tap)
+    def layer_decays(self) -> list[Tensor] | None:
+        """Every layer's decay w, made from the parameters alone in one kernel ahead of the blocks
+        (a family overrides this), or None: each layer's attention makes its own (a kernel each)."""
+        return None
+
+    def run_layer(self, i: int, x: Tensor, layer_state, tap: Taps, *, decay: Tensor | None = None):
+        return self.blocks[i](x, layer_state[0], layer_state[1:-1], layer_state[-1], tap=tap, decay=decay)
 
     def run_head(self, x: Tensor, tap: Taps) -> Tensor:
         x = self.ln_out(x)
@@ -452,8 +461,9 @@ class RWKVModel(nn.Module):
         x = self.embed(ids, tap)
         new_state = []
         n = len(self.layout.slots)
+        decays = self.layer_decays()
         for i in range(len(self.blocks)):
-            x, slots = self.run_layer(i, x, state[n * i : n * i + n], tap)
+            x, slots = self.run_layer(i, x, state[n * i : n * i + n], tap, decay=decays[i] if decays else None)
             new_state += slots
             if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
                 x = x * 0.5  # halve the stream after every R-th layer (exact), as the official package

@@ -151,9 +151,10 @@ class Attention(nn.Module):
         return [self.time_mix_k, self.time_mix_v, self.time_mix_r] + ([self.time_mix_g] if self.gated else [])
 
     def forward(self, xx: Tensor, sx: Tensor, att_kv: Tensor, *, layer: int, tap: Taps,
-                mixed: list[Tensor] | None = None):
+                mixed: list[Tensor] | None = None, decay: Tensor | None = None):
         """(T, C) inputs and this layer's wkv state -> (att.out, (new att_kv,)). ``mixed``:
-        ``time_mix(xx, sx, self.mixes())`` when the caller made it already (common.Block does)."""
+        ``time_mix(xx, sx, self.mixes())`` when the caller made it already (common.Block does);
+        ``decay``: w when the model made it (RWKV5Model.layer_decays: v5.2 only, u is time_faaaa)."""
         cfg = self.config
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         T = xx.shape[0]
@@ -174,7 +175,7 @@ class Attention(nn.Module):
         if self.gated:
             g = op.silu(self.gate(xg))
             tap(pre + "g", g)
-        w, u = self.decay_and_bonus()
+        w, u = self.decay_and_bonus() if decay is None else (decay, self.time_faaaa)
 
         def scan_input(x: Tensor) -> Tensor:  # the scan reads fp32 whatever the dtype
             # Cast, then reshape: the cast (elementwise) fuses into the matmul's epilogue, and the
@@ -203,10 +204,28 @@ class Attention(nn.Module):
         return out, (new_kv,)
 
 
+def decays_te(*time_decays: te.Tensor) -> list[te.Tensor]:
+    """w = exp(-exp(time_decay)) of every layer, one output each, in one kernel."""
+    outs = te.compute(time_decays[0].shape, lambda h, n: tuple(tirx.exp(-tirx.exp(d[h, n])) for d in time_decays),
+                      name="decay")
+    return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+
 class RWKV5Model(RWKVModel):
     attention_cls = Attention
 
     def __init__(self, config: ModelConfig, *, debug: bool = False, dtype: str = "float32"):
         super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug, dtype=dtype)
+
+    def layer_decays(self) -> list[Tensor] | None:
+        """v5.2: every layer's w = exp(-exp(time_decay)) in one kernel (``decays_te``), the same
+        arithmetic as ``Attention.decay_and_bonus`` makes per layer (a kernel per layer, each step).
+        Only where every layer uses that very method: a bug-zoo attention with its own decay, and
+        5.0/5.1 (per-head decay, broadcast), keep theirs."""
+        atts = [block.att for block in self.blocks]
+        if not all(a.per_channel and type(a).decay_and_bonus is Attention.decay_and_bonus for a in atts):
+            return None
+        out = op.tensor_expr_op(decays_te, "decay", [a.time_decay for a in atts])
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
