@@ -10,8 +10,11 @@ run measures committed code only), shape and dtype, one fresh process builds the
 the CUDA target (parity/compiled/build.py: model_for, export_tvm, compile_pipeline; nothing is
 compiled to a library), and counts the kernel launches of the lowered ``decode`` and ``prefill``:
 every call of a TIR function, times the thread-block loop nests that function holds (one for
-every kernel of these builds; the VM's builtins, such as a reshape that is a view, launch nothing). ``per layer`` is the count at the shape's depth minus the count one layer shallower.
-A prefill's count is per call, whatever its length.
+every kernel of these builds; the VM's builtins, such as a reshape that is a view, launch
+nothing). ``per layer`` is the count at the shape's depth minus the count one layer shallower. A
+prefill's count is per call, whatever its length. The GPU profile of benchmarks/gpu.py counted the
+same 846 (fp16) and 580 (fp32) kernels a 1.5B decode step at 542c97a
+(benchmarks/results/gpu-2026-11-30-3).
 
 Prints a table; with --out writes kernel-count-<commit>.md and .json there.
 
@@ -130,7 +133,8 @@ def main() -> None:
         cmd = "python benchmarks/kernel_count.py " + " ".join(sys.argv[1:])
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         md = (f"# Kernels per step of the plain CUDA build (issue 10)\n\n{stamp}, checkout {head}: `{cmd}`\n\n"
-              "Counted in the lowered Relax functions (no GPU): the kernel launches of `decode` / `prefill` (each TIR call, times its blockIdx-bound loop nests); "
+              "Counted in the lowered Relax functions (no GPU): the kernel launches of `decode` / `prefill` "
+              "(each TIR call, times its blockIdx-bound loop nests); "
               "per layer = the count at the shape's depth minus one layer shallower.\n\n" + text + "\n")
         (args.out / f"kernel-count-{head}.md").write_text(md)
         (args.out / f"kernel-count-{head}.json").write_text(json.dumps({"date": stamp, "command": cmd, "rows": rows},
