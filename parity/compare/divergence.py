@@ -122,11 +122,13 @@ ROWS_PREFIX = "rows."
 def declared_rows(arrays: Mapping[str, np.ndarray], *, n_tokens: int, side: str, step: int) -> dict[str, list[int]]:
     """Stage -> the token rows it holds, for every stage of one step that declares its rows."""
     out: dict[str, list[int]] = {}
-    for name, value in arrays.items():
+    # Names first, then only the rows.* records: ``arrays`` may read each value from disk when it
+    # is looked up (format.StepArrays), and .items() read every stage of the step a second time.
+    for name in arrays:
         if not name.startswith(ROWS_PREFIX):
             continue
         stage = name[len(ROWS_PREFIX):]
-        rows = np.asarray(value)
+        rows = np.asarray(arrays[name])
         if rows.ndim != 1 or rows.dtype.kind not in "iu":
             raise ParityError(f"the {side} run's {name} at step {step} must be a 1-D integer array of token rows")
         listed = [int(r) for r in rows]
