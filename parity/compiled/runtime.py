@@ -22,6 +22,7 @@ from parity.checkpoint import SUPPORTED_VERSIONS, Checkpoint
 from parity.compiled.build import BuildArtifact, build_model
 from parity.compiled.dtypes import split_scheme
 from parity.errors import ParityError
+from parity.heap import trim_heap
 
 # (function symbol, call index within this run, output index, array) for every kernel output.
 KernelObserver = Callable[[str, int, int, np.ndarray], None]
@@ -140,6 +141,11 @@ class CompiledRWKV:
         self.artifact = artifact or build_model(
             cfg, variant=variant, target=target, cache_dir=cache_dir, on_event=on_event, mutant=mutant, dtype=dtype
         )
+        if not self.artifact.cached:
+            # A compile here (the first run of a model) frees its IR and LLVM's memory into the C
+            # heap, which keeps it: hand it back before the weights come in (parity/heap.py). Seen
+            # as the first run's peak, a 0.1B worker at 1.47 GB with a 512-token prompt (issue 9).
+            trim_heap()
         # A quantisation scheme (fp16i8, q4f16_1 ...) computes in its activation dtype: that is the
         # build's ``dtype`` to everything that judges it; ``weights_format`` says how it stores weights.
         self.scheme = self.artifact.meta.get("dtype", "float32")
