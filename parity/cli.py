@@ -140,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", type=Path, help="compile cache (default $PARITY_CACHE_DIR or ~/.cache/rwkv-parity)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                      help="where the compiled model runs: cpu (llvm build, default) or cuda (CUDA build; the torch "
-                          "reference stays on the CPU, in fp32 with TF32 off)")
+                          "reference runs where --reference-device says)")
+    run.add_argument("--reference-device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the torch reference runs, with its replays, rounding floor and fp64 arbiter: cpu "
+                          "(default) or cuda (torch's GPU, TF32 and reduced-precision reductions off; recorded in "
+                          "the run's JSON)")
     run.add_argument("--arbiter", action="store_true",
                      help="also run the reference in float64 and judge each backend by its error against fp64 relative "
                           "to the fp32 reference's own (the rule of torch dynamo's accuracy checker)")
@@ -421,8 +425,10 @@ def cmd_run(args, console) -> int:
     from parity.checkpoint import load_checkpoint
     from parity.greedy import run_greedy
     from parity.scenarios import plan_from_args, resolve_checkpoint, run_keys
+    from parity.reference import check_reference_device
     from parity.session import DEFAULT_TIMEOUT, run_parity
 
+    check_reference_device(args.reference_device)  # before a large checkpoint is loaded: one line, exit 2
     overrides = _overrides(args.tol)
     ck = load_checkpoint(resolve_checkpoint(args))
     if args.corpus is not None:
@@ -444,6 +450,7 @@ def cmd_run(args, console) -> int:
             cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
             only_layer=args.only_layer, only_step=args.only_step,
             arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier, device=args.device,
+            reference_device=args.reference_device,
             timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout, in_process=args.in_process or None,
         )
         # Greedy decoding drives the backends in this process: one that just crashed in its worker
@@ -497,7 +504,7 @@ def _run_corpus(args, console, *, ck, overrides) -> int:
     with _Progress(quiet=args.quiet) as prog:
         out = run_corpus(args, ck, backends=backends, overrides=overrides, on_prompt=on_prompt,
                          run_kwargs=dict(cache_dir=args.cache_dir, on_event=prog.event, on_step=prog.step, mode=args.mode,
-                                         device=args.device))
+                                         device=args.device, reference_device=args.reference_device))
     agg = out["corpus"]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,14 @@ from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.compare import TolerancePolicy, compare_runs
 from parity.compare.tolerance import JUDGE_ISOLATED, JUDGE_PAIR, JUDGE_REPLAY, spliced_scan_tolerance
 from parity.compare.verdict import VERDICT_DRIFT
-from parity.dumpers.backends import RunPlan, target_for_device, tool_versions, torch_math_settings
+from parity.dumpers.backends import (ReferenceBackend, RunPlan, pin_torch_math, reference_device_info, target_for_device,
+                                     tool_versions, torch_math_settings)
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
 from parity.dumpers.worker import in_process_requested, open_dump, run_in_worker
 from parity.heap import trim_heap
 from parity.errors import ParityError
+from parity.reference import check_reference_device
 from parity.results import Crash, Divergence, Drift, EndToEnd, OwnError, PairResult, Record, RunInfo, RunResult, Summary
 
 # replay (default): propagated drift judged against its envelope + each stage's own error by replay;
@@ -157,13 +159,15 @@ def _shown(comparison: dict) -> RunResult:
 
 
 def replay_own_error(
-    ck, *, candidate_dump: Path, path: Path, model, overrides, judge: str, on_step=None
+    ck, *, candidate_dump: Path, path: Path, model, overrides, judge: str, on_step=None, device: str | None = None
 ) -> tuple[dict, dict]:
-    """Replay one dump and compare it with its replay: (own-error summary, comparison)."""
+    """Replay one dump and compare it with its replay: (own-error summary, comparison). ``device``: where
+    a reference the replay makes for itself (another dtype than ``model``'s) runs; default ``model``'s."""
     from parity.compare.verdict import own_error_summary
     from parity.dumpers.replay import replay_dump
 
-    replayed, gaps = replay_dump(ck, candidate_dump=candidate_dump, path=path, model=model, on_step=on_step)
+    replayed, gaps = replay_dump(ck, candidate_dump=candidate_dump, path=path, model=model, on_step=on_step,
+                                 device=device)
     # The replay splices the candidate's r, k, v and wkv in wherever it recorded them (ReplayBackend).
     policy = judge_policy(JUDGE_REPLAY, dump=candidate_dump, overrides=overrides, spliced=True)
     comparison = compare_dumps(replayed, candidate_dump, policy=policy)
@@ -259,7 +263,7 @@ def repro_command(ck: Checkpoint, *, backends: list[str], plan: RunPlan, result:
 
 
 def _run_arbiter(ck, *, result: RunResult, backends, dumps, plan, dump_dir: Path, overrides, say, on_step,
-                 multiplier) -> None:
+                 multiplier, reference_device: str = "cpu") -> None:
     from parity.compare import arbitrate_runs
     from parity.compare.arbiter import DEFAULT_MULTIPLIER
     from parity.dumpers.backends import ReferenceBackend
@@ -267,7 +271,8 @@ def _run_arbiter(ck, *, result: RunResult, backends, dumps, plan, dump_dir: Path
     if backends[0] != "reference":
         raise ParityError("the fp64 arbiter needs the torch reference as the first backend")
     say("running the float64 arbiter (the reference in double precision)")
-    arb = ReferenceBackend(ck, dtype="float64", name="reference-fp64").dump(plan, path=dump_dir / "reference-fp64", on_step=on_step)
+    arb = ReferenceBackend(ck, dtype="float64", name="reference-fp64", device=reference_device).dump(
+        plan, path=dump_dir / "reference-fp64", on_step=on_step)
     dumps["reference-fp64"] = arb
     arbiter_view, reference_view = DumpReader(arb), DumpReader(dumps[backends[0]])
     blocks = []
@@ -380,7 +385,8 @@ def _crash_only_result(*, backends, failures: dict, views: dict) -> RunResult:
     )
 
 
-def _finish_crash_only(result, *, ck, backends, plan, command, mode, device, labels, dumps, tmp, failures) -> RunOutcome:
+def _finish_crash_only(result, *, ck, backends, plan, command, mode, device, labels, dumps, tmp, failures,
+                       reference_device: str = "cpu") -> RunOutcome:
     _attach_crashes(result, backends=backends, failures=failures, pairs=[], judged=[])
     result.comparisons = []
     result.run = RunInfo.from_dict({
@@ -390,30 +396,32 @@ def _finish_crash_only(result, *, ck, backends, plan, command, mode, device, lab
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "dumps": {k: (str(v) if tmp is None else None) for k, v in dumps.items()}, "backend_labels": labels,
         "isolation": "worker processes", "mode": mode, "device": device,
+        **reference_device_info(reference_device),
     })
     return RunOutcome(result=result.to_dict(), dumps=dumps if tmp is None else {}, typed=result,
                       failures={spec: f.to_dict() for spec, f in failures.items()})
 
 
-def _shared_reference(ck, made: dict):
+def _shared_reference(ck, made: dict, *, device: str = "cpu"):
     """The torch reference model the replays run: the yardstick's own when it is the plain
-    reference, so a real-size model is held once."""
+    reference, so a real-size model is held once (and runs on its device); else one made on ``device``."""
     from parity.dumpers.backends import ReferenceBackend
     from parity.reference import make_reference
 
     ref = made.get("reference")
     if isinstance(ref, ReferenceBackend) and ref.dtype == "float32":
         return ref.model
-    return make_reference(ck, dtype="float32")
+    return make_reference(ck, dtype="float32", device=device)
 
 
-def _rounding_floor(ck, *, made: dict, dumps: dict, plan, dump_dir: Path, overrides, say, on_step):
+def _rounding_floor(ck, *, made: dict, dumps: dict, plan, dump_dir: Path, overrides, say, on_step,
+                    reference_device: str = "cpu"):
     """The run's rounding floor (parity/dumpers/floor.py) against the plain fp32 reference's dump."""
     from parity.compare.verdict import RoundingFloor
     from parity.dumpers.backends import ReferenceBackend
     from parity.dumpers.floor import floor_dump
 
-    model = _shared_reference(ck, made)
+    model = _shared_reference(ck, made, device=reference_device)
     reference = dumps.get("reference")
     if reference is None or DumpReader(reference).dtype != "float32":
         reference = ReferenceBackend(ck, model=model).dump(plan, path=dump_dir / "reference-for-floor", on_step=on_step)
@@ -437,7 +445,7 @@ def _quantised_weights(spec: str) -> str | None:
 
 def _own_errors(
     ck, *, backends, made, dumps, plan, dump_dir: Path, overrides, say, on_step, mode, only_layer=None, only_step=None,
-    workers: _Workers | None = None, partials: dict[str, Path] | None = None,
+    workers: _Workers | None = None, partials: dict[str, Path] | None = None, reference_device: str = "cpu",
 ) -> dict[str, tuple[dict, dict]]:
     """The error each backend's stages add themselves: spec -> (own-error summary, comparison).
 
@@ -491,7 +499,8 @@ def _own_errors(
                 # called a divergence at L0.att.wkv that way).
                 say(f"running the reference in {dtype}{' with ' + weights + ' weights' if weights else ''} on "
                     f"{yardstick}'s inputs: the judge of {spec}'s isolated layers")
-                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype, weights=weights, splice_from=path)
+                replay = ReplayBackend(ck, candidate_dump=dumps[yardstick], dtype=dtype, weights=weights, splice_from=path,
+                                       device=reference_device)
                 judge_dump = replay.dump(replay.plan(), path=dump_dir / (dump_dir_name(spec) + "-isolated-judge"),
                                          on_step=on_step)
                 # Beside our reference in its own dtype and codes the judge is that yardstick's code on its own
@@ -508,10 +517,10 @@ def _own_errors(
         if candidate is None:
             continue
         say(f"replaying {spec}: the reference re-runs every layer on {spec}'s own inputs")
-        reference_model = reference_model or _shared_reference(ck, made)
+        reference_model = reference_model or _shared_reference(ck, made, device=reference_device)
         path = dump_dir / (dump_dir_name(spec) + "-replay")
         out[spec] = replay_own_error(ck, candidate_dump=candidate, path=path, model=reference_model,
-                                     overrides=overrides, on_step=on_step,
+                                     overrides=overrides, on_step=on_step, device=reference_device,
                                      judge="reference" if "reference" in backends else "reference (replay only)")
         dumps[f"{spec} (replay)"] = path
         gaps = out[spec][0]["not_replayable"]
@@ -628,6 +637,7 @@ def run_parity(
     device: str = "cpu",
     timeout: float | None = DEFAULT_TIMEOUT,
     in_process: bool | None = None,
+    reference_device: str = "cpu",
 ) -> RunOutcome:
     """Run every backend on ``plan``, dump each, compare every pair.
 
@@ -655,6 +665,12 @@ def run_parity(
     or "timed out", ``crash``/``crashes`` say which backend, step, last stage and error, and the
     steps it finished are compared. ``in_process`` (default: PARITY_IN_PROCESS) runs every backend
     here instead, for a debugger.
+
+    ``device`` is where the compiled backends run (cpu: llvm, cuda: the CUDA build);
+    ``reference_device`` where the torch reference (``reference``) runs, and with it every replay,
+    the isolated judge, the rounding floor and the fp64 arbiter, which reuse or mirror it. Other
+    torch backends (``reference@DTYPE``, mutants of the reference, chatrwkv) stay on the CPU. On
+    cuda, TF32 and reduced-precision reductions are pinned off (``run.torch_math`` records them).
     """
     if mode not in MODES:
         raise ParityError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
@@ -664,7 +680,10 @@ def run_parity(
         raise ParityError("--only-layer / --only-step narrow an isolated run; add --mode isolated")
     if only_step is not None and not 0 <= only_step <= len(plan.decode_ids):
         raise ParityError(f"--only-step {only_step}: the plan has steps 0..{len(plan.decode_ids)}")
-    target = target_for_device(device)  # where the compiled backends run; the reference stays in torch on the CPU
+    target = target_for_device(device)  # where the compiled backends run
+    check_reference_device(reference_device)  # where the torch reference runs: a one-line error if it cannot
+    if reference_device == "cuda":
+        pin_torch_math()  # no TF32, no reduced-precision reductions in the reference (also with --device cpu)
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if len(backends) < 2:
         raise ParityError("need at least two backends to compare, e.g. --backends reference,tvm")
@@ -722,7 +741,11 @@ def run_parity(
                     else:
                         run_worker(spec)
                 continue
-            backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say, target=target)
+            if spec == "reference":
+                # The plain reference, made on its device (make_backend's, on the CPU, is the same model).
+                backend = made[spec] = ReferenceBackend(ck, device=reference_device)
+            else:
+                backend = made[spec] = make_backend(spec, ck, cache_dir=cache_dir, on_event=say, target=target)
             ck.release_file_pages()  # the file's pages its build read (e.g. the embedding ln0 is folded into)
             names[spec] = backend.name
             if only_isolated:
@@ -744,7 +767,8 @@ def run_parity(
         if mode != "propagated":
             own = _own_errors(ck, backends=backends, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
                               overrides=overrides, say=say, on_step=on_step, mode=mode,
-                              only_layer=only_layer, only_step=only_step, workers=workers, partials=partials)
+                              only_layer=only_layer, only_step=only_step, workers=workers, partials=partials,
+                              reference_device=reference_device)
         if mode == "isolated":
             # Only the own-error comparisons ran for compiled backends: judge those, yardstick first.
             iso_pairs = [(backends[0], spec) for spec in backends[1:] if spec in own and spec not in dumps]
@@ -754,7 +778,8 @@ def run_parity(
         if not pairs and failures:
             result = _crash_only_result(backends=backends, failures=failures, views=views)
             return _finish_crash_only(result, ck=ck, backends=backends, plan=plan, command=command, mode=mode,
-                                      device=device, labels=labels, dumps=dumps, tmp=tmp, failures=failures)
+                                      device=device, labels=labels, dumps=dumps, tmp=tmp, failures=failures,
+                                      reference_device=reference_device)
         if not pairs:
             raise ParityError("isolated mode needs a compiled backend (tvm or mutant/...) or a replayable one after the yardstick")
         judged = [_judge_pair(a, b, c, own=own, mode=mode, backends=backends) for (a, b), c in zip(pairs, comparisons)]
@@ -763,7 +788,7 @@ def run_parity(
             # how far this model carries a last-bit difference on this prompt (the rounding floor),
             # and judge the drift against a multiple of it as well (parity/compare/verdict.py).
             floor = _rounding_floor(ck, made=made, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
-                                    overrides=overrides, say=say, on_step=on_step)
+                                    overrides=overrides, say=say, on_step=on_step, reference_device=reference_device)
             judged = [_judge_pair(a, b, c, own=own, mode=mode, backends=backends, floor=floor)
                       for (a, b), c in zip(pairs, comparisons)]
         # The pair shown at the top: the first to diverge, else the first with a crashed backend.
@@ -803,7 +828,8 @@ def run_parity(
             }
         if arbiter:
             _run_arbiter(ck, result=result, backends=backends, dumps=dumps, plan=plan, dump_dir=Path(dump_dir),
-                         overrides=overrides, say=say, on_step=on_step, multiplier=arbiter_multiplier)
+                         overrides=overrides, say=say, on_step=on_step, multiplier=arbiter_multiplier,
+                         reference_device=reference_device)
         result.first_divergence_detail = divergence_detail(result, dumps={**dumps, **partials})
         if failures:
             _attach_crashes(result, backends=backends, failures=failures, pairs=pairs, judged=judged)
@@ -824,6 +850,7 @@ def run_parity(
             "timeout_s": timeout if isolate else None,
             "mode": mode,
             "device": device,
+            **reference_device_info(reference_device),
             "torch_math": torch_math_settings(),
         }
         if partials and tmp is None:

@@ -291,6 +291,22 @@ def test_usage_error_is_one_line_and_exit_2(first_wave, name):
     assert cli.stdout == "", cli
 
 
+def test_reference_device_cuda_without_a_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
+    """In this process (no subprocess wave needed: the check comes before the checkpoint is read),
+    with torch told it has no GPU, as on a CPU machine, so the test means the same on the GPU machine."""
+    import torch
+
+    from parity.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["run", "--checkpoint", str(FIXTURE), "--reference-device", "cuda", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err, err
+    assert err.startswith("parity: error: no CUDA GPU for the torch reference"), err
+    assert "--reference-device cpu" in err, err
+
+
 # -- output read through a pipe, as a CI log reads it -------------------------------------------
 
 FIXTURE_V4 = REPO / "fixtures" / "rwkv4-L2-C64.pth"  # the cheapest model to compile

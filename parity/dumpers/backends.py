@@ -49,6 +49,15 @@ class RunPlan:
                 raise ParityError(f"token id {i} is outside the model's vocabulary [0, {vocab_size})")
 
 
+def tensor_to_numpy(value) -> np.ndarray:
+    """A reference's recorded tensor as numpy, from any device (``.cpu()``: a no-op on the CPU). numpy has
+    no bfloat16; fp32 holds every bf16 value exactly."""
+    import torch
+
+    value = value.detach()
+    return (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()
+
+
 def tool_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("rwkv-parity", "torch", "apache-tvm", "numpy", "safetensors"):
@@ -136,11 +145,12 @@ class ReferenceBackend(Backend):
     """The pure-torch reference, observed through its recorder hook."""
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", model=None, name: str = "reference",
-                 weights: str | None = None):
+                 weights: str | None = None, device: str = "cpu"):
         from parity.reference import make_reference
 
         super().__init__(checkpoint=checkpoint, name=name, mode="eager", dtype=dtype)
-        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights)
+        # ``device``: where a model made here computes (cpu, cuda); a model handed in stays where it is.
+        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights, device=device)
         if weights:
             self.extra = {"weights": weights}  # int8 / q4: the replay quantises its reference the same way
         self.state = None
@@ -152,9 +162,7 @@ class ReferenceBackend(Backend):
         import torch
 
         def record(stage: str, value: torch.Tensor) -> None:
-            value = value.detach()
-            # numpy has no bfloat16; fp32 holds every bf16 value exactly.
-            step.add(stage, (value.float() if value.dtype == torch.bfloat16 else value).numpy())
+            step.add(stage, tensor_to_numpy(value))
 
         _, self.state = self.model.forward(ids, self.state, record=record)
 
@@ -318,3 +326,14 @@ def torch_math_settings() -> dict:
         "cuda.matmul.allow_bf16_reduced_precision_reduction": bool(m.allow_bf16_reduced_precision_reduction),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
+
+
+def reference_device_info(device: str) -> dict:
+    """Where the torch reference ran, for the run metadata: ``reference_device``, and on a GPU
+    ``reference_gpu`` (its name, as torch reports it)."""
+    out = {"reference_device": device}
+    if device == "cuda":
+        import torch
+
+        out["reference_gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
+    return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from parity.checkpoint import Checkpoint
 from parity.compare.verdict import is_carried
-from parity.dumpers.backends import Backend, RunPlan
+from parity.dumpers.backends import Backend, RunPlan, tensor_to_numpy
 from parity.dumpers.format import StepWriter
 from parity.stages import state_slots
 
@@ -60,7 +60,8 @@ class FloorBackend(Backend):
     def _nudge(self, value):
         import torch
 
-        u = torch.from_numpy(self._rng.uniform(-1.0, 1.0, size=tuple(value.shape)))
+        # Drawn on the CPU (the same draws whatever the reference's device), then moved beside the value.
+        u = torch.from_numpy(self._rng.uniform(-1.0, 1.0, size=tuple(value.shape))).to(value.device)
         return (value.to(torch.float64) * (1.0 + u * ULP_SCALE)).to(value.dtype)
 
     def record_step(self, ids: list[int], step: StepWriter) -> None:
@@ -72,8 +73,7 @@ class FloorBackend(Backend):
 
         def record(stage: str, value: torch.Tensor) -> None:
             if carried(stage):
-                value = value.detach()
-                step.add(stage, (value.float() if value.dtype == torch.bfloat16 else value).numpy())
+                step.add(stage, tensor_to_numpy(value))
 
         with torch.no_grad():
             if self._states is None:

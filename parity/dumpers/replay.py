@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.checkpoint import Checkpoint
-from parity.dumpers.backends import Backend, RunPlan
+from parity.dumpers.backends import Backend, RunPlan, tensor_to_numpy
 from parity.dumpers.format import DumpReader, StepWriter
 from parity.errors import ParityError
 from parity.stages import SPLICE_STAGES, state_slots
@@ -77,7 +77,8 @@ class ReplayBackend(Backend):
     """The torch reference, layer by layer, on a candidate dump's own inputs and states."""
 
     def __init__(self, checkpoint: Checkpoint, *, candidate_dump: Path, model=None, dtype: str | None = None,
-                 weights: str | None = FROM_CANDIDATE, splice: bool = True, splice_from: Path | None = None):
+                 weights: str | None = FROM_CANDIDATE, splice: bool = True, splice_from: Path | None = None,
+                 device: str | None = None):
         from parity.reference import make_reference
 
         if ".partial-" in Path(candidate_dump).name:
@@ -99,10 +100,13 @@ class ReplayBackend(Backend):
         # (None: unquantised weights, whatever the dump used).
         if weights == FROM_CANDIDATE:
             weights = self.candidate.extra.get("weights") if isinstance(self.candidate.extra, dict) else None
+        # Where a model made here computes: ``device``, else where the model handed in does (the run's
+        # reference device: the replay runs beside the reference it stands in for), else the CPU.
+        device = device or str(getattr(model, "device", "cpu"))
         if model is not None and (getattr(model, "dtype_name", "float32") != dtype
                                   or getattr(model, "weights_format", None) != weights):
             model = None
-        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights)
+        self.model = model if model is not None else make_reference(checkpoint, dtype=dtype, weights=weights, device=device)
         cfg = checkpoint.config
         self.gaps = replay_gaps(self.candidate, n_layer=cfg.n_layer, version=cfg.version.value)
         super().__init__(
@@ -153,8 +157,7 @@ class ReplayBackend(Backend):
             # prefill's replayed stages are ~0.6 GB at 0.1B, which a dict held until the step's end
             # on top of the reference model (issue 9; the run's peak, measured). The file lists its
             # stages in stage_order whatever the order they are added in.
-            value = value.detach()
-            step.add(stage, (value.float() if value.dtype == torch.bfloat16 else value).numpy())
+            step.add(stage, tensor_to_numpy(value))
 
         with torch.no_grad():
             self.model.embed(ids, record=record)
@@ -207,8 +210,9 @@ def splices_scan_inputs(candidate_dump) -> bool:
 
 
 def replay_dump(
-    checkpoint: Checkpoint, *, candidate_dump: Path, path: Path, model=None, on_step=None
+    checkpoint: Checkpoint, *, candidate_dump: Path, path: Path, model=None, on_step=None, device: str | None = None
 ) -> tuple[Path, list[dict]]:
-    """Write the replay of ``candidate_dump`` to ``path``; returns (path, the layers not replayable)."""
-    backend = ReplayBackend(checkpoint, candidate_dump=candidate_dump, model=model)
+    """Write the replay of ``candidate_dump`` to ``path``; returns (path, the layers not replayable).
+    ``device``: where a reference made for it computes (default: ``model``'s device, else the CPU)."""
+    backend = ReplayBackend(checkpoint, candidate_dump=candidate_dump, model=model, device=device)
     return backend.dump(backend.plan(), path=path, on_step=on_step), backend.gaps

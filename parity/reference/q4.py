@@ -61,13 +61,13 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """(rows, 8k) codes in [0, 15] -> (rows, k) words: code j of each 8 in bits [4j, 4j + 4)."""
     rows, n = codes.shape
-    shifts = torch.arange(PER_WORD, dtype=torch.int64) * 4
+    shifts = torch.arange(PER_WORD, dtype=torch.int64, device=codes.device) * 4
     return (codes.reshape(rows, n // PER_WORD, PER_WORD) << shifts).sum(dim=2)
 
 
 def unpack(words: torch.Tensor, *, in_features: int) -> torch.Tensor:
     """(rows, k) words -> (rows, in_features) codes (the padding dropped)."""
-    shifts = torch.arange(PER_WORD, dtype=torch.int64) * 4
+    shifts = torch.arange(PER_WORD, dtype=torch.int64, device=words.device) * 4
     codes = (words.to(torch.int64).unsqueeze(2) >> shifts) & 0xF
     return codes.reshape(words.shape[0], -1)[:, :in_features]
 

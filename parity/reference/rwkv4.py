@@ -48,7 +48,7 @@ class RWKV4Reference(LayerwiseModel):
     state_cls = RWKV4State
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None,
-                 weights: str | None = None):
+                 weights: str | None = None, device: str = "cpu"):
         cfg = checkpoint.config
         if cfg.version != ModelVersion.V4:
             raise ParityError(f"RWKV4Reference runs RWKV-4, checkpoint is RWKV-{cfg.version.value}")
@@ -85,16 +85,17 @@ class RWKV4Reference(LayerwiseModel):
         self.ln_out_w = w["ln_out.weight"].to(dt)
         self.ln_out_b = w["ln_out.bias"].to(dt)
         self.head_weight = w["head.weight"].to(dt)
+        self.place(device)
 
     def zero_state(self) -> RWKV4State:
         c = self.config
         return RWKV4State([
             LayerState4(
-                att_x=torch.zeros(c.n_embd, dtype=self.dtype),
-                aa=torch.zeros(c.dim_att, dtype=self.acc),
-                bb=torch.zeros(c.dim_att, dtype=self.acc),
-                pp=torch.full((c.dim_att,), PP_INIT, dtype=self.acc),
-                ffn_x=torch.zeros(c.n_embd, dtype=self.dtype),
+                att_x=torch.zeros(c.n_embd, dtype=self.dtype, device=self.device),
+                aa=torch.zeros(c.dim_att, dtype=self.acc, device=self.device),
+                bb=torch.zeros(c.dim_att, dtype=self.acc, device=self.device),
+                pp=torch.full((c.dim_att,), PP_INIT, dtype=self.acc, device=self.device),
+                ffn_x=torch.zeros(c.n_embd, dtype=self.dtype, device=self.device),
             )
             for _ in range(c.n_layer)
         ])
@@ -168,10 +169,10 @@ class RWKV4Reference(LayerwiseModel):
         """One layer's state from canonical slot values (numpy or torch), in this model's dtypes."""
         C, A = self.config.n_embd, self.config.dim_att
         return LayerState4(
-            att_x=torch.as_tensor(slots["att_x"]).to(self.dtype).reshape(C),
-            aa=torch.as_tensor(slots["aa"]).to(self.acc).reshape(A),
-            bb=torch.as_tensor(slots["bb"]).to(self.acc).reshape(A),
-            pp=torch.as_tensor(slots["pp"]).to(self.acc).reshape(A),
-            ffn_x=torch.as_tensor(slots["ffn_x"]).to(self.dtype).reshape(C),
+            att_x=self._here(slots["att_x"]).to(self.dtype).reshape(C),
+            aa=self._here(slots["aa"]).to(self.acc).reshape(A),
+            bb=self._here(slots["bb"]).to(self.acc).reshape(A),
+            pp=self._here(slots["pp"]).to(self.acc).reshape(A),
+            ffn_x=self._here(slots["ffn_x"]).to(self.dtype).reshape(C),
         )
 

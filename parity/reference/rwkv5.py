@@ -17,6 +17,7 @@ fp16 accumulator loses ~1e-3 relative (docs/RWKV.md §3). GroupNorm runs in fp32
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Callable, Protocol
@@ -152,6 +153,33 @@ class LayerwiseModel:
 
     state_cls: type
     rescale_layer: int = 0
+    # Where the weights live and every tensor of a step is made (``place``); inputs handed in as
+    # numpy (a replay's recorded values) or CPU tensors are moved here.
+    device: torch.device = torch.device("cpu")
+
+    def place(self, device: str) -> None:
+        """Move every weight to ``device`` (``cpu``: nothing moves). Called at the end of loading: the
+        load-time math (ln0 folded into the table, the decay's exps, int8 / q4 quantisation) ran on the
+        CPU, so a CUDA reference starts from the very weights, and quantised codes, the CPU one holds
+        and the compiled builds bind; only the step's math runs on the GPU."""
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            return
+
+        def move(t):
+            return t.to(self.device) if isinstance(t, torch.Tensor) else t
+
+        self.layers = [
+            {k: move(v) for k, v in p.items()} if isinstance(p, dict)
+            else dataclasses.replace(p, **{f.name: move(getattr(p, f.name)) for f in dataclasses.fields(p)})
+            for p in self.layers
+        ]
+        for name in ("emb", "ln_out_w", "ln_out_b", "head_weight"):
+            setattr(self, name, move(getattr(self, name)))
+
+    def _here(self, x) -> torch.Tensor:
+        """``x`` (numpy or torch, from anywhere) as a tensor on this model's device."""
+        return torch.as_tensor(x, device=self.device)
 
     def layer_scale(self, layer: int) -> float:
         """Canonical stream / this model's stream, inside layer ``layer`` (a power of two)."""
@@ -159,13 +187,13 @@ class LayerwiseModel:
 
     def stream_in(self, layer: int, x) -> torch.Tensor:
         """A canonical residual-stream value (numpy or torch) as layer ``layer`` of this model takes it."""
-        x = torch.as_tensor(x)
+        x = self._here(x)
         return (x.to(self.acc) / self.layer_scale(layer)).to(self.dtype)
 
     def head_in(self, x) -> torch.Tensor:
         """A canonical last ``x_out`` as the head takes it (after the last layer's halving, if any)."""
         n = self.config.n_layer
-        x = torch.as_tensor(x)
+        x = self._here(x)
         return (x.to(self.acc) / self.layer_scale(n)).to(self.dtype)
 
     def layer(self, index: int, x: torch.Tensor, state, *, record: Recorder | None = None,
@@ -213,7 +241,7 @@ class LayerwiseModel:
         return w
 
     def embed(self, ids, *, record: Recorder | None = None) -> torch.Tensor:
-        ids = check_ids(ids, vocab_size=self.config.vocab_size)
+        ids = check_ids(ids, vocab_size=self.config.vocab_size).to(self.device)
         x = self.emb[ids]  # (T, C)
         (record or _no_record)("emb", x)
         return x
@@ -255,7 +283,7 @@ class RWKV5Reference(LayerwiseModel):
     state_cls = RWKV5State
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", rescale_layer: int | None = None,
-                 weights: str | None = None):
+                 weights: str | None = None, device: str = "cpu"):
         cfg = checkpoint.config
         if cfg.version not in (ModelVersion.V5_0, ModelVersion.V5_1, ModelVersion.V5_2):
             raise ParityError(f"RWKV5Reference runs RWKV-5.x, checkpoint is RWKV-{cfg.version.value}")
@@ -304,15 +332,16 @@ class RWKV5Reference(LayerwiseModel):
         self.ln_out_w = w["ln_out.weight"].to(dt)
         self.ln_out_b = w["ln_out.bias"].to(dt)
         self.head_weight = w["head.weight"].to(dt)  # (V, C)
+        self.place(device)
 
     # -- state ----------------------------------------------------------------------------------
     def zero_state(self) -> RWKV5State:
         c = self.config
         return RWKV5State([
             LayerState(
-                att_x=torch.zeros(c.n_embd, dtype=self.dtype),
-                att_kv=torch.zeros(c.n_head, c.head_size, c.head_size, dtype=self.acc),
-                ffn_x=torch.zeros(c.n_embd, dtype=self.dtype),
+                att_x=torch.zeros(c.n_embd, dtype=self.dtype, device=self.device),
+                att_kv=torch.zeros(c.n_head, c.head_size, c.head_size, dtype=self.acc, device=self.device),
+                ffn_x=torch.zeros(c.n_embd, dtype=self.dtype, device=self.device),
             )
             for _ in range(c.n_layer)
         ])
@@ -340,7 +369,7 @@ class RWKV5Reference(LayerwiseModel):
         """``own``, or the value handed in for ``stage`` in its dtype and shape (``layer(splice=...)``)."""
         if stage not in splice:
             return own
-        return torch.as_tensor(splice[stage]).to(own.dtype).reshape(own.shape)
+        return torch.as_tensor(splice[stage], device=own.device).to(own.dtype).reshape(own.shape)
 
     def _att(self, x, layer: int, st: LayerState, record: Recorder, splice: Mapping[str, object]):
         c, p = self.config, self.layers[layer]
@@ -422,9 +451,9 @@ class RWKV5Reference(LayerwiseModel):
     def layer_state(self, slots) -> LayerState:
         """One layer's state from canonical slot values (numpy or torch), in this model's dtypes."""
         return LayerState(
-            att_x=torch.as_tensor(slots["att_x"]).to(self.dtype).reshape(self.config.n_embd),
-            att_kv=torch.as_tensor(slots["att_kv"]).to(self.acc).reshape(self.config.n_head, self.config.head_size, self.config.head_size),
-            ffn_x=torch.as_tensor(slots["ffn_x"]).to(self.dtype).reshape(self.config.n_embd),
+            att_x=self._here(slots["att_x"]).to(self.dtype).reshape(self.config.n_embd),
+            att_kv=self._here(slots["att_kv"]).to(self.acc).reshape(self.config.n_head, self.config.head_size, self.config.head_size),
+            ffn_x=self._here(slots["ffn_x"]).to(self.dtype).reshape(self.config.n_embd),
         )
 
     def prefill(self, ids, state: RWKV5State | None = None, *, record: Recorder | None = None):

@@ -448,3 +448,40 @@ def _record(section: str, key: str, value) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.setdefault(section, {})[key] = value
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not _torch_cuda_available(), reason="torch sees no CUDA GPU")
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_cuda_parity_with_the_reference_on_the_gpu(name, cache, tmp_path):
+    """--reference-device cuda: the torch reference (and the replays, which reuse its model) on the
+    same GPU as the CUDA build, with TF32 and reduced-precision reductions pinned off and recorded.
+    The same verdict as with the reference on the CPU (test_cuda_parity_every_fixture): no divergence
+    in any pair, nor isolated."""
+    ck = load_checkpoint(FIXTURES / f"{name}.pth")
+    out = run_parity(ck, backends=["reference", "tvm", "tvm-instrumented"], plan=_plan(ck), dump_dir=tmp_path,
+                     cache_dir=cache, mode="both", device="cuda", reference_device="cuda", in_process=IN_PROCESS)
+    run = out.result["run"]
+    _record("reference on cuda", name, {"reference_gpu": run.get("reference_gpu"), "torch_math": run.get("torch_math"),
+                                        "verdict": out.result["verdict"],
+                                        "summaries": {c["actual"]["backend"] + f" ({c['actual'].get('mode')})": c["summary"]
+                                                      for c in out.comparisons}})
+    assert (run["device"], run["reference_device"]) == ("cuda", "cuda")
+    assert run["reference_gpu"]  # the GPU's name, as torch reports it
+    assert run["torch_math"] == {
+        "cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": False,
+        "cuda.matmul.allow_fp16_reduced_precision_reduction": False,
+        "cuda.matmul.allow_bf16_reduced_precision_reduction": False,
+        "float32_matmul_precision": "highest",
+    }
+    for c in out.comparisons:
+        assert c["first_divergence"] is None, (c["actual"]["backend"], c["first_divergence"])
+    assert out.result["modes"]["isolated"]["first_divergence"] is None
+    assert len([r for r in out.result["records"] if r["stage"] == "logits"]) == 4  # every step compared
