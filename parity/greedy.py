@@ -25,6 +25,7 @@ import numpy as np
 
 from parity.checkpoint import Checkpoint, load_checkpoint
 from parity.errors import ParityError
+from parity.heap import trim_heap
 
 # fp32 logits of two correct backends differ by ~1e-5 on the fixtures and grow with depth and
 # vocabulary; above this, a logit change is not rounding noise and an argmax flip is not a near-tie.
@@ -155,29 +156,39 @@ def greedy_compare(
     for b in backends:  # every name checked before anything is built or compiled
         if isinstance(b, str):
             check_backend_spec(b)
-    steppers: list[Stepper] = []
-    for b in backends:
-        stepper = b if not isinstance(b, str) else make_stepper(b, ck, cache_dir=cache_dir, on_event=say)
-        steppers.append(stepper)
-    names = [s.name for s in steppers]
-    if len(set(names)) != len(names):
-        raise ParityError(f"backend listed twice: {','.join(names)}")
+    specs = [b for b in backends if isinstance(b, str)]
+    if len(set(specs)) != len(specs):
+        raise ParityError(f"backend listed twice: {','.join(specs)}")
 
+    # One backend alive at a time: each decodes (and, where its tokens part from the yardstick's, is
+    # teacher-forced on them) and goes before the next is made. Built all at once, a real-size
+    # model's backends held their weights side by side: chatrwkv's own fp32 copy beside ours was
+    # the parent's peak in a scenario run at 0.4B (issue 9).
+    names: list[str] = []
     runs: dict[str, tuple[list[int], np.ndarray]] = {}
-    for s in steppers:
+    forced: dict[str, np.ndarray] = {}  # name -> its logits rows teacher-forced on the yardstick's tokens
+    for b in backends:
+        s = b if not isinstance(b, str) else make_stepper(b, ck, cache_dir=cache_dir, on_event=say)
+        if s.name in runs:
+            raise ParityError(f"backend listed twice: {','.join(names + [s.name])}")
+        names.append(s.name)
         say(f"greedy decoding {steps} tokens on {s.name}")
         runs[s.name] = decode_run(s, prompt_ids=prompt_ids, steps=steps)
-    yard = steppers[0].name
+        if len(names) > 1 and runs[s.name][0] != runs[names[0]][0]:
+            # Its own run saw its own tokens after the split; re-run it on the yardstick's.
+            say(f"teacher-forcing {s.name} on {names[0]}'s tokens")
+            _, forced[s.name] = decode_run(s, prompt_ids=prompt_ids, steps=steps, forced=runs[names[0]][0])
+        if isinstance(b, str):
+            del s  # ours to drop (a Stepper handed in is the caller's)
+            trim_heap()
+    yard = names[0]
     yard_tokens, yard_rows = runs[yard]
     margins = top2_margins(yard_rows)
 
     comparisons = []
-    for s in steppers[1:]:
-        tokens, rows = runs[s.name]
-        if tokens != yard_tokens:
-            # Its own run saw its own tokens after the split; re-run it on the yardstick's.
-            say(f"teacher-forcing {s.name} on {yard}'s tokens")
-            _, rows = decode_run(s, prompt_ids=prompt_ids, steps=steps, forced=yard_tokens)
+    for name in names[1:]:
+        tokens, rows = runs[name]
+        rows = forced.get(name, rows)
         drift = [_finite(float(d)) for d in np.max(np.abs(rows.astype(np.float64) - yard_rows), axis=1)]
         first = next((i for i, (a, b) in enumerate(zip(yard_tokens, tokens)) if a != b), None)
         divergence = None
@@ -187,7 +198,7 @@ def greedy_compare(
             divergence = {
                 "step": first,
                 "expected": yard,
-                "actual": s.name,
+                "actual": name,
                 "expected_token": yard_tokens[first],
                 "actual_token": tokens[first],
                 "margin": margins[first],
@@ -205,7 +216,7 @@ def greedy_compare(
         finite = [d for d in drift if d is not None]
         comparisons.append({
             "expected": yard,
-            "actual": s.name,
+            "actual": name,
             "tokens_equal": first is None,
             "first_token_divergence": divergence,
             "teacher_forced_max_abs": drift,
