@@ -64,6 +64,7 @@ class ParityOptions:
     backends: tuple[str, ...]  # the first is the yardstick, as in `parity run --backends`
     mode: str  # which capture modes of the compiled model to test: "all", "debug" or "instrumented"
     dtypes: tuple[str, ...] = tuple(DEFAULT_DTYPES.split(","))  # low-precision builds to test (tvm@<word>)
+    reference_device: str = "cpu"  # where the torch reference runs: "cpu" or "cuda"
 
     @property
     def yardstick(self) -> str:
@@ -144,6 +145,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          f"{', '.join(LOW_PRECISION_WORDS)} or none (default {DEFAULT_DTYPES})")
     group.addoption("--parity-device", choices=("cpu", "cuda"), default="cpu",
                     help="where the compiled model runs: cpu (the llvm build, default) or cuda (the CUDA build)")
+    group.addoption("--parity-reference-device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the torch reference runs, and with it its replays and the judges: cpu (default) or "
+                         "cuda (TF32 and reduced-precision reductions pinned off, recorded in each result)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -255,8 +259,20 @@ def _options_from(config: pytest.Config) -> ParityOptions:
                 check_backend_spec(b)
             except ParityError as exc:
                 raise pytest.UsageError(f"--parity-backends: {exc}") from None
+    reference_device = config.getoption("parity_reference_device")
+    if reference_device != "cpu":
+        # Asked for a GPU the reference cannot use: one line before any test runs, not a failure
+        # per case (and torch is imported only when a GPU is asked for).
+        from parity.errors import ParityError
+        from parity.reference import check_reference_device
+
+        try:
+            check_reference_device(reference_device)
+        except ParityError as exc:
+            raise pytest.UsageError(f"--parity-reference-device: {exc}") from None
     return ParityOptions(report_dir=report_dir, backends=backends, mode=config.getoption("parity_mode"),
-                         dtypes=_dtypes_from(str(config.getoption("parity_dtypes"))))
+                         dtypes=_dtypes_from(str(config.getoption("parity_dtypes"))),
+                         reference_device=reference_device)
 
 
 def _dtypes_from(value: str) -> tuple[str, ...]:

@@ -118,6 +118,27 @@ def test_bad_dtypes_are_usage_errors(pytester, run, value, message):
     assert message in result.stderr.str()
 
 
+def test_reference_device_reaches_the_fixture(pytester, run):
+    pytester.makepyfile("""
+        def test_device(parity_options):
+            assert parity_options.reference_device == "cpu"
+    """)
+    run().assert_outcomes(passed=1)  # the default
+    run("--parity-reference-device", "cpu").assert_outcomes(passed=1)
+
+
+def test_reference_device_cuda_without_a_gpu_is_a_usage_error(pytester, run):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU torch can use: the GPU job runs the suite with it (scripts/gpu-job refgpu)")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = run("--parity-reference-device", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--parity-reference-device: no CUDA GPU for the torch reference" in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
 def test_bad_mode_is_rejected(pytester, run):
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = run("--parity-mode", "fast")

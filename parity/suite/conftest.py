@@ -67,8 +67,15 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
-    """--parity-device: cpu (the llvm build) or cuda (the CUDA build; the reference stays on the CPU)."""
+    """--parity-device: cpu (the llvm build) or cuda (the CUDA build; the reference runs where
+    --parity-reference-device says)."""
     return pytestconfig.getoption("--parity-device", default="cpu")
+
+
+@pytest.fixture(scope="session")
+def reference_device(parity_options) -> str:
+    """--parity-reference-device: where the torch reference (and its replays) runs, cpu or cuda."""
+    return parity_options.reference_device
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def _skip_mutant_of_another_family(backend: str, cfg) -> None:
 
 
 @pytest.mark.parametrize("prompt", list(PROMPTS), ids=list(PROMPTS))
-def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_dir, device, tmp_path):
+def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_dir, device, reference_device, tmp_path):
     """``candidate``: tvm and tvm-instrumented by default, or what --parity-backends names."""
     backend = candidate
     cfg = checkpoint.config
@@ -66,7 +66,7 @@ def test_reference_vs_compiled(checkpoint, yardstick, candidate, prompt, cache_d
         decode_ids=default_decode_ids(steps=DECODE_STEPS, vocab_size=cfg.vocab_size),
     )
     outcome = run_parity(checkpoint, backends=[yardstick, backend], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir,
-                         device=device)
+                         device=device, reference_device=reference_device)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-{backend.replace('/', '-')}-{prompt}")
 
     # A pass must have compared something: every step, and in every step the stages each capture
@@ -99,7 +99,8 @@ QUANTISED = ("fp16i8", "fp32i8", "q4f16_1")
 
 
 @pytest.mark.parametrize("prompt", list(PROMPTS), ids=list(PROMPTS))
-def test_low_precision_build(checkpoint, yardstick, low_precision, prompt, cache_dir, device, pytestconfig, tmp_path):
+def test_low_precision_build(checkpoint, yardstick, low_precision, prompt, cache_dir, device, reference_device,
+                             pytestconfig, tmp_path):
     """tvm@fp16 (bf16, ...): its own error judged by the reference computing in its precision on its
     own inputs (replay), its drift from the fp32 yardstick within that dtype's envelope, and its
     logits close to the yardstick's end to end (KL, top-1)."""
@@ -114,7 +115,7 @@ def test_low_precision_build(checkpoint, yardstick, low_precision, prompt, cache
         decode_ids=default_decode_ids(steps=DECODE_STEPS, vocab_size=cfg.vocab_size),
     )
     outcome = run_parity(checkpoint, backends=[yardstick, backend], plan=plan, dump_dir=tmp_path, cache_dir=cache_dir,
-                         device=device)
+                         device=device, reference_device=reference_device)
     _assert_no_divergence(outcome, name=f"parity-{checkpoint.path.stem}-{backend.replace('@', '-')}-{prompt}")
     result = _typed(outcome)
     assert result.records, "nothing compared"
