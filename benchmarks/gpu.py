@@ -165,7 +165,9 @@ def _param_bytes(meta: dict, w: dict) -> int:
     all but the embedding table (a decode reads one row of it)."""
     size = {"float32": 4, "float16": 2, "bfloat16": 2}
     dtypes = meta.get("param_dtypes") or ["float32"] * len(meta["params"])
-    return sum(w[n].numel() * size[d] for n, d in zip(meta["params"], dtypes) if n != "emb.weight")
+    groups = meta.get("param_groups", {})  # a stacked parameter (the grouped CUDA build): its sources' sizes
+    return sum(sum(w[k].numel() for k in groups.get(n, [n])) * size[d]
+               for n, d in zip(meta["params"], dtypes) if n != "emb.weight")
 
 
 def _err(e: Exception) -> str:

@@ -168,6 +168,10 @@ def model_for(
     else:
         model, what = rwkv5_model.RWKV5Model(config, debug=debug, **kwargs), "the RWKV-5 model"
     targets.retarget(model, target=target, what=what)
+    if target == "cuda" and not debug and mutant is None and config.version != ModelVersion.V4:
+        # The plain CUDA build only (issue 10's decode speed): r/k/v/g as one GEMV, the scan with
+        # ln_x and the gate as one kernel. The debug build (the stages' taps) and llvm keep theirs.
+        rwkv5_model.group_projections(model)
     return model
 
 
@@ -404,6 +408,7 @@ def _compile_entry(
         "dtype": dtype,
         "param_dtypes": [str(p.dtype) for _, p in params],
         "param_scales": model.param_scales(),
+        "param_groups": model.param_groups(),  # stacked parameters: name -> the checkpoint keys, in order
         "state_slots": model.layout.names(config.n_layer),
         "state_shapes": [list(x) for x in model.layout.all_shapes(config.n_layer)],
         "state_fill": model.layout.all_fills(config.n_layer),

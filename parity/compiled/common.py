@@ -348,13 +348,18 @@ class Block(nn.Module):
         att_kwargs = {"decay": decay} if decay is not None else {}
         xx = self.ln1(x)
         tap(f"L{i}.att.ln1", xx)
-        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
-        tap(f"L{i}.att.shift", sx)
-        # The lerps of each half are made here, in one kernel with xx's fp32 copy, whose last row
-        # the state keeps (a view in decode: T = 1), so no cast of its own is needed.
-        *mixed, xx32 = time_mix(xx, sx, self.att.mixes(), fp32_copy=True)
-        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed,
-                                      **att_kwargs)
+        if getattr(self.att, "grouped", False):
+            # The plain CUDA build's attention (rwkv5_model.group_projections): shift and lerps, r/k/v/g,
+            # and scan + ln_x + gate are a kernel each; it makes xx's fp32 copy itself. No taps.
+            att, new_att_state, xx32 = self.att.grouped_forward(xx, att_x, *att_state, **att_kwargs)
+        else:
+            sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
+            tap(f"L{i}.att.shift", sx)
+            # The lerps of each half are made here, in one kernel with xx's fp32 copy, whose last row
+            # the state keeps (a view in decode: T = 1), so no cast of its own is needed.
+            *mixed, xx32 = time_mix(xx, sx, self.att.mixes(), fp32_copy=True)
+            att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed,
+                                          **att_kwargs)
         new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
         x = x + att
         tap(f"L{i}.x_after_att", x)
@@ -420,6 +425,11 @@ class RWKVModel(nn.Module):
             f"L{layer}.{stage}": layer_scale(layer, dtype=dtype)
             for layer in range(config.n_layer) for stage in STREAM_STAGES if layer_scale(layer, dtype=dtype) != 1.0
         }
+
+    def param_groups(self) -> dict[str, list[str]]:
+        """Parameters the runtime makes by stacking checkpoint tensors along a new first axis (the
+        plain CUDA build's grouped attention, rwkv5_model.group_projections): name -> source keys."""
+        return dict(getattr(self, "_param_groups", {}))
 
     def param_scales(self) -> dict[str, float]:
         """Parameters the runtime divides at load (the fp16 rescale: att.output, ffn.value of layer l by 2^(l // R))."""

@@ -163,13 +163,24 @@ class CompiledRWKV:
 
             self.device = ensure_cuda_runtime(cache_dir=self.artifact.library.parent)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.artifact.library)), self.device)
-        missing = [n for n in meta["params"] if source_key(n) not in checkpoint.weights]
+        groups = meta.get("param_groups", {})  # stacked parameters (build.py): name -> checkpoint keys
+        missing = [k for n in meta["params"] for k in groups.get(n, [source_key(n)]) if k not in checkpoint.weights]
         if missing:
             raise ParityError(f"checkpoint {checkpoint.path} lacks {missing[0]!r}, which the compiled model needs")
         # The compiled model is fp32 throughout (weights stored bf16 on disk). On the CPU it binds
         # the checkpoint's one shared fp32 copy zero-copy through DLPack (the reference reads the
         # same tensors; the compiled functions never write their params); a GPU needs its own copy.
         fp32 = checkpoint.fp32_weights()
+        for n, keys in groups.items():
+            # The plain CUDA build's grouped attention (rwkv5_model.group_projections): its checkpoint
+            # tensors stacked along a new first axis, in fp32, then bound as any other parameter.
+            parts = [fp32[k] for k in keys]
+            if isinstance(parts[0], np.ndarray):
+                fp32[n] = np.stack(parts)
+            else:
+                import torch
+
+                fp32[n] = torch.stack(parts)
         if self.scheme == "float32":
             if target == "llvm":
                 self.params = [tvm.runtime.from_dlpack(fp32[n]) for n in meta["params"]]

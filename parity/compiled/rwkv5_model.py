@@ -150,6 +150,49 @@ class Attention(nn.Module):
         """The time-mix μ (k, v, r[, g]), in the order ``forward`` takes its ``mixed`` inputs."""
         return [self.time_mix_k, self.time_mix_v, self.time_mix_r] + ([self.time_mix_g] if self.gated else [])
 
+    # -- the plain CUDA build's grouped form (group_projections; issue 10) ------------------------
+    grouped = False
+    GROUPS = ("key", "value", "receptance", "gate")  # the order of mixes(): k, v, r, g
+
+    def group(self) -> None:
+        """Become the grouped form: the k, v, r, g weights one (4, A, C) parameter ``rkvg_weight`` and
+        their time-mix μ one (4, 1, 1, C) ``rkvg_mix``, both stacked from the checkpoint's tensors at
+        load (the runtime, from the model's ``param_groups``); the separate ones are no parameters."""
+        C, A = self.config.n_embd, self.config.dim_att
+        self.rkvg_weight = nn.Parameter((len(self.GROUPS), A, C), self.dtype)
+        self.rkvg_mix = nn.Parameter((len(self.GROUPS), 1, 1, C), self.dtype)
+        for name in self.GROUPS:
+            setattr(self, name, None)
+            setattr(self, f"time_mix_{name[0]}", None)
+        self.grouped = True
+
+    def grouped_forward(self, xx: Tensor, att_x: Tensor, att_kv: Tensor, *, decay: Tensor | None = None):
+        """``forward`` (with the Block's token shift and time-mix) in four kernels, for one token as for
+        many: shift + the four lerps stacked (G, T, C) and xx's fp32 copy; one GEMV for r, k, v, g
+        (a batched matmul, each group its own input row: DLight schedules it as one GEMV with 4x the
+        rows of each before, accumulated in fp32 and rounded once to the dtype, as ``Linear``); the
+        scan with ln_x and the gate (wkv_cuda.wkv5_gn_gate_cuda); the output Linear.
+        -> (att.out, (new att_kv,), xx in fp32)."""
+        from parity.compiled.wkv_cuda import time_mix_stacked_cuda, wkv5_gn_gate_cuda
+
+        cfg, dt = self.config, self.dtype
+        C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
+        T, G = xx.shape[0], len(self.GROUPS)
+        stacked, xx32 = op.tensor_ir_op(
+            time_mix_stacked_cuda(G, dt), "time_mix", args=[xx, att_x, self.rkvg_mix],
+            out=[Tensor.placeholder((G, T, C), dt), Tensor.placeholder((T, C), "float32")])
+        y = op.matmul(stacked, op.permute_dims(self.rkvg_weight, axes=[0, 2, 1]),
+                      out_dtype="float32" if dt != "float32" else None)
+        y = op.reshape(to_dtype(y, dt), (G, T, H, N))
+        w, u = self.decay_and_bonus() if decay is None else (decay, self.time_faaaa)
+        rkvg = tuple(self.GROUPS.index(n) for n in ("receptance", "key", "value", "gate"))
+        _, new_kv, gated = op.tensor_ir_op(  # named wkv5, its first two outputs wkv5's (wkv_cuda.py says why)
+            wkv5_gn_gate_cuda(N, dt, LN_X_EPS, rkvg), "wkv5",
+            args=[y, w, u, att_kv, self.ln_x.weight, self.ln_x.bias],
+            out=[Tensor.placeholder((T, H, N), "float32"), Tensor.placeholder((H, N, N), "float32"),
+                 Tensor.placeholder((T, H, N), dt)])
+        return self.output(op.reshape(gated, (T, A))), (new_kv,), xx32
+
     def forward(self, xx: Tensor, sx: Tensor, att_kv: Tensor, *, layer: int, tap: Taps,
                 mixed: list[Tensor] | None = None, decay: Tensor | None = None):
         """(T, C) inputs and this layer's wkv state -> (att.out, (new att_kv,)). ``mixed``:
@@ -229,3 +272,23 @@ class RWKV5Model(RWKVModel):
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
+
+
+def group_projections(model: RWKV5Model) -> bool:
+    """Give the plain CUDA build its grouped attention (``Attention.group``) in every layer, and record
+    in the model which checkpoint tensors each stacked parameter is made of (``param_groups``).
+    Only the gated versions (5.1, 5.2) with this file's own attention, GroupNorm and decay: a bug-zoo
+    attention, 5.0 (no gate) and every other build keep the separate Linears. Returns whether it did."""
+    atts = [block.att for block in model.blocks]
+    if not atts or not all(type(a) is Attention and a.gated and type(a.ln_x) is GroupNormKernel for a in atts):
+        return False
+    if model.quant is not None:
+        return False
+    groups = {}
+    for i, att in enumerate(atts):
+        pre = f"blocks.{i}.att."
+        groups[pre + "rkvg_weight"] = [pre + f"{n}.weight" for n in Attention.GROUPS]
+        groups[pre + "rkvg_mix"] = [pre + f"time_mix_{n[0]}" for n in Attention.GROUPS]
+        att.group()
+    model._param_groups = groups
+    return True

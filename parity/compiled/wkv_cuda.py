@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 WKV4_BLOCK = 128  # threads per block of the wkv4 scan (channels are independent)
@@ -124,3 +125,123 @@ def wkv4_cuda(
                 aa_out[c0 * WKV4_BLOCK + c1] = st[0]
                 bb_out[c0 * WKV4_BLOCK + c1] = st[1]
                 pp_out[c0 * WKV4_BLOCK + c1] = st[2]
+
+
+# -- the plain CUDA build's grouped attention (rwkv5_model.group_projections; issue 10) ---------------
+# Written as scheduled TIR, not TE: a TE time-mix with the stacked output and the fp32 copy (two
+# shapes) is two kernels under DLight, and a TE GroupNorm cannot sit inside the scan's thread block.
+
+MIX_BLOCK = 256  # threads per block of the stacked time-mix (elementwise)
+
+
+@lru_cache(maxsize=None)
+def time_mix_stacked_cuda(groups: int, dtype: str):
+    """Token shift and every lerp of a time-mix in one kernel, the lerps stacked along a new first
+    axis (what the grouped GEMV reads): out[g, t, c] = xx[t, c] * mu[g, c] + sx[t, c] * (1 - mu[g, c]),
+    sx[t] = xx[t - 1] (row 0: the carried state, cast to the dtype), the arithmetic of common.py's
+    ``token_shift`` and ``time_mix`` in their order; copy = xx in fp32 (the state keeps its last row)."""
+    G = groups
+    one = tirx.const(1.0, dtype)
+
+    @T.prim_func(private=True)
+    def time_mix(xx_handle: T.handle, last_handle: T.handle, mu_handle: T.handle, out_handle: T.handle,
+                 copy_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int64()
+        C = T.int64()
+        xx = T.match_buffer(xx_handle, (seq_len, C), dtype)
+        last = T.match_buffer(last_handle, (C,), "float32")
+        mu = T.match_buffer(mu_handle, (G, 1, 1, C), dtype)
+        out = T.match_buffer(out_handle, (G, seq_len, C), dtype)
+        copy = T.match_buffer(copy_handle, (seq_len, C), "float32")
+        for b in T.thread_binding((seq_len * C + MIX_BLOCK - 1) // MIX_BLOCK, thread="blockIdx.x"):
+            for x in T.thread_binding(MIX_BLOCK, thread="threadIdx.x"):
+                if b * MIX_BLOCK + x < seq_len * C:
+                    for g in range(G):
+                        out[g, (b * MIX_BLOCK + x) // C, (b * MIX_BLOCK + x) % C] = (
+                            xx[(b * MIX_BLOCK + x) // C, (b * MIX_BLOCK + x) % C] * mu[g, 0, 0, (b * MIX_BLOCK + x) % C]
+                            + T.if_then_else((b * MIX_BLOCK + x) // C == 0,
+                                             T.Cast(dtype, last[(b * MIX_BLOCK + x) % C]),
+                                             xx[(b * MIX_BLOCK + x) // C - 1, (b * MIX_BLOCK + x) % C])
+                            * (one - mu[g, 0, 0, (b * MIX_BLOCK + x) % C]))
+                    copy[(b * MIX_BLOCK + x) // C, (b * MIX_BLOCK + x) % C] = T.Cast(
+                        "float32", xx[(b * MIX_BLOCK + x) // C, (b * MIX_BLOCK + x) % C])
+
+    return time_mix
+
+
+@lru_cache(maxsize=None)
+def wkv5_gn_gate_cuda(head_size: int, dtype: str, eps: float, rkvg: tuple[int, int, int, int]):
+    """The wkv5 scan (``wkv5_cuda``'s recurrence, in its order), its GroupNorm (ln_x) and the gate in
+    one kernel: one block per head is exactly GroupNorm's group. r, k, v, g are read from the grouped
+    GEMV's output y (G, T, H, N) in the dtype at group indices ``rkvg`` (cast to fp32 for the scan:
+    exact). Per step, after the scan: mean = sum(x) * (1/N); centred = x - mean;
+    var = sum(centred^2) * (1/N); y = centred / sqrt(var + eps) * weight + bias (rwkv5_model's
+    GroupNormKernel's arithmetic; the sums here are serial over the head's N values, staged in shared
+    memory); out = to_dtype(y) * silu(g), silu(g) = g * sigmoid(g) in the dtype (op.silu's).
+    Outputs (wkv, new state, out): the first two are ``wkv5_cuda``'s, so the instrumented backend
+    (parity/dumpers/backends.py, kernels named wkv5*) still names att.wkv and the att_kv state."""
+    N = head_size
+    RI, KI, VI, GI = rkvg
+    inv_n = tirx.const(1.0 / N, "float32")
+    eps_c = tirx.const(eps, "float32")
+
+    @T.prim_func(private=True)
+    def wkv5_gn_gate(
+        y_handle: T.handle,
+        w_handle: T.handle,
+        u_handle: T.handle,
+        state_handle: T.handle,
+        lnw_handle: T.handle,
+        lnb_handle: T.handle,
+        wkv_handle: T.handle,
+        state_out_handle: T.handle,
+        out_handle: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int64()
+        H = T.int64()
+        G = T.int64()
+        y = T.match_buffer(y_handle, (G, seq_len, H, N), dtype)
+        w = T.match_buffer(w_handle, (H, N), "float32")
+        u = T.match_buffer(u_handle, (H, N), "float32")
+        state = T.match_buffer(state_handle, (H, N, N), "float32")  # [head, k-index, v-index]
+        lnw = T.match_buffer(lnw_handle, (H * N,), "float32")
+        lnb = T.match_buffer(lnb_handle, (H * N,), "float32")
+        wkv = T.match_buffer(wkv_handle, (seq_len, H, N), "float32")
+        state_out = T.match_buffer(state_out_handle, (H, N, N), "float32")
+        out = T.match_buffer(out_handle, (seq_len, H, N), dtype)
+        for h in T.thread_binding(H, thread="blockIdx.x"):
+            for j in T.thread_binding(N, thread="threadIdx.x"):
+                s = T.decl_buffer((N,), "float32", scope="local")  # S[:, j] of head h
+                acc = T.decl_buffer((4,), "float32", scope="local")  # wkv, v, sum, sum of squares
+                r_s = T.decl_buffer((N,), "float32", scope="shared")
+                k_s = T.decl_buffer((N,), "float32", scope="shared")
+                x_s = T.decl_buffer((N,), "float32", scope="shared")
+                c_s = T.decl_buffer((N,), "float32", scope="shared")
+                for i in range(N):
+                    s[i] = state[h, i, j]
+                for t in range(seq_len):
+                    r_s[j] = T.Cast("float32", y[RI, t, h, j])
+                    k_s[j] = T.Cast("float32", y[KI, t, h, j])
+                    acc[1] = T.Cast("float32", y[VI, t, h, j])
+                    acc[0] = T.float32(0)
+                    for i in range(N):
+                        acc[0] = acc[0] + r_s[i] * (u[h, i] * k_s[i] * acc[1] + s[i])
+                        s[i] = k_s[i] * acc[1] + w[h, i] * s[i]
+                    wkv[t, h, j] = acc[0]
+                    x_s[j] = acc[0]
+                    acc[2] = T.float32(0)
+                    for i in range(N):
+                        acc[2] = acc[2] + x_s[i]
+                    acc[0] = acc[0] - acc[2] * inv_n
+                    c_s[j] = acc[0]
+                    acc[3] = T.float32(0)
+                    for i in range(N):
+                        acc[3] = acc[3] + c_s[i] * c_s[i]
+                    out[t, h, j] = T.Cast(dtype, acc[0] / T.sqrt(acc[3] * inv_n + eps_c) * lnw[h * N + j]
+                                          + lnb[h * N + j]) * (y[GI, t, h, j] * T.sigmoid(y[GI, t, h, j]))
+                for i in range(N):
+                    state_out[h, i, j] = s[i]
+
+    return wkv5_gn_gate
