@@ -11,10 +11,17 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from parity.errors import ParityError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# torch is imported where it is used, not here: a TVM worker (parity/dumpers/worker.py) runs this
+# module with torch blocked (importing it costs a process ~200 MB, more with CUDA), reading the
+# weights with numpy through ``MappedCheckpoint``.
 
 
 class ModelVersion(str, enum.Enum):
@@ -87,6 +94,8 @@ class Checkpoint:
         never write into them. Returns a new dict each call, so a consumer may rebind its keys.
         """
         if self._fp32 is None:
+            import torch
+
             fp32, read = {}, 0
             for key, t in self.weights.items():
                 source = t
@@ -122,6 +131,145 @@ class Checkpoint:
     def fp32_nbytes(self) -> int:
         """Bytes of the weights in fp32: what one fp32 copy of this model costs."""
         return sum(t.numel() * 4 for t in self.weights.values())
+
+
+# -- the weights without torch: a TVM worker maps the file itself -------------------------------
+# The stored dtypes a worker reads with numpy (numpy has no bfloat16: its bits are read as uint16).
+_MAPPED_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+
+
+def _file_mappings(names: set[str]) -> list[dict] | None:
+    """This process's mappings of ``names``: start, end, file offset, written (anonymous) bytes.
+    None where /proc/self/smaps cannot be read (not Linux)."""
+    try:
+        smaps = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    spans, current = [], None
+    for line in smaps.splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):  # "start-end perms offset dev inode path"
+            current = None
+            if len(head) == 6 and head[5] in names:
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                current = {"file": head[5], "start": start, "end": end, "offset": int(head[2], 16), "anon": 0}
+                spans.append(current)
+        elif current is not None and head and head[0] == "Anonymous:":
+            current["anon"] = int(head[1]) * 1024
+    return spans
+
+
+def file_locations(ck: Checkpoint) -> dict[str, dict] | None:
+    """Where each of ``ck``'s tensors lies in its file: key -> {file, offset, dtype, shape}; None
+    unless that is sure for every tensor.
+
+    Read from this process's memory maps (Linux): a tensor loaded memory-mapped (torch.load
+    mmap=True, safetensors) is a view of the file, so its address minus its mapping's start, plus
+    the mapping's file offset, is where its bytes are in the file. Not sure, and None: not Linux, a
+    tensor not inside a mapping of the checkpoint's files (built or changed in memory, a file read
+    whole), non-contiguous, empty, of a dtype other than fp32/fp16/bf16, or a mapping holding a
+    written (copy-on-write) page, whose bytes may no longer be the file's. The caller then hands
+    the weights over some other way.
+    """
+    path = Path(ck.path)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    spans = _file_mappings({str(f.resolve()) for f in files})
+    if not spans or any(s["anon"] for s in spans):
+        return None
+    out = {}
+    for key, t in ck.weights.items():
+        dtype = _MAPPED_DTYPES.get(str(getattr(t, "dtype", None)))
+        if dtype is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            return None
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        span = next((s for s in spans if s["start"] <= ptr and ptr + nbytes <= s["end"]), None)
+        if span is None:
+            return None
+        out[key] = {"file": span["file"], "offset": span["offset"] + ptr - span["start"], "dtype": dtype,
+                    "shape": tuple(t.shape)}
+    return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array at a ``_ALIGN``-byte boundary (TVM's DLPack import refuses less;
+    numpy's allocator gives 16)."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
+@dataclass
+class MappedCheckpoint(Checkpoint):
+    """A checkpoint read with numpy, no torch: each tensor where ``file_locations`` found it.
+
+    For a TVM worker (parity/dumpers/worker.py), whose parent has loaded and validated the file
+    already (torch.load weights_only, shapes, NaN): importing torch would cost the worker ~200 MB
+    and buy it nothing. The file is mapped copy-on-write, like torch's mmap=True, and never
+    unpickled. ``weights`` holds numpy views of the file as stored, bf16 as its raw uint16 bits
+    (``stored`` names each one's dtype); ``fp32_weights`` gives what Checkpoint.fp32_weights
+    gives, bit for bit, as numpy arrays.
+    """
+
+    stored: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def fp32_weights(self) -> dict[str, np.ndarray]:
+        """As Checkpoint.fp32_weights: fp32 stored at a 64-byte boundary used in place, anything
+        else converted once into an aligned copy (bf16 -> fp32: the bits shifted up 16, exact;
+        fp16 -> fp32 exact), the file's pages released as we go. Shared: never write into them."""
+        if self._fp32 is None:
+            import numpy as np
+
+            fp32, read = {}, 0
+            for key, a in self.weights.items():
+                kind = self.stored[key]
+                if kind == "float32" and a.ctypes.data % _ALIGN == 0:
+                    fp32[key] = a
+                    continue
+                out = aligned_empty(a.shape, np.float32)
+                if kind == "bfloat16":
+                    bits = out.view(np.uint32)
+                    bits[...] = a
+                    bits <<= 16
+                else:
+                    out[...] = a
+                fp32[key] = out
+                read += a.nbytes
+                if read >= _RELEASE_EVERY:  # as Checkpoint.fp32_weights: file and copies never resident in full
+                    self.release_file_pages()
+                    read = 0
+            self._fp32 = fp32
+            self.release_file_pages()
+        return dict(self._fp32)
+
+    def fp32_nbytes(self) -> int:
+        return sum(a.size * 4 for a in self.weights.values())
+
+
+def open_mapped(*, path: Path, sha256: str, config: ModelConfig, locations: dict[str, dict]) -> MappedCheckpoint:
+    """The checkpoint ``file_locations`` described, mapped here with numpy (copy-on-write, as
+    torch maps it: TVM's DLPack import wants writable arrays; nothing writes)."""
+    import mmap
+
+    import numpy as np
+
+    kinds = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+    maps: dict[str, mmap.mmap] = {}
+    weights, stored = {}, {}
+    for key, loc in locations.items():
+        if loc["file"] not in maps:
+            with open(loc["file"], "rb") as f:
+                maps[loc["file"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = np.dtype(kinds[loc["dtype"]])
+        count = int(np.prod(loc["shape"], dtype=np.int64))
+        weights[key] = np.frombuffer(maps[loc["file"]], dtype=dtype, count=count, offset=loc["offset"]).reshape(loc["shape"])
+        stored[key] = loc["dtype"]
+    return MappedCheckpoint(path=Path(path), sha256=sha256, config=config, weights=weights, stored=stored)
 
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
@@ -224,6 +372,8 @@ def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path):
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
@@ -234,6 +384,8 @@ def _torch_load(path: Path):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if not path.exists():
         raise ParityError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -368,6 +520,8 @@ _FINITE_CHUNK = 1 << 24
 def check_finite(weights: dict[str, torch.Tensor], *, path: Path) -> None:
     """Refuse NaN/Inf weights, naming the tensors and how many values: a non-finite weight would
     otherwise surface later as "non-finite values in both" at some stage, far from its cause."""
+    import torch
+
     bad: list[tuple[str, int, int]] = []  # key, non-finite count, element count
     for key, t in weights.items():
         flat = t.reshape(-1)
@@ -408,6 +562,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
     The format follows the destination: ``*.pth``, ``*.safetensors``, anything else is a directory.
     Tensors are written as stored (no dtype change), so a round trip is bit-exact.
     """
+    import torch
+
     path = Path(path)
     weights = {k: v.contiguous() for k, v in checkpoint.weights.items()}
     if path.suffix == ".pth":

@@ -595,3 +595,65 @@ def test_cli_names_the_non_finite_weight_in_one_line(tmp_path):
     assert proc.returncode == 2, proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "blocks.1.ffn.value.weight (1 of" in lines[0], proc.stderr
+
+
+# -- MappedCheckpoint: the weights a torch-free TVM worker reads with numpy (parity/dumpers/worker.py)
+def _mapped(ck):
+    from parity.checkpoint import file_locations, open_mapped
+
+    locations = file_locations(ck)
+    assert locations is not None, "the loaded tensors are views of the file: their places are sure"
+    return open_mapped(path=ck.path, sha256=ck.sha256, config=ck.config, locations=locations)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc to see mappings")
+@pytest.mark.parametrize("suffix,dtypes", [
+    (".pth", None),  # the fixture as stored: bf16 with fp32 tensors among them
+    (".safetensors", None),  # safetensors' data starts 8-byte aligned: some fp32 need a copy
+    (".pth", torch.float16),
+    (".safetensors", torch.float32),
+])
+def test_a_mapped_checkpoint_has_the_fp32_weights_bit_for_bit(tmp_path, suffix, dtypes):
+    import numpy as np
+
+    from parity.checkpoint import save_checkpoint
+
+    source = load_checkpoint(FIXTURE_H2)
+    if dtypes is not None:
+        source = dataclasses.replace(source, weights={k: v.to(dtypes) for k, v in source.weights.items()})
+    ck = load_checkpoint(save_checkpoint(source, tmp_path / f"model{suffix}"))
+    mapped = _mapped(ck)
+    want, got = ck.fp32_weights(), mapped.fp32_weights()
+    assert got.keys() == want.keys() and mapped.fp32_nbytes() == ck.fp32_nbytes()
+    for key in want:
+        a, b = want[key].numpy(), got[key]
+        assert b.dtype == np.float32 and b.shape == a.shape and b.flags.c_contiguous and b.ctypes.data % 64 == 0, key
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), key  # bits, so -0.0 and NaN payloads count
+        assert got[key] is mapped.fp32_weights()[key], f"{key} was converted twice"
+    in_place = [k for k, t in ck.weights.items() if t.dtype == torch.float32 and t.data_ptr() % 64 == 0]
+    for key in in_place:  # fp32 at an aligned offset: the file's bytes, no copy (as fp32_weights)
+        assert not got[key].flags.owndata and got[key].base is not None, key
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc to see mappings")
+def test_file_locations_say_none_when_any_tensor_is_not_a_view_of_the_file(tmp_path):
+    from parity.checkpoint import file_locations
+
+    ck = load_checkpoint(FIXTURE_H2)
+    assert file_locations(ck) is not None
+    changed = dict(ck.weights, **{"head.weight": ck.weights["head.weight"].clone()})  # in memory, not the file's
+    assert file_locations(dataclasses.replace(ck, weights=changed)) is None
+    strided = dict(ck.weights, **{"head.weight": ck.weights["head.weight"].t()})  # a view of the file, transposed
+    assert file_locations(dataclasses.replace(ck, weights=strided)) is None
+    assert file_locations(dataclasses.replace(ck, path=tmp_path / "gone.pth")) is None
+    written = load_checkpoint(FIXTURE_H2)
+    written.weights["ln_out.weight"][0] = 2.0  # a copy-on-write page: the file no longer says what memory holds
+    assert file_locations(written) is None
+
+
+def test_the_checkpoint_module_imports_without_torch():
+    # The torch-free worker imports it (ModelConfig, open_mapped) with torch blocked.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import parity.checkpoint, parity.compiled.runtime, parity.dumpers.registry\n"
+            "assert sys.modules['torch'] is None")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

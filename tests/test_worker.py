@@ -165,3 +165,39 @@ def test_a_plugins_notes_reach_the_result_and_the_console(tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["notes"] == [{"backend": spec, "note": "rows 0..T-2 come from an extra entry point"}]
     assert "note from numpy-rwkv5: rows 0..T-2 come from an extra entry point" in out
+
+
+def test_which_backends_run_in_a_worker_without_torch():
+    # Our compiled model in fp32/fp16 on the CPU reads numpy arrays only; anything that makes its
+    # parameters or runs its model with torch keeps it (parity/dumpers/worker.py, _torch_free).
+    from parity.dumpers.worker import _torch_free
+
+    for spec in ("tvm", "tvm-instrumented", "tvm@fp32", "tvm@fp16"):
+        assert _torch_free(spec, target="llvm", isolated=None), spec
+    for spec in ("tvm@bf16", "tvm@fp16i8", "tvm@q4f16_1", "reference", "chatrwkv", "hf", "mutant/sigmoid-r", PORT):
+        assert not _torch_free(spec, target="llvm", isolated=None), spec
+    assert not _torch_free("tvm", target="cuda", isolated=None)
+    assert not _torch_free("tvm", target="llvm", isolated={"reference_dump": "x"})
+
+
+def test_a_tvm_worker_maps_the_weights_without_torch_and_dumps_what_torch_weights_give(ck, tmp_path, compile_cache):
+    # issue 9: torch in the TVM worker (tvm_ffi imports it whenever it can) costs ~200 MB and buys
+    # nothing; the worker maps the file with numpy instead. Its dump must be the one the same
+    # build on the torch-loaded checkpoint (fp32_weights, in this process) writes, bit for bit.
+    from parity.dumpers.registry import make_backend
+
+    free = run_in_worker("tvm", ck, plan=PLAN, path=tmp_path / "free", cache_dir=compile_cache, target="llvm",
+                         timeout=120)
+    assert free.failure is None and free.torch_loaded is False
+    here = make_backend("tvm", ck, cache_dir=compile_cache).dump(PLAN, path=tmp_path / "here")
+    a, b = DumpReader(free.path), DumpReader(here)
+    assert [s.index for s in a.steps] == [0, 1, 2]
+    for index in range(3):
+        sa, sb = a.read_step(index), b.read_step(index)
+        assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa), index
+
+
+def test_a_worker_that_reads_the_file_with_torch_says_so(ck, tmp_path):
+    # The flag the test above relies on is the child's own word, not a constant: a plug-in worker imports torch.
+    out = run_in_worker(PORT, ck, plan=PLAN, path=tmp_path / "w", cache_dir=None, target="llvm", timeout=60)
+    assert out.failure is None and out.torch_loaded is True

@@ -212,11 +212,20 @@ class CompiledRWKV:
     def _low_precision_param(self, weight, *, dtype: str, scale: float) -> tvm.runtime.Tensor:
         """One parameter of an fp16/bf16 build, made as the torch reference makes it: divided by its
         rescale factor in fp32 (a power of two), then rounded to the build's dtype once. Its own copy
-        (the shared fp32 one is never written); bf16 goes through DLPack (numpy has no bfloat16)."""
-        import torch
+        (the shared fp32 one is never written); bf16 goes through DLPack (numpy has no bfloat16).
+        ``weight`` is a torch tensor, or in a torch-free worker (MappedCheckpoint) a numpy array,
+        rounded by numpy then: the same IEEE division and round-to-nearest-even (tests/compiled)."""
+        if isinstance(weight, np.ndarray):
+            from parity.checkpoint import aligned_empty
 
-        t = weight / scale if scale != 1.0 else weight
-        t = t.to(getattr(torch, dtype)).contiguous()
+            t = aligned_empty(weight.shape, dtype)  # numpy's 16-byte alignment is not TVM's 64
+            with np.errstate(over="ignore"):  # beyond fp16's range is inf, as torch makes it (silently)
+                t[...] = weight / np.float32(scale) if scale != 1.0 else weight
+        else:
+            import torch
+
+            t = weight / scale if scale != 1.0 else weight
+            t = t.to(getattr(torch, dtype)).contiguous()
         host = tvm.runtime.from_dlpack(t)
         if self.target == "llvm":
             return host  # the DLPack capsule keeps ``t`` alive

@@ -14,6 +14,12 @@ code, or a hang past ``timeout`` seconds without a finished step — the parent 
 completed, the last stage recorded and the kernel that was running, and the steps the child
 finished are still on disk to compare (``PartialDumpReader``).
 
+Our compiled model in fp32/fp16 on the CPU runs in a worker without torch (``_torch_free``): the
+parent, which loaded and validated the checkpoint, says where each tensor lies in the file
+(parity.checkpoint.file_locations) and the child maps it with numpy (``MappedCheckpoint``), never
+unpickling anything; torch, which tvm_ffi would import, is blocked there (issue 9: ~200 MB a worker).
+Where the places are not sure, the child reads the file with torch as before.
+
 Set PARITY_IN_PROCESS=1 (or pass ``--in-process``) to run every backend in the parity process
 instead, e.g. to step through a plug-in with pdb; a crash then ends the run as it would without
 this module.
@@ -104,6 +110,7 @@ class WorkerOutcome:
     partial: Path | None = None
     name: str | None = None
     extra: dict = field(default_factory=dict)
+    torch_loaded: bool | None = None  # whether the worker imported torch (None: it never said)
 
 
 # -- the child ------------------------------------------------------------------------------------
@@ -133,6 +140,12 @@ class _ReportingStep:
 
 
 def _child_checkpoint(payload: dict):
+    if payload.get("mapped") is not None:
+        from parity.checkpoint import open_mapped
+
+        # Validated by the parent, which found where each tensor lies in the file: mapped with numpy.
+        return open_mapped(path=Path(payload["path"]), sha256=payload["sha256"], config=payload["config"],
+                           locations=payload["mapped"])
     from parity.checkpoint import Checkpoint, _read_state_dict
 
     if payload.get("weights") is not None:
@@ -211,7 +224,8 @@ def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: s
         ck.release_file_pages()
         from parity.dumpers.format import partial_dir_for
 
-        send("ready", {"name": backend.name, "partial": str(partial_dir_for(path)), "extra": _jsonable(backend.extra)})
+        send("ready", {"name": backend.name, "partial": str(partial_dir_for(path)), "extra": _jsonable(backend.extra),
+                       "torch": _torch_loaded()})
         _watch_kernels(backend, send)
         record = backend.record_step
         counter = [0]
@@ -233,6 +247,12 @@ def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: s
     conn.close()
 
 
+def _torch_loaded() -> bool:
+    import sys
+
+    return sys.modules.get("torch") is not None
+
+
 def _jsonable(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, default=str))
@@ -241,8 +261,34 @@ def _jsonable(value: Any) -> Any:
 
 
 # -- the parent -----------------------------------------------------------------------------------
-def _payload(ck) -> dict:
-    payload = {"path": str(ck.path), "sha256": ck.sha256, "config": ck.config, "weights": None}
+def _torch_free(spec: str, *, target: str, isolated: dict | None) -> bool:
+    """Whether ``spec`` runs in a worker without torch: our compiled model in fp32 or fp16 on the
+    CPU, which needs the weights as fp32 (or fp16) arrays only. bf16 and quantised builds make
+    their parameters with torch (numpy has no bfloat16; the quantisers are the reference's); a GPU
+    build copies its fp32 parameters through torch's ``.numpy()`` (parity/compiled/runtime.py)."""
+    from parity.dumpers.registry import WEIGHT_FORMATS, split_dtype
+
+    if isolated is not None or target != "llvm":
+        return False
+    try:
+        base, dtype = split_dtype(spec)
+    except ParityError:
+        return False  # the child says what is wrong with it, as it always has
+    word = spec.rpartition("@")[2] if "@" in spec else ""
+    return base in ("tvm", "tvm-instrumented") and word not in WEIGHT_FORMATS and dtype in (None, "float32", "float16")
+
+
+def _payload(ck, *, torch_free: bool = False) -> dict:
+    """What the child needs to have the checkpoint: for a torch-free worker (``_torch_free``) where
+    each tensor lies in the file (``file_locations``), else the weights themselves (small or in
+    memory) or nothing (the child reads the file again, with torch)."""
+    payload = {"path": str(ck.path), "sha256": ck.sha256, "config": ck.config, "weights": None, "mapped": None}
+    if torch_free:
+        from parity.checkpoint import file_locations
+
+        payload["mapped"] = file_locations(ck)  # None: not sure where every tensor is; as before
+        if payload["mapped"] is not None:
+            return payload
     on_disk = Path(ck.path).exists()
     if not on_disk or ck.fp32_nbytes() <= _SEND_WEIGHTS_UP_TO:
         # Small, or built in memory: hand over the very tensors the parent holds.
@@ -267,6 +313,12 @@ def _child_entry() -> None:
     import pickle
     import sys
 
+    if "no-torch" in sys.argv[2:]:
+        # Before anything imports TVM: tvm_ffi imports torch whenever it can (for its DLPack
+        # interop), which costs this process ~200 MB (more with CUDA torch) and buys a worker that
+        # reads the weights with numpy nothing (issue 9). None in sys.modules: ``import torch``
+        # raises ImportError, which tvm_ffi takes as "no torch".
+        sys.modules["torch"] = None
     conn = multiprocessing.connection.Connection(int(sys.argv[1]), readable=False)
     job = pickle.loads(sys.stdin.buffer.read())
     sys.path[:] = job["sys_path"]  # the parent's: a plug-in importable there is importable here
@@ -294,7 +346,8 @@ def _start_child(job: dict):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from parity.dumpers.worker import _child_entry; _child_entry()", str(write_fd)],
+            [sys.executable, "-c", "from parity.dumpers.worker import _child_entry; _child_entry()", str(write_fd),
+             *(["no-torch"] if job["payload"].get("mapped") is not None else [])],
             stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, stderr=stderr,
         )
     finally:
@@ -335,12 +388,14 @@ def run_in_worker(
     os.close(fd)
     recipe = {"spec": spec, "cache_dir": cache_dir, "target": target, "isolated": isolated}
     state: dict[str, Any] = {"name": spec, "partial": None, "step": None, "kind": None, "done": 0,
-                             "last_stage": None, "kernel": None, "kernel_call": None, "calls": {}, "extra": {}}
+                             "last_stage": None, "kernel": None, "kernel_call": None, "calls": {}, "extra": {},
+                             "torch": None}
     steps = plan.steps()
     error: dict | None = None
     finished: str | None = None
     timed_out = False
-    proc, receive = _start_child({"recipe": recipe, "payload": _payload(ck), "plan": plan, "path": str(path),
+    payload = _payload(ck, torch_free=_torch_free(spec, target=target, isolated=isolated))
+    proc, receive = _start_child({"recipe": recipe, "payload": payload, "plan": plan, "path": str(path),
                                   "fault_log": fault_log})
     try:
         deadline = None
@@ -357,7 +412,8 @@ def run_in_worker(
             if what == "event":
                 say(msg[1])
             elif what == "ready":
-                state.update(name=msg[1]["name"], partial=msg[1]["partial"], extra=msg[1]["extra"])
+                state.update(name=msg[1]["name"], partial=msg[1]["partial"], extra=msg[1]["extra"],
+                             torch=msg[1].get("torch"))
                 deadline = time.monotonic() + timeout if timeout else None
             elif what == "step":
                 state.update(step=msg[1], kind=steps[msg[1]][0] if msg[1] < len(steps) else None, kernel=None,
@@ -398,7 +454,7 @@ def run_in_worker(
             import sys
 
             sys.stderr.write(fault_text)  # what a healthy backend said on stderr (warnings) is not hidden
-        return WorkerOutcome(path=Path(finished), name=state["name"], extra=state["extra"])
+        return WorkerOutcome(path=Path(finished), name=state["name"], extra=state["extra"], torch_loaded=state["torch"])
     refused = error is not None and error["parity_error"] and not error["wrapped"]
     if error is not None and (error["phase"] == "build" or (refused and state["step"] is None)):
         # It could not be made (an import error, a factory that raised), or refused its input
@@ -432,7 +488,8 @@ def run_in_worker(
     else:
         failure.error = f"exited with code {exitcode} before finishing"
         failure.traceback = fault_text or None
-    return WorkerOutcome(path=None, failure=failure, partial=partial, name=state["name"], extra=state["extra"])
+    return WorkerOutcome(path=None, failure=failure, partial=partial, name=state["name"], extra=state["extra"],
+                         torch_loaded=state["torch"])
 
 
 def _with_traceback(exc: ParityError, text: str) -> ParityError:
