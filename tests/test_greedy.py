@@ -247,3 +247,35 @@ def test_parity_run_greedy_works_with_any_backend(greedy_runs, name, other):
     fd = greedy["first_token_divergence"]
     assert fd is None or fd["near_tie"], fd  # a flip between correct ports can only be a near-tie
     assert f"greedy {other}: " in cli.stdout, cli
+
+
+def test_a_backend_in_a_reference_cycle_is_gone_before_the_next_is_built(ck, monkeypatch):
+    # tvm's, chatrwkv's and hf's backends sit in reference cycles: dropping the last reference
+    # freed nothing, and the finished backend's
+    # model stayed alive beside the next one until a full collection (issue 9). Automatic
+    # collection is off here, so only greedy's own collection can free it.
+    import gc
+    import weakref
+
+    import parity.greedy as greedy
+
+    built: list[weakref.ref] = []
+    alive_at_build: list[bool] = []
+
+    class Cyclic(ScriptedStepper):
+        def __init__(self, spec):
+            alive_at_build.append(any(r() is not None for r in built))
+            super().__init__(_table([5, 6, 7]), name=spec)
+            self.me = self  # the cycle
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(greedy, "make_stepper", lambda spec, checkpoint, **kwargs: Cyclic(spec))
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        greedy_compare(ck, backends=["reference", "chatrwkv", "hf"], prompt_ids=PROMPT, steps=3)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert alive_at_build == [False, False, False]
+    assert all(r() is None for r in built)
