@@ -245,3 +245,124 @@ def wkv5_gn_gate_cuda(head_size: int, dtype: str, eps: float, rkvg: tuple[int, i
                     state_out[h, i, j] = s[i]
 
     return wkv5_gn_gate
+
+
+LN_BLOCK = 256  # threads per block (one block per token) of the LayerNorm + time-mix kernel
+LN_PART = 16  # its sums: LN_BLOCK partials, then LN_PART sums of LN_BLOCK // LN_PART, then one
+
+
+@lru_cache(maxsize=None)
+def ln_time_mix_cuda(groups: int, dtype: str, eps: float, *, pair: bool):
+    """LayerNorm, token shift and every lerp of a time-mix in one kernel, one block per token: the
+    block normalises its row t and row t - 1 (the shift's; row 0 takes the carried state, cast to
+    the dtype), then writes the lerps xx * mu[g] + sx * (1 - mu[g]) and xx in fp32 (the state keeps
+    its last row). LayerNorm as the CUDA build's legalised topi layer_norm computes it, in fp32 from
+    the dtype's values: mean = sum(x) / C, var = sum((x - mean)^2) / C, y = (x - mean) *
+    rsqrt(var + eps) * weight + bias, rounded to the dtype; its sums here are per thread, then over
+    the block in two steps (another fp32 order than DLight's reduction). ``pair``: the two lerps as
+    two outputs (the FFN's k and r, each a matmul's input), else stacked (G, T, C) (the grouped GEMV's)."""
+    G = groups
+    NT, NP = LN_BLOCK, LN_PART
+    one = tirx.const(1.0, dtype)
+    eps_c = tirx.const(eps, "float32")
+
+    @T.macro
+    def row_stats(x, lw, lb, C, t, tx, part, part2, acc, st):
+        # st[0], st[1]: mean and 1/std of row t - 1 (row 0 when t = 0: unused); st[2], st[3]: of row t.
+        # No condition around the barriers (TVM's ThreadSync cannot place them inside one).
+        for q in range(2):
+            if True:
+                acc[0] = T.float32(0)
+                for i in range((C + NT - 1) // NT):
+                    if i * NT + tx < C:
+                        acc[0] = acc[0] + T.Cast("float32", x[T.max(t + q, 1) - 1, i * NT + tx])
+                part[tx] = acc[0]
+                if tx < NP:
+                    acc[0] = T.float32(0)
+                    for i in range(NT // NP):
+                        acc[0] = acc[0] + part[tx * (NT // NP) + i]
+                    part2[tx] = acc[0]
+                acc[0] = T.float32(0)
+                for i in range(NP):
+                    acc[0] = acc[0] + part2[i]
+                st[q * 2] = acc[0] / T.Cast("float32", C)
+                acc[0] = T.float32(0)
+                for i in range((C + NT - 1) // NT):
+                    if i * NT + tx < C:
+                        acc[0] = acc[0] + (T.Cast("float32", x[T.max(t + q, 1) - 1, i * NT + tx]) - st[q * 2]) * (
+                            T.Cast("float32", x[T.max(t + q, 1) - 1, i * NT + tx]) - st[q * 2])
+                part[tx] = acc[0]
+                if tx < NP:
+                    acc[0] = T.float32(0)
+                    for i in range(NT // NP):
+                        acc[0] = acc[0] + part[tx * (NT // NP) + i]
+                    part2[tx] = acc[0]
+                acc[0] = T.float32(0)
+                for i in range(NP):
+                    acc[0] = acc[0] + part2[i]
+                st[q * 2 + 1] = T.rsqrt(acc[0] / T.Cast("float32", C) + eps_c)
+
+    def norm(x, lw, lb, st, q, row, c):
+        return T.Cast(dtype, (T.Cast("float32", x[row, c]) - st[q * 2]) * st[q * 2 + 1] * T.Cast("float32", lw[c])
+                      + T.Cast("float32", lb[c]))
+
+    if pair:
+        @T.prim_func(private=True)
+        def ln_time_mix(x_handle: T.handle, lw_handle: T.handle, lb_handle: T.handle, last_handle: T.handle,
+                        mu_handle: T.handle, out0_handle: T.handle, out1_handle: T.handle, copy_handle: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            seq_len = T.int64()
+            C = T.int64()
+            x = T.match_buffer(x_handle, (seq_len, C), dtype)
+            lw = T.match_buffer(lw_handle, (C,), dtype)
+            lb = T.match_buffer(lb_handle, (C,), dtype)
+            last = T.match_buffer(last_handle, (C,), "float32")
+            mu = T.match_buffer(mu_handle, (2, 1, 1, C), dtype)
+            out0 = T.match_buffer(out0_handle, (seq_len, C), dtype)
+            out1 = T.match_buffer(out1_handle, (seq_len, C), dtype)
+            copy = T.match_buffer(copy_handle, (seq_len, C), "float32")
+            for t in T.thread_binding(seq_len, thread="blockIdx.x"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    part = T.decl_buffer((NT,), "float32", scope="shared")
+                    part2 = T.decl_buffer((NP,), "float32", scope="shared")
+                    acc = T.decl_buffer((1,), "float32", scope="local")
+                    st = T.decl_buffer((4,), "float32", scope="local")
+                    row_stats(x, lw, lb, C, t, tx, part, part2, acc, st)
+                    for i in range((C + NT - 1) // NT):
+                        if i * NT + tx < C:
+                            out0[t, i * NT + tx] = norm(x, lw, lb, st, 1, t, i * NT + tx) * mu[0, 0, 0, i * NT + tx] + T.if_then_else(
+                                t == 0, T.Cast(dtype, last[i * NT + tx]), norm(x, lw, lb, st, 0, t - 1, i * NT + tx)) * (one - mu[0, 0, 0, i * NT + tx])
+                            out1[t, i * NT + tx] = norm(x, lw, lb, st, 1, t, i * NT + tx) * mu[1, 0, 0, i * NT + tx] + T.if_then_else(
+                                t == 0, T.Cast(dtype, last[i * NT + tx]), norm(x, lw, lb, st, 0, t - 1, i * NT + tx)) * (one - mu[1, 0, 0, i * NT + tx])
+                            copy[t, i * NT + tx] = T.Cast("float32", norm(x, lw, lb, st, 1, t, i * NT + tx))
+
+        return ln_time_mix
+
+    @T.prim_func(private=True)
+    def ln_time_mix(x_handle: T.handle, lw_handle: T.handle, lb_handle: T.handle, last_handle: T.handle,
+                    mu_handle: T.handle, out_handle: T.handle, copy_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int64()
+        C = T.int64()
+        x = T.match_buffer(x_handle, (seq_len, C), dtype)
+        lw = T.match_buffer(lw_handle, (C,), dtype)
+        lb = T.match_buffer(lb_handle, (C,), dtype)
+        last = T.match_buffer(last_handle, (C,), "float32")
+        mu = T.match_buffer(mu_handle, (G, 1, 1, C), dtype)
+        out = T.match_buffer(out_handle, (G, seq_len, C), dtype)
+        copy = T.match_buffer(copy_handle, (seq_len, C), "float32")
+        for t in T.thread_binding(seq_len, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                part = T.decl_buffer((NT,), "float32", scope="shared")
+                part2 = T.decl_buffer((NP,), "float32", scope="shared")
+                acc = T.decl_buffer((1,), "float32", scope="local")
+                st = T.decl_buffer((4,), "float32", scope="local")
+                row_stats(x, lw, lb, C, t, tx, part, part2, acc, st)
+                for i in range((C + NT - 1) // NT):
+                    if i * NT + tx < C:
+                        for g in range(G):
+                            out[g, t, i * NT + tx] = norm(x, lw, lb, st, 1, t, i * NT + tx) * mu[g, 0, 0, i * NT + tx] + T.if_then_else(
+                                t == 0, T.Cast(dtype, last[i * NT + tx]), norm(x, lw, lb, st, 0, t - 1, i * NT + tx)) * (one - mu[g, 0, 0, i * NT + tx])
+                        copy[t, i * NT + tx] = T.Cast("float32", norm(x, lw, lb, st, 1, t, i * NT + tx))
+
+    return ln_time_mix
