@@ -173,7 +173,9 @@ def main() -> int:
     ap.add_argument("--version", default="5.2")
     ap.add_argument("--trees", default="HEAD", help="comma-separated git revisions to measure (default HEAD)")
     ap.add_argument("--backends", default="reference,tvm,chatrwkv")
-    ap.add_argument("--ids", default="random:64:3")
+    ap.add_argument("--ids", default="random:64:3",
+                    help="the prompt: as `parity run --ids`, or scenario:NAME for a bundled text scenario "
+                         "(fixtures/scenarios/NAME.json, run with --scenario: its greedy decoding too, as benchmarks/scale.py)")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--layers", type=int, help="synthesise only N layers (a quick check of this script, not a measurement)")
     ap.add_argument("--vocab", type=int, help="synthesise a vocabulary of V tokens (likewise)")
@@ -231,8 +233,10 @@ def main() -> int:
             del ck
             for rev, (tree, commit) in trees.items():
                 dump_dir = tmp / f"dumps-{shape}-{commit[:12]}"
+                source = ["--scenario", str(tree / "fixtures" / "scenarios" / (args.ids.split(":", 1)[1] + ".json"))] \
+                    if args.ids.startswith("scenario:") else ["--ids", args.ids]
                 cmd = [sys.executable, "-m", "parity.cli", "run", "--checkpoint", str(ck_path),
-                       "--backends", args.backends, "--ids", args.ids, "--decode-steps", str(args.decode_steps),
+                       "--backends", args.backends, *source, "--decode-steps", str(args.decode_steps),
                        "--dump-dir", str(dump_dir), "-q"]
                 before = set(cache.glob("*.so")) if cache.exists() else set()
                 print(f"  run {shape} on {rev} ({commit[:12]})", flush=True)
