@@ -184,7 +184,8 @@ def greedy_compare(
             # Dropping the last reference frees nothing where the backend sits in a reference
             # cycle, and tvm's, chatrwkv's and hf's do (weakrefs on the v4 fixture: all three alive
             # after ``del``, gone after a collection): long-lived by then, they stayed until a full
-            # collection, beside the next backend (issue 9: the RWKV-4 scenario rows' parent).
+            # collection, beside the next backend, and trim_heap could give nothing back (issue 9:
+            # the RWKV-4 0.4B scenario row, 4.10 GB -> 3.66 GB, benchmarks/results/memory-*-m2-v4-*).
             gc.collect()
             trim_heap()
     yard = names[0]
