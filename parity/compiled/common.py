@@ -287,27 +287,6 @@ class FeedForward(nn.Module):
         """The time-mix μ of this half, in the order ``forward`` takes its ``mixed`` inputs."""
         return [self.time_mix_k, self.time_mix_r]
 
-    grouped = False  # the plain CUDA build's form (``group``)
-
-    def group(self) -> None:
-        """The plain CUDA build's form (rwkv5_model.group_projections): μ k and r one (2, 1, 1, C)
-        parameter ``kr_mix``, stacked by the runtime at load; ``mixes_with_ln`` uses it."""
-        self.kr_mix = nn.Parameter((2, 1, 1, self.config.n_embd), self.time_mix_k.dtype)
-        self.time_mix_k = self.time_mix_r = None
-        self.grouped = True
-
-    def mixes_with_ln(self, x: Tensor, ln, ffn_x: Tensor) -> list[Tensor]:
-        """[xk, xr, xx in fp32] of the grouped form: ``ln`` (the block's ln2), the token shift and both
-        lerps of ``x`` in one kernel (wkv_cuda.ln_time_mix_cuda)."""
-        from parity.compiled.wkv_cuda import ln_time_mix_cuda
-
-        T, C, dt = x.shape[0], self.config.n_embd, x.dtype
-        out = op.tensor_ir_op(ln_time_mix_cuda(2, dt, ln.eps, pair=True), "ln_time_mix",
-                              args=[x, ln.weight, ln.bias, ffn_x, self.kr_mix],
-                              out=[Tensor.placeholder((T, C), dt), Tensor.placeholder((T, C), dt),
-                                   Tensor.placeholder((T, C), "float32")])
-        return list(out)
-
     def forward(self, xx: Tensor, sx: Tensor, *, layer: int, tap: Taps, mixed: list[Tensor] | None = None) -> Tensor:
         """``mixed``: ``time_mix(xx, sx, self.mixes())`` when the caller made it already."""
         pre = f"L{layer}.ffn."
@@ -367,25 +346,20 @@ class Block(nn.Module):
         (RWKVModel.layer_decays), else None and the attention makes its own."""
         i, dt = self.layer, self.dtype
         att_kwargs = {"decay": decay} if decay is not None else {}
-        if getattr(self.att, "grouped", False):
-            # The plain CUDA build (rwkv5_model.group_projections): ln1 + shift + lerps, r/k/v/g, scan +
-            # ln_x + gate, output; ln2 + shift + lerps, the FFN's three matmuls: 9 kernels. No taps.
-            att, new_att_state, xx32 = self.att.grouped_forward(x, self.ln1, att_x, *att_state, **att_kwargs)
-            x = x + att
-            xk, xr, xx32_ffn = self.ffn.mixes_with_ln(x, self.ln2, ffn_x)
-            x = x + self.ffn(None, None, layer=i, tap=tap, mixed=[xk, xr])
-            new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
-            new_ffn_x = op.tensor_expr_op(last_row, "last_row", [xx32_ffn])
-            return x, (new_att_x, *new_att_state, new_ffn_x)
         xx = self.ln1(x)
         tap(f"L{i}.att.ln1", xx)
-        sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
-        tap(f"L{i}.att.shift", sx)
-        # The lerps of each half are made here, in one kernel with xx's fp32 copy, whose last row
-        # the state keeps (a view in decode: T = 1), so no cast of its own is needed.
-        *mixed, xx32 = time_mix(xx, sx, self.att.mixes(), fp32_copy=True)
-        att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed,
-                                      **att_kwargs)
+        if getattr(self.att, "grouped", False):
+            # The plain CUDA build's attention (rwkv5_model.group_projections): shift and lerps, r/k/v/g,
+            # and scan + ln_x + gate are a kernel each; it makes xx's fp32 copy itself. No taps.
+            att, new_att_state, xx32 = self.att.grouped_forward(xx, att_x, *att_state, **att_kwargs)
+        else:
+            sx = op.tensor_expr_op(self.shift, "token_shift", [xx, to_dtype(tap.read(att_x), dt)])
+            tap(f"L{i}.att.shift", sx)
+            # The lerps of each half are made here, in one kernel with xx's fp32 copy, whose last row
+            # the state keeps (a view in decode: T = 1), so no cast of its own is needed.
+            *mixed, xx32 = time_mix(xx, sx, self.att.mixes(), fp32_copy=True)
+            att, new_att_state = self.att(xx, sx, *(tap.read(s) for s in att_state), layer=i, tap=tap, mixed=mixed,
+                                          **att_kwargs)
         new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
         x = x + att
         tap(f"L{i}.x_after_att", x)

@@ -166,22 +166,20 @@ class Attention(nn.Module):
             setattr(self, f"time_mix_{name[0]}", None)
         self.grouped = True
 
-    def grouped_forward(self, x: Tensor, ln1, att_x: Tensor, att_kv: Tensor, *, decay: Tensor | None = None):
-        """``forward`` (with the Block's ln1, token shift and time-mix) in four kernels, for one token as
-        for many: ln1 + shift + the four lerps stacked (G, T, C) and xx's fp32 copy
-        (wkv_cuda.ln_time_mix_cuda); one GEMV for r, k, v, g
+    def grouped_forward(self, xx: Tensor, att_x: Tensor, att_kv: Tensor, *, decay: Tensor | None = None):
+        """``forward`` (with the Block's token shift and time-mix) in four kernels, for one token as for
+        many: shift + the four lerps stacked (G, T, C) and xx's fp32 copy; one GEMV for r, k, v, g
         (a batched matmul, each group its own input row: DLight schedules it as one GEMV with 4x the
         rows of each before, accumulated in fp32 and rounded once to the dtype, as ``Linear``); the
         scan with ln_x and the gate (wkv_cuda.wkv5_gn_gate_cuda); the output Linear.
         -> (att.out, (new att_kv,), xx in fp32)."""
-        from parity.compiled.wkv_cuda import ln_time_mix_cuda, wkv5_gn_gate_cuda
+        from parity.compiled.wkv_cuda import time_mix_stacked_cuda, wkv5_gn_gate_cuda
 
         cfg, dt = self.config, self.dtype
         C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
-        T, G = x.shape[0], len(self.GROUPS)
+        T, G = xx.shape[0], len(self.GROUPS)
         stacked, xx32 = op.tensor_ir_op(
-            ln_time_mix_cuda(G, dt, ln1.eps, pair=False), "ln_time_mix",
-            args=[x, ln1.weight, ln1.bias, att_x, self.rkvg_mix],
+            time_mix_stacked_cuda(G, dt), "time_mix", args=[xx, att_x, self.rkvg_mix],
             out=[Tensor.placeholder((G, T, C), dt), Tensor.placeholder((T, C), "float32")])
         y = op.matmul(stacked, op.permute_dims(self.rkvg_weight, axes=[0, 2, 1]),
                       out_dtype="float32" if dt != "float32" else None)
@@ -277,8 +275,7 @@ class RWKV5Model(RWKVModel):
 
 
 def group_projections(model: RWKV5Model) -> bool:
-    """Give the plain CUDA build its grouped attention (``Attention.group``) and FFN time-mix
-    (``FeedForward.group``: ln2, shift and both lerps in one kernel) in every layer, and record
+    """Give the plain CUDA build its grouped attention (``Attention.group``) in every layer, and record
     in the model which checkpoint tensors each stacked parameter is made of (``param_groups``).
     Only the gated versions (5.1, 5.2) with this file's own attention, GroupNorm and decay: a bug-zoo
     attention, 5.0 (no gate) and every other build keep the separate Linears. Returns whether it did."""
@@ -292,8 +289,6 @@ def group_projections(model: RWKV5Model) -> bool:
         pre = f"blocks.{i}.att."
         groups[pre + "rkvg_weight"] = [pre + f"{n}.weight" for n in Attention.GROUPS]
         groups[pre + "rkvg_mix"] = [pre + f"time_mix_{n[0]}" for n in Attention.GROUPS]
-        groups[f"blocks.{i}.ffn.kr_mix"] = [f"blocks.{i}.ffn.time_mix_k", f"blocks.{i}.ffn.time_mix_r"]
         att.group()
-        model.blocks[i].ffn.group()
     model._param_groups = groups
     return True

@@ -50,7 +50,7 @@ def test_stacked_parameters_are_made_of_their_checkpoint_tensors(dtype) -> None:
     assert groups[pre + "rkvg_weight"] == [pre + f"{n}.weight" for n in ("key", "value", "receptance", "gate")]
     assert groups[pre + "rkvg_mix"] == [pre + f"time_mix_{n}" for n in ("k", "v", "r", "g")]
     assert Attention.GROUPS == ("key", "value", "receptance", "gate")
-    assert groups["blocks.1.ffn.kr_mix"] == ["blocks.1.ffn.time_mix_k", "blocks.1.ffn.time_mix_r"]
+    assert "blocks.1.ffn.kr_mix" not in groups  # the FFN's lerps stay separate (the LayerNorm+mix kernel was slower)
     # every checkpoint tensor but the stacked ones is still a parameter of its own
     stacked = {k for keys in groups.values() for k in keys}
     assert (set(params) - set(groups)) | stacked == set(shapes)
