@@ -114,17 +114,6 @@ class Checkpoint:
             self.release_file_pages()
         return dict(self._fp32)
 
-    def forget_fp32_copy(self) -> None:
-        """Let the shared fp32 copy go; the next ``fp32_weights()`` makes it again (one upcast).
-
-        For a caller that knows no backend still holds its tensors: one that does keeps them alive,
-        and the next call then makes a second copy (memory, not a wrong answer). Greedy decoding
-        calls it between the backends it builds itself: chatrwkv and hf make fp32 copies of their
-        own, and ours, held beside them for nothing, was the parent's peak of a 0.1B scenario run
-        (1.77 GiB, 1.51x the fp32 weights + file; issue 9).
-        """
-        self._fp32 = None
-
     def release_file_pages(self) -> int:
         """Drop this process's resident pages of the checkpoint file; returns the bytes dropped.
 

@@ -165,7 +165,6 @@ def greedy_compare(
     # teacher-forced on them) and goes before the next is made. Built all at once, a real-size
     # model's backends held their weights side by side: chatrwkv's own fp32 copy beside ours was
     # the parent's peak in a scenario run at 0.4B (issue 9).
-    ours_only = all(isinstance(b, str) for b in backends)  # no Stepper of the caller's holds our weights
     names: list[str] = []
     runs: dict[str, tuple[list[int], np.ndarray]] = {}
     forced: dict[str, np.ndarray] = {}  # name -> its logits rows teacher-forced on the yardstick's tokens
@@ -187,10 +186,6 @@ def greedy_compare(
             # after ``del``, gone after a collection): long-lived by then, they stayed until a full
             # collection, beside the next backend, and trim_heap could give nothing back (issue 9:
             # the RWKV-4 0.4B scenario row, 4.10 GB -> 3.66 GB, benchmarks/results/memory-*-m2-v4-*).
-            if ours_only:
-                # The next backend may be one with its own fp32 copy (chatrwkv, hf): the shared copy
-                # goes too, and is made again (one upcast) by a backend that wants it.
-                ck.forget_fp32_copy()
             gc.collect()
             trim_heap()
     yard = names[0]

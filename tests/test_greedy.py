@@ -279,27 +279,3 @@ def test_a_backend_in_a_reference_cycle_is_gone_before_the_next_is_built(ck, mon
             gc.enable()
     assert alive_at_build == [False, False, False]
     assert all(r() is None for r in built)
-
-
-def test_the_shared_fp32_copy_goes_between_backends_built_here(ck, monkeypatch):
-    # chatrwkv and hf hold fp32 copies of their own: the checkpoint's shared copy must not sit
-    # beside them (issue 9: a 0.1B scenario run's peak). A Stepper handed in may hold our tensors,
-    # so then the copy stays.
-    import parity.greedy as greedy
-
-    copy_at_build: list[bool] = []
-
-    def make(spec, checkpoint, **kwargs):
-        copy_at_build.append(checkpoint._fp32 is not None)
-        checkpoint.fp32_weights()  # each backend uses the shared copy, as reference and tvm do
-        return ScriptedStepper(_table([5, 6, 7]), name=spec)
-
-    monkeypatch.setattr(greedy, "make_stepper", make)
-    ck.fp32_weights()
-    greedy_compare(ck, backends=["reference", "chatrwkv", "hf"], prompt_ids=PROMPT, steps=3)
-    assert copy_at_build == [True, False, False] and ck._fp32 is None
-    copy_at_build.clear()
-    ck.fp32_weights()
-    greedy_compare(ck, backends=[ScriptedStepper(_table([5, 6, 7]), name="mine"), "chatrwkv"], prompt_ids=PROMPT,
-                   steps=3)
-    assert copy_at_build == [True] and ck._fp32 is not None  # kept: "mine" may hold it
