@@ -94,17 +94,10 @@ class Checkpoint:
         never write into them. Returns a new dict each call, so a consumer may rebind its keys.
         """
         if self._fp32 is None:
-            import torch
-
             fp32, read = {}, 0
             for key, t in self.weights.items():
-                source = t
-                t = t.to(torch.float32)
-                if not t.is_contiguous() or t.data_ptr() % _ALIGN:
-                    t = t.clone(memory_format=torch.contiguous_format)
-                fp32[key] = t
-                if t.data_ptr() != source.data_ptr():
-                    read += source.numel() * source.element_size()
+                fp32[key], nbytes = self._fp32_of(key, t)
+                read += nbytes
                 if read >= _RELEASE_EVERY:
                     # The upcast reads the file's pages; only the fp32 copies are used from here.
                     # Dropped as we go, the file and the copies are never resident in full together.
@@ -113,6 +106,16 @@ class Checkpoint:
             self._fp32 = fp32
             self.release_file_pages()
         return dict(self._fp32)
+
+    def _fp32_of(self, key: str, t):
+        """One tensor of ``fp32_weights`` and the bytes of the file read to make it (0: used in place)."""
+        import torch
+
+        source = t
+        t = t.to(torch.float32)
+        if not t.is_contiguous() or t.data_ptr() % _ALIGN:
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t, (0 if t.data_ptr() == source.data_ptr() else source.numel() * source.element_size())
 
     def release_file_pages(self) -> int:
         """Drop this process's resident pages of the checkpoint file; returns the bytes dropped.
@@ -218,34 +221,24 @@ class MappedCheckpoint(Checkpoint):
 
     stored: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
-    def fp32_weights(self) -> dict[str, np.ndarray]:
-        """As Checkpoint.fp32_weights: fp32 stored at a 64-byte boundary used in place, anything
+    def _fp32_of(self, key: str, a):
+        """As Checkpoint's, with numpy: fp32 stored at a 64-byte boundary used in place, anything
         else converted once into an aligned copy (bf16 -> fp32: the bits shifted up 16, exact;
-        fp16 -> fp32 exact), the file's pages released as we go. Shared: never write into them."""
-        if self._fp32 is None:
-            import numpy as np
+        fp16 -> fp32 exact). ``fp32_weights`` (inherited) gives Checkpoint's tensors bit for bit,
+        as numpy arrays, the file's pages released as it goes. Shared: never write into them."""
+        import numpy as np
 
-            fp32, read = {}, 0
-            for key, a in self.weights.items():
-                kind = self.stored[key]
-                if kind == "float32" and a.ctypes.data % _ALIGN == 0:
-                    fp32[key] = a
-                    continue
-                out = aligned_empty(a.shape, np.float32)
-                if kind == "bfloat16":
-                    bits = out.view(np.uint32)
-                    bits[...] = a
-                    bits <<= 16
-                else:
-                    out[...] = a
-                fp32[key] = out
-                read += a.nbytes
-                if read >= _RELEASE_EVERY:  # as Checkpoint.fp32_weights: file and copies never resident in full
-                    self.release_file_pages()
-                    read = 0
-            self._fp32 = fp32
-            self.release_file_pages()
-        return dict(self._fp32)
+        kind = self.stored[key]
+        if kind == "float32" and a.ctypes.data % _ALIGN == 0:
+            return a, 0
+        out = aligned_empty(a.shape, np.float32)
+        if kind == "bfloat16":
+            bits = out.view(np.uint32)
+            bits[...] = a
+            bits <<= 16
+        else:
+            out[...] = a
+        return out, a.nbytes
 
     def fp32_nbytes(self) -> int:
         return sum(a.size * 4 for a in self.weights.values())
