@@ -85,19 +85,20 @@ class SelftestRow:
 
 def run_mutant(
     mutant: Mutant, *, cache_dir: Path | None, work: Path, on_event: Callable[[str], None] | None = None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: Checkpoint | None = None, device: str = "cpu",
 ) -> SelftestRow:
     """Run one mutant twice: the default verdict (own error by replay, then drift against its
     envelope: "propagated" in the table, what a user's plain ``parity run`` says) and isolated
     mode (our compiled build's layers on the reference's inputs). ``checkpoint`` replaces the
-    mutant's bundled fixture, e.g. a released shape from ``parity synth`` (``--checkpoint``)."""
+    mutant's bundled fixture, e.g. a released shape from ``parity synth`` (``--checkpoint``);
+    ``device`` is where the compiled side runs (the GPU job's zoo runs the same two verdicts on cuda)."""
     ck = checkpoint or load_checkpoint(FIXTURES / f"{mutant.fixture}.pth")
     plan = RunPlan(
         prefill_ids=parse_ids(mutant.ids, vocab_size=ck.config.vocab_size),
         decode_ids=default_decode_ids(steps=mutant.decode_steps, vocab_size=ck.config.vocab_size),
     )
     if mutant.fault is not None:
-        return _run_fault(mutant, ck=ck, plan=plan, cache_dir=cache_dir, work=work, on_event=on_event)
+        return _run_fault(mutant, ck=ck, plan=plan, cache_dir=cache_dir, work=work, on_event=on_event, device=device)
     spec = f"mutant/{mutant.name}"
     backends = [spec, "tvm", "chatrwkv"] if mutant.side == "reference" else ["reference", spec]
     found = {}
@@ -106,7 +107,7 @@ def run_mutant(
         # In process: these mutants compute wrong values but never crash (the fault mutants above run
         # in workers), and a worker per backend per run cost the whole zoo ~40 % more CPU time.
         outcome = run_parity(ck, backends=backends, plan=plan, dump_dir=work / f"{mutant.name}-{mode}",
-                             cache_dir=cache_dir, on_event=on_event, mode=mode, in_process=True)
+                             cache_dir=cache_dir, on_event=on_event, mode=mode, in_process=True, device=device)
         result = outcome.result
         if mutant.side == "reference":
             # The pair that holds the wrong reference against the compiled model (the yardstick is the mutant).
@@ -119,7 +120,7 @@ def run_mutant(
     return SelftestRow(mutant=mutant, found_propagated=found["replay"], found_isolated=found["isolated"], odd_one_out=odd)
 
 
-def _run_fault(mutant: Mutant, *, ck, plan, cache_dir, work: Path, on_event) -> SelftestRow:
+def _run_fault(mutant: Mutant, *, ck, plan, cache_dir, work: Path, on_event, device: str = "cpu") -> SelftestRow:
     """A crash or hang mutant: one run against the reference, in worker processes, with a short
     step timeout; the row carries the run's crash block, and the first divergence of the steps
     finished before the fault (which must be none: the fault is the only bug)."""
@@ -129,7 +130,7 @@ def _run_fault(mutant: Mutant, *, ck, plan, cache_dir, work: Path, on_event) -> 
     spec = plugin.spec if plugin is not None else f"mutant/{mutant.name}"
     outcome = run_parity(ck, backends=["reference", spec], plan=plan, dump_dir=work / mutant.name.replace(":", "-"),
                          cache_dir=cache_dir, on_event=on_event, mode="replay", timeout=SELFTEST_TIMEOUT,
-                         in_process=False)
+                         in_process=False, device=device)
     crash = outcome.result.get("crash")
     found = None if crash is None else {"step": crash["step"], "layer": None, "stage": crash.get("kernel") or "",
                                         "row": None}
