@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import reduce
+from functools import lru_cache, reduce
 
 
 @dataclass(frozen=True)
@@ -355,3 +355,269 @@ def _sch_inner_reduction(  # pylint: disable=too-many-arguments, invalid-name, u
         UNROLL=UNROLL,
         SUPPORT_WARP_SHUFFLE=SUPPORT_WARP_SHUFFLE,
     )
+
+
+# -- the decode step's own GEMV (issue 10) ---------------------------------------------------------
+# DLight's GEMV rule (above) reaches ~3.0-3.3 TB/s on the H200 at C=2048 (its 4-byte loads, one
+# block of 16 rows per 512 threads). The decode step (T = 1, every shape static) uses these kernels
+# instead: one warp a row, each lane reducing 16-byte loads of the weight and of the input (8
+# halves or 4 floats) into one fp32 accumulator, the warp's 32 partial sums added by shuffles, and
+# the elementwise tail that followed the matmul (cast, residual add, relu^2, sigmoid, r*v + x) done
+# by lane 0 in the same kernel. ``mix``: the input is the time-mix lerp xx*mu + sx*(1-mu) (sx the
+# carried last token, cast to the dtype: the token shift at T = 1), made by each warp from xx, the
+# state and mu as it loads them (common.time_mix's arithmetic, in its order), with xx's fp32 copy
+# (the new state) written by the first blocks: the lerps' own kernel is gone. Prefill (T symbolic)
+# keeps DLight's schedules.
+
+DECODE_WARPS = 8  # rows (one a warp) per block of the decode GEMV
+DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds them (at most; a divisor of its count)
+DECODE_UNROLL_MIX = 4  # the same where the lane also loads xx, mu and the state (registers)
+EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "logits")
+_EXTRA = {"residual": 1, "rmul_residual": 2}
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+def decode_gemv_fits(k: int, dtype: str) -> bool:
+    """Whether a reduction of length ``k`` in ``dtype`` can take the decode GEMV: whole 16-byte loads
+    (a lane's last ones may be left out: their guard is static, and absent where ``k`` is a multiple
+    of 32 loads). fp16 and fp32 (bf16 keeps DLight's schedule: not run on a GPU here)."""
+    return dtype in ("float32", "float16") and k % (16 // _dtype_bytes(dtype)) == 0
+
+
+def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_shape: tuple = ()):
+    """One kernel of the decode step: for each part (groups, rows, epilogue) in ``parts`` (one, or
+    two: the FFN's key and receptance side by side, each its own weight and output),
+    y[g, n] = tail(sum_k x[g, k] * w[g, n, k]), accumulated in fp32 and rounded once to the dtype
+    (as ``Linear``). Tails:
+        cast           y = to_dtype(acc)                                   (groups, 1, rows)
+        residual       y = e0 + to_dtype(acc)            (x + att.out)       (1, rows)
+        relu2          y = relu(to_dtype(acc))^2         (ffn key)           (1, rows)
+        sigmoid        y = sigmoid(to_dtype(acc))        (ffn receptance)    (1, rows)
+        rmul_residual  y = e0 + e1 * to_dtype(acc)       (x + r * ffn value) (1, rows)
+        logits         y = fp32(to_dtype(acc))           (the head)          (1, rows) fp32
+    Arguments, in order: x (``x_shape``), w, e0[, e1] -- or with ``mix``: xx (1, K), the carried
+    last token (K,) fp32, then per part its mu ((groups, 1, 1, K)) and w ((groups, rows, K), or (rows, K)
+    for one group) -- then the outputs: each part's y, and with ``mix`` xx's fp32 copy (1, K)."""
+    parts = tuple((int(g), int(r), e) for g, r, e in parts)
+    return _decode_gemv(int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), DECODE_WARPS,
+                        DECODE_UNROLL_MIX if mix else DECODE_UNROLL)
+
+
+@lru_cache(maxsize=None)
+def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    assert decode_gemv_fits(k, dtype), (k, dtype)
+    assert all(e in EPILOGUES for _, _, e in parts), parts
+    assert len(parts) == 1 or (mix and len(parts) == 2 and all(g == 1 and r % warps == 0 for g, r, _ in parts)), parts
+    assert not (mix and any(_EXTRA.get(e, 0) for _, _, e in parts)), parts
+    K, dt = k, dtype
+    vec = 16 // _dtype_bytes(dt)  # elements per 16-byte load
+    fvec = 4  # floats per 16-byte load (the fp32 state)
+    step = 32 * vec  # elements a warp reduces per load
+    chunks = -(-K // step)
+    u = max(f for f in range(1, min(unroll, chunks) + 1) if chunks % f == 0)
+    ragged_k = K % step != 0
+    (G0, R0, E0) = parts[0]
+    (G1, R1, E1) = parts[1] if len(parts) == 2 else (0, 0, None)
+    rows0, rows1 = G0 * R0, G1 * R1
+    blocks0 = -(-rows0 // warps)
+    blocks = blocks0 + rows1 // warps
+    ragged_rows = rows0 % warps != 0
+    single = len(parts) == 1
+    copy_blocks = -(-K // (warps * 32))
+    assert not mix or copy_blocks <= blocks, (K, blocks)
+    zero, one = tirx.const(0, dt), tirx.const(1, dt)
+    full = tirx.const(0xFFFFFFFF, "uint32")
+
+    def y_shape(g, r, e):
+        return (g, 1, r) if e == "cast" else (1, r)
+
+    def y_dtype(e):
+        return "float32" if e == "logits" else dt
+
+    def w_shape(g, r):
+        return (g, r, K) if g > 1 else (r, K)
+
+    def tail(epilogue, acc, n, e0, e1):
+        v = T.Cast(dt, acc)
+        if epilogue == "cast":
+            return v
+        if epilogue == "residual":
+            return e0[0, n] + v
+        if epilogue == "relu2":
+            return T.max(v, zero) * T.max(v, zero)
+        if epilogue == "sigmoid":
+            return T.sigmoid(v)
+        if epilogue == "rmul_residual":
+            return e0[0, n] + e1[0, n] * v
+        return T.Cast("float32", v)
+
+    def ok(co, ci, lane):  # this lane's ci-th load of run co is inside the row (static when K is whole)
+        return True if not ragged_k else (co * u + ci) * step + lane * vec < K
+
+    @T.macro
+    def load_x(xl, xf, xoff, co, lane):
+        for ci in T.unroll(u):
+            if ok(co, ci, lane):
+                for e in T.vectorized(vec):
+                    xl[ci * vec + e] = xf[xoff + (co * u + ci) * step + lane * vec + e]
+
+    @T.macro
+    def load_mix(xl, ml, ll, xxf, lastf, muf, muoff, co, lane):  # xl = xx * mu + dt(last) * (1 - mu)
+        for ci in T.unroll(u):
+            if ok(co, ci, lane):
+                for e in T.vectorized(vec):
+                    xl[ci * vec + e] = xxf[(co * u + ci) * step + lane * vec + e]
+                for e in T.vectorized(vec):
+                    ml[ci * vec + e] = muf[muoff + (co * u + ci) * step + lane * vec + e]
+                for e2 in T.unroll(vec // fvec):
+                    for e in T.vectorized(fvec):
+                        ll[ci * vec + e2 * fvec + e] = lastf[(co * u + ci) * step + lane * vec + e2 * fvec + e]
+        for ci in T.unroll(u):
+            if ok(co, ci, lane):
+                for e in T.unroll(vec):
+                    xl[ci * vec + e] = (xl[ci * vec + e] * ml[ci * vec + e]
+                                        + T.Cast(dt, ll[ci * vec + e]) * (one - ml[ci * vec + e]))
+
+    @T.macro
+    def load_w(wl, wf, row, co, lane):  # issued first: the weight stream is what the kernel waits for
+        for ci in T.unroll(u):
+            if ok(co, ci, lane):
+                for e in T.vectorized(vec):
+                    wl[ci * vec + e] = wf[row * K + (co * u + ci) * step + lane * vec + e]
+
+    @T.macro
+    def dot(acc, xl, wl, co, lane):
+        for ci in T.unroll(u):
+            if ok(co, ci, lane):
+                for e in T.unroll(vec):
+                    acc[0] = acc[0] + T.Cast("float32", xl[ci * vec + e]) * T.Cast("float32", wl[ci * vec + e])
+
+    @T.macro
+    def warp_sum(acc):
+        for o in T.unroll(5):
+            acc[0] = acc[0] + T.tvm_warp_shuffle_down(full, acc[0], 16 >> o, 32, 32)
+
+    @T.macro
+    def plain(x, w, e0, e1, y):
+        xf = T.decl_buffer((G0 * K,), dt, data=x.data)
+        wf = T.decl_buffer((rows0 * K,), dt, data=w.data)
+        yf = T.decl_buffer((rows0,), y_dtype(E0), data=y.data)
+        for b in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((1,), "float32", scope="local")
+                    wl = T.decl_buffer((u * vec,), dt, scope="local")
+                    xl = T.decl_buffer((u * vec,), dt, scope="local")
+                    acc[0] = T.float32(0)
+                    if not ragged_rows or b * warps + ty < rows0:  # (warp-uniform)
+                        for co in T.serial(chunks // u):
+                            load_w(wl, wf, b * warps + ty, co, lane)
+                            load_x(xl, xf, (b * warps + ty) // R0 * K, co, lane)
+                            dot(acc, xl, wl, co, lane)
+                        warp_sum(acc)
+                        if lane == 0:
+                            yf[b * warps + ty] = tail(E0, acc[0], (b * warps + ty) % R0, e0, e1)
+
+    @T.macro
+    def mixed(xx, last, mu0, w0, mu1, w1, y0, y1, copy):
+        xxf = T.decl_buffer((K,), dt, data=xx.data)
+        mu0f = T.decl_buffer((G0 * K,), dt, data=mu0.data)
+        w0f = T.decl_buffer((rows0 * K,), dt, data=w0.data)
+        y0f = T.decl_buffer((rows0,), y_dtype(E0), data=y0.data)
+        for b in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((1,), "float32", scope="local")
+                    wl = T.decl_buffer((u * vec,), dt, scope="local")
+                    xl = T.decl_buffer((u * vec,), dt, scope="local")
+                    ml = T.decl_buffer((u * vec,), dt, scope="local")
+                    ll = T.decl_buffer((u * vec,), "float32", scope="local")
+                    acc[0] = T.float32(0)
+                    if b < copy_blocks:
+                        if b * (warps * 32) + ty * 32 + lane < K:
+                            copy[0, b * (warps * 32) + ty * 32 + lane] = T.Cast(
+                                "float32", xxf[b * (warps * 32) + ty * 32 + lane])
+                    if single or b < blocks0:  # (block-uniform; one part: no branch)
+                        if not ragged_rows or b * warps + ty < rows0:  # (warp-uniform)
+                            for co in T.serial(chunks // u):
+                                load_w(wl, w0f, b * warps + ty, co, lane)
+                                load_mix(xl, ml, ll, xxf, last, mu0f, (b * warps + ty) // R0 * K, co, lane)
+                                dot(acc, xl, wl, co, lane)
+                            warp_sum(acc)
+                            if lane == 0:
+                                y0f[b * warps + ty] = tail(E0, acc[0], (b * warps + ty) % R0, None, None)
+                    else:
+                        for co in T.serial(chunks // u):
+                            load_w(wl, w1, (b - blocks0) * warps + ty, co, lane)
+                            load_mix(xl, ml, ll, xxf, last, mu1, 0, co, lane)
+                            dot(acc, xl, wl, co, lane)
+                        warp_sum(acc)
+                        if lane == 0:
+                            y1[0, (b - blocks0) * warps + ty] = tail(E1, acc[0], 0, None, None)
+
+    n_extra = _EXTRA.get(E0, 0)
+    ys0, yd0 = y_shape(G0, R0, E0), y_dtype(E0)
+    ws0 = w_shape(G0, R0)
+    if mix and len(parts) == 2:
+        @T.prim_func(private=True)
+        def gemv(xx_h: T.handle, last_h: T.handle, mu0_h: T.handle, w0_h: T.handle, mu1_h: T.handle, w1_h: T.handle,
+                 y0_h: T.handle, y1_h: T.handle, copy_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xx = T.match_buffer(xx_h, (1, K), dt)
+            last = T.match_buffer(last_h, (K,), "float32")
+            mu0 = T.match_buffer(mu0_h, (G0, 1, 1, K) if G0 > 1 else (1, 1, K), dt)
+            w0 = T.match_buffer(w0_h, ws0, dt)
+            mu1f = T.match_buffer(mu1_h, (1, 1, K), dt)
+            w1 = T.match_buffer(w1_h, (R1, K), dt)
+            y0 = T.match_buffer(y0_h, ys0, yd0)
+            y1 = T.match_buffer(y1_h, (1, R1), y_dtype(E1))
+            copy = T.match_buffer(copy_h, (1, K), "float32")
+            mu1 = T.decl_buffer((K,), dt, data=mu1f.data)
+            w1f = T.decl_buffer((R1 * K,), dt, data=w1.data)
+            mixed(xx, last, mu0, w0, mu1, w1f, y0, y1, copy)
+    elif mix:
+        @T.prim_func(private=True)
+        def gemv(xx_h: T.handle, last_h: T.handle, mu0_h: T.handle, w0_h: T.handle, y0_h: T.handle, copy_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xx = T.match_buffer(xx_h, (1, K), dt)
+            last = T.match_buffer(last_h, (K,), "float32")
+            mu0 = T.match_buffer(mu0_h, (G0, 1, 1, K) if G0 > 1 else (1, 1, K), dt)
+            w0 = T.match_buffer(w0_h, ws0, dt)
+            y0 = T.match_buffer(y0_h, ys0, yd0)
+            copy = T.match_buffer(copy_h, (1, K), "float32")
+            mixed(xx, last, mu0, w0, None, None, y0, None, copy)
+    elif n_extra == 0:
+        @T.prim_func(private=True)
+        def gemv(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.match_buffer(x_h, x_shape, dt)
+            w = T.match_buffer(w_h, ws0, dt)
+            y = T.match_buffer(y_h, ys0, yd0)
+            plain(x, w, None, None, y)
+    elif n_extra == 1:
+        @T.prim_func(private=True)
+        def gemv(x_h: T.handle, w_h: T.handle, e0_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.match_buffer(x_h, x_shape, dt)
+            w = T.match_buffer(w_h, ws0, dt)
+            e0 = T.match_buffer(e0_h, (1, R0), dt)
+            y = T.match_buffer(y_h, ys0, yd0)
+            plain(x, w, e0, None, y)
+    else:
+        @T.prim_func(private=True)
+        def gemv(x_h: T.handle, w_h: T.handle, e0_h: T.handle, e1_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.match_buffer(x_h, x_shape, dt)
+            w = T.match_buffer(w_h, ws0, dt)
+            e0 = T.match_buffer(e0_h, (1, R0), dt)
+            e1 = T.match_buffer(e1_h, (1, R0), dt)
+            y = T.match_buffer(y_h, ys0, yd0)
+            plain(x, w, e0, e1, y)
+
+    return gemv

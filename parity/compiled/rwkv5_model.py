@@ -21,7 +21,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from parity.checkpoint import ModelConfig, ModelVersion
 from tvm import te, tirx
 
-from parity.compiled.common import Linear, RWKVModel, StateLayout, Taps, time_mix, to_dtype
+from parity.compiled.common import Block, Linear, RWKVModel, StateLayout, Taps, last_row, time_mix, to_dtype
+from parity.compiled.gemv_cuda import DECODE_WARPS, decode_gemv_fits
 from parity.compiled.wkv5_kernel import wkv5
 
 LN_X_EPS = 64e-5  # the official package since 0.8.21; older ports used 1e-5 (docs/RWKV.md §2)
@@ -166,26 +167,42 @@ class Attention(nn.Module):
             setattr(self, f"time_mix_{name[0]}", None)
         self.grouped = True
 
-    def grouped_forward(self, xx: Tensor, att_x: Tensor, att_kv: Tensor, *, decay: Tensor | None = None):
+    def grouped_forward(self, xx: Tensor, att_x: Tensor, att_kv: Tensor, *, decay: Tensor | None = None,
+                        residual: Tensor | None = None):
         """``forward`` (with the Block's token shift and time-mix) in four kernels, for one token as for
         many: shift + the four lerps stacked (G, T, C) and xx's fp32 copy; one GEMV for r, k, v, g
         (a batched matmul, each group its own input row: DLight schedules it as one GEMV with 4x the
         rows of each before, accumulated in fp32 and rounded once to the dtype, as ``Linear``); the
         scan with ln_x and the gate (wkv_cuda.wkv5_gn_gate_cuda); the output Linear.
-        -> (att.out, (new att_kv,), xx in fp32)."""
-        from parity.compiled.wkv_cuda import time_mix_stacked_cuda, wkv5_gn_gate_cuda
+        -> (att.out, (new att_kv,), xx in fp32). With ``residual`` (the decode step, ``GroupedBlock``)
+        the GEMVs and the scan are the decode step's own kernels (``decode_step``) and att.out comes
+        back with the residual added: residual + att.out."""
+        from parity.compiled.wkv_cuda import WKV_WARP, time_mix_stacked_cuda, wkv5_gn_gate_cuda, wkv5_gn_gate_decode_cuda
 
         cfg, dt = self.config, self.dtype
         C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
         T, G = xx.shape[0], len(self.GROUPS)
+        w, u = self.decay_and_bonus() if decay is None else (decay, self.time_faaaa)
+        rkvg = tuple(self.GROUPS.index(n) for n in ("receptance", "key", "value", "gate"))
+        if residual is not None:
+            # the shift and the four lerps inside the r/k/v/g GEMV (gemv_cuda: mix)
+            y, xx32 = decode_mix_gemv(xx, att_x, [(self.rkvg_mix, self.rkvg_weight, "cast")])
+            y = op.reshape(y, (G, 1, H, N))
+            scan = (wkv5_gn_gate_decode_cuda(N, dt, LN_X_EPS, rkvg, H, G) if N % WKV_WARP == 0
+                    else wkv5_gn_gate_cuda(N, dt, LN_X_EPS, rkvg))  # (a head narrower than a warp: the serial one)
+            _, new_kv, gated = op.tensor_ir_op(  # named wkv5, its first two outputs wkv5's
+                scan, "wkv5",
+                args=[y, w, u, att_kv, self.ln_x.weight, self.ln_x.bias],
+                out=[Tensor.placeholder((1, H, N), "float32"), Tensor.placeholder((H, N, N), "float32"),
+                     Tensor.placeholder((1, H, N), dt)])
+            out = decode_gemv(op.reshape(gated, (1, A)), self.output.weight, "residual", residual)
+            return out, (new_kv,), xx32
         stacked, xx32 = op.tensor_ir_op(
             time_mix_stacked_cuda(G, dt), "time_mix", args=[xx, att_x, self.rkvg_mix],
             out=[Tensor.placeholder((G, T, C), dt), Tensor.placeholder((T, C), "float32")])
         y = op.matmul(stacked, op.permute_dims(self.rkvg_weight, axes=[0, 2, 1]),
                       out_dtype="float32" if dt != "float32" else None)
         y = op.reshape(to_dtype(y, dt), (G, T, H, N))
-        w, u = self.decay_and_bonus() if decay is None else (decay, self.time_faaaa)
-        rkvg = tuple(self.GROUPS.index(n) for n in ("receptance", "key", "value", "gate"))
         _, new_kv, gated = op.tensor_ir_op(  # named wkv5, its first two outputs wkv5's (wkv_cuda.py says why)
             wkv5_gn_gate_cuda(N, dt, LN_X_EPS, rkvg), "wkv5",
             args=[y, w, u, att_kv, self.ln_x.weight, self.ln_x.bias],
@@ -254,8 +271,88 @@ def decays_te(*time_decays: te.Tensor) -> list[te.Tensor]:
     return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
 
+def _y_placeholder(groups: int, rows: int, epilogue: str, dt: str) -> Tensor:
+    return Tensor.placeholder((groups, 1, rows) if epilogue == "cast" else (1, rows),
+                              "float32" if epilogue == "logits" else dt)
+
+
+def decode_gemv(x: Tensor, weight: Tensor, epilogue: str, *extra: Tensor) -> Tensor:
+    """``x @ weight.T`` for one token with its elementwise tail, one kernel (gemv_cuda.decode_gemv_cuda):
+    ``weight`` (rows, K) or stacked (G, rows, K) with ``x`` (G, 1, K); ``extra``: the tail's e0[, e1]."""
+    from parity.compiled.gemv_cuda import decode_gemv_cuda
+
+    *g, rows, k = (int(d) for d in weight.shape)
+    groups = g[0] if g else 1
+    func = decode_gemv_cuda(k, weight.dtype, ((groups, rows, epilogue),), x_shape=tuple(int(d) for d in x.shape))
+    return op.tensor_ir_op(func, f"gemv_{epilogue}", args=[x, weight, *extra],
+                           out=_y_placeholder(groups, rows, epilogue, weight.dtype))
+
+
+def decode_mix_gemv(xx: Tensor, last: Tensor, parts: list[tuple[Tensor, Tensor, str]]):
+    """The time-mix lerps of one token and the GEMVs they feed, one kernel (gemv_cuda: mix): for each
+    (mu, weight, epilogue) of ``parts``, tail((xx * mu + dt(last) * (1 - mu)) @ weight.T), ``last``
+    the carried token (C,) fp32. -> (each part's y ..., xx in fp32 (1, C): the new state)."""
+    from parity.compiled.gemv_cuda import decode_gemv_cuda
+
+    specs, args, outs = [], [xx, last], []
+    for mu, weight, epilogue in parts:
+        *g, rows, k = (int(d) for d in weight.shape)
+        groups = g[0] if g else 1
+        specs.append((groups, rows, epilogue))
+        args += [mu, weight]
+        outs.append(_y_placeholder(groups, rows, epilogue, weight.dtype))
+    func = decode_gemv_cuda(k, xx.dtype, tuple(specs), mix=True)
+    name = "gemv_mix_" + "_".join(e for _, _, e in parts)
+    return op.tensor_ir_op(func, name, args=args, out=[*outs, Tensor.placeholder((1, k), "float32")])
+
+
+def decode_step(x: Tensor) -> bool:
+    """Whether ``x`` (T, C) is the decode step's one token (T static 1): the grouped build's decode
+    kernels then apply (their shapes are all static). Prefill (T symbolic) keeps DLight's schedules."""
+    t = x.shape[0]
+    return isinstance(t, int) and t == 1 and decode_gemv_fits(int(x.shape[1]), x.dtype)
+
+
+class GroupedBlock(Block):
+    """``Block``; in the grouped build's decode step (``decode_step``) every matmul is the decode
+    GEMV (gemv_cuda.decode_gemv_cuda) with what surrounds it in the same kernel: the token shift and
+    lerps feeding it (r/k/v/g; the FFN's key and receptance, side by side in one kernel) with xx's
+    fp32 copy for the state, and its tail: att.output + the residual, relu^2, sigmoid, ffn.value +
+    r * v + the residual (common.py's arithmetic, in its order: each product accumulated in fp32
+    and rounded once to the dtype). A layer is 7 kernels: ln1, r/k/v/g, scan + ln_x + gate, output,
+    ln2, key + receptance, value. No taps (the plain build)."""
+
+    def forward(self, x: Tensor, att_x: Tensor, att_state, ffn_x: Tensor, *, tap: Taps, decay: Tensor | None = None):
+        att, ffn = self.att, self.ffn
+        ok = getattr(att, "grouped", False) and not tap.enabled and decode_step(x)
+        if ok:
+            C, F = att.config.n_embd, att.config.dim_ffn
+            ok = (decode_gemv_fits(att.config.dim_att, self.dtype) and decode_gemv_fits(F, self.dtype)
+                  and C % DECODE_WARPS == 0 and F % DECODE_WARPS == 0)  # (key and receptance side by side)
+        if not ok:
+            return super().forward(x, att_x, att_state, ffn_x, tap=tap, decay=decay)
+        att_kwargs = {"decay": decay} if decay is not None else {}
+        xx = self.ln1(x)
+        x, new_att_state, xx32 = att.grouped_forward(xx, att_x, *att_state, residual=x, **att_kwargs)
+        new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
+        xx = self.ln2(x)
+        k, r, xx32 = decode_mix_gemv(xx, ffn_x, [(ffn.time_mix_k, ffn.key.weight, "relu2"),
+                                                 (ffn.time_mix_r, ffn.receptance.weight, "sigmoid")])
+        x = decode_gemv(k, ffn.value.weight, "rmul_residual", x, r)
+        new_ffn_x = op.tensor_expr_op(last_row, "last_row", [xx32])
+        return x, (new_att_x, *new_att_state, new_ffn_x)
+
+
 class RWKV5Model(RWKVModel):
     attention_cls = Attention
+    block_cls = GroupedBlock  # Block itself wherever the attention is not grouped (group_projections)
+
+    def run_head(self, x: Tensor, tap: Taps) -> Tensor:
+        """The grouped build's decode step: the head as the decode GEMV (logits in fp32, rounded to
+        the dtype first, as ``RWKVModel.run_head``); everywhere else RWKVModel's."""
+        if not (getattr(self, "grouped", False) and not tap.enabled and decode_step(x)):
+            return super().run_head(x, tap)
+        return decode_gemv(self.ln_out(x), self.head.weight, "logits")
 
     def __init__(self, config: ModelConfig, *, debug: bool = False, dtype: str = "float32"):
         super().__init__(config, attention=self.attention_cls, layout=state_layout(config), debug=debug, dtype=dtype)
@@ -291,4 +388,5 @@ def group_projections(model: RWKV5Model) -> bool:
         groups[pre + "rkvg_mix"] = [pre + f"time_mix_{n[0]}" for n in Attention.GROUPS]
         att.group()
     model._param_groups = groups
+    model.grouped = True
     return True

@@ -245,3 +245,100 @@ def wkv5_gn_gate_cuda(head_size: int, dtype: str, eps: float, rkvg: tuple[int, i
                     state_out[h, i, j] = s[i]
 
     return wkv5_gn_gate
+
+
+WKV_SPLIT = 8  # decode's scan: threads a value index j (each sums N / WKV_SPLIT key indices)
+WKV_WARP = 32  # the decode scan needs a multiple of this head size (GroupNorm's sums are warp shuffles)
+
+
+@lru_cache(maxsize=None)
+def wkv5_gn_gate_decode_cuda(head_size: int, dtype: str, eps: float, rkvg: tuple[int, int, int, int], heads: int,
+                             groups: int, split: int = WKV_SPLIT):
+    """``wkv5_gn_gate_cuda`` for one token (the decode step, every shape static), with more threads:
+    one block per head of N x ``split`` threads, thread (j, q) owning S[i, j] for the q-th run of
+    N / split key indices i. Each thread updates its part of the state (read once, written once,
+    S' = k v + w S) and sums its part of wkv[j] = sum_i r_i (u_i k_i v_j + S_ij); the ``split``
+    partial sums are added in q order through shared memory. GroupNorm's two sums over the head's
+    N values are warp shuffles (halving) then the warps' totals in order: another fp32 summation
+    order than the serial kernel's. Same outputs (wkv, new state, out) and name (wkv5)."""
+    N, Q, H, G = head_size, split, heads, groups
+    assert N % WKV_WARP == 0 and N % Q == 0, (N, Q)
+    NI = N // Q  # key indices a thread sums
+    W = N // 32  # warps a row of N values spans
+    RI, KI, VI, GI = rkvg
+    inv_n = tirx.const(1.0 / N, "float32")
+    eps_c = tirx.const(eps, "float32")
+    full = tirx.const(0xFFFFFFFF, "uint32")
+
+    @T.prim_func(private=True)
+    def wkv5_gn_gate(
+        y_handle: T.handle,
+        w_handle: T.handle,
+        u_handle: T.handle,
+        state_handle: T.handle,
+        lnw_handle: T.handle,
+        lnb_handle: T.handle,
+        wkv_handle: T.handle,
+        state_out_handle: T.handle,
+        out_handle: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        y = T.match_buffer(y_handle, (G, 1, H, N), dtype)
+        w = T.match_buffer(w_handle, (H, N), "float32")
+        u = T.match_buffer(u_handle, (H, N), "float32")
+        state = T.match_buffer(state_handle, (H, N, N), "float32")  # [head, k-index, v-index]
+        lnw = T.match_buffer(lnw_handle, (H * N,), "float32")
+        lnb = T.match_buffer(lnb_handle, (H * N,), "float32")
+        wkv = T.match_buffer(wkv_handle, (1, H, N), "float32")
+        state_out = T.match_buffer(state_out_handle, (H, N, N), "float32")
+        out = T.match_buffer(out_handle, (1, H, N), dtype)
+        for h in T.thread_binding(H, thread="blockIdx.x"):
+            for q in T.thread_binding(Q, thread="threadIdx.y"):
+                for j in T.thread_binding(N, thread="threadIdx.x"):
+                    acc = T.decl_buffer((4,), "float32", scope="local")  # wkv, v, sum, sum of squares
+                    r_s = T.decl_buffer((N,), "float32", scope="shared")
+                    k_s = T.decl_buffer((N,), "float32", scope="shared")
+                    part = T.decl_buffer((Q * N,), "float32", scope="shared")
+                    red = T.decl_buffer((2 * Q * W,), "float32", scope="shared")
+                    if q == 0:
+                        r_s[j] = T.Cast("float32", y[RI, 0, h, j])
+                        k_s[j] = T.Cast("float32", y[KI, 0, h, j])
+                    T.tvm_storage_sync("shared")
+                    acc[1] = T.Cast("float32", y[VI, 0, h, j])
+                    acc[0] = T.float32(0)
+                    for ii in T.unroll(NI):
+                        acc[0] = acc[0] + r_s[q * NI + ii] * (u[h, q * NI + ii] * k_s[q * NI + ii] * acc[1]
+                                                             + state[h, q * NI + ii, j])
+                        state_out[h, q * NI + ii, j] = (k_s[q * NI + ii] * acc[1]
+                                                        + w[h, q * NI + ii] * state[h, q * NI + ii, j])
+                    part[q * N + j] = acc[0]
+                    T.tvm_storage_sync("shared")
+                    acc[0] = part[j]
+                    for p in T.unroll(Q - 1):
+                        acc[0] = acc[0] + part[(p + 1) * N + j]
+                    # GroupNorm: the mean, then the centred sum of squares, over the head's N values
+                    acc[2] = acc[0]
+                    for o in T.unroll(5):
+                        acc[2] = acc[2] + T.tvm_warp_shuffle_down(full, acc[2], 16 >> o, 32, 32)
+                    if j % 32 == 0:
+                        red[q * W + j // 32] = acc[2]
+                    T.tvm_storage_sync("shared")
+                    acc[2] = red[q * W]
+                    for p in T.unroll(W - 1):
+                        acc[2] = acc[2] + red[q * W + p + 1]
+                    acc[1] = acc[0] - acc[2] * inv_n  # centred (v is no longer needed)
+                    acc[3] = acc[1] * acc[1]
+                    for o in T.unroll(5):
+                        acc[3] = acc[3] + T.tvm_warp_shuffle_down(full, acc[3], 16 >> o, 32, 32)
+                    if j % 32 == 0:
+                        red[Q * W + q * W + j // 32] = acc[3]
+                    T.tvm_storage_sync("shared")
+                    acc[3] = red[Q * W + q * W]
+                    for p in T.unroll(W - 1):
+                        acc[3] = acc[3] + red[Q * W + q * W + p + 1]
+                    if q == 0:
+                        wkv[0, h, j] = acc[0]
+                        out[0, h, j] = T.Cast(dtype, acc[1] / T.sqrt(acc[3] * inv_n + eps_c) * lnw[h * N + j]
+                                              + lnb[h * N + j]) * (y[GI, 0, h, j] * T.sigmoid(y[GI, 0, h, j]))
+
+    return wkv5_gn_gate
