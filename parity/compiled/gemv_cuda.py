@@ -369,9 +369,8 @@ def _sch_inner_reduction(  # pylint: disable=too-many-arguments, invalid-name, u
 # (the new state) written by the first blocks: the lerps' own kernel is gone. Prefill (T symbolic)
 # keeps DLight's schedules.
 
-DECODE_WARPS = 8  # rows (one a warp) per block of the decode GEMV
+DECODE_WARPS = 8  # warps a block of the decode GEMV (a row takes one, or a few where it is long)
 DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds them (at most; a divisor of its count)
-DECODE_UNROLL_MIX = 4  # the same where the lane also loads xx, mu and the state (registers)
 EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "logits")
 _EXTRA = {"residual": 1, "rmul_residual": 2}
 
@@ -402,8 +401,7 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
     last token (K,) fp32, then per part its mu ((groups, 1, 1, K)) and w ((groups, rows, K), or (rows, K)
     for one group) -- then the outputs: each part's y, and with ``mix`` xx's fp32 copy (1, K)."""
     parts = tuple((int(g), int(r), e) for g, r, e in parts)
-    return _decode_gemv(int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), DECODE_WARPS,
-                        DECODE_UNROLL_MIX if mix else DECODE_UNROLL)
+    return _decode_gemv(int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), DECODE_WARPS, DECODE_UNROLL)
 
 
 @lru_cache(maxsize=None)
@@ -413,24 +411,29 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
 
     assert decode_gemv_fits(k, dtype), (k, dtype)
     assert all(e in EPILOGUES for _, _, e in parts), parts
-    assert len(parts) == 1 or (mix and len(parts) == 2 and all(g == 1 and r % warps == 0 for g, r, _ in parts)), parts
-    assert not (mix and any(_EXTRA.get(e, 0) for _, _, e in parts)), parts
     K, dt = k, dtype
     vec = 16 // _dtype_bytes(dt)  # elements per 16-byte load
-    fvec = 4  # floats per 16-byte load (the fp32 state)
     step = 32 * vec  # elements a warp reduces per load
-    chunks = -(-K // step)
-    u = max(f for f in range(1, min(unroll, chunks) + 1) if chunks % f == 0)
+    chunks = -(-K // step)  # loads a row takes per lane
+    # Warps a row (a split of the reduction, summed in order through shared memory): the fewest
+    # that leave each warp at most ``unroll`` loads, so that all of them are in flight at once.
+    splits = [n for n in (1, 2, 4, 8, 16, 32) if n <= warps and warps % n == 0 and chunks % n == 0]
+    S = next((n for n in splits if chunks // n <= unroll), splits[-1])
+    cpw = chunks // S
+    u = max(f for f in range(1, min(unroll, cpw) + 1) if cpw % f == 0)
+    rpb = warps // S  # rows a block
     ragged_k = K % step != 0
     (G0, R0, E0) = parts[0]
     (G1, R1, E1) = parts[1] if len(parts) == 2 else (0, 0, None)
     rows0, rows1 = G0 * R0, G1 * R1
-    blocks0 = -(-rows0 // warps)
-    blocks = blocks0 + rows1 // warps
-    ragged_rows = rows0 % warps != 0
+    assert len(parts) == 1 or (mix and len(parts) == 2 and G1 == 1 and rows0 % rpb == 0 and rows1 % rpb == 0), parts
+    assert not mix or R0 % rpb == 0, (R0, rpb)  # a block's rows share their group's lerp
+    assert not (mix and any(_EXTRA.get(e, 0) for _, _, e in parts)), parts
     single = len(parts) == 1
-    copy_blocks = -(-K // (warps * 32))
-    assert not mix or copy_blocks <= blocks, (K, blocks)
+    blocks0 = -(-rows0 // rpb)
+    blocks = blocks0 + rows1 // rpb
+    ragged_rows = rows0 % rpb != 0
+    nthreads = warps * 32
     zero, one = tirx.const(0, dt), tirx.const(1, dt)
     full = tirx.const(0xFFFFFFFF, "uint32")
 
@@ -457,51 +460,48 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
             return e0[0, n] + e1[0, n] * v
         return T.Cast("float32", v)
 
-    def ok(co, ci, lane):  # this lane's ci-th load of run co is inside the row (static when K is whole)
-        return True if not ragged_k else (co * u + ci) * step + lane * vec < K
+    def col(ty, co, ci, lane):  # the first element of this lane's ci-th load of run co
+        return ((ty % S) * cpw + co * u + ci) * step + lane * vec
+
+    def ok(ty, co, ci, lane):  # inside the row (static when K is whole)
+        return True if not ragged_k else col(ty, co, ci, lane) < K
+
+    def valid(b, ty):  # this warp has a row (warp-uniform; static when the rows are whole)
+        return True if not ragged_rows else b * rpb + ty // S < rows0
 
     @T.macro
-    def load_x(xl, xf, xoff, co, lane):
-        for ci in T.unroll(u):
-            if ok(co, ci, lane):
-                for e in T.vectorized(vec):
-                    xl[ci * vec + e] = xf[xoff + (co * u + ci) * step + lane * vec + e]
-
-    @T.macro
-    def load_mix(xl, ml, ll, xxf, lastf, muf, muoff, co, lane):  # xl = xx * mu + dt(last) * (1 - mu)
-        for ci in T.unroll(u):
-            if ok(co, ci, lane):
-                for e in T.vectorized(vec):
-                    xl[ci * vec + e] = xxf[(co * u + ci) * step + lane * vec + e]
-                for e in T.vectorized(vec):
-                    ml[ci * vec + e] = muf[muoff + (co * u + ci) * step + lane * vec + e]
-                for e2 in T.unroll(vec // fvec):
-                    for e in T.vectorized(fvec):
-                        ll[ci * vec + e2 * fvec + e] = lastf[(co * u + ci) * step + lane * vec + e2 * fvec + e]
-        for ci in T.unroll(u):
-            if ok(co, ci, lane):
-                for e in T.unroll(vec):
-                    xl[ci * vec + e] = (xl[ci * vec + e] * ml[ci * vec + e]
-                                        + T.Cast(dt, ll[ci * vec + e]) * (one - ml[ci * vec + e]))
-
-    @T.macro
-    def load_w(wl, wf, row, co, lane):  # issued first: the weight stream is what the kernel waits for
-        for ci in T.unroll(u):
-            if ok(co, ci, lane):
-                for e in T.vectorized(vec):
-                    wl[ci * vec + e] = wf[row * K + (co * u + ci) * step + lane * vec + e]
-
-    @T.macro
-    def dot(acc, xl, wl, co, lane):
-        for ci in T.unroll(u):
-            if ok(co, ci, lane):
-                for e in T.unroll(vec):
-                    acc[0] = acc[0] + T.Cast("float32", xl[ci * vec + e]) * T.Cast("float32", wl[ci * vec + e])
-
-    @T.macro
-    def warp_sum(acc):
+    def row_dot(acc, wl, xl, wf, xf, xoff, row, ty, lane):
+        for co in T.serial(cpw // u):
+            for ci in T.unroll(u):  # the weight first: it is what the kernel waits for
+                if ok(ty, co, ci, lane):
+                    for e in T.vectorized(vec):
+                        wl[ci * vec + e] = wf[row * K + col(ty, co, ci, lane) + e]
+            for ci in T.unroll(u):
+                if ok(ty, co, ci, lane):
+                    for e in T.vectorized(vec):
+                        xl[ci * vec + e] = xf[xoff + col(ty, co, ci, lane) + e]
+            for ci in T.unroll(u):
+                if ok(ty, co, ci, lane):
+                    for e in T.unroll(vec):
+                        acc[0] = acc[0] + T.Cast("float32", xl[ci * vec + e]) * T.Cast("float32", wl[ci * vec + e])
         for o in T.unroll(5):
             acc[0] = acc[0] + T.tvm_warp_shuffle_down(full, acc[0], 16 >> o, 32, 32)
+
+    @T.macro
+    def finish(acc, red, ty, lane, b, yf, epilogue, base, rows_total, R, e0, e1):
+        # S warps a row: lane 0 of each leaves its sum in red; the row's first warp adds them in order
+        if S > 1:
+            if lane == 0:
+                red[ty] = acc[0]
+            T.tvm_storage_sync("shared")
+            if ty % S == 0 and lane == 0 and (not ragged_rows or base + ty // S < rows_total):
+                acc[0] = red[ty]
+                for p in T.unroll(S - 1):
+                    acc[0] = acc[0] + red[ty + p + 1]
+                yf[base + ty // S] = tail(epilogue, acc[0], (base + ty // S) % R, e0, e1)
+        else:
+            if lane == 0 and (not ragged_rows or base + ty < rows_total):
+                yf[base + ty] = tail(epilogue, acc[0], (base + ty) % R, e0, e1)
 
     @T.macro
     def plain(x, w, e0, e1, y):
@@ -514,18 +514,25 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
                     acc = T.decl_buffer((1,), "float32", scope="local")
                     wl = T.decl_buffer((u * vec,), dt, scope="local")
                     xl = T.decl_buffer((u * vec,), dt, scope="local")
+                    red = T.decl_buffer((warps,), "float32", scope="shared")
                     acc[0] = T.float32(0)
-                    if not ragged_rows or b * warps + ty < rows0:  # (warp-uniform)
-                        for co in T.serial(chunks // u):
-                            load_w(wl, wf, b * warps + ty, co, lane)
-                            load_x(xl, xf, (b * warps + ty) // R0 * K, co, lane)
-                            dot(acc, xl, wl, co, lane)
-                        warp_sum(acc)
-                        if lane == 0:
-                            yf[b * warps + ty] = tail(E0, acc[0], (b * warps + ty) % R0, e0, e1)
+                    if valid(b, ty):
+                        row_dot(acc, wl, xl, wf, xf, (b * rpb + ty // S) // R0 * K, b * rpb + ty // S, ty, lane)
+                    finish(acc, red, ty, lane, b, yf, E0, b * rpb, rows0, R0, e0, e1)
 
     @T.macro
-    def mixed(xx, last, mu0, w0, mu1, w1, y0, y1, copy):
+    def lerp(x_s, xxf, lastf, muf, muoff, copy, b, ty, lane):
+        # the block's input row, once: x = xx * mu + dt(last) * (1 - mu); block 0 also copies xx to fp32
+        for i in T.serial(-(-K // nthreads)):
+            if K % nthreads == 0 or i * nthreads + ty * 32 + lane < K:
+                x_s[i * nthreads + ty * 32 + lane] = (
+                    xxf[i * nthreads + ty * 32 + lane] * muf[muoff + i * nthreads + ty * 32 + lane]
+                    + T.Cast(dt, lastf[i * nthreads + ty * 32 + lane]) * (one - muf[muoff + i * nthreads + ty * 32 + lane]))
+                if b == 0:
+                    copy[0, i * nthreads + ty * 32 + lane] = T.Cast("float32", xxf[i * nthreads + ty * 32 + lane])
+
+    @T.macro
+    def mixed(xx, last, mu0, w0, mu1, w1, y0, y1f, copy):
         xxf = T.decl_buffer((K,), dt, data=xx.data)
         mu0f = T.decl_buffer((G0 * K,), dt, data=mu0.data)
         w0f = T.decl_buffer((rows0 * K,), dt, data=w0.data)
@@ -536,30 +543,21 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
                     acc = T.decl_buffer((1,), "float32", scope="local")
                     wl = T.decl_buffer((u * vec,), dt, scope="local")
                     xl = T.decl_buffer((u * vec,), dt, scope="local")
-                    ml = T.decl_buffer((u * vec,), dt, scope="local")
-                    ll = T.decl_buffer((u * vec,), "float32", scope="local")
+                    x_s = T.decl_buffer((K,), dt, scope="shared")
+                    red = T.decl_buffer((warps,), "float32", scope="shared")
                     acc[0] = T.float32(0)
-                    if b < copy_blocks:
-                        if b * (warps * 32) + ty * 32 + lane < K:
-                            copy[0, b * (warps * 32) + ty * 32 + lane] = T.Cast(
-                                "float32", xxf[b * (warps * 32) + ty * 32 + lane])
                     if single or b < blocks0:  # (block-uniform; one part: no branch)
-                        if not ragged_rows or b * warps + ty < rows0:  # (warp-uniform)
-                            for co in T.serial(chunks // u):
-                                load_w(wl, w0f, b * warps + ty, co, lane)
-                                load_mix(xl, ml, ll, xxf, last, mu0f, (b * warps + ty) // R0 * K, co, lane)
-                                dot(acc, xl, wl, co, lane)
-                            warp_sum(acc)
-                            if lane == 0:
-                                y0f[b * warps + ty] = tail(E0, acc[0], (b * warps + ty) % R0, None, None)
+                        lerp(x_s, xxf, last, mu0f, (b * rpb) // R0 * K, copy, b, ty, lane)
                     else:
-                        for co in T.serial(chunks // u):
-                            load_w(wl, w1, (b - blocks0) * warps + ty, co, lane)
-                            load_mix(xl, ml, ll, xxf, last, mu1, 0, co, lane)
-                            dot(acc, xl, wl, co, lane)
-                        warp_sum(acc)
-                        if lane == 0:
-                            y1[0, (b - blocks0) * warps + ty] = tail(E1, acc[0], 0, None, None)
+                        lerp(x_s, xxf, last, mu1, 0, copy, b, ty, lane)
+                    T.tvm_storage_sync("shared")
+                    if single or b < blocks0:
+                        if valid(b, ty):
+                            row_dot(acc, wl, xl, w0f, x_s, 0, b * rpb + ty // S, ty, lane)
+                        finish(acc, red, ty, lane, b, y0f, E0, b * rpb, rows0, R0, None, None)
+                    else:
+                        row_dot(acc, wl, xl, w1, x_s, 0, (b - blocks0) * rpb + ty // S, ty, lane)
+                        finish(acc, red, ty, lane, b, y1f, E1, (b - blocks0) * rpb, rows1, R1, None, None)
 
     n_extra = _EXTRA.get(E0, 0)
     ys0, yd0 = y_shape(G0, R0, E0), y_dtype(E0)
@@ -580,7 +578,8 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
             copy = T.match_buffer(copy_h, (1, K), "float32")
             mu1 = T.decl_buffer((K,), dt, data=mu1f.data)
             w1f = T.decl_buffer((R1 * K,), dt, data=w1.data)
-            mixed(xx, last, mu0, w0, mu1, w1f, y0, y1, copy)
+            y1f = T.decl_buffer((R1,), y_dtype(E1), data=y1.data)
+            mixed(xx, last, mu0, w0, mu1, w1f, y0, y1f, copy)
     elif mix:
         @T.prim_func(private=True)
         def gemv(xx_h: T.handle, last_h: T.handle, mu0_h: T.handle, w0_h: T.handle, y0_h: T.handle, copy_h: T.handle):
