@@ -107,6 +107,11 @@ class Checkpoint:
             self.release_file_pages()
         return dict(self._fp32)
 
+    def drop_fp32_copy(self) -> None:
+        """Forget the shared fp32 copy (``fp32_weights`` makes it again when next asked). Its memory
+        goes back only where no backend still holds its tensors."""
+        self._fp32 = None
+
     def _fp32_of(self, key: str, t):
         """One tensor of ``fp32_weights`` and the bytes of the file read to make it (0: used in place)."""
         import torch

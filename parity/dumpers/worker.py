@@ -20,6 +20,10 @@ parent, which loaded and validated the checkpoint, says where each tensor lies i
 unpickling anything; torch, which tvm_ffi would import, is blocked there (issue 9: ~200 MB a worker).
 Where the places are not sure, the child reads the file with torch as before.
 
+Greedy decoding (parity/greedy.py) runs our compiled builds here too, a job of its own
+(``run_in_worker(..., greedy=...)``): the parent never loads TVM for it, and a build that crashes
+or hangs while it decodes is a failure greedy reports, not the end of the run.
+
 Set PARITY_IN_PROCESS=1 (or pass ``--in-process``) to run every backend in the parity process
 instead, e.g. to step through a plug-in with pdb; a crash then ends the run as it would without
 this module.
@@ -111,6 +115,7 @@ class WorkerOutcome:
     name: str | None = None
     extra: dict = field(default_factory=dict)
     torch_loaded: bool | None = None  # whether the worker imported torch (None: it never said)
+    greedy: dict | None = None  # a greedy job's runs (``_greedy_in_child``): tokens, rows, forced_rows
 
 
 # -- the child ------------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def _exception_report(exc: BaseException) -> dict:
             "parity_error": isinstance(exc, ParityError), "wrapped": original is not exc}
 
 
-def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: str) -> None:
+def _child_main(conn, recipe: dict, payload: dict, plan, path: str | None, fault_log: str) -> None:
     import faulthandler
 
     send = _Sender(conn)
@@ -216,17 +221,27 @@ def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: s
     # pointed at a log file (``fault_log``) and reads after the child is gone.
     faulthandler.enable(all_threads=False)
     phase = "build"
+    greedy = recipe.get("greedy")
     try:
         ck = _child_checkpoint(payload)
         backend = _make(recipe, ck, say=lambda msg: send("event", msg))
         # Building read the file's pages (the upcast, an embedding table folded with ln0); the
         # backend holds what it needs now, so this worker need not keep them resident.
         ck.release_file_pages()
-        from parity.dumpers.format import partial_dir_for
+        partial = None
+        if greedy is None:
+            from parity.dumpers.format import partial_dir_for
 
-        send("ready", {"name": backend.name, "partial": str(partial_dir_for(path)), "extra": _jsonable(backend.extra),
+            partial = str(partial_dir_for(path))
+        send("ready", {"name": backend.name, "partial": partial, "extra": _jsonable(backend.extra),
                        "torch": _torch_loaded()})
         _watch_kernels(backend, send)
+        if greedy is not None:
+            phase = "run"
+            send("greedy", _greedy_in_child(backend, greedy, send))
+            send("finished", None)
+            conn.close()
+            return
         record = backend.record_step
         counter = [0]
 
@@ -245,6 +260,41 @@ def _child_main(conn, recipe: dict, payload: dict, plan, path: str, fault_log: s
         conn.close()
         os._exit(1)
     conn.close()
+
+
+class _ReportingStepper:
+    """Greedy decoding's stepper in a worker: each step started and finished is reported to the
+    parent (numbered from 0, the prefill, in each run), as a dump's steps are."""
+
+    def __init__(self, inner, *, steps: int, send: _Sender):
+        self.inner, self.name, self.steps, self.send, self.k = inner, inner.name, steps, send, 0
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.k = 0
+
+    def step(self, ids):
+        self.send("step", self.k)
+        row = self.inner.step(ids)
+        self.send("done", self.k, self.steps)
+        self.k += 1
+        return row
+
+
+def _greedy_in_child(backend, job: dict, send: _Sender) -> dict:
+    """``parity.greedy``'s runs of one backend, here: its own greedy tokens and logits rows, and,
+    given the yardstick's tokens, its rows teacher-forced on them where its own tokens part from
+    them (or always, ``forced_only``: its own run was done in an earlier worker)."""
+    from parity.greedy import BackendStepper, decode_run
+
+    stepper = _ReportingStepper(BackendStepper(backend), steps=job["steps"], send=send)
+    out = {"tokens": None, "rows": None, "forced_rows": None}
+    yard = job.get("yardstick_tokens")
+    if not job.get("forced_only"):
+        out["tokens"], out["rows"] = decode_run(stepper, prompt_ids=job["prompt_ids"], steps=job["steps"])
+    if yard is not None and (job.get("forced_only") or out["tokens"] != yard):
+        _, out["forced_rows"] = decode_run(stepper, prompt_ids=job["prompt_ids"], steps=job["steps"], forced=yard)
+    return out
 
 
 def _torch_loaded() -> bool:
@@ -374,8 +424,13 @@ def run_in_worker(
     on_event: Callable[[str], None] | None = None,
     on_step: Callable[[str, int, int], None] | None = None,
     isolated: dict | None = None,
+    greedy: dict | None = None,
 ) -> WorkerOutcome:
     """Build backend ``spec`` and dump ``plan`` to ``path`` in a child process; wait for it.
+
+    ``greedy`` (parity/greedy.py: prompt_ids, steps, yardstick_tokens, forced_only): instead of a
+    dump, greedy decoding on the backend; its runs come back in ``WorkerOutcome.greedy`` (``path``
+    None, ``plan`` only names the steps' kinds), and a crash or hang in them is a failure as in a dump.
 
     ``timeout``: seconds the backend may take to finish one step (the prefill or one decode step),
     counted from when it is built — a compile is never cut short. None or 0: wait for ever.
@@ -386,16 +441,19 @@ def run_in_worker(
     say = on_event or (lambda msg: None)
     fd, fault_log = tempfile.mkstemp(prefix="parity-worker-", suffix=".log")
     os.close(fd)
-    recipe = {"spec": spec, "cache_dir": cache_dir, "target": target, "isolated": isolated}
+    recipe = {"spec": spec, "cache_dir": cache_dir, "target": target, "isolated": isolated, "greedy": greedy}
     state: dict[str, Any] = {"name": spec, "partial": None, "step": None, "kind": None, "done": 0,
                              "last_stage": None, "kernel": None, "kernel_call": None, "calls": {}, "extra": {},
                              "torch": None}
     steps = plan.steps()
     error: dict | None = None
     finished: str | None = None
+    ended = False  # the child said "finished" (a dump's path; None for a greedy job)
+    greedy_out: dict | None = None
     timed_out = False
     payload = _payload(ck, torch_free=_torch_free(spec, target=target, isolated=isolated))
-    proc, receive = _start_child({"recipe": recipe, "payload": payload, "plan": plan, "path": str(path),
+    proc, receive = _start_child({"recipe": recipe, "payload": payload, "plan": plan,
+                                  "path": None if path is None else str(path),
                                   "fault_log": fault_log})
     try:
         deadline = None
@@ -430,31 +488,34 @@ def run_in_worker(
                 deadline = time.monotonic() + timeout if timeout else None
                 if on_step:
                     on_step(state["name"], msg[1], msg[2])
+            elif what == "greedy":
+                greedy_out = msg[1]
             elif what == "finished":
-                finished = msg[1]
+                finished, ended = msg[1], True
             elif what == "error":
                 error = msg[1]
     finally:
-        if proc.poll() is None and (timed_out or finished is None):
+        if proc.poll() is None and (timed_out or not ended):
             proc.terminate()
             try:
                 proc.wait(_TERMINATE_GRACE_S)
             except subprocess.TimeoutExpired:  # it ignored SIGTERM
                 proc.kill()
         try:
-            proc.wait(_TERMINATE_GRACE_S if finished is not None else None)
+            proc.wait(_TERMINATE_GRACE_S if ended else None)
         except subprocess.TimeoutExpired:  # it reported its finished dump, then did not exit
             proc.kill()
             proc.wait()
         receive.close()
         fault_text = _read_fault_log(fault_log)  # and removed, also when a SIGTERM / Ctrl-C ends the wait
     exitcode = proc.returncode
-    if finished is not None:  # renamed into place and complete, whatever the exit after it
+    if ended:  # renamed into place and complete (or the greedy runs sent), whatever the exit after it
         if fault_text.strip():
             import sys
 
             sys.stderr.write(fault_text)  # what a healthy backend said on stderr (warnings) is not hidden
-        return WorkerOutcome(path=Path(finished), name=state["name"], extra=state["extra"], torch_loaded=state["torch"])
+        return WorkerOutcome(path=None if finished is None else Path(finished), name=state["name"], extra=state["extra"],
+                             torch_loaded=state["torch"], greedy=greedy_out)
     refused = error is not None and error["parity_error"] and not error["wrapped"]
     if error is not None and (error["phase"] == "build" or (refused and state["step"] is None)):
         # It could not be made (an import error, a factory that raised), or refused its input
