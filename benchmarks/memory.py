@@ -71,7 +71,7 @@ def _status_kb(pid: int) -> dict[str, int]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0])
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -113,6 +113,7 @@ def measure(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> dict:
     """Run ``cmd``; its exit code, wall time, the process tree's peak RSS and PSS (sampled sums),
     the parts of each process at the RSS peak, and the largest single process's peak (wait4)."""
     peak = {"rss": 0, "pss": 0, "at": {}, "t": None}
+    hwm: dict[int, int] = {}  # pid -> its own peak RSS (VmHWM: the kernel's, not sampled), at its last sample
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=_first_to_go)
@@ -123,6 +124,8 @@ def measure(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> dict:
             parts = {pid: _status_kb(pid) for pid in _tree(proc.pid)}
             parts = {pid: kb for pid, kb in parts.items() if kb}
             rss = sum(kb.get("VmRSS", 0) for kb in parts.values())
+            for pid, kb in parts.items():
+                hwm[pid] = max(hwm.get(pid, 0), kb.get("VmHWM", 0))
             peak["pss"] = max(peak["pss"], sum(kb.get("Pss", 0) for kb in parts.values()))
             if rss > peak["rss"]:
                 peak.update(rss=rss, at=parts, t=round(time.perf_counter() - t0, 1))
@@ -147,6 +150,9 @@ def measure(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> dict:
         "peak_tree_processes": [{"rss_bytes": kb.get("VmRSS", 0) * 1024, "anon_bytes": kb.get("RssAnon", 0) * 1024,
                                  "file_bytes": kb.get("RssFile", 0) * 1024} for kb in at],
         "peak_single_process_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB; the largest one process reached
+        # Each process's own peak, in the order they started (the run's own first): VmHWM at its last
+        # sample, so a process's peak in its last 0.2 s can be missed (the run's own: ru_maxrss above).
+        "process_peaks_bytes": [kb * 1024 for _, kb in sorted(hwm.items())],
         "output_tail": [line for line in output.strip().splitlines() if "Warning:" not in line][-2:],
     }
 
@@ -275,12 +281,13 @@ def markdown(result: dict) -> str:
         "Tree RSS: the sum of VmRSS over the run's process and its workers at one moment (sampled every "
         f"{POLL_S} s); a page two processes share counts once per process. Tree PSS: the same sum of Pss, shared "
         "pages split, i.e. the memory the tree holds. At the peak, per process: RSS = private (RssAnon) + "
-        "file-backed (RssFile, the checkpoint's mapped pages among them). Largest process: ru_maxrss. GB = 10^9 bytes.",
+        "file-backed (RssFile, the checkpoint's mapped pages among them). Largest process: ru_maxrss. "
+        "Each process's own peak: its VmHWM, the run's process first, then its workers in the order they started. GB = 10^9 bytes.",
         "",
         "| shape | tree (commit) | fp32 weights GB | file GB | target GB | tree peak RSS GB | / (fp32 + file) | "
         "within target | tree peak PSS GB | at the peak: each process RSS (anon + file) GB | largest process GB | "
-        "wall s | dump MB | compiled | exit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "each process's own peak (VmHWM) GB | wall s | dump MB | compiled | exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         procs = "; ".join(f"{gb(p['rss_bytes'])} ({gb(p['anon_bytes'])} + {gb(p['file_bytes'])})"
@@ -289,7 +296,8 @@ def markdown(result: dict) -> str:
             f"| {r['shape']} (v{r['version']}) | {r['tree']} ({r['commit'][:10]}) | {gb(r['fp32_weight_bytes'])} | "
             f"{gb(r['checkpoint_file_bytes'])} | {gb(r['target_bytes'])} | {gb(r['peak_tree_rss_bytes'])} | "
             f"{r['ratio']} | {'yes' if r['within_target'] else 'NO'} | {gb(r['peak_tree_pss_bytes'])} | {procs} | "
-            f"{gb(r['peak_single_process_rss_bytes'])} | {r['wall_s']} | {r['dump_bytes'] / 1e6:.1f} | "
+            f"{gb(r['peak_single_process_rss_bytes'])} | "
+            f"{', '.join(gb(b) for b in r.get('process_peaks_bytes', [])) or '-'} | {r['wall_s']} | {r['dump_bytes'] / 1e6:.1f} | "
             f"{'yes' if r['compiled'] else 'no'} | {r['exit_code']} |"
         )
     if any(r["exit_code"] == -9 for r in result["rows"]):
