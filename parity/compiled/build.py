@@ -170,8 +170,10 @@ def model_for(
     targets.retarget(model, target=target, what=what)
     if target == "cuda" and not debug and mutant is None and config.version != ModelVersion.V4:
         # The plain CUDA build only (issue 10's decode speed): r/k/v/g as one GEMV, the scan with
-        # ln_x and the gate as one kernel. The debug build (the stages' taps) and llvm keep theirs.
-        rwkv5_model.group_projections(model)
+        # ln_x and the gate as one kernel, and the decode step's own GEMV kernels (gemv_cuda.py) --
+        # unless $PARITY_CUDA_GEMV asks for a DLight GEMV variant, which then schedules the decode's
+        # matmuls too (what benchmarks/gpu.py --gemv compares). The debug build and llvm keep theirs.
+        rwkv5_model.group_projections(model, decode_kernels=cuda_gemv() == DEFAULT_GEMV)
     return model
 
 

@@ -369,7 +369,7 @@ def _sch_inner_reduction(  # pylint: disable=too-many-arguments, invalid-name, u
 # (the new state) written by the first blocks: the lerps' own kernel is gone. Prefill (T symbolic)
 # keeps DLight's schedules.
 
-DECODE_WARPS = 8  # warps a block of the decode GEMV (a row takes one, or a few where it is long)
+DECODE_WARPS = 16  # warps a block of the decode GEMV (a row takes one, or a few where it is long)
 DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds them (at most; a divisor of its count)
 EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "logits")
 _EXTRA = {"residual": 1, "rmul_residual": 2}
@@ -386,7 +386,8 @@ def decode_gemv_fits(k: int, dtype: str) -> bool:
     return dtype in ("float32", "float16") and k % (16 // _dtype_bytes(dtype)) == 0
 
 
-def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_shape: tuple = ()):
+def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_shape: tuple = (),
+                     ln_eps: float | None = None):
     """One kernel of the decode step: for each part (groups, rows, epilogue) in ``parts`` (one, or
     two: the FFN's key and receptance side by side, each its own weight and output),
     y[g, n] = tail(sum_k x[g, k] * w[g, n, k]), accumulated in fp32 and rounded once to the dtype
@@ -399,13 +400,18 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
         logits         y = fp32(to_dtype(acc))           (the head)          (1, rows) fp32
     Arguments, in order: x (``x_shape``), w, e0[, e1] -- or with ``mix``: xx (1, K), the carried
     last token (K,) fp32, then per part its mu ((groups, 1, 1, K)) and w ((groups, rows, K), or (rows, K)
-    for one group) -- then the outputs: each part's y, and with ``mix`` xx's fp32 copy (1, K)."""
+    for one group) -- then the outputs: each part's y, and with ``mix`` xx's fp32 copy (1, K).
+    ``ln_eps`` (with ``mix``): xx is the LayerNorm of the first argument x (1, K), whose weight and
+    bias (K,) follow it: every block normalises the row itself (topi's layer_norm in fp32: mean =
+    sum / K, var = sum((x - mean)^2) / K, (x - mean) * rsqrt(var + eps) * weight + bias, rounded to
+    the dtype; its sums in another order), so the LayerNorm's own kernel is gone too."""
     parts = tuple((int(g), int(r), e) for g, r, e in parts)
-    return _decode_gemv(int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), DECODE_WARPS, DECODE_UNROLL)
+    return _decode_gemv(int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), DECODE_WARPS, DECODE_UNROLL,
+                        None if ln_eps is None else float(ln_eps))
 
 
 @lru_cache(maxsize=None)
-def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
+def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None):
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -434,6 +440,10 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
     blocks = blocks0 + rows1 // rpb
     ragged_rows = rows0 % rpb != 0
     nthreads = warps * 32
+    n_per = -(-K // nthreads)  # elements of the row each thread normalises / mixes
+    prefetch = cpw == u  # a warp's whole row in one batch: its loads go out before the block's prologue
+    use_ln = ln_eps is not None
+    assert not use_ln or mix
     zero, one = tirx.const(0, dt), tirx.const(1, dt)
     full = tirx.const(0xFFFFFFFF, "uint32")
 
@@ -488,6 +498,26 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
             acc[0] = acc[0] + T.tvm_warp_shuffle_down(full, acc[0], 16 >> o, 32, 32)
 
     @T.macro
+    def fetch_w(wl, wf, row, ty, lane):  # the first (with prefetch: the only) batch of the weight
+        for ci in T.unroll(u):
+            if ok(ty, 0, ci, lane):
+                for e in T.vectorized(vec):
+                    wl[ci * vec + e] = wf[row * K + col(ty, 0, ci, lane) + e]
+
+    @T.macro
+    def dot_fetched(acc, wl, xl, xf, xoff, ty, lane):  # row_dot after fetch_w, when that was all of it
+        for ci in T.unroll(u):
+            if ok(ty, 0, ci, lane):
+                for e in T.vectorized(vec):
+                    xl[ci * vec + e] = xf[xoff + col(ty, 0, ci, lane) + e]
+        for ci in T.unroll(u):
+            if ok(ty, 0, ci, lane):
+                for e in T.unroll(vec):
+                    acc[0] = acc[0] + T.Cast("float32", xl[ci * vec + e]) * T.Cast("float32", wl[ci * vec + e])
+        for o in T.unroll(5):
+            acc[0] = acc[0] + T.tvm_warp_shuffle_down(full, acc[0], 16 >> o, 32, 32)
+
+    @T.macro
     def finish(acc, red, ty, lane, b, yf, epilogue, base, rows_total, R, e0, e1):
         # S warps a row: lane 0 of each leaves its sum in red; the row's first warp adds them in order
         if S > 1:
@@ -531,6 +561,94 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
                 if b == 0:
                     copy[0, i * nthreads + ty * 32 + lane] = T.Cast("float32", xxf[i * nthreads + ty * 32 + lane])
 
+    def eidx(i, ty, lane):
+        return i * nthreads + ty * 32 + lane
+
+    def eok(i, ty, lane):
+        return True if K % nthreads == 0 else eidx(i, ty, lane) < K
+
+    @T.macro
+    def block_sum(st, j, red, ty, lane):  # st[j] summed over the block (lanes by shuffles, warps in order)
+        for o in T.unroll(5):
+            st[j] = st[j] + T.tvm_warp_shuffle_down(full, st[j], 16 >> o, 32, 32)
+        if lane == 0:
+            red[ty] = st[j]
+        T.tvm_storage_sync("shared")
+        st[j] = red[0]
+        for p in T.unroll(warps - 1):
+            st[j] = st[j] + red[p + 1]
+
+    @T.macro
+    def ln_lerp(x_s, xf, lnw, lnb, lastf, muf, muoff, copy, b, ty, lane, xv, st, xh, red_a, red_b):
+        # LayerNorm of the row (every block its own), then the lerp; block 0 also copies xx to fp32
+        st[0] = T.float32(0)
+        for i in T.unroll(n_per):
+            if eok(i, ty, lane):
+                xv[i] = T.Cast("float32", xf[eidx(i, ty, lane)])
+                st[0] = st[0] + xv[i]
+        block_sum(st, 0, red_a, ty, lane)
+        st[1] = st[0] / T.float32(K)  # mean
+        st[2] = T.float32(0)
+        for i in T.unroll(n_per):
+            if eok(i, ty, lane):
+                st[2] = st[2] + (xv[i] - st[1]) * (xv[i] - st[1])
+        block_sum(st, 2, red_b, ty, lane)
+        st[0] = T.rsqrt(st[2] / T.float32(K) + T.float32(ln_eps))
+        for i in T.unroll(n_per):
+            if eok(i, ty, lane):
+                xh[0] = T.Cast(dt, (xv[i] - st[1]) * st[0] * T.Cast("float32", lnw[eidx(i, ty, lane)])
+                               + T.Cast("float32", lnb[eidx(i, ty, lane)]))
+                x_s[eidx(i, ty, lane)] = (xh[0] * muf[muoff + eidx(i, ty, lane)]
+                                          + T.Cast(dt, lastf[eidx(i, ty, lane)]) * (one - muf[muoff + eidx(i, ty, lane)]))
+                if b == 0:
+                    copy[0, eidx(i, ty, lane)] = T.Cast("float32", xh[0])
+
+    @T.macro
+    def mixed_ln(xx, lnw, lnb, last, mu0, w0, mu1, w1, y0, y1f, copy):
+        xf = T.decl_buffer((K,), dt, data=xx.data)
+        mu0f = T.decl_buffer((G0 * K,), dt, data=mu0.data)
+        w0f = T.decl_buffer((rows0 * K,), dt, data=w0.data)
+        y0f = T.decl_buffer((rows0,), y_dtype(E0), data=y0.data)
+        for b in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((1,), "float32", scope="local")
+                    wl = T.decl_buffer((u * vec,), dt, scope="local")
+                    xl = T.decl_buffer((u * vec,), dt, scope="local")
+                    xv = T.decl_buffer((n_per,), "float32", scope="local")
+                    st = T.decl_buffer((3,), "float32", scope="local")
+                    xh = T.decl_buffer((1,), dt, scope="local")
+                    x_s = T.decl_buffer((K,), dt, scope="shared")
+                    red = T.decl_buffer((warps,), "float32", scope="shared")
+                    red_a = T.decl_buffer((warps,), "float32", scope="shared")
+                    red_b = T.decl_buffer((warps,), "float32", scope="shared")
+                    acc[0] = T.float32(0)
+                    if prefetch:
+                        if single or b < blocks0:
+                            if valid(b, ty):
+                                fetch_w(wl, w0f, b * rpb + ty // S, ty, lane)
+                        else:
+                            fetch_w(wl, w1, (b - blocks0) * rpb + ty // S, ty, lane)
+                    if single or b < blocks0:  # (block-uniform; one part: no branch)
+                        ln_lerp(x_s, xf, lnw, lnb, last, mu0f, (b * rpb) // R0 * K, copy, b, ty, lane, xv, st, xh,
+                                red_a, red_b)
+                    else:
+                        ln_lerp(x_s, xf, lnw, lnb, last, mu1, 0, copy, b, ty, lane, xv, st, xh, red_a, red_b)
+                    T.tvm_storage_sync("shared")
+                    if single or b < blocks0:
+                        if valid(b, ty):
+                            if prefetch:
+                                dot_fetched(acc, wl, xl, x_s, 0, ty, lane)
+                            else:
+                                row_dot(acc, wl, xl, w0f, x_s, 0, b * rpb + ty // S, ty, lane)
+                        finish(acc, red, ty, lane, b, y0f, E0, b * rpb, rows0, R0, None, None)
+                    else:
+                        if prefetch:
+                            dot_fetched(acc, wl, xl, x_s, 0, ty, lane)
+                        else:
+                            row_dot(acc, wl, xl, w1, x_s, 0, (b - blocks0) * rpb + ty // S, ty, lane)
+                        finish(acc, red, ty, lane, b, y1f, E1, (b - blocks0) * rpb, rows1, R1, None, None)
+
     @T.macro
     def mixed(xx, last, mu0, w0, mu1, w1, y0, y1f, copy):
         xxf = T.decl_buffer((K,), dt, data=xx.data)
@@ -562,7 +680,41 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll):
     n_extra = _EXTRA.get(E0, 0)
     ys0, yd0 = y_shape(G0, R0, E0), y_dtype(E0)
     ws0 = w_shape(G0, R0)
-    if mix and len(parts) == 2:
+    if use_ln and len(parts) == 2:
+        @T.prim_func(private=True)
+        def gemv(x_h: T.handle, lnw_h: T.handle, lnb_h: T.handle, last_h: T.handle, mu0_h: T.handle, w0_h: T.handle,
+                 mu1_h: T.handle, w1_h: T.handle, y0_h: T.handle, y1_h: T.handle, copy_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.match_buffer(x_h, (1, K), dt)
+            lnw = T.match_buffer(lnw_h, (K,), dt)
+            lnb = T.match_buffer(lnb_h, (K,), dt)
+            last = T.match_buffer(last_h, (K,), "float32")
+            mu0 = T.match_buffer(mu0_h, (G0, 1, 1, K) if G0 > 1 else (1, 1, K), dt)
+            w0 = T.match_buffer(w0_h, ws0, dt)
+            mu1f = T.match_buffer(mu1_h, (1, 1, K), dt)
+            w1 = T.match_buffer(w1_h, (R1, K), dt)
+            y0 = T.match_buffer(y0_h, ys0, yd0)
+            y1 = T.match_buffer(y1_h, (1, R1), y_dtype(E1))
+            copy = T.match_buffer(copy_h, (1, K), "float32")
+            mu1 = T.decl_buffer((K,), dt, data=mu1f.data)
+            w1f = T.decl_buffer((R1 * K,), dt, data=w1.data)
+            y1f = T.decl_buffer((R1,), y_dtype(E1), data=y1.data)
+            mixed_ln(x, lnw, lnb, last, mu0, w0, mu1, w1f, y0, y1f, copy)
+    elif use_ln:
+        @T.prim_func(private=True)
+        def gemv(x_h: T.handle, lnw_h: T.handle, lnb_h: T.handle, last_h: T.handle, mu0_h: T.handle, w0_h: T.handle,
+                 y0_h: T.handle, copy_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.match_buffer(x_h, (1, K), dt)
+            lnw = T.match_buffer(lnw_h, (K,), dt)
+            lnb = T.match_buffer(lnb_h, (K,), dt)
+            last = T.match_buffer(last_h, (K,), "float32")
+            mu0 = T.match_buffer(mu0_h, (G0, 1, 1, K) if G0 > 1 else (1, 1, K), dt)
+            w0 = T.match_buffer(w0_h, ws0, dt)
+            y0 = T.match_buffer(y0_h, ys0, yd0)
+            copy = T.match_buffer(copy_h, (1, K), "float32")
+            mixed_ln(x, lnw, lnb, last, mu0, w0, None, None, y0, None, copy)
+    elif mix and len(parts) == 2:
         @T.prim_func(private=True)
         def gemv(xx_h: T.handle, last_h: T.handle, mu0_h: T.handle, w0_h: T.handle, mu1_h: T.handle, w1_h: T.handle,
                  y0_h: T.handle, y1_h: T.handle, copy_h: T.handle):

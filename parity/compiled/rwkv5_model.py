@@ -168,15 +168,16 @@ class Attention(nn.Module):
         self.grouped = True
 
     def grouped_forward(self, xx: Tensor, att_x: Tensor, att_kv: Tensor, *, decay: Tensor | None = None,
-                        residual: Tensor | None = None):
+                        residual: Tensor | None = None, ln=None):
         """``forward`` (with the Block's token shift and time-mix) in four kernels, for one token as for
         many: shift + the four lerps stacked (G, T, C) and xx's fp32 copy; one GEMV for r, k, v, g
         (a batched matmul, each group its own input row: DLight schedules it as one GEMV with 4x the
         rows of each before, accumulated in fp32 and rounded once to the dtype, as ``Linear``); the
         scan with ln_x and the gate (wkv_cuda.wkv5_gn_gate_cuda); the output Linear.
-        -> (att.out, (new att_kv,), xx in fp32). With ``residual`` (the decode step, ``GroupedBlock``)
-        the GEMVs and the scan are the decode step's own kernels (``decode_step``) and att.out comes
-        back with the residual added: residual + att.out."""
+        -> (att.out, (new att_kv,), xx in fp32). With ``residual`` (the decode step, ``GroupedBlock``),
+        ``xx`` is the stream before ln1 (``ln``): the LayerNorm, the shift and the lerps are made
+        inside the r/k/v/g GEMV, the GEMVs and the scan are the decode step's own kernels
+        (``decode_step``), and att.out comes back with the residual added: residual + att.out."""
         from parity.compiled.wkv_cuda import WKV_WARP, time_mix_stacked_cuda, wkv5_gn_gate_cuda, wkv5_gn_gate_decode_cuda
 
         cfg, dt = self.config, self.dtype
@@ -185,8 +186,8 @@ class Attention(nn.Module):
         w, u = self.decay_and_bonus() if decay is None else (decay, self.time_faaaa)
         rkvg = tuple(self.GROUPS.index(n) for n in ("receptance", "key", "value", "gate"))
         if residual is not None:
-            # the shift and the four lerps inside the r/k/v/g GEMV (gemv_cuda: mix)
-            y, xx32 = decode_mix_gemv(xx, att_x, [(self.rkvg_mix, self.rkvg_weight, "cast")])
+            # ln1, the shift and the four lerps inside the r/k/v/g GEMV (gemv_cuda: mix, ln_eps)
+            y, xx32 = decode_mix_gemv(xx, att_x, [(self.rkvg_mix, self.rkvg_weight, "cast")], ln=ln)
             y = op.reshape(y, (G, 1, H, N))
             scan = (wkv5_gn_gate_decode_cuda(N, dt, LN_X_EPS, rkvg, H, G) if N % WKV_WARP == 0
                     else wkv5_gn_gate_cuda(N, dt, LN_X_EPS, rkvg))  # (a head narrower than a warp: the serial one)
@@ -288,21 +289,22 @@ def decode_gemv(x: Tensor, weight: Tensor, epilogue: str, *extra: Tensor) -> Ten
                            out=_y_placeholder(groups, rows, epilogue, weight.dtype))
 
 
-def decode_mix_gemv(xx: Tensor, last: Tensor, parts: list[tuple[Tensor, Tensor, str]]):
+def decode_mix_gemv(xx: Tensor, last: Tensor, parts: list[tuple[Tensor, Tensor, str]], *, ln=None):
     """The time-mix lerps of one token and the GEMVs they feed, one kernel (gemv_cuda: mix): for each
     (mu, weight, epilogue) of ``parts``, tail((xx * mu + dt(last) * (1 - mu)) @ weight.T), ``last``
-    the carried token (C,) fp32. -> (each part's y ..., xx in fp32 (1, C): the new state)."""
+    the carried token (C,) fp32. With ``ln`` (a common.LayerNorm) ``xx`` is its input, normalised
+    in the kernel. -> (each part's y ..., xx in fp32 (1, C): the new state)."""
     from parity.compiled.gemv_cuda import decode_gemv_cuda
 
-    specs, args, outs = [], [xx, last], []
+    specs, args, outs = [], [xx, last] if ln is None else [xx, ln.weight, ln.bias, last], []
     for mu, weight, epilogue in parts:
         *g, rows, k = (int(d) for d in weight.shape)
         groups = g[0] if g else 1
         specs.append((groups, rows, epilogue))
         args += [mu, weight]
         outs.append(_y_placeholder(groups, rows, epilogue, weight.dtype))
-    func = decode_gemv_cuda(k, xx.dtype, tuple(specs), mix=True)
-    name = "gemv_mix_" + "_".join(e for _, _, e in parts)
+    func = decode_gemv_cuda(k, xx.dtype, tuple(specs), mix=True, ln_eps=None if ln is None else ln.eps)
+    name = ("gemv_ln_mix_" if ln is not None else "gemv_mix_") + "_".join(e for _, _, e in parts)
     return op.tensor_ir_op(func, name, args=args, out=[*outs, Tensor.placeholder((1, k), "float32")])
 
 
@@ -315,16 +317,16 @@ def decode_step(x: Tensor) -> bool:
 
 class GroupedBlock(Block):
     """``Block``; in the grouped build's decode step (``decode_step``) every matmul is the decode
-    GEMV (gemv_cuda.decode_gemv_cuda) with what surrounds it in the same kernel: the token shift and
-    lerps feeding it (r/k/v/g; the FFN's key and receptance, side by side in one kernel) with xx's
-    fp32 copy for the state, and its tail: att.output + the residual, relu^2, sigmoid, ffn.value +
-    r * v + the residual (common.py's arithmetic, in its order: each product accumulated in fp32
-    and rounded once to the dtype). A layer is 7 kernels: ln1, r/k/v/g, scan + ln_x + gate, output,
-    ln2, key + receptance, value. No taps (the plain build)."""
+    GEMV (gemv_cuda.decode_gemv_cuda) with what surrounds it in the same kernel: the LayerNorm,
+    token shift and lerps feeding it (r/k/v/g; the FFN's key and receptance, side by side in one
+    kernel) with xx's fp32 copy for the state, and its tail: att.output + the residual, relu^2,
+    sigmoid, ffn.value + r * v + the residual (common.py's arithmetic, in its order: each product
+    accumulated in fp32 and rounded once to the dtype). A layer is 5 kernels: ln1 + r/k/v/g, scan +
+    ln_x + gate, output, ln2 + key + receptance, value. No taps (the plain build)."""
 
     def forward(self, x: Tensor, att_x: Tensor, att_state, ffn_x: Tensor, *, tap: Taps, decay: Tensor | None = None):
         att, ffn = self.att, self.ffn
-        ok = getattr(att, "grouped", False) and not tap.enabled and decode_step(x)
+        ok = getattr(att, "decode_kernels", False) and not tap.enabled and decode_step(x)
         if ok:
             C, F = att.config.n_embd, att.config.dim_ffn
             ok = (decode_gemv_fits(att.config.dim_att, self.dtype) and decode_gemv_fits(F, self.dtype)
@@ -332,12 +334,10 @@ class GroupedBlock(Block):
         if not ok:
             return super().forward(x, att_x, att_state, ffn_x, tap=tap, decay=decay)
         att_kwargs = {"decay": decay} if decay is not None else {}
-        xx = self.ln1(x)
-        x, new_att_state, xx32 = att.grouped_forward(xx, att_x, *att_state, residual=x, **att_kwargs)
+        x, new_att_state, xx32 = att.grouped_forward(x, att_x, *att_state, residual=x, ln=self.ln1, **att_kwargs)
         new_att_x = op.tensor_expr_op(last_row, "last_row", [xx32])
-        xx = self.ln2(x)
-        k, r, xx32 = decode_mix_gemv(xx, ffn_x, [(ffn.time_mix_k, ffn.key.weight, "relu2"),
-                                                 (ffn.time_mix_r, ffn.receptance.weight, "sigmoid")])
+        k, r, xx32 = decode_mix_gemv(x, ffn_x, [(ffn.time_mix_k, ffn.key.weight, "relu2"),
+                                                (ffn.time_mix_r, ffn.receptance.weight, "sigmoid")], ln=self.ln2)
         x = decode_gemv(k, ffn.value.weight, "rmul_residual", x, r)
         new_ffn_x = op.tensor_expr_op(last_row, "last_row", [xx32])
         return x, (new_att_x, *new_att_state, new_ffn_x)
@@ -350,7 +350,7 @@ class RWKV5Model(RWKVModel):
     def run_head(self, x: Tensor, tap: Taps) -> Tensor:
         """The grouped build's decode step: the head as the decode GEMV (logits in fp32, rounded to
         the dtype first, as ``RWKVModel.run_head``); everywhere else RWKVModel's."""
-        if not (getattr(self, "grouped", False) and not tap.enabled and decode_step(x)):
+        if not (getattr(self, "decode_kernels", False) and not tap.enabled and decode_step(x)):
             return super().run_head(x, tap)
         return decode_gemv(self.ln_out(x), self.head.weight, "logits")
 
@@ -371,11 +371,12 @@ class RWKV5Model(RWKVModel):
 
 
 
-def group_projections(model: RWKV5Model) -> bool:
+def group_projections(model: RWKV5Model, *, decode_kernels: bool = True) -> bool:
     """Give the plain CUDA build its grouped attention (``Attention.group``) in every layer, and record
     in the model which checkpoint tensors each stacked parameter is made of (``param_groups``).
     Only the gated versions (5.1, 5.2) with this file's own attention, GroupNorm and decay: a bug-zoo
-    attention, 5.0 (no gate) and every other build keep the separate Linears. Returns whether it did."""
+    attention, 5.0 (no gate) and every other build keep the separate Linears. ``decode_kernels``:
+    the decode step is ``GroupedBlock``'s kernels (else DLight's, as the prefill). Returns whether it did."""
     atts = [block.att for block in model.blocks]
     if not atts or not all(type(a) is Attention and a.gated and type(a.ln_x) is GroupNormKernel for a in atts):
         return False
@@ -388,5 +389,7 @@ def group_projections(model: RWKV5Model) -> bool:
         groups[pre + "rkvg_mix"] = [pre + f"time_mix_{n[0]}" for n in Attention.GROUPS]
         att.group()
     model._param_groups = groups
-    model.grouped = True
+    model.decode_kernels = decode_kernels
+    for att in atts:
+        att.decode_kernels = decode_kernels
     return True

@@ -54,3 +54,55 @@ def test_stacked_parameters_are_made_of_their_checkpoint_tensors(dtype) -> None:
     # every checkpoint tensor but the stacked ones is still a parameter of its own
     stacked = {k for keys in groups.values() for k in keys}
     assert (set(params) - set(groups)) | stacked == set(shapes)
+
+
+def _called_kernels(model, fn: str) -> list[str]:
+    """The TIR kernels ``fn`` (decode / prefill) of a CUDA build calls, in order (benchmarks/kernel_count.py's way)."""
+    import re
+
+    import tvm
+
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    target = build.make_target("cuda")
+    with target:
+        mod = build.compile_pipeline("cuda", target)(mod)
+    names = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return [c for c in re.findall(r"^\s*(?:\w+ = )?(?:cls\.)?(\w+)\(", mod[fn].script(), re.M) if c in names]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_decode_step_is_five_kernels_a_layer(dtype) -> None:
+    """The grouped build's decode (T = 1): per layer ln1 + lerps + r/k/v/g GEMV, the scan (named wkv5*,
+    as the instrumented backend needs), output GEMV + residual, ln2 + lerps + FFN key and receptance,
+    FFN value + r * v + residual (rwkv5_model.GroupedBlock); the head is the decode GEMV too. Prefill
+    (T symbolic) keeps DLight's matmuls: none of these kernels."""
+    model = _model("rwkv5_2-L4-C128-H2", debug=False, target="cuda", dtype=dtype)  # N = 64: the parallel scan
+    decode = _called_kernels(model, "decode")
+    layer = ["gemv_ln_mix_cast", "wkv5", "gemv_residual", "gemv_ln_mix_relu2_sigmoid", "gemv_rmul_residual"]
+    first = decode.index("gemv_ln_mix_cast")
+    for i in range(4):
+        got = decode[first + 5 * i: first + 5 * i + 5]
+        assert len(got) == 5 and all(g.startswith(want) for g, want in zip(got, layer)), (i, decode)
+    assert decode[-1].startswith("gemv_logits"), decode
+    assert not any(k.startswith("gemv_") for k in _called_kernels(model, "prefill"))
+
+
+@pytest.mark.parametrize("k, dtype, parts, kw", [
+    (2048, "float16", ((4, 2048, "cast"),), dict(mix=True, ln_eps=1e-5)),  # 1.5B's r/k/v/g
+    (144, "float16", ((1, 448, "relu2"), (1, 144, "sigmoid")), dict(mix=True, ln_eps=1e-5)),  # a ragged row
+    (7168, "float32", ((1, 2048, "rmul_residual"),), dict(x_shape=(1, 7168))),  # a row split over warps
+    (64, "float32", ((1, 50, "logits"),), dict(x_shape=(1, 64))),  # ragged rows
+])
+def test_decode_gemv_compiles_to_wide_loads_and_warp_sums(k, dtype, parts, kw) -> None:
+    """gemv_cuda.decode_gemv_cuda for CUDA (codegen only, no GPU): 16-byte loads of the weight, fp32
+    accumulation finished by warp shuffles, a barrier wherever shared memory is handed between warps."""
+    import tvm
+
+    from parity.compiled.gemv_cuda import decode_gemv_cuda
+
+    f = decode_gemv_cuda(k, dtype, parts, **kw)
+    ex = tvm.compile(tvm.IRModule({"gemv": f.with_attr("global_symbol", "gemv")}), target=build.make_target("cuda"))
+    src = "".join(m.inspect_source() for m in (ex.mod if hasattr(ex, "mod") else ex).imports)
+    assert ("*(uint4*)(wl_ptr" in src) if dtype == "float16" else ("*(float4*)(wl_ptr" in src), src[-3000:]
+    assert "__shfl_down_sync" in src and "float acc_ptr[1]" in src
+    assert ("__syncthreads" in src) == (kw.get("mix", False) or k == 7168)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# K3's GPU call: base (3054196), new (K3's decode kernels), v2 (new with 4 warps a GEMV block, 16 threads a scan column), one H200.
+# K3's GPU call: base (3054196), new (K3's decode kernels), v2 (new with 16 warps a GEMV block), one H200.
 set -uo pipefail
 ROOT=$PWD; G=/tmp/k3; W=$G/out; mkdir -p $G $W $OUT
 S=$SECONDS; log() { echo "[+$((SECONDS - S))s] $*" | tee -a $W/job.log; }

@@ -7,7 +7,7 @@ from parity.synth import shape_config
 rows = []
 for fx in ("rwkv5_2-L2-C144-H12", "rwkv5_1-L2-C64-H8", "rwkv5_0-L2-C64-H2", "rwkv4-L2-C64"):
     cfg = load_checkpoint(Path("fixtures") / f"{fx}.pth").config
-    for target, debug, dtype in (("llvm", False, "float32"), ("llvm", True, "float32"), ("llvm", False, "float16"),
+    for target, debug, dtype in (("llvm", False, "float32"), ("llvm", True, "float32"), ("llvm", False, "float16"), ("llvm", True, "float16"),
                                  ("cuda", True, "float32"), ("cuda", True, "float16"), ("cuda", False, "float32")):
         model = build.model_for(cfg, debug=debug, target=target, dtype=dtype)
         mod, params = model.export_tvm(spec=model.get_default_spec())
