@@ -186,8 +186,8 @@ def greedy_compare(
     # this process holds no fp32 copy of the weights: a worker holds its own (the torch-free TVM
     # worker: the model's fp32 weights and TVM, ~0.9 GB at 0.1B), so ours beside it would be a
     # second one; and in here TVM's libraries, its compile and its copy of the folded embedding
-    # were the parent's peak (0.1B scenario:chat-hello, 64 decode steps: 1.72 GiB, 1.43x;
-    # benchmarks/results/memory-*-m3-*). A build that crashes or hangs there is reported (``crashes``),
+    # were the parent's peak (0.1B scenario:chat-hello, 64 decode steps: 1.75 GB, 1.39x of fp32
+    # weights + file; 1.54 GB after; benchmarks/results/memory-*-m3-*). A build that crashes or hangs there is reported (``crashes``),
     # not the end of the run. The other backends run here after them, on the checkpoint's shared
     # fp32 copy, made again.
     names: dict[int, str] = {}  # index in ``backends`` -> the backend's name
