@@ -80,9 +80,11 @@ def test_every_variant_compiles_through_nvcc(monkeypatch, tmp_path, gemv):
 
 
 def test_v16_loads_the_weight_16_bytes_at_a_time(monkeypatch):
-    """DLight's rule loads the fp16 weight 4 bytes (a half2) at a time; the v16-ts4 variant 16 bytes
-    (a uint4 of 8 halves) in blocks of 4 rows x 32 threads; both keep fp32 accumulators."""
-    dlight = _gemv_kernels(monkeypatch, None)
+    """DLight's tiles load the fp16 weight 4 bytes (a half2) at a time; the v16-ts4 variant 16 bytes
+    (a uint4 of 8 halves) in blocks of 4 rows x 32 threads; both keep fp32 accumulators. (A variant
+    also puts the decode step back on DLight-scheduled GEMVs: the default decode has its own kernels,
+    test_default_decode_has_no_dlight_gemv.)"""
+    dlight = _gemv_kernels(monkeypatch, "ts16-tr32-c4-l4")  # DLight's own tile sizes and load width
     wide = _gemv_kernels(monkeypatch, "v16-ts4")
     assert dlight and set(dlight) == set(wide)
     cfg = GEMV_CONFIGS["v16-ts4"]
@@ -93,3 +95,10 @@ def test_v16_loads_the_weight_16_bytes_at_a_time(monkeypatch):
     for name, (threads, body) in dlight.items():
         assert threads == 512, name  # DLight's 16 x 32
         assert not WEIGHT_LOAD_16.search(body), name
+
+
+def test_default_decode_has_no_dlight_gemv(monkeypatch):
+    """The default build's decode step runs the decode GEMV kernels of gemv_cuda.py (one warp a row,
+    the LayerNorm and lerps inside), not DLight-scheduled NT_matmul GEMVs; a variant brings those back."""
+    assert not _gemv_kernels(monkeypatch, None)
+    assert _gemv_kernels(monkeypatch, "v16")

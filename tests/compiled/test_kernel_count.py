@@ -1,12 +1,12 @@
 """Kernels per layer of the plain CUDA build's decode step (issue 10): lowered here, no GPU needed.
 
-In a CUDA graph each kernel costs ~2 us whatever it computes, so the count sets a floor on a step. A
-v5.2 layer is 10 launches in fp32 and fp16 alike: two LayerNorms; the attention's token shift and
-four lerps (one kernel), its r/k/v/g as one grouped GEMV, the scan with GroupNorm and the gate (one
-kernel), its output matmul (rwkv5_model.group_projections); the FFN's time-mix and three matmuls
-(casts and activations in their epilogues). One more kernel makes every layer's decay. It was 14
-with the four attention matmuls and GroupNorm on their own, 24 in fp32 and 35 in fp16 before that
-(benchmarks/results/kernel-count-*.md).
+In a CUDA graph each kernel costs ~1-2 us whatever it computes, so the count sets a floor on a step.
+A v5.2 decode layer is 5 launches in fp32 and fp16 alike (gemv_cuda.py's decode kernels, each GEMV
+with what feeds it and what follows it): ln1 + token shift + lerps + the r/k/v/g GEMV; the scan with
+GroupNorm and the gate; the output GEMV + residual; ln2 + the FFN's lerps + its key and receptance
+GEMVs (relu^2, sigmoid); the value GEMV + r*v + residual. It was 10 with DLight's GEMVs and the
+LayerNorms on their own, 14 before the grouped GEMV and the fused scan, 24 in fp32 and 35 in fp16
+before that (benchmarks/results/kernel-count-*.md, gpu-2026-12-01-k3).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def decode_launches(*, n_layer: int, dtype: str) -> int:
     return sum(launches[name] for name in called if name in launches)
 
 
-def test_a_decode_layer_is_ten_kernel_launches() -> None:
+def test_a_decode_layer_is_five_kernel_launches() -> None:
     # fp16, where the casts were (fp32 counts the same: benchmarks/kernel_count.py). Two layers, so
-    # a decay kernel per layer (11 each) would show; the other five launches are the embedding's
-    # gather and ln0, every layer's decay, then ln_out and the head's matmul.
-    assert decode_launches(n_layer=2, dtype="float16") == 5 + 2 * 10
+    # a decay kernel per layer (6 each) would show; the other five launches are the embedding's
+    # gather and ln0, every layer's decay, then ln_out and the head's GEMV.
+    assert decode_launches(n_layer=2, dtype="float16") == 5 + 2 * 5
