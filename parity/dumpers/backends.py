@@ -218,7 +218,8 @@ def map_kernel_calls(
     Sure mappings rest on kernels that compute exactly one canonical stage and appear exactly
     as often as that stage does, so call order gives the layer: wkv5 (out 0: att.wkv, out 1:
     the new att_kv state) or wkv4 (out 0: att.wkv, outs 1-3: aa, bb, pp), unfused layer_norm (emb, then ln1 / ln2 per layer, then ln_out),
-    token_shift (att.shift / ffn.shift per layer) and last_row (the att_x / ffn_x state). A
+    token_shift (att.shift / ffn.shift per layer) and last_row (the att_x / ffn_x state); where the
+    layers' LayerNorms are fused into their GEMVs, the two unfused ones outside the scans (emb, ln_out). A
     kernel fused with anything else no longer computes one stage, so it keeps its own name.
     """
     by_kind: dict[str, list[tuple[str, int, int, np.ndarray]]] = {"ln": [], "shift": [], "last": [], "wkv": []}
@@ -239,6 +240,14 @@ def map_kernel_calls(
         ln_names = ["emb"] + [f"L{l}.{s}" for l in range(n_layer) for s in ("att.ln1", "ffn.ln2")] + ["ln_out"]
         for name, call in zip(ln_names, by_kind["ln"]):
             names[(call[1], call[2])] = name
+    elif len(by_kind["ln"]) == 2 and n_layer >= 2 and len(wkv_calls) == n_layer:
+        # Every layer's LayerNorms inside the GEMVs they feed (our CUDA decode step: gemv_cuda.py):
+        # the two left are ln0 before the first scan (emb) and ln_out after the last. Only when they
+        # sit there: of the layers' own, only L0's ln1 could come before every scan and only the last
+        # layer's ln2 after.
+        (first, last), scans = by_kind["ln"], [index for index, _ in wkv_calls]
+        if first[1] < scans[0] and last[1] > scans[-1]:
+            names[(first[1], first[2])], names[(last[1], last[2])] = "emb", "ln_out"
     if len(by_kind["shift"]) == 2 * n_layer:
         shift_names = [f"L{l}.{s}" for l in range(n_layer) for s in ("att.shift", "ffn.shift")]
         for name, call in zip(shift_names, by_kind["shift"]):

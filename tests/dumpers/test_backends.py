@@ -39,18 +39,25 @@ class CallLog:
         return arrays
 
 
-def model_like_calls(*, n_layer: int = L, skip_ln_out: bool = False):
-    """A call sequence shaped like the plain build's prefill; returns the log and the arrays by role."""
+def model_like_calls(*, n_layer: int = L, skip_ln_out: bool = False, layer_ln_fused: bool = False):
+    """A call sequence shaped like the plain build's prefill (``layer_ln_fused``: like the CUDA decode
+    step, each layer's LayerNorms inside a GEMV); returns the log and the arrays by role."""
     log, role = CallLog(), {}
     log.call("shape_func", (5,))
     log.call("take1", (T, C))
     (role["emb"],) = log.call("layer_norm1", (T, C))
     for layer in range(n_layer):
-        (role[f"L{layer}.att.ln1"],) = log.call("layer_norm1", (T, C))
+        if layer_ln_fused:
+            log.call("gemv_ln_mix_cast", (4, T, C))
+        else:
+            (role[f"L{layer}.att.ln1"],) = log.call("layer_norm1", (T, C))
         (role[f"L{layer}.att.shift"],) = log.call("fused_token_shift", (T, C))
         log.call("fused_NT_matmul4_silu1", (T, C))
         role[f"L{layer}.att.wkv"], role[f"state.L{layer}.att_kv"] = log.call("wkv5", (T, H, N), (H, N, N))
-        (role[f"L{layer}.ffn.ln2"],) = log.call("layer_norm1", (T, C))
+        if layer_ln_fused:
+            log.call("gemv_ln_mix_relu2_sigmoid", (T, C))
+        else:
+            (role[f"L{layer}.ffn.ln2"],) = log.call("layer_norm1", (T, C))
         (role[f"L{layer}.ffn.shift"],) = log.call("fused_token_shift1", (T, C))
     for layer in range(n_layer):
         (role[f"state.L{layer}.att_x"],) = log.call("last_row", (C,))
@@ -107,6 +114,24 @@ def test_map_falls_back_when_counts_do_not_match() -> None:
     wkv = sorted(n for n in named if ".wkv5" in n)
     assert len(wkv) == 6
     assert wkv[0].startswith("kernel.") and wkv[0].endswith(".wkv5") and wkv[1].endswith(".wkv5.out1")
+
+
+def test_map_names_emb_and_ln_out_where_the_layers_layernorms_are_fused() -> None:
+    # The CUDA decode step: ln1 / ln2 inside the GEMVs, ln0 and ln_out still their own kernels.
+    log, role = model_like_calls(layer_ln_fused=True)
+    named = map_kernel_calls(log.calls, n_layer=L, n_embd=C)
+    for name in ("emb", "ln_out", "L1.att.wkv"):
+        assert named[name].flat[0] == role[name].flat[0], name
+    assert not [n for n in named if n.endswith((".ln1", ".ln2"))]
+    # Two LayerNorms between the scans (L0's ln2, L1's ln1) are the layers' own: not placed.
+    log = CallLog()
+    log.call("take1", (T, C))
+    log.call("wkv5", (T, H, N), (H, N, N))
+    log.call("layer_norm1", (T, C))
+    log.call("layer_norm1", (T, C))
+    log.call("wkv5", (T, H, N), (H, N, N))
+    named = map_kernel_calls(log.calls, n_layer=L, n_embd=C)
+    assert not {"emb", "ln_out"} & named.keys() and "L1.att.wkv" in named
 
 
 def test_map_of_no_calls_is_empty() -> None:
