@@ -371,6 +371,9 @@ def _sch_inner_reduction(  # pylint: disable=too-many-arguments, invalid-name, u
 
 DECODE_WARPS = 16  # warps a block of the decode GEMV (a row takes one, or a few where it is long)
 DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds them (at most; a divisor of its count)
+DECODE_WARPS_BY = {"rmul_residual": 4}  # warps a block for one kind of decode GEMV ("ln", "mix", or a plain one's epilogue), else DECODE_WARPS
+DECODE_MIN_BLOCKS_BY = {}  # "ln": blocks an SM must hold at once (__launch_bounds__'s second number: caps registers)
+DECODE_ROWS_PER_WARP = 4  # rows each warp of an "ln" kernel takes in turn: the block's LayerNorm + lerp once for them all
 EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "logits")
 _EXTRA = {"residual": 1, "rmul_residual": 2}
 
@@ -406,12 +409,28 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
     sum / K, var = sum((x - mean)^2) / K, (x - mean) * rsqrt(var + eps) * weight + bias, rounded to
     the dtype; its sums in another order), so the LayerNorm's own kernel is gone too."""
     parts = tuple((int(g), int(r), e) for g, r, e in parts)
-    return _decode_gemv(int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), DECODE_WARPS, DECODE_UNROLL,
-                        None if ln_eps is None else float(ln_eps))
+    kind = ("ln" if ln_eps is not None else "mix") if mix else parts[0][2]
+    warps = DECODE_WARPS_BY.get(kind, DECODE_WARPS)
+    rpw = 1
+    if kind == "ln" and DECODE_ROWS_PER_WARP > 1:  # only where every part's rows fill whole blocks
+        s = _row_split(int(k), dtype, warps, DECODE_UNROLL)
+        if all(r % (warps // s * DECODE_ROWS_PER_WARP) == 0 for _, r, _ in parts):
+            rpw = DECODE_ROWS_PER_WARP
+    args = (int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), warps, DECODE_UNROLL,
+            None if ln_eps is None else float(ln_eps))
+    mb = int(DECODE_MIN_BLOCKS_BY.get(kind, 0)) if kind == "ln" else 0
+    return _decode_gemv(*args) if rpw == 1 and not mb else _decode_gemv(*args, rpw, mb)
+
+
+def _row_split(k: int, dtype: str, warps: int, unroll: int) -> int:
+    """Warps a row: the fewest that leave each warp at most ``unroll`` 16-byte loads."""
+    chunks = -(-k // (32 * (16 // _dtype_bytes(dtype))))
+    splits = [n for n in (1, 2, 4, 8, 16, 32) if n <= warps and warps % n == 0 and chunks % n == 0]
+    return next((n for n in splits if chunks // n <= unroll), splits[-1])
 
 
 @lru_cache(maxsize=None)
-def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None):
+def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=1, min_blocks=0):
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -436,8 +455,10 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None):
     assert not mix or R0 % rpb == 0, (R0, rpb)  # a block's rows share their group's lerp
     assert not (mix and any(_EXTRA.get(e, 0) for _, _, e in parts)), parts
     single = len(parts) == 1
-    blocks0 = -(-rows0 // rpb)
-    blocks = blocks0 + rows1 // rpb
+    assert rpw == 1 or (ln_eps is not None and all(r % (rpb * rpw) == 0 for _, r, _ in parts)), (parts, rpw)
+    rb = rpb * rpw  # rows a block
+    blocks0 = -(-rows0 // rb)
+    blocks = blocks0 + rows1 // rb
     ragged_rows = rows0 % rpb != 0
     nthreads = warps * 32
     n_per = -(-K // nthreads)  # elements of the row each thread normalises / mixes
@@ -604,6 +625,57 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None):
                     copy[0, eidx(i, ty, lane)] = T.Cast("float32", xh[0])
 
     @T.macro
+    def ln_body(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane):
+        acc = T.decl_buffer((1,), "float32", scope="local")
+        wl = T.decl_buffer((u * vec,), dt, scope="local")
+        xl = T.decl_buffer((u * vec,), dt, scope="local")
+        xv = T.decl_buffer((n_per,), "float32", scope="local")
+        st = T.decl_buffer((3,), "float32", scope="local")
+        xh = T.decl_buffer((1,), dt, scope="local")
+        x_s = T.decl_buffer((K,), dt, scope="shared")
+        red = T.decl_buffer((warps,), "float32", scope="shared")
+        red_a = T.decl_buffer((warps,), "float32", scope="shared")
+        red_b = T.decl_buffer((warps,), "float32", scope="shared")
+        acc[0] = T.float32(0)
+        if prefetch:
+            if single or b < blocks0:
+                if valid(b, ty):
+                    fetch_w(wl, w0f, b * rb + ty // S, ty, lane)
+            else:
+                fetch_w(wl, w1, (b - blocks0) * rb + ty // S, ty, lane)
+        if single or b < blocks0:  # (block-uniform; one part: no branch)
+            ln_lerp(x_s, xf, lnw, lnb, last, mu0f, (b * rb) // R0 * K, copy, b, ty, lane, xv, st, xh,
+                    red_a, red_b)
+        else:
+            ln_lerp(x_s, xf, lnw, lnb, last, mu1, 0, copy, b, ty, lane, xv, st, xh, red_a, red_b)
+        T.tvm_storage_sync("shared")
+        if single or b < blocks0:
+            if valid(b, ty):
+                if prefetch:
+                    dot_fetched(acc, wl, xl, x_s, 0, ty, lane)
+                else:
+                    row_dot(acc, wl, xl, w0f, x_s, 0, b * rb + ty // S, ty, lane)
+            finish(acc, red, ty, lane, b, y0f, E0, b * rb, rows0, R0, None, None)
+        else:
+            if prefetch:
+                dot_fetched(acc, wl, xl, x_s, 0, ty, lane)
+            else:
+                row_dot(acc, wl, xl, w1, x_s, 0, (b - blocks0) * rb + ty // S, ty, lane)
+            finish(acc, red, ty, lane, b, y1f, E1, (b - blocks0) * rb, rows1, R1, None, None)
+        if rpw > 1:  # the block's other rows, a warp's in turn, on the same normalised input
+            for rr in T.serial(rpw - 1):
+                if S > 1:
+                    T.tvm_storage_sync("shared")  # (red: the last row's sums are read)
+                acc[0] = T.float32(0)
+                if single or b < blocks0:
+                    row_dot(acc, wl, xl, w0f, x_s, 0, b * rb + (rr + 1) * rpb + ty // S, ty, lane)
+                    finish(acc, red, ty, lane, b, y0f, E0, b * rb + (rr + 1) * rpb, rows0, R0, None, None)
+                else:
+                    row_dot(acc, wl, xl, w1, x_s, 0, (b - blocks0) * rb + (rr + 1) * rpb + ty // S, ty, lane)
+                    finish(acc, red, ty, lane, b, y1f, E1, (b - blocks0) * rb + (rr + 1) * rpb, rows1, R1,
+                           None, None)
+
+    @T.macro
     def mixed_ln(xx, lnw, lnb, last, mu0, w0, mu1, w1, y0, y1f, copy):
         xf = T.decl_buffer((K,), dt, data=xx.data)
         mu0f = T.decl_buffer((G0 * K,), dt, data=mu0.data)
@@ -612,42 +684,11 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None):
         for b in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
-                    acc = T.decl_buffer((1,), "float32", scope="local")
-                    wl = T.decl_buffer((u * vec,), dt, scope="local")
-                    xl = T.decl_buffer((u * vec,), dt, scope="local")
-                    xv = T.decl_buffer((n_per,), "float32", scope="local")
-                    st = T.decl_buffer((3,), "float32", scope="local")
-                    xh = T.decl_buffer((1,), dt, scope="local")
-                    x_s = T.decl_buffer((K,), dt, scope="shared")
-                    red = T.decl_buffer((warps,), "float32", scope="shared")
-                    red_a = T.decl_buffer((warps,), "float32", scope="shared")
-                    red_b = T.decl_buffer((warps,), "float32", scope="shared")
-                    acc[0] = T.float32(0)
-                    if prefetch:
-                        if single or b < blocks0:
-                            if valid(b, ty):
-                                fetch_w(wl, w0f, b * rpb + ty // S, ty, lane)
-                        else:
-                            fetch_w(wl, w1, (b - blocks0) * rpb + ty // S, ty, lane)
-                    if single or b < blocks0:  # (block-uniform; one part: no branch)
-                        ln_lerp(x_s, xf, lnw, lnb, last, mu0f, (b * rpb) // R0 * K, copy, b, ty, lane, xv, st, xh,
-                                red_a, red_b)
+                    if min_blocks > 0:  # (__launch_bounds__'s second number)
+                        with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
+                            ln_body(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane)
                     else:
-                        ln_lerp(x_s, xf, lnw, lnb, last, mu1, 0, copy, b, ty, lane, xv, st, xh, red_a, red_b)
-                    T.tvm_storage_sync("shared")
-                    if single or b < blocks0:
-                        if valid(b, ty):
-                            if prefetch:
-                                dot_fetched(acc, wl, xl, x_s, 0, ty, lane)
-                            else:
-                                row_dot(acc, wl, xl, w0f, x_s, 0, b * rpb + ty // S, ty, lane)
-                        finish(acc, red, ty, lane, b, y0f, E0, b * rpb, rows0, R0, None, None)
-                    else:
-                        if prefetch:
-                            dot_fetched(acc, wl, xl, x_s, 0, ty, lane)
-                        else:
-                            row_dot(acc, wl, xl, w1, x_s, 0, (b - blocks0) * rpb + ty // S, ty, lane)
-                        finish(acc, red, ty, lane, b, y1f, E1, (b - blocks0) * rpb, rows1, R1, None, None)
+                        ln_body(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane)
 
     @T.macro
     def mixed(xx, last, mu0, w0, mu1, w1, y0, y1f, copy):

@@ -106,3 +106,35 @@ def test_decode_gemv_compiles_to_wide_loads_and_warp_sums(k, dtype, parts, kw) -
     assert ("*(uint4*)(wl_ptr" in src) if dtype == "float16" else ("*(float4*)(wl_ptr" in src), src[-3000:]
     assert "__shfl_down_sync" in src and "float acc_ptr[1]" in src
     assert ("__syncthreads" in src) == (kw.get("mix", False) or k == 7168)
+
+
+def test_ln_decode_gemv_takes_rows_per_warp_where_they_fill_blocks(monkeypatch) -> None:
+    """gemv_cuda.DECODE_ROWS_PER_WARP (codegen only): an "ln" kernel (LayerNorm + lerps + GEMV) whose every part's
+    rows fill whole blocks of warps * that many rows is launched on that many times fewer blocks (the block's
+    LayerNorm once for all its rows); a part that does not (C = 144) keeps one row a warp. DECODE_MIN_BLOCKS_BY
+    puts its number in __launch_bounds__."""
+    import re
+
+    import tvm
+
+    from parity.compiled import gemv_cuda
+
+    def grid(k, dtype, parts):
+        s = gemv_cuda.decode_gemv_cuda(k, dtype, parts, mix=True, ln_eps=1e-5).script()
+        return [int(n) for n in re.findall(r'T.thread_binding\((\d+), thread="blockIdx.x"\)', s)]
+
+    monkeypatch.setattr(gemv_cuda, "DECODE_WARPS", 16)
+    monkeypatch.setattr(gemv_cuda, "DECODE_WARPS_BY", {})
+    monkeypatch.setattr(gemv_cuda, "DECODE_MIN_BLOCKS_BY", {})
+    rkvg, kr, ragged = ((2048, "float16", ((4, 2048, "cast"),)),  # 1.5B: one warp a row (8 loads a lane)
+                        (2048, "float32", ((1, 7168, "relu2"), (1, 2048, "sigmoid"))),  # 1.5B fp32: two warps a row
+                        (144, "float16", ((1, 448, "relu2"), (1, 144, "sigmoid"))))
+    monkeypatch.setattr(gemv_cuda, "DECODE_ROWS_PER_WARP", 1)
+    assert grid(*rkvg) == [8192 // 16] and grid(*kr) == [9216 // 8] and grid(*ragged) == [37]
+    monkeypatch.setattr(gemv_cuda, "DECODE_ROWS_PER_WARP", 4)
+    assert grid(*rkvg) == [8192 // 64] and grid(*kr) == [9216 // 32] and grid(*ragged) == [37]
+    monkeypatch.setattr(gemv_cuda, "DECODE_MIN_BLOCKS_BY", {"ln": 3})
+    f = gemv_cuda.decode_gemv_cuda(*rkvg, mix=True, ln_eps=1e-5)
+    ex = tvm.compile(tvm.IRModule({"gemv": f.with_attr("global_symbol", "gemv")}), target=build.make_target("cuda"))
+    src = "".join(m.inspect_source() for m in (ex.mod if hasattr(ex, "mod") else ex).imports)
+    assert "__launch_bounds__(512, 3)" in src and "__syncthreads" in src
