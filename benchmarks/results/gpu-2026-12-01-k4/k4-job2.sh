@@ -1,6 +1,7 @@
 #!/bin/bash
 # K4's GPU call 2: base (HEAD before K4's change: parity/compiled = b7c16d8) vs two candidates to commit, final and
 # final2, one H200: the GPU tests on each candidate, bench all three (fp16, fp32), compare each candidate vs base.
+# (As run in call 2 the tests() line lacked its mkdir: the 5 fixture tests failed writing gpu-tests.json after all their assertions; fixed here, not re-run.)
 # run(command="bash .gpu-k4/job2.sh 2>&1 | tail -70", timeout_s=280, carry=[".gpu-k4/carry2", ".gpu-k4/job2.sh"])
 set -uo pipefail
 ROOT=$PWD; G=/tmp/k4; W=$G/out; mkdir -p $G $W $OUT
@@ -15,7 +16,7 @@ bench() { py $1 timeout $3 python3 $G/k4_bench.py $W/bench-$1.json $2 > $W/bench
 cmp() { py $1 timeout 60 python3 $G/k4_compare.py run $G/cmp-$1.npz > $W/cmp-$1.txt 2>&1; log "compare $1: exit $?"; }
 diffs() { python3 $G/k4_compare.py diff $G/cmp-base.npz $G/cmp-$1.npz > $W/diff-base-$1.txt 2>&1; log "diff base $1: exit $?"; cut -c1-100 $W/diff-base-$1.txt | grep -v "/state" | head -14; pack; }
 PT=(python3 -m pytest -p no:cacheprovider -q -rfEs -p parity.pytest_plugin)
-tests() { py $1 env PARITY_GPU_OUT=$W/gpu-$1 timeout 80 "${PT[@]}" --junitxml $W/tests-$1.xml tests/compiled/test_gpu.py -m gpu \
+tests() { mkdir -p $W/gpu-$1; py $1 env PARITY_GPU_OUT=$W/gpu-$1 timeout 80 "${PT[@]}" --junitxml $W/tests-$1.xml tests/compiled/test_gpu.py -m gpu \
   -k "test_cuda_parity_every_fixture or test_cuda_graphs_compute_what_the_plain_build_does" > $W/tests-$1.txt 2>&1
   log "tests $1: exit $? $(tail -1 $W/tests-$1.txt)"; grep -E "FAILED|Error" $W/tests-$1.txt | head -6; pack; }
 tests final; tests final2
