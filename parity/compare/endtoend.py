@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from parity.compare.metrics import json_safe
+from parity.compare.metrics import as_record, json_safe
 
 # Rows per float64 block: 16 x 65536 x 8 B = 8 MiB per array. A block makes about eight such
 # temporaries (both sides, their log-softmax, exp, products); at 64 rows that was ~0.25 GB on top
@@ -51,8 +51,8 @@ class RowMetrics:
 
 def logit_rows(actual: np.ndarray, expected: np.ndarray, *, tie_atol: float) -> RowMetrics:
     """Metrics of every token row of two (T, V) logits records (any float dtype)."""
-    a2 = np.asarray(actual).reshape(-1, np.asarray(actual).shape[-1])
-    e2 = np.asarray(expected).reshape(-1, np.asarray(expected).shape[-1])
+    a, e = as_record(actual), as_record(expected)  # a stored record is read a block of rows at a time
+    a2, e2 = a.reshape(-1, a.shape[-1]), e.reshape(-1, e.shape[-1])
     if a2.shape != e2.shape:
         raise ValueError(f"logits shapes differ: {a2.shape} vs {e2.shape}")
     out = RowMetrics()

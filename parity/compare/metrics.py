@@ -142,6 +142,13 @@ def json_safe(value):
     return value
 
 
+def as_record(x):
+    """``x`` as an array to compare: a stored record (a dump's StoredArray: ``stored_record``, shape,
+    dtype, reshape, row slices read from its file) stays as it is, to be read a block at a time;
+    anything else through np.asarray."""
+    return x if getattr(x, "stored_record", False) else np.asarray(x)
+
+
 def _as_float64(x, *, side: str) -> np.ndarray:
     arr = np.asarray(x)
     if np.issubdtype(arr.dtype, np.complexfloating):
@@ -233,7 +240,7 @@ def compare_arrays(actual, expected, *, tolerance: Tolerance, per_token: bool, r
     """
     if rows is not None and not per_token:
         raise ParityError("rows apply to per-token stages only; a state slot has no token axis")
-    raw_a, raw_b = np.asarray(actual), np.asarray(expected)
+    raw_a, raw_b = as_record(actual), as_record(expected)
     if rows is not None:
         rows = tuple(int(r) for r in rows)
         if raw_b.ndim == 0 or len(rows) != raw_b.shape[0]:

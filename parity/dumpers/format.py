@@ -505,7 +505,13 @@ class _StepFile:
             with open(self.path, "rb", buffering=0) as f:
                 self._load(f, os.fstat(f.fileno()))
 
-    def read(self, name: str) -> np.ndarray:
+    def layout(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        dtype, shape, _ = self._parsed[2][name]
+        return dtype, shape
+
+    def read(self, name: str, *, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Stage ``name``'s array; with ``count``, only its flat elements [first, first + count), as
+        a 1-D array (C order: a contiguous run of the file's bytes)."""
         with open(self.path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             if _identity(st) != self._parsed[0]:
@@ -515,6 +521,9 @@ class _StepFile:
                 dtype, shape, begin = layout[name]
             except KeyError:
                 raise _Unreadable(f"the file changed after the dump was opened and no longer holds stage {name!r}") from None
+            if count is not None:
+                shape = (count,)
+                begin += first * np.dtype(dtype).itemsize
             out = np.empty(shape, dtype)
             view = memoryview(out.reshape(-1).view(np.uint8))
             offset = data_start + begin
@@ -619,6 +628,65 @@ def _why(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, _Unreadable) else _reason(exc)
 
 
+# A record this large (a 512-token prompt's (512, 65536) fp32 logits: 128 MiB) is compared from the
+# file a block at a time (StepArrays.stored): held whole on both sides it was +0.5 GB on the parity
+# process's peak, the 0.1B 512-token scale row's 1.32x (issue 9).
+STORED_BYTES = 32 << 20
+
+
+class StoredArray:
+    """A step file's record read on demand: shape, dtype, ndim, size and nbytes, and rows (slices of
+    the leading axis, C order: contiguous bytes) read from the file when sliced. ``reshape`` gives
+    another view of the same bytes; ``np.asarray`` reads it whole. The compare engine reads large
+    records this way, one block at a time."""
+
+    __slots__ = ("_read", "shape", "dtype")
+    stored_record = True  # what the compare engine looks for (parity.compare.metrics.as_record), no import needed
+
+    def __init__(self, read, *, shape: tuple[int, ...], dtype: np.dtype):
+        self._read, self.shape, self.dtype = read, tuple(int(n) for n in shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def reshape(self, *shape) -> StoredArray:
+        dims = [int(n) for n in (shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)]
+        if -1 in dims and dims.count(-1) == 1:
+            known = int(np.prod([n for n in dims if n != -1], dtype=np.int64))
+            if known and self.size % known == 0:
+                dims[dims.index(-1)] = self.size // known
+        if min(dims, default=0) < 0 or int(np.prod(dims, dtype=np.int64)) != self.size:
+            raise ValueError(f"cannot reshape a stored array of shape {self.shape} into {tuple(shape)}")
+        return StoredArray(self._read, shape=tuple(dims), dtype=self.dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1) or not self.shape:
+            return np.asarray(self)[key]
+        start, stop, _ = key.indices(self.shape[0])
+        stop = max(start, stop)
+        row = int(np.prod(self.shape[1:], dtype=np.int64))
+        return self._read(first=start * row, count=(stop - start) * row).reshape((stop - start, *self.shape[1:]))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(first=0, count=self.size).reshape(self.shape)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"StoredArray(shape={self.shape}, dtype={self.dtype})"
+
+
 class StepArrays(Mapping):
     """One step's records, a read-only mapping stage -> array that reads each array from the step
     file when it is looked up and keeps none: whoever holds a value holds its memory, so a
@@ -637,6 +705,23 @@ class StepArrays(Mapping):
             return self._source.read(name)
         except (_Unreadable, OSError) as e:
             raise ParityError(f"{self._file}: cannot read stage {name!r} ({_why(e)}); {_DAMAGED}") from None
+
+    def stored(self, name: str) -> np.ndarray | StoredArray:
+        """``self[name]``, or for a record of STORED_BYTES or more a StoredArray that reads it from
+        the file block by block as the comparison walks it."""
+        if name not in self._known:
+            raise KeyError(name)
+        dtype, shape = self._source.layout(name)
+        if int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize < STORED_BYTES:
+            return self[name]
+
+        def read(*, first: int, count: int) -> np.ndarray:
+            try:
+                return self._source.read(name, first=first, count=count)
+            except (_Unreadable, OSError) as e:
+                raise ParityError(f"{self._file}: cannot read stage {name!r} ({_why(e)}); {_DAMAGED}") from None
+
+        return StoredArray(read, shape=shape, dtype=dtype)
 
     def __contains__(self, name: object) -> bool:
         return name in self._known
