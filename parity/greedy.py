@@ -20,47 +20,18 @@ from __future__ import annotations
 import gc
 import math
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from parity.checkpoint import Checkpoint, load_checkpoint
+from parity.dumpers.stepping import BackendStepper, Stepper, decode_run  # noqa: F401 (greedy's API)
 from parity.errors import ParityError
 from parity.heap import trim_heap
 
 # fp32 logits of two correct backends differ by ~1e-5 on the fixtures and grow with depth and
 # vocabulary; above this, a logit change is not rounding noise and an argmax flip is not a near-tie.
 FLIP_ATOL = 1e-3
-
-
-@runtime_checkable
-class Stepper(Protocol):
-    """A backend as greedy decoding needs it: a named model that carries its own state."""
-
-    name: str
-
-    def reset(self) -> None:
-        """Back to the zero state."""
-
-    def step(self, ids: Sequence[int]) -> np.ndarray:
-        """Run ``ids`` from the current state; return the LAST row of logits, shape (V,)."""
-
-
-class BackendStepper:
-    """Any backend (``parity.dumpers.registry``: built-in, mutant, hf, plug-in) as a ``Stepper``: the
-    same object a teacher-forced dump drives, stepped one token at a time, its logits' last row read."""
-
-    def __init__(self, backend):
-        self.backend, self.name = backend, backend.name
-
-    def reset(self) -> None:
-        self.backend.reset()
-
-    def step(self, ids: Sequence[int]) -> np.ndarray:
-        logits = self.backend.step(list(ids)).get("logits")
-        if logits is None:
-            raise ParityError(f"backend {self.name} recorded no 'logits' stage; greedy decoding needs them")
-        return np.asarray(logits, dtype=np.float32).reshape(-1, np.shape(logits)[-1])[-1]
 
 
 class ReferenceStepper(BackendStepper):
@@ -77,25 +48,6 @@ def make_stepper(spec: str, checkpoint: Checkpoint, *, cache_dir: Path | None = 
     from parity.dumpers.registry import make_backend
 
     return BackendStepper(make_backend(spec, checkpoint, cache_dir=cache_dir, on_event=on_event))
-
-
-def decode_run(stepper: Stepper, *, prompt_ids: Sequence[int], steps: int,
-               forced: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
-    """(chosen tokens, logits rows (steps, V)): greedy, or fed ``forced`` tokens when given.
-
-    With ``forced``, row i is what the stepper predicts after the prompt and ``forced[:i]`` —
-    the same context the forcing backend had — while the returned tokens are its own argmaxes.
-    """
-    stepper.reset()
-    logits = stepper.step(prompt_ids)
-    chosen: list[int] = []
-    rows = []
-    for i in range(steps):
-        rows.append(np.asarray(logits, dtype=np.float32).reshape(-1))
-        chosen.append(int(np.argmax(rows[-1])))
-        if i + 1 < steps:  # the last chosen token needs no forward pass: nothing reads its logits
-            logits = stepper.step([forced[i] if forced is not None else chosen[-1]])
-    return chosen, np.stack(rows)
 
 
 def top2_margins(rows: np.ndarray) -> list[float | None]:
@@ -173,7 +125,7 @@ def greedy_compare(
     isolate = not (in_process if in_process is not None else in_process_requested())
     in_worker = [isolate and isinstance(b, str) and _compiled(b) for b in backends]
     if timeout is None:
-        from parity.session import DEFAULT_TIMEOUT
+        from parity.dumpers.worker import DEFAULT_TIMEOUT
 
         timeout = DEFAULT_TIMEOUT
 

@@ -27,7 +27,7 @@ from parity.dumpers.backends import (ReferenceBackend, RunPlan, pin_torch_math, 
                                      tool_versions, torch_math_settings)
 from parity.dumpers.format import DumpReader
 from parity.dumpers.registry import check_backend_spec, dump_dir_name, make_backend
-from parity.dumpers.worker import in_process_requested, open_dump, run_in_worker
+from parity.dumpers.worker import DEFAULT_TIMEOUT, in_process_requested, open_dump, run_in_worker
 from parity.heap import trim_heap
 from parity.errors import ParityError
 from parity.reference import check_reference_device
@@ -38,10 +38,6 @@ from parity.results import Crash, Divergence, Drift, EndToEnd, OwnError, PairRes
 # (our compiled build run layer by layer on the yardstick's inputs, every other backend replayed);
 # both: as replay, with our compiled build isolated instead of replayed, both shown side by side.
 MODES = ("replay", "propagated", "isolated", "both")
-# Seconds one step (the prefill, or one decode step) of a backend in a worker may take before the
-# backend is called hung and stopped. Generous: a real-size prefill through a debug build on a busy
-# CPU takes minutes, and a false "timed out" would hide a working backend. Compiling is not timed.
-DEFAULT_TIMEOUT = 1800.0
 
 EventFn = Callable[[str], None]
 StepFn = Callable[[str, int, int], None]

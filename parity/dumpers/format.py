@@ -936,3 +936,51 @@ def _validate_fields(m: dict[str, Any], *, where: Path) -> None:
         unknown = [n for n in stages if n not in known]
         if unknown:
             raise bad(f"steps[{i}] records stage(s) not in stage_order: {', '.join(unknown)}")
+
+
+# -- reading what a dead worker left --------------------------------------------------------------
+def _is_partial(path: Path) -> bool:
+    return ".partial-" in Path(path).name
+
+
+def open_dump(path: str | os.PathLike[str]):
+    """A reader for ``path``: a complete dump, or the completed steps of a crashed backend's
+    ``<dir>.partial-<pid>``."""
+    return PartialDumpReader(path) if _is_partial(Path(path)) else DumpReader(path)
+
+
+class PartialDumpReader(DumpReader):
+    """The steps a crashed or killed writer finished, from its ``<dir>.partial-<pid>`` directory.
+
+    The writer (parity/dumpers/format.py) renames each step file into place *before* it lists the
+    step in the manifest, and replaces the manifest atomically, so every step the manifest lists
+    is whole; the step being written when the process died is absent. The manifest keeps
+    ``complete: false`` on disk — this reader never makes the directory read as a finished dump.
+    Reads like ``DumpReader`` (the compare engine's RunView); only the completeness check differs.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = _absolute(path)
+        manifest_file = self.path / MANIFEST_NAME
+        try:
+            m = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise ParityError(f"{manifest_file}: cannot read the unfinished dump's manifest ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise ParityError(f"{manifest_file} is not an {FORMAT_NAME} manifest")
+        version = m.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+            raise ParityError(f"{manifest_file}: unreadable format_version {version!r}")
+        _validate_fields(m, where=manifest_file)
+        self.manifest = m
+        self.backend, self.mode, self.dtype = m["backend"], m["mode"], m["dtype"]
+        self.model, self.stage_order, self.checkpoint = m["model"], m["stage_order"], m["checkpoint"]
+        self.tool_versions, self.extra = m["tool_versions"], m["extra"]
+        self.steps = [StepInfo(index=s["index"], kind=s["kind"], ids=list(s["ids"])) for s in m["steps"]]
+        for s in m["steps"]:
+            keys = self._open_keys(s)
+            if any(name not in keys for name in s["stages"]):
+                raise ParityError(f"{self.path / s['file']}: stages listed in the manifest are missing from the file")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "complete": False, "steps_recorded": len(self.steps)}

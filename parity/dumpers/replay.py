@@ -82,8 +82,8 @@ class ReplayBackend(Backend):
         from parity.reference import make_reference
 
         if ".partial-" in Path(candidate_dump).name:
-            # A crashed backend's finished steps (parity/dumpers/worker.py): replayed like any dump.
-            from parity.dumpers.worker import PartialDumpReader
+            # A crashed backend's finished steps (format.PartialDumpReader): replayed like any dump.
+            from parity.dumpers.format import PartialDumpReader
 
             self.candidate = PartialDumpReader(candidate_dump)
         else:
@@ -122,7 +122,7 @@ class ReplayBackend(Backend):
         self.splice_stages = SPLICE_STAGES if splice else ()
         self.splice_source = None
         if splice and splice_from is not None:
-            from parity.dumpers.worker import open_dump
+            from parity.dumpers.format import open_dump
 
             self.splice_source = open_dump(splice_from)
         self._splice_steps = {st.index for st in self.splice_source.steps} if self.splice_source is not None else set()
@@ -193,7 +193,7 @@ def splices_scan_inputs(candidate_dump) -> bool:
     """Whether a replay of this dump runs every layer's scan on the candidate's own r, k and v: an
     RWKV-5 dump holding all three, all token rows, for every layer of every step. ``candidate_dump``:
     its path, or the dump already open (a reader from open_dump)."""
-    from parity.dumpers.worker import open_dump
+    from parity.dumpers.format import open_dump
 
     reader = open_dump(candidate_dump) if isinstance(candidate_dump, (str, Path)) else candidate_dump
     n_layer = int(reader.model.get("n_layer", 0))

@@ -45,11 +45,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from parity.dumpers import format as _fmt
-from parity.dumpers.format import DumpReader
+from parity.dumpers.format import DumpReader, PartialDumpReader, open_dump  # noqa: F401 (re-exported)
 from parity.errors import ParityError
 
-__all__ = ["BackendFailure", "PartialDumpReader", "WorkerOutcome", "in_process_requested", "open_dump", "run_in_worker"]
+# Seconds one step (the prefill, or one decode step) of a backend in a worker may take before the
+# backend is called hung and stopped. Generous: a real-size prefill through a debug build on a busy
+# CPU takes minutes, and a false "timed out" would hide a working backend. Compiling is not timed.
+DEFAULT_TIMEOUT = 1800.0
+
+__all__ = ["BackendFailure", "DEFAULT_TIMEOUT", "PartialDumpReader", "WorkerOutcome", "in_process_requested", "open_dump", "run_in_worker"]
 
 # How long a terminated (SIGTERM) child gets to go before it is killed (SIGKILL).
 _TERMINATE_GRACE_S = 5.0
@@ -285,7 +289,7 @@ def _greedy_in_child(backend, job: dict, send: _Sender) -> dict:
     """``parity.greedy``'s runs of one backend, here: its own greedy tokens and logits rows, and,
     given the yardstick's tokens, its rows teacher-forced on them where its own tokens part from
     them (or always, ``forced_only``: its own run was done in an earlier worker)."""
-    from parity.greedy import BackendStepper, decode_run
+    from parity.dumpers.stepping import BackendStepper, decode_run
 
     stepper = _ReportingStepper(BackendStepper(backend), steps=job["steps"], send=send)
     out = {"tokens": None, "rows": None, "forced_rows": None}
@@ -580,51 +584,3 @@ def _read_fault_log(path: str) -> str:
     return text[-_FAULT_LOG_CHARS:]
 
 
-# -- reading what a dead worker left --------------------------------------------------------------
-def _is_partial(path: Path) -> bool:
-    return ".partial-" in Path(path).name
-
-
-def open_dump(path: str | os.PathLike[str]):
-    """A reader for ``path``: a complete dump, or the completed steps of a crashed backend's
-    ``<dir>.partial-<pid>``."""
-    return PartialDumpReader(path) if _is_partial(Path(path)) else DumpReader(path)
-
-
-class PartialDumpReader(DumpReader):
-    """The steps a crashed or killed writer finished, from its ``<dir>.partial-<pid>`` directory.
-
-    The writer (parity/dumpers/format.py) renames each step file into place *before* it lists the
-    step in the manifest, and replaces the manifest atomically, so every step the manifest lists
-    is whole; the step being written when the process died is absent. The manifest keeps
-    ``complete: false`` on disk — this reader never makes the directory read as a finished dump.
-    Reads like ``DumpReader`` (the compare engine's RunView); only the completeness check differs.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        from parity.compare.divergence import StepInfo
-
-        self.path = _fmt._absolute(path)
-        manifest_file = self.path / _fmt.MANIFEST_NAME
-        try:
-            m = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise ParityError(f"{manifest_file}: cannot read the unfinished dump's manifest ({e})") from None
-        if not isinstance(m, dict) or m.get("format") != _fmt.FORMAT_NAME:
-            raise ParityError(f"{manifest_file} is not an {_fmt.FORMAT_NAME} manifest")
-        version = m.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= _fmt.FORMAT_VERSION:
-            raise ParityError(f"{manifest_file}: unreadable format_version {version!r}")
-        _fmt._validate_fields(m, where=manifest_file)
-        self.manifest = m
-        self.backend, self.mode, self.dtype = m["backend"], m["mode"], m["dtype"]
-        self.model, self.stage_order, self.checkpoint = m["model"], m["stage_order"], m["checkpoint"]
-        self.tool_versions, self.extra = m["tool_versions"], m["extra"]
-        self.steps = [StepInfo(index=s["index"], kind=s["kind"], ids=list(s["ids"])) for s in m["steps"]]
-        for s in m["steps"]:
-            keys = self._open_keys(s)
-            if any(name not in keys for name in s["stages"]):
-                raise ParityError(f"{self.path / s['file']}: stages listed in the manifest are missing from the file")
-
-    def describe(self) -> dict:
-        return {**super().describe(), "complete": False, "steps_recorded": len(self.steps)}
