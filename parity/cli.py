@@ -453,10 +453,12 @@ def cmd_run(args, console) -> int:
             reference_device=args.reference_device,
             timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout, in_process=args.in_process or None,
         )
-        # Greedy decoding drives the backends in this process: one that just crashed in its worker
-        # would take the verdict and the reports down with it, so it is skipped then.
-        greedy = None if outcome.crashed else run_greedy(ck, backends=backends, info=info, cache_dir=args.cache_dir,
-                                                         on_event=prog.event)
+        # Greedy decoding drives the torch backends and plug-ins in this process (compiled builds in
+        # workers): one that just crashed in its worker could take the verdict and the reports down
+        # with it, so it is skipped then.
+        greedy = None if outcome.crashed else run_greedy(
+            ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event,
+            in_process=args.in_process or None, timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout)
         if outcome.crashed and info.get("greedy_steps"):
             prog.event("greedy decoding skipped: a backend crashed or hung")
         if args.explain:  # after the verdict, while the dumps still exist

@@ -359,8 +359,9 @@ def _fmt(x) -> str:
 
 
 def run_greedy(checkpoint: Checkpoint, *, backends: Sequence[str], info: dict, cache_dir: Path | None = None,
-               on_event=None) -> dict | None:
-    """``parity run --greedy N``: the greedy comparison of the prompt ``plan_from_args`` built (None when N = 0)."""
+               on_event=None, in_process: bool | None = None, timeout: float | None = None) -> dict | None:
+    """``parity run --greedy N``: the greedy comparison of the prompt ``plan_from_args`` built (None when N = 0);
+    ``in_process`` and ``timeout`` as the run's own (``--in-process``, ``--timeout``)."""
     steps = info.get("greedy_steps") or 0
     if steps == 0:
         return None
@@ -371,5 +372,5 @@ def run_greedy(checkpoint: Checkpoint, *, backends: Sequence[str], info: dict, c
         tokenizer = WorldTokenizer()
     return greedy_compare(
         checkpoint, backends=list(backends), prompt_ids=info["model_ids"], steps=steps, cache_dir=cache_dir,
-        tokenizer=tokenizer, vocab_folded=info["vocab_folded"], on_event=on_event,
+        tokenizer=tokenizer, vocab_folded=info["vocab_folded"], on_event=on_event, in_process=in_process, timeout=timeout,
     )

@@ -9,6 +9,7 @@ and ``RunOutcome.result`` is its JSON form, what reports render and ``--json`` w
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import shlex
 import sys
 import tempfile
@@ -299,6 +300,21 @@ def _runs_beside(target: str) -> bool:
     """Whether the compiled backends' workers run while the reference runs here: on the GPU, where
     their weights do not take host memory. On the CPU they run first, alone (issue 9's memory)."""
     return target == "cuda"
+
+
+# The torch references run here, on this process's one fp32 copy of the weights (Checkpoint.fp32_weights):
+# ours (the replays reuse its model), the official package and transformers. They are witnesses, not
+# code under test, so a crash verdict is not what they need; a worker each would hold a second copy of
+# the weights and a second torch (issue 9: on a CUDA-torch host the official package's worker alone was
+# 1.43 GB of a 0.1B run's 1.63 GB allowance). Compiled builds, mutants and plug-ins: a worker each.
+TRUSTED_BACKENDS = ("reference", "chatrwkv", "hf")
+
+
+def _trusted(spec: str) -> bool:
+    """Whether backend ``spec`` (with any @dtype) is one of the torch references run in this process."""
+    from parity.dumpers.registry import split_dtype
+
+    return split_dtype(spec)[0] in TRUSTED_BACKENDS
 
 
 def _isolatable(spec: str) -> bool:
@@ -707,9 +723,7 @@ def run_parity(
                            failures=failures, partials=partials, names=names)
 
         def in_parent(spec: str) -> bool:
-            # Our own torch reference stays here: the replays reuse its model, so a real-size
-            # model's weights are held once. Everything else is code under test: a worker each.
-            return not isolate or spec == "reference"
+            return not isolate or _trusted(spec)
 
         # Workers first: until the reference runs here, this process holds the checkpoint only
         # memory-mapped, so a worker's fp32 copy of the weights and ours are never alive together.
@@ -748,6 +762,12 @@ def run_parity(
                 continue
             say(f"running {spec}: prefill of {len(plan.prefill_ids)} tokens + {len(plan.decode_ids)} decode steps")
             dumps[spec] = backend.dump(plan, path=Path(dump_dir) / dump_dir_name(spec), on_step=on_step)
+            if spec != "reference" and not _isolatable(spec):
+                # Done with it (only the reference's model and our in-process build are used again):
+                # the official package's ln0-folded embedding alone is 0.2 GB at 0.1B. It sits in
+                # reference cycles (hooks, wrapped methods), hence the collection.
+                del made[spec], backend
+                gc.collect()
         if pool is not None:
             pool.shutdown(wait=True)  # the GPU workers' dumps (or their failures) are in by now
             for future in beside.values():
