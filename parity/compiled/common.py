@@ -7,7 +7,8 @@ accumulated in fp32 and rounded once to the dtype (what torch's CPU fp16/bf16 ma
 LayerNorm statistics in fp32, its output rounded to the dtype; the embedding table normalised by
 ln0 in fp32, then rounded; the wkv scan, its state, the decay and bonus, GroupNorm and the logits
 in fp32. fp16 also rescales the residual stream every ``RESCALE_LAYER`` layers (att.output and
-ffn.value weights divided at load by the runtime, the stream halved in the graph), and what the
+ffn.value weights divided at load by the runtime, the stream halved in the graph: in the plain CUDA
+build's decode step by the layer's FFN value kernel itself, gemv_cuda.fold_halving), and what the
 debug build returns is canonical: every tap in fp32, the four stream stages multiplied back.
 The interface (ids, the state, the isolated entry points' x) stays fp32 whatever the dtype: fp16
 and bf16 values are exact in fp32, so the state round-trips unchanged.
@@ -24,6 +25,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from parity.checkpoint import ModelConfig
 from parity.compiled.dtypes import DTYPES, split_scheme
+from parity.compiled.gemv_cuda import fold_halving
 
 LN_EPS = 1e-5
 # As the official package (and parity/reference/rwkv5.py's RESCALE_LAYER): fp16 only.
@@ -473,9 +475,13 @@ class RWKVModel(nn.Module):
         n = len(self.layout.slots)
         decays = self.layer_decays()
         for i in range(len(self.blocks)):
-            x, slots = self.run_layer(i, x, state[n * i : n * i + n], tap, decay=decays[i] if decays else None)
+            halve = bool(self.rescale_layer) and (i + 1) % self.rescale_layer == 0
+            # (the decode step's own kernels: the layer's FFN value GEMV halves its output itself,
+            # gemv_cuda.fold_halving, one launch fewer; every other build halves as below)
+            with fold_halving() if halve else contextlib.nullcontext() as fold:
+                x, slots = self.run_layer(i, x, state[n * i : n * i + n], tap, decay=decays[i] if decays else None)
             new_state += slots
-            if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
+            if halve and not fold.done:
                 x = x * 0.5  # halve the stream after every R-th layer (exact), as the official package
         logits = self.run_head(x, tap)
         self.tap_names = tap.names

@@ -18,6 +18,7 @@ only change is the marked config block. The build picks a config with $PARITY_CU
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, reduce
 
@@ -374,8 +375,32 @@ DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds th
 DECODE_WARPS_BY = {"rmul_residual": 4}  # warps a block for one kind of decode GEMV ("ln", "mix", or a plain one's epilogue), else DECODE_WARPS
 DECODE_MIN_BLOCKS_BY = {}  # "ln": blocks an SM must hold at once (__launch_bounds__'s second number: caps registers)
 DECODE_ROWS_PER_WARP = 4  # rows each warp of an "ln" kernel takes in turn: the block's LayerNorm + lerp once for them all
-EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "logits")
-_EXTRA = {"residual": 1, "rmul_residual": 2}
+# (DECODE_WARPS_BY and DECODE_MIN_BLOCKS_BY also take "ln1" (ln1 + r/k/v/g) or "ln2" (ln2 + FFN key + receptance),
+# before "ln". K5 measured ln2 at 8 warps a block: slower, benchmarks/results/gpu-2026-12-02-k5.)
+EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "rmul_residual_half", "logits")
+_EXTRA = {"residual": 1, "rmul_residual": 2, "rmul_residual_half": 2}
+
+
+class _Fold:
+    active = None  # inside fold_halving(): its result, whose .done says whether a GEMV took the halving
+
+
+class _FoldResult:
+    done = False
+
+
+@contextmanager
+def fold_halving():
+    """The fp16 rescale's halving of the residual stream (common.RESCALE_LAYER), folded into the
+    layer's last kernel: inside this context the first "rmul_residual" decode GEMV built (the FFN
+    value: x + r * v, the block's output) computes (x + r * v) * 0.5 -- the same fp16 rounding of
+    x + r * v, then the same exact halving -- instead of the stream's own elementwise kernel (a
+    launch). Yields the state: ``.done`` says whether it was taken (else the caller halves)."""
+    prev, _Fold.active = _Fold.active, _FoldResult()
+    try:
+        yield _Fold.active
+    finally:
+        _Fold.active = prev
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -400,6 +425,7 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
         relu2          y = relu(to_dtype(acc))^2         (ffn key)           (1, rows)
         sigmoid        y = sigmoid(to_dtype(acc))        (ffn receptance)    (1, rows)
         rmul_residual  y = e0 + e1 * to_dtype(acc)       (x + r * ffn value) (1, rows)
+        rmul_residual_half  (e0 + e1 * to_dtype(acc)) * 0.5  (the same, halved: fold_halving)
         logits         y = fp32(to_dtype(acc))           (the head)          (1, rows) fp32
     Arguments, in order: x (``x_shape``), w, e0[, e1] -- or with ``mix``: xx (1, K), the carried
     last token (K,) fp32, then per part its mu ((groups, 1, 1, K)) and w ((groups, rows, K), or (rows, K)
@@ -410,7 +436,15 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
     the dtype; its sums in another order), so the LayerNorm's own kernel is gone too."""
     parts = tuple((int(g), int(r), e) for g, r, e in parts)
     kind = ("ln" if ln_eps is not None else "mix") if mix else parts[0][2]
-    warps = DECODE_WARPS_BY.get(kind, DECODE_WARPS)
+    if kind == "rmul_residual" and _Fold.active is not None and not _Fold.active.done:  # (fold_halving)
+        _Fold.active.done = True
+        parts = ((parts[0][0], parts[0][1], "rmul_residual_half"),)
+    sub = f"ln{len(parts)}" if kind == "ln" else kind  # "ln1" / "ln2": one "ln" kernel
+
+    def by(table, default):
+        return table.get(sub, table.get(kind, default))
+
+    warps = by(DECODE_WARPS_BY, DECODE_WARPS)
     rpw = 1
     if kind == "ln" and DECODE_ROWS_PER_WARP > 1:  # only where every part's rows fill whole blocks
         s = _row_split(int(k), dtype, warps, DECODE_UNROLL)
@@ -418,7 +452,7 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
             rpw = DECODE_ROWS_PER_WARP
     args = (int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), warps, DECODE_UNROLL,
             None if ln_eps is None else float(ln_eps))
-    mb = int(DECODE_MIN_BLOCKS_BY.get(kind, 0)) if kind == "ln" else 0
+    mb = int(by(DECODE_MIN_BLOCKS_BY, 0)) if kind == "ln" else 0
     return _decode_gemv(*args) if rpw == 1 and not mb else _decode_gemv(*args, rpw, mb)
 
 
@@ -489,6 +523,8 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
             return T.sigmoid(v)
         if epilogue == "rmul_residual":
             return e0[0, n] + e1[0, n] * v
+        if epilogue == "rmul_residual_half":  # (fold_halving: the stream's halving, exact)
+            return (e0[0, n] + e1[0, n] * v) * tirx.const(0.5, dt)
         return T.Cast("float32", v)
 
     def col(ty, co, ci, lane):  # the first element of this lane's ci-th load of run co

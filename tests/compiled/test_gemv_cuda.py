@@ -102,3 +102,25 @@ def test_default_decode_has_no_dlight_gemv(monkeypatch):
     the LayerNorm and lerps inside), not DLight-scheduled NT_matmul GEMVs; a variant brings those back."""
     assert not _gemv_kernels(monkeypatch, None)
     assert _gemv_kernels(monkeypatch, "v16")
+
+
+def test_the_fp16_halving_rides_in_the_ffn_value_kernel() -> None:
+    """fp16 halves the residual stream after every 6th layer (common.RESCALE_LAYER): in the decode step
+    the 6th layer's FFN value GEMV does it in its epilogue (gemv_cuda.fold_halving), no launch of its own
+    (test_kernel_count: 5 launches a layer, 5 outside the layers)."""
+    from .test_kernel_count import decode_launches
+
+    assert decode_launches(n_layer=6, dtype="float16") == 5 + 6 * 5
+
+
+def test_fold_halving_rewrites_only_the_first_ffn_value_gemv() -> None:
+    # (x + r * v) rounded to fp16 first, then * 0.5: the order of the halving kernel it replaces.
+    from parity.compiled import gemv_cuda
+
+    with gemv_cuda.fold_halving() as fold:
+        f = gemv_cuda.decode_gemv_cuda(128, "float16", ((1, 128, "rmul_residual"),), x_shape=(1, 128))
+        g = gemv_cuda.decode_gemv_cuda(128, "float16", ((1, 128, "rmul_residual"),), x_shape=(1, 128))
+    assert fold.done and gemv_cuda._Fold.active is None
+    assert "* T.float16(0.5)" in f.script() and "T.float16(0.5)" not in g.script()
+    plain = gemv_cuda.decode_gemv_cuda(128, "float16", ((1, 128, "rmul_residual"),), x_shape=(1, 128))
+    assert plain.script() == g.script()
