@@ -484,6 +484,10 @@ def test_reference_compiled_and_official_read_one_fp32_copy(compile_cache):
     param = tvm_model.params[tvm_model.artifact.meta["params"].index(key)]
     assert torch.from_dlpack(param).data_ptr() == shared[key].data_ptr()
     assert official.w[key].data_ptr() == shared[key].data_ptr()  # its transposed view of our tensor
+    # One ln0-folded embedding table for the reference and the package (emb fp32, ln0 bf16 here).
+    folded = ck.folded_embedding()
+    folded_before = folded.clone()
+    assert ref.emb.data_ptr() == folded.data_ptr() == official.w["emb.weight"].data_ptr()
     # Nobody writes into the shared tensors: run all three, then compare with the snapshot.
     ids = [1, 2, 3, 4]
     ref.forward(ids)
@@ -491,7 +495,22 @@ def test_reference_compiled_and_official_read_one_fp32_copy(compile_cache):
     tvm_model.forward([5], tvm_model.forward(ids).state)
     official.forward(ids, None, full_output=True)
     assert all(torch.equal(shared[k], before[k]) for k in shared)
+    assert torch.equal(folded, folded_before)
     assert np.isfinite(tvm_model.forward(ids).logits).all()
+
+
+def test_the_package_folds_its_own_table_where_its_fold_is_not_ours():
+    from parity.dumpers.official import load_official_model
+
+    # emb and ln0 both stored in bf16: the package folds in bf16, not in fp32 as folded_embedding does.
+    ck = load_checkpoint(FIXTURE_H2)
+    bf16 = dataclasses.replace(ck, weights={**ck.weights, "emb.weight": ck.weights["emb.weight"].to(torch.bfloat16)})
+    official = load_official_model(bf16)
+    own = official.w["emb.weight"]
+    assert own.data_ptr() != bf16.folded_embedding().data_ptr()
+    w = bf16.weights
+    expected = torch.nn.functional.layer_norm(w["emb.weight"], (bf16.config.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
+    assert torch.equal(own, expected.float())
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.pth")), ids=lambda p: p.stem)
@@ -657,3 +676,18 @@ def test_the_checkpoint_module_imports_without_torch():
             "import parity.checkpoint, parity.compiled.runtime, parity.dumpers.registry\n"
             "assert sys.modules['torch'] is None")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_ln0_folded_a_block_of_rows_at_a_time_is_the_whole_table_call_bit_for_bit(monkeypatch):
+    import parity.checkpoint as checkpoint_module
+    from parity.checkpoint import LN0_EPS, fold_ln0
+
+    monkeypatch.setattr(checkpoint_module, "_RELEASE_EVERY", 1 << 20)  # 341 rows of 768 fp32 a block
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(5000, 768, generator=g) * 3 + 0.5
+    weight, bias = torch.randn(768, generator=g), torch.randn(768, generator=g)
+    released = []
+    folded = fold_ln0(emb, weight, bias, release=lambda: released.append(1))
+    whole = torch.nn.functional.layer_norm(emb, (768,), weight, bias, LN0_EPS)
+    assert torch.equal(folded.view(torch.int32), whole.view(torch.int32))  # bits
+    assert len(released) == -(-5000 // 341)

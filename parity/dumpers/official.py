@@ -67,11 +67,31 @@ def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float3
     def load(f, *args, **kwargs):
         return weights if f == name else real_load(f, *args, **kwargs)
 
-    torch.load = load
+    import torch.nn.functional as F
+
+    from parity.checkpoint import LN0_EPS
+
+    # Its ln0 fold is F.layer_norm(emb, (C,), ln0 weight, ln0 bias) over the whole table; where it runs
+    # in fp32 on the stored table (emb fp32, or emb and ln0 stored in different dtypes: the package's
+    # fallback upcasts them), that is exactly Checkpoint.folded_embedding's call on the same values,
+    # so it gets that shared table instead of a second one. Any other call goes through untouched.
+    real_layer_norm, emb = F.layer_norm, weights["emb.weight"]
+    folded = source.folded_embedding() if emb.dtype == torch.float32 else None  # made before F is patched
+    fp32 = source.fp32_weights()
+    ln0 = (fp32["blocks.0.ln0.weight"], fp32["blocks.0.ln0.bias"])
+
+    def layer_norm(input, normalized_shape, weight=None, bias=None, eps=LN0_EPS):
+        if (folded is not None and input is emb and eps == LN0_EPS and tuple(normalized_shape) == tuple(emb.shape[1:])
+                and weight is not None and bias is not None and weight.dtype == bias.dtype == torch.float32
+                and torch.equal(weight, ln0[0]) and torch.equal(bias, ln0[1])):
+            return folded
+        return real_layer_norm(input, normalized_shape, weight, bias, eps)
+
+    torch.load, F.layer_norm = load, layer_norm
     try:
         return RWKV(name, strategy, verbose=False)
     finally:
-        torch.load = real_load
+        torch.load, F.layer_norm = real_load, real_layer_norm
 
 
 # The package's embedding table is ln0(emb) computed in the file's dtype (see load_official_model).

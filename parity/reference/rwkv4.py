@@ -64,7 +64,8 @@ class RWKV4Reference(LayerwiseModel):
         # fp64 (the arbiter) its own; their upcast dict is temporary, not cached on the checkpoint.
         shared = self.dtype == torch.float32
         w = checkpoint.fp32_weights() if shared else {k: v.to(acc) for k, v in checkpoint.weights.items()}
-        self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
+        self.emb = checkpoint.folded_embedding() if shared else F.layer_norm(
+            w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers = []
         w = self._prepared_weights(w, weights=weights)
         for i in range(cfg.n_layer):

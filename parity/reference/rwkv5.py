@@ -303,7 +303,8 @@ class RWKV5Reference(LayerwiseModel):
 
         # Embedding LayerNorm is folded into the table at load, as the official package does:
         # per row the math is identical to applying ln0 after the lookup.
-        self.emb = F.layer_norm(w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
+        self.emb = checkpoint.folded_embedding() if shared else F.layer_norm(
+            w["emb.weight"], (cfg.n_embd,), w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"], LN_EPS).to(dt)
         self.layers: list[_Layer] = []
         gated = cfg.version.gated
         w = self._prepared_weights(w, weights=weights)
