@@ -51,15 +51,20 @@ def test_matches_the_official_package_bit_for_bit(name: str, dtype: str, tmp_pat
     assert ours.dtype == theirs.dtype == dtype
     # 5.0's prefill in the package is a chunked matrix form, not a scan: its fp32 sums associate
     # differently, so there (only) the two agree to fp32 rounding of the state, 2e-4 x max|b| — the
-    # fp32 allowance, 50x tighter than what fp16 rounding itself costs (tests below, calibration).
+    # fp32 allowance, 50x tighter than what fp16 rounding itself costs (tests below, calibration) —
+    # or, where that order difference flips a rounding to the dtype, to one ulp of it, carried
+    # through two layers: 2 eps x max|b|. Measured (2026-12-01, a Sapphire Rapids CPU: AMX,
+    # AVX512-FP16): fp16 0.98 eps x max|b| (logits, L1.x_out), bf16 0.002 eps; on the CPU of the
+    # earlier runs no flip at all.
     chunked = ck.config.version.value == "5.0"
+    chunk_rtol = max(2e-4, 2 * torch.finfo(getattr(torch, dtype)).eps)
     compared = 0
     for step in range(1 + len(PLAN.decode_ids)):
         a, b = ours.read_step(step), theirs.read_step(step)
         for stage, value in b.items():
             mine = a[stage].astype(np.float32)
             if chunked:
-                assert np.abs(mine - value).max() <= 2e-4 * np.abs(value).max(), f"step {step} {stage}"
+                assert np.abs(mine - value).max() <= chunk_rtol * np.abs(value).max(), f"step {step} {stage}"
             else:
                 np.testing.assert_array_equal(mine, value, err_msg=f"step {step} {stage}")
             compared += 1
