@@ -12,10 +12,12 @@ Here (the build machine: full TVM, nvcc; no GPU):
         SPEC: NAME or NAME:CONST=VALUE[;CONST=VALUE...]  (NAME alone: the tree's sources as they are)
         WHAT: NAME=big16|big|fixplain|all, or several joined by '+'  (default: base and every variant big16; "all" = big + every
               fixture's plain builds + the CUDA debug and graph builds the GPU tests use)
+        --reuse-cache DIR0: copy an earlier stage's DIR0/build-cache in first (its unchanged entries are not built again)
       -> DIR/<base, NAME...>/ snapshots, DIR/build-cache, DIR/tvm (the runtime bundle: ../shared/tools/
          tvm-gpu-bundle), DIR/*.whl, and DIR.tar.xz of it all (carry it).
 
-On the GPU (python3 of the machine; DIR.tar.xz unpacked, its ffi wheel installed with pip --no-deps --no-index):
+On the GPU (python3 of the machine; DIR.tar.xz unpacked; the job installs DIR's ffi wheel into its own interpreter
+(python -m pip --no-deps --no-index) where that cannot import tvm_ffi yet):
 
     python3 benchmarks/gpu_variants.py job DIR OUT [--bench NAME=DTYPES ...] [--compare NAME ...] [--tests NAME]
         bench: the 1.5B build (benchmarks/gpu.py's random weights, seed 0): per-kernel profile of 3 VM decode
@@ -102,6 +104,8 @@ def stage(args) -> None:
     d = Path(args.dir).resolve()
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
+    if args.reuse_cache:  # an earlier stage's builds: the entries whose sources are unchanged are not built again
+        shutil.copytree(Path(args.reuse_cache).resolve() / "build-cache", d / "build-cache", symlinks=True)
     names = ["base"]
     snapshot(root, d / "base", args.base, tree=False, consts={})
     for spec in args.variant:
@@ -267,6 +271,12 @@ def job(args) -> None:
     def keep(path, pattern):
         return "\n".join(ln for ln in Path(path).read_text().splitlines() if re.search(pattern, ln))[:3000]
 
+    # The bundle's tvm needs the ffi wheel in this very interpreter: a bare `pip` may be another python's
+    # (K6's call 2 on a fresh machine: every step failed on "No module named 'tvm_ffi'").
+    if subprocess.run([sys.executable, "-c", "import tvm_ffi"], capture_output=True).returncode:
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                              *map(str, sorted(d.glob("apache_tvm_ffi-*.whl")))], capture_output=True, text=True)
+        log(f"installed the ffi wheel into {sys.executable}: exit {pip.returncode} {pip.stderr.strip()[-300:]}")
     me = str(HERE)
     for spec in args.bench:  # one at a time: the GPU to itself
         n, _, dtypes = spec.partition("=")
@@ -312,6 +322,7 @@ def main() -> None:
     s.add_argument("--variant", action="append", default=[])
     s.add_argument("--build", action="append", default=[])
     s.add_argument("--jobs", type=int, default=2)
+    s.add_argument("--reuse-cache", help="an earlier stage's DIR: its build-cache is copied in first")
     b = sub.add_parser("build")
     b.add_argument("what")
     be = sub.add_parser("bench")

@@ -375,6 +375,15 @@ DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds th
 DECODE_WARPS_BY = {"rmul_residual": 4}  # warps a block for one kind of decode GEMV ("ln", "mix", or a plain one's epilogue), else DECODE_WARPS
 DECODE_MIN_BLOCKS_BY = {}  # "ln": blocks an SM must hold at once (__launch_bounds__'s second number: caps registers)
 DECODE_ROWS_PER_WARP = 4  # rows each warp of an "ln" kernel takes in turn: the block's LayerNorm + lerp once for them all
+DECODE_GRID_BY = {}  # "ln1" / "ln2" / "ln": a persistent kernel of this many blocks (e.g. the H200's 132 SMs), each
+# normalising the row once and walking its even share of the rows, warps in turn (one warp a row only: fp16 at C 2048;
+# else as without; DECODE_ROWS_PER_WARP is then moot). K6 measured {"ln": 132} at 1.5B fp16 on the H200: 1.248 ->
+# 1.224 ms a step, bit for bit; left off here only because tests/compiled/test_grouped.py's block counts (not K6's
+# file) assume the non-persistent kernels.
+DECODE_GRID_AHEAD = ()  # persistent kinds ("ln1", "ln2", "ln") whose warps fetch their next row's weight before adding
+# up the held one (a second weight buffer). K6, H200, 1.5B fp16, one call: ln2 13.65 -> 12.97 us persistent, 12.82 us
+# ahead; ln1 11.02 -> 10.41 us persistent, 11.04 us ahead. ("ln2",) alone is not yet timed as a whole step: left off.
+# benchmarks/results/gpu-2026-12-01-k6
 # (DECODE_WARPS_BY and DECODE_MIN_BLOCKS_BY also take "ln1" (ln1 + r/k/v/g) or "ln2" (ln2 + FFN key + receptance),
 # before "ln". K5 measured ln2 at 8 warps a block: slower, benchmarks/results/gpu-2026-12-02-k5.)
 EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "rmul_residual_half", "logits")
@@ -453,7 +462,23 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
     args = (int(k), dtype, parts, bool(mix), tuple(int(d) for d in x_shape), warps, DECODE_UNROLL,
             None if ln_eps is None else float(ln_eps))
     mb = int(by(DECODE_MIN_BLOCKS_BY, 0)) if kind == "ln" else 0
+    grid = _persistent_grid(int(k), dtype, parts, warps, int(by(DECODE_GRID_BY, 0))) if kind == "ln" else 0
+    if grid:
+        return _decode_gemv(*args, 1, mb, grid, sub in DECODE_GRID_AHEAD or kind in DECODE_GRID_AHEAD)
     return _decode_gemv(*args) if rpw == 1 and not mb else _decode_gemv(*args, rpw, mb)
+
+
+def _persistent_grid(k: int, dtype: str, parts: tuple, warps: int, grid: int) -> int:
+    """Blocks of a persistent "ln" kernel (DECODE_GRID_BY), or 0 where it does not apply: one warp a
+    row, at most as many blocks as leave every warp a row, and a block's rows within two lerps
+    (no more rows a block than the shortest group or part)."""
+    if grid <= 0 or _row_split(k, dtype, warps, DECODE_UNROLL) != 1:
+        return 0
+    n = sum(g * r for g, r, _ in parts)
+    grid = min(grid, n // warps)
+    if grid < 1 or -(-n // grid) > min(r for _, r, _ in parts):
+        return 0
+    return grid
 
 
 def _row_split(k: int, dtype: str, warps: int, unroll: int) -> int:
@@ -464,7 +489,7 @@ def _row_split(k: int, dtype: str, warps: int, unroll: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=1, min_blocks=0):
+def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=1, min_blocks=0, grid=0, ahead=False):
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -493,6 +518,13 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
     rb = rpb * rpw  # rows a block
     blocks0 = -(-rows0 // rb)
     blocks = blocks0 + rows1 // rb
+    n_all = rows0 + rows1
+    if grid:  # persistent: block b takes rows [b * n_all // grid, (b + 1) * n_all // grid), warps in turn
+        assert ln_eps is not None and S == 1 and rpw == 1 and n_all // grid >= warps, (parts, grid, S)
+        assert -(-n_all // grid) <= min(R0, R1 if R1 else R0), (parts, grid)
+        blocks = grid
+        n_it = -(-(-(-n_all // grid)) // warps)  # rows a warp at most
+    ahead = bool(grid) and ahead and cpw == u  # (persistent, a row in one batch of loads)
     ragged_rows = rows0 % rpb != 0
     nthreads = warps * 32
     n_per = -(-K // nthreads)  # elements of the row each thread normalises / mixes
@@ -661,6 +693,111 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
                     copy[0, eidx(i, ty, lane)] = T.Cast("float32", xh[0])
 
     @T.macro
+    def ln_stats(xf, ty, lane, xv, st, red_a, red_b):  # ln_lerp's LayerNorm: xv the row, st[1] mean, st[0] rsqrt
+        st[0] = T.float32(0)
+        for i in T.unroll(n_per):
+            if eok(i, ty, lane):
+                xv[i] = T.Cast("float32", xf[eidx(i, ty, lane)])
+                st[0] = st[0] + xv[i]
+        block_sum(st, 0, red_a, ty, lane)
+        st[1] = st[0] / T.float32(K)  # mean
+        st[2] = T.float32(0)
+        for i in T.unroll(n_per):
+            if eok(i, ty, lane):
+                st[2] = st[2] + (xv[i] - st[1]) * (xv[i] - st[1])
+        block_sum(st, 2, red_b, ty, lane)
+        st[0] = T.rsqrt(st[2] / T.float32(K) + T.float32(ln_eps))
+
+    @T.macro
+    def ln_write(x_s, xoff, lnw, lnb, lastf, muf, muoff, copy, b, ty, lane, xv, st, xh, with_copy):
+        # ln_lerp's last loop: one lerp of the normalised row into x_s[xoff:]; block 0 (with_copy) copies it
+        for i in T.unroll(n_per):
+            if eok(i, ty, lane):
+                xh[0] = T.Cast(dt, (xv[i] - st[1]) * st[0] * T.Cast("float32", lnw[eidx(i, ty, lane)])
+                               + T.Cast("float32", lnb[eidx(i, ty, lane)]))
+                x_s[xoff + eidx(i, ty, lane)] = (xh[0] * muf[muoff + eidx(i, ty, lane)]
+                                                 + T.Cast(dt, lastf[eidx(i, ty, lane)]) * (one - muf[muoff + eidx(i, ty, lane)]))
+                if with_copy:
+                    if b == 0:
+                        copy[0, eidx(i, ty, lane)] = T.Cast("float32", xh[0])
+
+    def seg(r):  # the lerp row r takes: its group of part 0, or G0 (part 1)
+        return T.min(r // R0, G0)
+
+    @T.macro
+    def p_row(acc, xo, wl, xl, w0f, w1, x_s, y0f, y1f, sa, r, ty, lane, fetched):
+        # one row of the persistent kernel: its dot product (as row_dot / dot_fetched) and its tail
+        acc[0] = T.float32(0)
+        xo[0] = T.Select(seg(r) == sa, 0, 1)  # x_s's first or second lerp (x_s[xo * K:]: its loads stay 16-byte ones)
+        if single or r < rows0:
+            if fetched:
+                dot_fetched(acc, wl, xl, x_s, xo[0] * K, ty, lane)
+            else:
+                row_dot(acc, wl, xl, w0f, x_s, xo[0] * K, r, ty, lane)
+            if lane == 0:
+                y0f[r] = tail(E0, acc[0], r % R0, None, None)
+        else:
+            if fetched:
+                dot_fetched(acc, wl, xl, x_s, xo[0] * K, ty, lane)
+            else:
+                row_dot(acc, wl, xl, w1, x_s, xo[0] * K, r - rows0, ty, lane)
+            if lane == 0:
+                y1f[r - rows0] = tail(E1, acc[0], (r - rows0) % R1, None, None)
+
+    @T.macro
+    def p_fetch(wl, w0f, w1, r, ty, lane):  # row r's weight (with prefetch: all of it) into wl
+        if single or r < rows0:
+            fetch_w(wl, w0f, r, ty, lane)
+        else:
+            fetch_w(wl, w1, r - rows0, ty, lane)
+
+    @T.macro
+    def ln_persistent(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane):
+        acc = T.decl_buffer((1,), "float32", scope="local")
+        xo = T.decl_buffer((1,), "int32", scope="local")
+        wl = T.decl_buffer((u * vec,), dt, scope="local")
+        wl2 = T.decl_buffer((u * vec,), dt, scope="local")
+        xl = T.decl_buffer((u * vec,), dt, scope="local")
+        xv = T.decl_buffer((n_per,), "float32", scope="local")
+        st = T.decl_buffer((3,), "float32", scope="local")
+        xh = T.decl_buffer((1,), dt, scope="local")
+        x_s = T.decl_buffer((2 * K,), dt, scope="shared")  # the lerp of the block's first row, then (if another) its last's
+        red_a = T.decl_buffer((warps,), "float32", scope="shared")
+        red_b = T.decl_buffer((warps,), "float32", scope="shared")
+        start = b * n_all // grid
+        end = (b + 1) * n_all // grid
+        if prefetch:  # the warp's first row (every warp has one)
+            p_fetch(wl, w0f, w1, start + ty, ty, lane)
+        ln_stats(xf, ty, lane, xv, st, red_a, red_b)
+        if single or seg(start) < G0:  # (block-uniform)
+            ln_write(x_s, 0, lnw, lnb, last, mu0f, seg(start) * K, copy, b, ty, lane, xv, st, xh, True)
+        else:
+            ln_write(x_s, 0, lnw, lnb, last, mu1, 0, copy, b, ty, lane, xv, st, xh, True)
+        if seg(end - 1) != seg(start):  # a block across two groups / parts: the second lerp too
+            if single or seg(end - 1) < G0:
+                ln_write(x_s, K, lnw, lnb, last, mu0f, seg(end - 1) * K, copy, b, ty, lane, xv, st, xh, False)
+            else:
+                ln_write(x_s, K, lnw, lnb, last, mu1, 0, copy, b, ty, lane, xv, st, xh, False)
+        T.tvm_storage_sync("shared")
+        if ahead:  # each warp's next row is fetched (wl / wl2 in turn) before it adds up the one it holds
+            for j in T.serial(-(-n_it // 2)):
+                if start + (2 * j + 1) * warps + ty < end:
+                    p_fetch(wl2, w0f, w1, start + (2 * j + 1) * warps + ty, ty, lane)
+                if start + 2 * j * warps + ty < end:
+                    p_row(acc, xo, wl, xl, w0f, w1, x_s, y0f, y1f, seg(start), start + 2 * j * warps + ty, ty, lane, True)
+                if start + (2 * j + 2) * warps + ty < end:
+                    p_fetch(wl, w0f, w1, start + (2 * j + 2) * warps + ty, ty, lane)
+                if start + (2 * j + 1) * warps + ty < end:
+                    p_row(acc, xo, wl2, xl, w0f, w1, x_s, y0f, y1f, seg(start), start + (2 * j + 1) * warps + ty, ty, lane,
+                          True)
+        else:
+            p_row(acc, xo, wl, xl, w0f, w1, x_s, y0f, y1f, seg(start), start + ty, ty, lane, prefetch)
+            for it in T.serial(n_it - 1):
+                if start + (it + 1) * warps + ty < end:
+                    p_row(acc, xo, wl, xl, w0f, w1, x_s, y0f, y1f, seg(start), start + (it + 1) * warps + ty, ty, lane,
+                          False)
+
+    @T.macro
     def ln_body(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane):
         acc = T.decl_buffer((1,), "float32", scope="local")
         wl = T.decl_buffer((u * vec,), dt, scope="local")
@@ -720,7 +857,9 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
         for b in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
-                    if min_blocks > 0:  # (__launch_bounds__'s second number)
+                    if grid > 0:
+                        ln_persistent(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane)
+                    elif min_blocks > 0:  # (__launch_bounds__'s second number)
                         with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
                             ln_body(xf, lnw, lnb, last, mu0f, w0f, mu1, w1, y0f, y1f, copy, b, ty, lane)
                     else:

@@ -124,3 +124,54 @@ def test_fold_halving_rewrites_only_the_first_ffn_value_gemv() -> None:
     assert "* T.float16(0.5)" in f.script() and "T.float16(0.5)" not in g.script()
     plain = gemv_cuda.decode_gemv_cuda(128, "float16", ((1, 128, "rmul_residual"),), x_shape=(1, 128))
     assert plain.script() == g.script()
+
+
+# The two LayerNorm GEMVs of a 1.5B layer (fp16): ln2 + FFN key (relu^2) + receptance (sigmoid); ln1 + r/k/v/g.
+LN2_PARTS = ((1, 7168, "relu2"), (1, 2048, "sigmoid"))
+LN1_PARTS = ((4, 2048, "cast"),)
+
+
+def _cuda_source(f) -> str:
+    import tvm
+
+    from parity.compiled.build import make_target
+    from parity.compiled.cuda import cuda_sources
+
+    mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
+    (src,) = cuda_sources(tvm.compile(mod, target=make_target("cuda")).mod)
+    return src
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_persistent_ln_gemv_walks_every_row_once(monkeypatch, tmp_path, ahead) -> None:
+    """DECODE_GRID_BY (K6 measured {"ln": 132} faster; default off): an "ln" kernel of that many blocks
+    (the H200's 132 SMs), each normalising the row once and taking rows [b * n // grid, (b + 1) * n // grid),
+    warps in turn; a block across the key/receptance (or two groups') boundary makes both lerps. Its loads
+    of the lerped row stay 16-byte ones; fp32 (two warps a row) and rows too few for a warp each keep the
+    plain kernel."""
+    from parity.compiled import cuda, gemv_cuda
+
+    monkeypatch.setattr(gemv_cuda, "DECODE_GRID_AHEAD", ("ln",) if ahead else ())
+    monkeypatch.setattr(gemv_cuda, "DECODE_GRID_BY", {})
+    plain = {p: gemv_cuda.decode_gemv_cuda(2048, "float16", p, mix=True, ln_eps=1e-5).script() for p in (LN2_PARTS, LN1_PARTS)}
+    monkeypatch.setattr(gemv_cuda, "DECODE_GRID_BY", {"ln": 132})
+    for parts, n, straddle in ((LN2_PARTS, 9216, {102}), (LN1_PARTS, 8192, set())):
+        assert gemv_cuda._persistent_grid(2048, "float16", parts, 16, 132) == 132
+        rows = [r for b in range(132) for r in range(b * n // 132, (b + 1) * n // 132)]
+        assert rows == list(range(n)) and n // 132 >= 16  # each row once; every warp has a first row
+        seg = [min(r // parts[0][1], parts[0][0]) for r in range(n)]
+        assert {b for b in range(132) if seg[b * n // 132] != seg[(b + 1) * n // 132 - 1]} == straddle
+        f = gemv_cuda.decode_gemv_cuda(2048, "float16", parts, mix=True, ln_eps=1e-5)
+        assert f.script() != plain[parts] and 'T.thread_binding(132, thread="blockIdx.x")' in f.script()
+        src = _cuda_source(f)
+        assert "x_s_ptr[4096]" in src and "*(uint4*)(x_s_ptr + ((xo_ptr[0] * 2048)" in src
+        assert "make_uint4(x_s" not in src  # (no element-by-element gather of the lerped row)
+        if cuda.nvcc_path() is not None:
+            assert cuda.compile_source(src, cache_dir=tmp_path)[:4] == b"\x50\xed\x55\xba"
+    assert gemv_cuda._persistent_grid(2048, "float32", LN2_PARTS, 16, 132) == 0  # two warps a row
+    f32 = gemv_cuda.decode_gemv_cuda(2048, "float32", LN2_PARTS, mix=True, ln_eps=1e-5)
+    assert 'T.thread_binding(132, thread="blockIdx.x")' not in f32.script()
+    small = ((1, 512, "relu2"), (1, 128, "sigmoid"))  # 640 rows: 40 blocks of 16
+    assert gemv_cuda._persistent_grid(128, "float16", small, 16, 132) == 40
+    assert gemv_cuda._persistent_grid(128, "float16", ((1, 512, "relu2"), (1, 8, "sigmoid")), 16, 132) == 0
+
