@@ -351,10 +351,24 @@ def _print_summary(console, result: RunResult) -> None:
                       f"{nc.get('expected_rows')} and {nc.get('actual_rows')}, none in common", markup=False)
 
 
+def write_json(path: Path, value) -> None:
+    """``value`` as indented JSON (no NaN), streamed to ``path``: a real-size run's result is tens of MB
+    of text (0.1B, 64 decode steps: 60 MB), which json.dumps would hold whole, twice with the newline
+    added, in the process's peak (issue 9)."""
+    tmp = Path(path).with_name(Path(path).name + ".part")  # never a half-written result under the name
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(value, fh, indent=1, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_outputs(result: dict, *, json_path: Path | None, html_path: Path | None, console) -> None:
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        write_json(json_path, result)
         if console:
             console.print(f"JSON result: {json_path}")
     if html_path:
@@ -510,7 +524,7 @@ def _run_corpus(args, console, *, ck, overrides) -> int:
     agg = out["corpus"]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
+        write_json(args.json, out)
     verdict = "no divergence" if agg["diverged"] == 0 else f"DIVERGENCE in {agg['diverged']} of {agg['prompts']} prompts"
     console.print(f"corpus: {verdict} ({agg['prompts']} prompts, {agg['rows']} logits rows; KL mean {_fmt(agg['kl_mean'])}, "
                   f"p99 {_fmt(agg['kl_p99'])}, p99.9 {_fmt(agg['kl_p99_9'])}, max {_fmt(agg['kl_max'])} nats; "

@@ -768,6 +768,7 @@ def run_parity(
                 # reference cycles (hooks, wrapped methods), hence the collection.
                 del made[spec], backend
                 gc.collect()
+                trim_heap()
         if pool is not None:
             pool.shutdown(wait=True)  # the GPU workers' dumps (or their failures) are in by now
             for future in beside.values():
