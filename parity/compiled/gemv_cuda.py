@@ -375,15 +375,14 @@ DECODE_UNROLL = 8  # 16-byte loads of the weight a lane issues before it adds th
 DECODE_WARPS_BY = {"rmul_residual": 4}  # warps a block for one kind of decode GEMV ("ln", "mix", or a plain one's epilogue), else DECODE_WARPS
 DECODE_MIN_BLOCKS_BY = {}  # "ln": blocks an SM must hold at once (__launch_bounds__'s second number: caps registers)
 DECODE_ROWS_PER_WARP = 4  # rows each warp of an "ln" kernel takes in turn: the block's LayerNorm + lerp once for them all
-DECODE_GRID_BY = {}  # "ln1" / "ln2" / "ln": a persistent kernel of this many blocks (e.g. the H200's 132 SMs), each
+DECODE_GRID_BY = {"ln": 132}  # "ln1" / "ln2" / "ln": a persistent kernel of this many blocks (the H200's 132 SMs), each
 # normalising the row once and walking its even share of the rows, warps in turn (one warp a row only: fp16 at C 2048;
-# else as without; DECODE_ROWS_PER_WARP is then moot). K6 measured {"ln": 132} at 1.5B fp16 on the H200: 1.248 ->
-# 1.224 ms a step, bit for bit; left off here only because tests/compiled/test_grouped.py's block counts (not K6's
-# file) assume the non-persistent kernels.
-DECODE_GRID_AHEAD = ()  # persistent kinds ("ln1", "ln2", "ln") whose warps fetch their next row's weight before adding
-# up the held one (a second weight buffer). K6, H200, 1.5B fp16, one call: ln2 13.65 -> 12.97 us persistent, 12.82 us
-# ahead; ln1 11.02 -> 10.41 us persistent, 11.04 us ahead. ("ln2",) alone is not yet timed as a whole step: left off.
-# benchmarks/results/gpu-2026-12-01-k6
+# else as without). DECODE_ROWS_PER_WARP is then moot.
+DECODE_GRID_AHEAD = ("ln2",)  # persistent kinds whose warps fetch their next row's weight before adding up the held one
+# (K6, H200, 1.5B fp16: ln2 13.65 -> 12.97 us persistent, 12.82 us ahead; ln1 11.02 -> 10.41 us, 11.04 us ahead;
+# benchmarks/results/gpu-2026-12-01-k6)
+# On together (the lead's call of 12:33, K6's staged c2): 1.5B fp16 1.247 -> 1.218 ms a step in one CUDA graph
+# (49.4 % of the roofline), logits and state bit for bit (1.5B + every fixture, fp32/fp16); GPU tests 7 passed.
 # (DECODE_WARPS_BY and DECODE_MIN_BLOCKS_BY also take "ln1" (ln1 + r/k/v/g) or "ln2" (ln2 + FFN key + receptance),
 # before "ln". K5 measured ln2 at 8 warps a block: slower, benchmarks/results/gpu-2026-12-02-k5.)
 EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "rmul_residual_half", "logits")

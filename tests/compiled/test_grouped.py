@@ -126,6 +126,7 @@ def test_ln_decode_gemv_takes_rows_per_warp_where_they_fill_blocks(monkeypatch) 
     monkeypatch.setattr(gemv_cuda, "DECODE_WARPS", 16)
     monkeypatch.setattr(gemv_cuda, "DECODE_WARPS_BY", {})
     monkeypatch.setattr(gemv_cuda, "DECODE_MIN_BLOCKS_BY", {})
+    monkeypatch.setattr(gemv_cuda, "DECODE_GRID_BY", {})  # the persistent grid has its own tests (test_gemv_cuda.py)
     rkvg, kr, ragged = ((2048, "float16", ((4, 2048, "cast"),)),  # 1.5B: one warp a row (8 loads a lane)
                         (2048, "float32", ((1, 7168, "relu2"), (1, 2048, "sigmoid"))),  # 1.5B fp32: two warps a row
                         (144, "float16", ((1, 448, "relu2"), (1, 144, "sigmoid"))))
