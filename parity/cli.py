@@ -458,6 +458,7 @@ def cmd_run(args, console) -> int:
             console.print(f"prompt ({info['template']} template): {info['text']!r} -> {len(plan.prefill_ids)} ids")
     from parity.explain.cli import attach_explanation, kept_dumps
 
+    timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout  # the run's and greedy decoding's
     with _Progress(quiet=args.quiet) as prog, kept_dumps(args) as dump_dir:
         outcome = run_parity(
             ck, backends=backends, plan=plan, dump_dir=dump_dir, overrides=overrides,
@@ -465,14 +466,14 @@ def cmd_run(args, console) -> int:
             only_layer=args.only_layer, only_step=args.only_step,
             arbiter=args.arbiter, arbiter_multiplier=args.arbiter_multiplier, device=args.device,
             reference_device=args.reference_device,
-            timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout, in_process=args.in_process or None,
+            timeout=timeout, in_process=args.in_process or None,
         )
         # Greedy decoding drives the torch backends and plug-ins in this process (compiled builds in
         # workers): one that just crashed in its worker could take the verdict and the reports down
         # with it, so it is skipped then.
         greedy = None if outcome.crashed else run_greedy(
             ck, backends=backends, info=info, cache_dir=args.cache_dir, on_event=prog.event,
-            in_process=args.in_process or None, timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout)
+            in_process=args.in_process or None, timeout=timeout)
         if outcome.crashed and info.get("greedy_steps"):
             prog.event("greedy decoding skipped: a backend crashed or hung")
         if args.explain:  # after the verdict, while the dumps still exist

@@ -53,7 +53,8 @@ def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float3
     RWKV = _load_official()
     if not isinstance(source, Checkpoint):
         return RWKV(str(Path(source)), strategy, verbose=False)
-    weights = source.fp32_weights()  # a new dict: the package renames and deletes keys in it
+    fp32 = source.fp32_weights()
+    weights = dict(fp32)  # a new dict: the package renames and deletes keys in it
     for key in _AS_STORED:
         weights[key] = source.weights[key]
     # The package takes a file name (it appends .pth when missing) and calls torch.load on it; that
@@ -77,7 +78,6 @@ def load_official_model(source: Checkpoint | str | Path, *, dtype: str = "float3
     # so it gets that shared table instead of a second one. Any other call goes through untouched.
     real_layer_norm, emb = F.layer_norm, weights["emb.weight"]
     folded = source.folded_embedding() if emb.dtype == torch.float32 else None  # made before F is patched
-    fp32 = source.fp32_weights()
     ln0 = (fp32["blocks.0.ln0.weight"], fp32["blocks.0.ln0.bias"])
 
     def layer_norm(input, normalized_shape, weight=None, bias=None, eps=LN0_EPS):
