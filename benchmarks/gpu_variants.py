@@ -9,7 +9,8 @@ one shared cache.
 Here (the build machine: full TVM, nvcc; no GPU):
 
     python benchmarks/gpu_variants.py stage DIR --base REV [--variant SPEC ...] [--build WHAT ...]
-        SPEC: NAME or NAME:CONST=VALUE[;CONST=VALUE...]  (NAME alone: the tree's sources as they are)
+        SPEC: NAME or NAME:CONST=VALUE[;CONST=VALUE...]  (NAME alone: the tree's sources as they are; CONST is
+              gemv_cuda.py's, or MODULE.CONST another parity/compiled module's, e.g. wkv_cuda.WKV_HOIST)
         WHAT: NAME=big16|big|fixplain|all, or several joined by '+'  (default: base and every variant big16; "all" = big + every
               fixture's plain builds + the CUDA debug and graph builds the GPU tests use)
         --reuse-cache DIR0: copy an earlier stage's DIR0/build-cache in first (its unchanged entries are not built again)
@@ -55,12 +56,12 @@ def snapshot(root: Path, dest: Path, rev: str, *, tree: bool, consts: dict[str, 
     if tree:
         for f in (root / "parity/compiled").glob("*.py"):
             shutil.copy(f, dest / "parity/compiled" / f.name)
-    g = dest / "parity/compiled/gemv_cuda.py"
-    text = g.read_text()
-    for name, value in consts.items():
-        text, n = re.subn(rf"^{name} = [^#\n]*", f"{name} = {value}  ", text, count=1, flags=re.M)
-        assert n == 1, f"no module constant {name} in gemv_cuda.py"
-    g.write_text(text)
+    for name, value in consts.items():  # NAME (gemv_cuda.py's) or MODULE.NAME (parity/compiled/MODULE.py's)
+        mod, _, const = name.rpartition(".")
+        g = dest / f"parity/compiled/{mod or 'gemv_cuda'}.py"
+        text, n = re.subn(rf"^{const} = [^#\n]*", f"{const} = {value}  ", g.read_text(), count=1, flags=re.M)
+        assert n == 1, f"no module constant {const} in {g.name}"
+        g.write_text(text)
     (dest / "VARIANT").write_text(json.dumps({"rev": rev, "tree": tree, "consts": consts}))
 
 
@@ -114,7 +115,8 @@ def stage(args) -> None:
         snapshot(root, d / name, "HEAD", tree=True, consts=consts)
         names.append(name)
     for n in names:
-        print(n, *re.findall(r"^DECODE_\w+ = [^#\n]*", (d / n / "parity/compiled/gemv_cuda.py").read_text(), re.M), sep="\n  ")
+        print(n, *re.findall(r"^DECODE_\w+ = [^#\n]*", (d / n / "parity/compiled/gemv_cuda.py").read_text(), re.M),
+              *re.findall(r"^WKV_\w+ = [^#\n]*", (d / n / "parity/compiled/wkv_cuda.py").read_text(), re.M), sep="\n  ")
     shutil.copy(HERE, d / HERE.name)
     subprocess.run([str(root / "../shared/tools/tvm-gpu-bundle"), str(d), sys.executable], check=True,
                    stdout=subprocess.DEVNULL)

@@ -385,6 +385,11 @@ DECODE_GRID_AHEAD = ("ln2",)  # persistent kinds whose warps fetch their next ro
 # (49.4 % of the roofline), logits and state bit for bit (1.5B + every fixture, fp32/fp16); GPU tests 7 passed.
 # (DECODE_WARPS_BY and DECODE_MIN_BLOCKS_BY also take "ln1" (ln1 + r/k/v/g) or "ln2" (ln2 + FFN key + receptance),
 # before "ln". K5 measured ln2 at 8 warps a block: slower, benchmarks/results/gpu-2026-12-02-k5.)
+DECODE_HOIST = {"rmul_residual": ("float16",)}  # plain kind -> dtypes whose tail operands (e0[, e1]) the row's first
+# warp loads into registers before its dot product, not after the warps' sums meet (shared memory + a barrier): same
+# values, same arithmetic. (K7, H200, 1.5B fp16, one CUDA graph: FFN value 9.33 -> 8.51 us, the step 1.218 -> 1.199 ms,
+# bit for bit; the attention output (one warp a row, no barrier) did not move, 4.28 -> 4.34 us; fp32 bit for bit on
+# every fixture but not timed; benchmarks/results/gpu-2026-12-01-k7)
 EPILOGUES = ("cast", "residual", "relu2", "sigmoid", "rmul_residual", "rmul_residual_half", "logits")
 _EXTRA = {"residual": 1, "rmul_residual": 2, "rmul_residual_half": 2}
 
@@ -464,6 +469,8 @@ def decode_gemv_cuda(k: int, dtype: str, parts: tuple, *, mix: bool = False, x_s
     grid = _persistent_grid(int(k), dtype, parts, warps, int(by(DECODE_GRID_BY, 0))) if kind == "ln" else 0
     if grid:
         return _decode_gemv(*args, 1, mb, grid, sub in DECODE_GRID_AHEAD or kind in DECODE_GRID_AHEAD)
+    if _EXTRA.get(parts[0][2], 0) and dtype in by(DECODE_HOIST, ()):  # (a plain GEMV with a residual tail)
+        return _decode_gemv(*args, rpw, mb, 0, False, True)
     return _decode_gemv(*args) if rpw == 1 and not mb else _decode_gemv(*args, rpw, mb)
 
 
@@ -488,7 +495,8 @@ def _row_split(k: int, dtype: str, warps: int, unroll: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=1, min_blocks=0, grid=0, ahead=False):
+def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=1, min_blocks=0, grid=0, ahead=False,
+                 hoist=False):
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -513,6 +521,8 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
     assert not mix or R0 % rpb == 0, (R0, rpb)  # a block's rows share their group's lerp
     assert not (mix and any(_EXTRA.get(e, 0) for _, _, e in parts)), parts
     single = len(parts) == 1
+    n_extra = _EXTRA.get(E0, 0)
+    assert not hoist or (single and not mix and n_extra), (parts, hoist)
     assert rpw == 1 or (ln_eps is not None and all(r % (rpb * rpw) == 0 for _, r, _ in parts)), (parts, rpw)
     rb = rpb * rpw  # rows a block
     blocks0 = -(-rows0 // rb)
@@ -542,20 +552,22 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
     def w_shape(g, r):
         return (g, r, K) if g > 1 else (r, K)
 
-    def tail(epilogue, acc, n, e0, e1):
+    def tail(epilogue, acc, n, e0, e1, ev=None):  # ev: e0[0, n] (and e1's) loaded before (hoist), else None
         v = T.Cast(dt, acc)
+        a0 = None if epilogue not in _EXTRA else (e0[0, n] if ev is None else ev[0])
+        a1 = None if _EXTRA.get(epilogue, 0) < 2 else (e1[0, n] if ev is None else ev[1])
         if epilogue == "cast":
             return v
         if epilogue == "residual":
-            return e0[0, n] + v
+            return a0 + v
         if epilogue == "relu2":
             return T.max(v, zero) * T.max(v, zero)
         if epilogue == "sigmoid":
             return T.sigmoid(v)
         if epilogue == "rmul_residual":
-            return e0[0, n] + e1[0, n] * v
+            return a0 + a1 * v
         if epilogue == "rmul_residual_half":  # (fold_halving: the stream's halving, exact)
-            return (e0[0, n] + e1[0, n] * v) * tirx.const(0.5, dt)
+            return (a0 + a1 * v) * tirx.const(0.5, dt)
         return T.Cast("float32", v)
 
     def col(ty, co, ci, lane):  # the first element of this lane's ci-th load of run co
@@ -606,7 +618,7 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
             acc[0] = acc[0] + T.tvm_warp_shuffle_down(full, acc[0], 16 >> o, 32, 32)
 
     @T.macro
-    def finish(acc, red, ty, lane, b, yf, epilogue, base, rows_total, R, e0, e1):
+    def finish(acc, red, ty, lane, b, yf, epilogue, base, rows_total, R, e0, e1, ev=None):
         # S warps a row: lane 0 of each leaves its sum in red; the row's first warp adds them in order
         if S > 1:
             if lane == 0:
@@ -616,10 +628,10 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
                 acc[0] = red[ty]
                 for p in T.unroll(S - 1):
                     acc[0] = acc[0] + red[ty + p + 1]
-                yf[base + ty // S] = tail(epilogue, acc[0], (base + ty // S) % R, e0, e1)
+                yf[base + ty // S] = tail(epilogue, acc[0], (base + ty // S) % R, e0, e1, ev)
         else:
             if lane == 0 and (not ragged_rows or base + ty < rows_total):
-                yf[base + ty] = tail(epilogue, acc[0], (base + ty) % R, e0, e1)
+                yf[base + ty] = tail(epilogue, acc[0], (base + ty) % R, e0, e1, ev)
 
     @T.macro
     def plain(x, w, e0, e1, y):
@@ -634,9 +646,19 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
                     xl = T.decl_buffer((u * vec,), dt, scope="local")
                     red = T.decl_buffer((warps,), "float32", scope="shared")
                     acc[0] = T.float32(0)
-                    if valid(b, ty):
-                        row_dot(acc, wl, xl, wf, xf, (b * rpb + ty // S) // R0 * K, b * rpb + ty // S, ty, lane)
-                    finish(acc, red, ty, lane, b, yf, E0, b * rpb, rows0, R0, e0, e1)
+                    if hoist:  # the tail's e0[, e1] first (the row's first warp, lane 0: who adds it)
+                        ev = T.decl_buffer((2,), dt, scope="local")
+                        if ty % S == 0 and lane == 0 and valid(b, ty):
+                            ev[0] = e0[0, (b * rpb + ty // S) % R0]
+                            if n_extra > 1:
+                                ev[1] = e1[0, (b * rpb + ty // S) % R0]
+                        if valid(b, ty):
+                            row_dot(acc, wl, xl, wf, xf, (b * rpb + ty // S) // R0 * K, b * rpb + ty // S, ty, lane)
+                        finish(acc, red, ty, lane, b, yf, E0, b * rpb, rows0, R0, e0, e1, ev)
+                    else:
+                        if valid(b, ty):
+                            row_dot(acc, wl, xl, wf, xf, (b * rpb + ty // S) // R0 * K, b * rpb + ty // S, ty, lane)
+                        finish(acc, red, ty, lane, b, yf, E0, b * rpb, rows0, R0, e0, e1)
 
     @T.macro
     def lerp(x_s, xxf, lastf, muf, muoff, copy, b, ty, lane):
@@ -892,7 +914,6 @@ def _decode_gemv(k, dtype, parts, mix, x_shape, warps, unroll, ln_eps=None, rpw=
                         row_dot(acc, wl, xl, w1, x_s, 0, (b - blocks0) * rpb + ty // S, ty, lane)
                         finish(acc, red, ty, lane, b, y1f, E1, (b - blocks0) * rpb, rows1, R1, None, None)
 
-    n_extra = _EXTRA.get(E0, 0)
     ys0, yd0 = y_shape(G0, R0, E0), y_dtype(E0)
     ws0 = w_shape(G0, R0)
     if use_ln and len(parts) == 2:

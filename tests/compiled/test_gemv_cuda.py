@@ -175,3 +175,32 @@ def test_the_persistent_ln_gemv_walks_every_row_once(monkeypatch, tmp_path, ahea
     assert gemv_cuda._persistent_grid(128, "float16", small, 16, 132) == 40
     assert gemv_cuda._persistent_grid(128, "float16", ((1, 512, "relu2"), (1, 8, "sigmoid")), 16, 132) == 0
 
+
+def test_the_ffn_value_loads_its_tail_before_its_row(monkeypatch, tmp_path) -> None:
+    """DECODE_HOIST (K7, on for the fp16 FFN value): a plain GEMV whose row is several warps' sums (met in shared
+    memory, after a barrier) has the row's first warp load its tail's e0, e1 into registers before the dot product;
+    the tail is the same expression on the same values (GPU compare: bit for bit). Other kinds and dtypes: as before."""
+    from parity.compiled import cuda, gemv_cuda
+
+    def src(k, parts, dtype="float16"):
+        return _cuda_source(gemv_cuda.decode_gemv_cuda(k, dtype, parts, x_shape=(1, k)))
+
+    def weight_load(s):
+        return s.index("= *(uint4*)(wf_ptr")
+
+    val = ((1, 2048, "rmul_residual"),)
+    assert gemv_cuda.DECODE_HOIST == {"rmul_residual": ("float16",)}
+    on = src(7168, val)
+    assert on.index("e0_ptr[") < weight_load(on) and on.index("e1_ptr[") < weight_load(on)
+    assert "ev_ptr[0] + (ev_ptr[1] * ((half)acc_ptr[0]))" in on
+    if cuda.nvcc_path() is not None:
+        assert cuda.compile_source(on, cache_dir=tmp_path)[:4] == b"\x50\xed\x55\xba"
+    with gemv_cuda.fold_halving():  # the halved one (every 6th layer) too
+        half = src(7168, val)
+    assert half.index("e1_ptr[") < weight_load(half) and "* __float2half_rn(0x1p-1f" in half
+    att = src(2048, ((1, 2048, "residual"),))  # one warp a row, no barrier: not asked for
+    assert att.index("e0_ptr[") > weight_load(att)
+    assert "ev_ptr" not in src(7168, val, "float32")  # (fp32: not measured; its kernels as before)
+    monkeypatch.setattr(gemv_cuda, "DECODE_HOIST", {})
+    off = src(7168, val)
+    assert off.index("e1_ptr[") > weight_load(off) and "ev_ptr" not in off
