@@ -60,9 +60,12 @@ def compile_source(code: str, *, cache_dir: Path) -> bytes:
             raise ParityError(f"nvcc failed on the generated CUDA kernels: {proc.stderr.strip().splitlines()[-1:]}")
         data = out.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_bytes(data)
-    os.replace(tmp_path, path)
+    # A temporary name of its own: two processes compiling the same source at once (xdist workers,
+    # two runs sharing a cache) must not write into one another's file before it is renamed.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp_name, path)
     _state["compiled"] += 1
     return data
 

@@ -43,6 +43,11 @@ def test_default_is_dlight_and_a_variant_is_its_own_entry(monkeypatch, tmp_path)
             cuda_gemv()
 
 
+# gemv -> the CUDA source of WIDE in fp16 with that GEMV rule: a TVM compile of WIDE costs ~20 s
+# here, and two tests ask for the same variants (v16, v16-ts4) as the nvcc sweep does.
+_SOURCES: dict[str | None, str] = {}
+
+
 def _gemv_kernels(monkeypatch, gemv: str | None, *, nvcc_into: Path | None = None) -> dict[str, tuple[int, str]]:
     """name -> (threads, CUDA source) of each decode GEMV kernel (NT_matmul, no seq_len argument)
     of WIDE in fp16; with ``nvcc_into``, the whole source also goes through nvcc there (where
@@ -58,12 +63,14 @@ def _gemv_kernels(monkeypatch, gemv: str | None, *, nvcc_into: Path | None = Non
         monkeypatch.setenv("PARITY_CUDA_GEMV", gemv)
     else:
         monkeypatch.delenv("PARITY_CUDA_GEMV", raising=False)
-    model = model_for(WIDE, debug=False, target="cuda", dtype="float16")
-    mod, _ = model.export_tvm(spec=model.get_default_spec())
-    target = make_target("cuda")
-    with target:
-        mod = compile_pipeline("cuda", target)(mod)
-    (src,) = cuda_sources(tvm.compile(mod, target=target, relax_pipeline=None).mod)
+    if gemv not in _SOURCES:
+        model = model_for(WIDE, debug=False, target="cuda", dtype="float16")
+        mod, _ = model.export_tvm(spec=model.get_default_spec())
+        target = make_target("cuda")
+        with target:
+            mod = compile_pipeline("cuda", target)(mod)
+        (_SOURCES[gemv],) = cuda_sources(tvm.compile(mod, target=target, relax_pipeline=None).mod)
+    src = _SOURCES[gemv]
     if nvcc_into is not None and cuda.nvcc_path() is not None:
         assert cuda.compile_source(src, cache_dir=nvcc_into)[:4] == b"\x50\xed\x55\xba"  # the fatbin magic
     out = {}
@@ -75,8 +82,10 @@ def _gemv_kernels(monkeypatch, gemv: str | None, *, nvcc_into: Path | None = Non
 
 
 @pytest.mark.parametrize("gemv", list(GEMV_CONFIGS))
-def test_every_variant_compiles_through_nvcc(monkeypatch, tmp_path, gemv):
-    assert _gemv_kernels(monkeypatch, gemv, nvcc_into=tmp_path)
+def test_every_variant_compiles_through_nvcc(monkeypatch, compile_cache, gemv):
+    # The session's cache: its fatbins are keyed by the source's digest, so a source another test
+    # (or xdist worker) already put through nvcc is not compiled twice.
+    assert _gemv_kernels(monkeypatch, gemv, nvcc_into=compile_cache)
 
 
 def test_v16_loads_the_weight_16_bytes_at_a_time(monkeypatch):
