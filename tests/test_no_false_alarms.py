@@ -276,9 +276,10 @@ KNOWN_FALSE_ALARMS = (
 )
 
 
-# 120 random examples fit CI's 30 minutes (200 took 116 s); benchmarks/tolerance_headroom.py re-runs 1000 fresh
-# ones for the calibration figures (results/tolerance_headroom.md), and the former false alarms stay pinned below.
-@settings(max_examples=120, derandomize=True, deadline=None)
+# 60 random examples (plus the pinned ones below): CI's 30 minutes on two cores left this sweep ~90 s (120 took
+# 173-190 s there, the slowest test of the run). benchmarks/tolerance_headroom.py re-runs 1000 fresh ones for the
+# calibration figures (results/tolerance_headroom.md), and the former false alarms stay pinned below.
+@settings(max_examples=60, derandomize=True, deadline=None)
 @example(case=KNOWN_FALSE_ALARMS[0])
 @example(case=KNOWN_FALSE_ALARMS[1])
 # T = H = N with long memory; the largest vocabulary id; v4 decoding the same token again.

@@ -168,16 +168,18 @@ def test_a_plugins_notes_reach_the_result_and_the_console(tmp_path, capsys):
 
 
 def test_which_backends_run_in_a_worker_without_torch():
-    # Our compiled model in fp32/fp16 on the CPU reads numpy arrays only; anything that makes its
-    # parameters or runs its model with torch keeps it (parity/dumpers/worker.py, _torch_free).
+    # Our compiled model in fp32/fp16 on the CPU reads numpy arrays only -- so do its mutants and its
+    # isolated entry points (parity/dumpers/isolated.py, numpy); anything that makes its parameters or
+    # runs its model with torch keeps it (parity/dumpers/worker.py, _torch_free).
     from parity.dumpers.worker import _torch_free
 
-    for spec in ("tvm", "tvm-instrumented", "tvm@fp32", "tvm@fp16"):
-        assert _torch_free(spec, target="llvm", isolated=None), spec
-    for spec in ("tvm@bf16", "tvm@fp16i8", "tvm@q4f16_1", "reference", "chatrwkv", "hf", "mutant/sigmoid-r", PORT):
-        assert not _torch_free(spec, target="llvm", isolated=None), spec
-    assert not _torch_free("tvm", target="cuda", isolated=None)
-    assert not _torch_free("tvm", target="llvm", isolated={"reference_dump": "x"})
+    for spec in ("tvm", "tvm-instrumented", "tvm@fp32", "tvm@fp16", "mutant/state-transposed", "mutant/decay-in-bf16",
+                 "mutant/crash-oob-gather"):
+        assert _torch_free(spec, target="llvm"), spec
+    for spec in ("tvm@bf16", "tvm@fp16i8", "tvm@q4f16_1", "reference", "chatrwkv", "hf", "mutant/reference-sigmoid-r",
+                 "mutant/int8-scales-swapped", "mutant/q4-group-off-by-one", "mutant/no-such-bug", PORT):
+        assert not _torch_free(spec, target="llvm"), spec
+    assert not _torch_free("tvm", target="cuda") and not _torch_free("mutant/state-transposed", target="cuda")
 
 
 def test_a_tvm_worker_maps_the_weights_without_torch_and_dumps_what_torch_weights_give(ck, tmp_path, compile_cache):

@@ -14,7 +14,8 @@ code, or a hang past ``timeout`` seconds without a finished step — the parent 
 completed, the last stage recorded and the kernel that was running, and the steps the child
 finished are still on disk to compare (``PartialDumpReader``).
 
-Our compiled model in fp32/fp16 on the CPU runs in a worker without torch (``_torch_free``): the
+Our compiled model in fp32/fp16 on the CPU (its mutants and isolated entry points too) runs in a
+worker without torch (``_torch_free``): the
 parent, which loaded and validated the checkpoint, says where each tensor lies in the file
 (parity.checkpoint.file_locations) and the child maps it with numpy (``MappedCheckpoint``), never
 unpickling anything; torch, which tvm_ffi would import, is blocked there (issue 9: ~200 MB a worker).
@@ -315,15 +316,26 @@ def _jsonable(value: Any) -> Any:
 
 
 # -- the parent -----------------------------------------------------------------------------------
-def _torch_free(spec: str, *, target: str, isolated: dict | None) -> bool:
-    """Whether ``spec`` runs in a worker without torch: our compiled model in fp32 or fp16 on the
-    CPU, which needs the weights as fp32 (or fp16) arrays only. bf16 and quantised builds make
+def _torch_free(spec: str, *, target: str) -> bool:
+    """Whether ``spec`` runs in a worker without torch: our compiled model (or a mutant of it) in
+    fp32 or fp16 on the CPU, isolated or not, which needs the weights as fp32 (or fp16) arrays only.
+    It also spares the worker torch's import (~2.5 s of CPU of the ~4.5 s a worker's start costs). bf16 and quantised builds make
     their parameters with torch (numpy has no bfloat16; the quantisers are the reference's); a GPU
     build copies its fp32 parameters through torch's ``.numpy()`` (parity/compiled/runtime.py)."""
     from parity.dumpers.registry import WEIGHT_FORMATS, split_dtype
 
-    if isolated is not None or target != "llvm":
+    if target != "llvm":
         return False
+    if spec.startswith("mutant/"):
+        # A mutant of the compiled model is our build with one planted bug (TVMDebugBackend); it
+        # computes in its own dtype, and the quantisation mutants quantise with the reference's code.
+        from parity.dumpers.registry import _mutant
+
+        try:
+            m = _mutant(spec.split("/", 1)[1])
+        except ParityError:
+            return False
+        return m.side == "compiled" and m.dtype in ("float32", "float16")
     try:
         base, dtype = split_dtype(spec)
     except ParityError:
@@ -455,7 +467,7 @@ def run_in_worker(
     ended = False  # the child said "finished" (a dump's path; None for a greedy job)
     greedy_out: dict | None = None
     timed_out = False
-    payload = _payload(ck, torch_free=_torch_free(spec, target=target, isolated=isolated))
+    payload = _payload(ck, torch_free=_torch_free(spec, target=target))
     proc, receive = _start_child({"recipe": recipe, "payload": payload, "plan": plan,
                                   "path": None if path is None else str(path),
                                   "fault_log": fault_log})

@@ -6,6 +6,7 @@ the default build's (benchmarks/gpu.py --gemv)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -81,7 +82,13 @@ def _gemv_kernels(monkeypatch, gemv: str | None, *, nvcc_into: Path | None = Non
     return out
 
 
-@pytest.mark.parametrize("gemv", list(GEMV_CONFIGS))
+# Each variant's block shape through nvcc. "v16" is v16-ts4 with 16 rows a block instead of 4 (the same
+# schedule function, wide_gemv_rule, other constants): left out here, where each variant costs ~45 s of
+# CI's two cores (a TVM compile of WIDE, then nvcc); PARITY_TEST_EVERY_GEMV=1 puts it back.
+SWEPT = [g for g in GEMV_CONFIGS if g != "v16" or os.environ.get("PARITY_TEST_EVERY_GEMV") == "1"]
+
+
+@pytest.mark.parametrize("gemv", SWEPT)
 def test_every_variant_compiles_through_nvcc(monkeypatch, compile_cache, gemv):
     # The session's cache: its fatbins are keyed by the source's digest, so a source another test
     # (or xdist worker) already put through nvcc is not compiled twice.
@@ -110,7 +117,7 @@ def test_default_decode_has_no_dlight_gemv(monkeypatch):
     """The default build's decode step runs the decode GEMV kernels of gemv_cuda.py (one warp a row,
     the LayerNorm and lerps inside), not DLight-scheduled NT_matmul GEMVs; a variant brings those back."""
     assert not _gemv_kernels(monkeypatch, None)
-    assert _gemv_kernels(monkeypatch, "v16")
+    assert _gemv_kernels(monkeypatch, "v16-ts4")  # (test_v16_loads... compiles the same source)
 
 
 def test_the_fp16_halving_rides_in_the_ffn_value_kernel() -> None:
