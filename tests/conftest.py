@@ -37,3 +37,27 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory):
 def compile_cache(session_compile_cache: Path) -> Path:
     assert os.environ["PARITY_CACHE_DIR"] == str(session_compile_cache)
     return session_compile_cache
+
+
+# The files whose tests take longest on CI's two cores (summed per file, 2026-12-01 clean-clone runs),
+# longest first. scripts/test hands xdist whole files (--dist loadfile) in collection order: these go
+# first and the many short files fill in after them, so the workers finish together instead of one
+# running a long file alone at the end (the parity suite leads, as scripts/test lists it first).
+LONGEST_FIRST = (
+    "tests/test_docs.py", "tests/compiled/test_gpu.py", "tests/test_no_false_alarms.py", "tests/compiled/test_gemv_cuda.py",
+    "tests/explain/test_engine.py", "tests/test_selftest.py", "tests/test_fuzz.py", "tests/tokenizer/test_world.py",
+    "tests/test_cli.py", "tests/compiled/test_quant.py", "tests/test_crash.py", "tests/compiled/test_build.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+
+    def key(item):
+        path = Path(str(item.path))
+        where = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        # parity/ first (-1), then LONGEST_FIRST in order, then the rest as collected (sort is stable).
+        return -1 if where.startswith("parity/") else rank.get(where, len(rank))
+
+    items.sort(key=key)
