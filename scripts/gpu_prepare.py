@@ -56,6 +56,8 @@ def todo() -> list[tuple[str, object, dict]]:
         out += [(name, fixture(m.fixture), dict(variant="debug", target=t, mutant=name, dtype=m.dtype)) for t in ("cuda", "llvm")]
     for dtype in ("float32", "float16"):  # stage bench: 1.5B, plain and the Relax-graph build
         out += [("1.5b", s15, dict(variant="plain", target="cuda", dtype=dtype)), ("1.5b", s15, dict(graph=True, dtype=dtype))]
+    # and 0.4B's plain fp16 build, for BENCH_ARGS="--shapes 0.4b,1.5b ..." (its fp32 one is the overhead's, below)
+    out.append(("0.4b", s04, dict(variant="plain", target="cuda", dtype="float16")))
     out += [("1.5b", s15, dict(variant="plain", target="cuda", dtype="float16", gemv=g)) for g in GEMVS]
     out.append(("0.4b", s04, dict(variant="plain", target="cuda")))  # the harness overhead's bare CUDA run
     # stage fp32 (reference vs tvm, the debug build; tvm-instrumented, the plain one) and the rest of the zoo
