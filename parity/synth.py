@@ -16,6 +16,7 @@ when complete: an interrupted run leaves no half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -23,8 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from parity.checkpoint import ModelConfig, ModelVersion, expected_shapes
 from parity.errors import ParityError
@@ -48,7 +47,7 @@ SHAPES = {
 VOCAB_SIZE = 65536
 HEAD_SIZE = 64
 
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
+_ST_DTYPES = {"torch.bfloat16": "BF16", "torch.float32": "F32"}  # str(dtype): torch is imported only to write
 # The data section starts 64-byte aligned and every tensor of these shapes is a multiple of 64
 # bytes, so each tensor is aligned too: an fp32 tensor (emb.weight) is then used in place,
 # memory-mapped, by Checkpoint.fp32_weights instead of being copied.
@@ -78,6 +77,8 @@ def shape_config(shape: str, *, version: str, layers: int | None = None, vocab: 
 
 
 def _stored_dtype(key: str) -> torch.dtype:
+    import torch
+
     from parity.synthetic import stored
 
     return stored(key, torch.zeros(1)).dtype
@@ -89,8 +90,8 @@ def _layout(config: ModelConfig) -> tuple[bytes, dict[str, int], int]:
     entries, offsets, pos = {}, {}, 0
     for key, shape in expected_shapes(config).items():
         dtype = _stored_dtype(key)
-        nbytes = dtype.itemsize * torch.Size(shape).numel()
-        entries[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        nbytes = dtype.itemsize * math.prod(shape)
+        entries[key] = {"dtype": _ST_DTYPES[str(dtype)], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         offsets[key] = pos
         pos += nbytes
     entries["__metadata__"] = {"format": "pt", "generator": "parity synth"}
@@ -112,6 +113,8 @@ def synthesize(
     on_progress: Progress | None = None,
 ) -> tuple[Path, ModelConfig]:
     """Write a checkpoint of ``shape`` to ``out`` (.pth or .safetensors); returns (path, config)."""
+    import torch
+
     from parity.synthetic import iter_weights, stored
 
     out = Path(out)
@@ -192,7 +195,7 @@ def cmd_synth(args, console) -> int:
     out, config = synthesize(args.out, shape=args.shape, version=args.version, seed=args.seed, layers=args.layers,
                              vocab=args.vocab, force=args.force, on_progress=progress)
     size = out.stat().st_size
-    fp32 = sum(torch.Size(s).numel() for s in expected_shapes(config).values()) * 4
+    fp32 = sum(math.prod(s) for s in expected_shapes(config).values()) * 4
     console.print(f"wrote {out} ({config.describe()}, seed {args.seed}; {size / 1e9:.2f} GB on disk, "
                   f"{fp32 / 1e9:.2f} GB as fp32)")
     return 0
