@@ -15,10 +15,10 @@ completed, the last stage recorded and the kernel that was running, and the step
 finished are still on disk to compare (``PartialDumpReader``).
 
 Our compiled model in fp32/fp16 on the CPU (its mutants and isolated entry points too) runs in a
-worker without torch (``_torch_free``): the
-parent, which loaded and validated the checkpoint, says where each tensor lies in the file
-(parity.checkpoint.file_locations) and the child maps it with numpy (``MappedCheckpoint``), never
-unpickling anything; torch, which tvm_ffi would import, is blocked there (issue 9: ~200 MB a worker).
+worker without torch (``_torch_free``): the parent, which loaded and validated the checkpoint, says
+where each tensor lies in the file (parity.checkpoint.file_locations) and the child maps it with
+numpy (``MappedCheckpoint``), never unpickling anything; torch, which tvm_ffi would import, is
+blocked there (issue 9: ~200 MB a worker).
 Where the places are not sure, the child reads the file with torch as before.
 
 Greedy decoding (parity/greedy.py) runs our compiled builds here too, a job of its own
@@ -318,10 +318,11 @@ def _jsonable(value: Any) -> Any:
 # -- the parent -----------------------------------------------------------------------------------
 def _torch_free(spec: str, *, target: str) -> bool:
     """Whether ``spec`` runs in a worker without torch: our compiled model (or a mutant of it) in
-    fp32 or fp16 on the CPU, isolated or not, which needs the weights as fp32 (or fp16) arrays only.
-    It also spares the worker torch's import (~2.5 s of CPU of the ~4.5 s a worker's start costs). bf16 and quantised builds make
-    their parameters with torch (numpy has no bfloat16; the quantisers are the reference's); a GPU
-    build copies its fp32 parameters through torch's ``.numpy()`` (parity/compiled/runtime.py)."""
+    fp32 or fp16 on the CPU, isolated or not, which needs the weights as fp32 (or fp16) arrays only;
+    sparing torch's import also spares ~2.5 s of the ~4.5 s of CPU a worker's start costs. bf16 and
+    quantised builds make their parameters with torch (numpy has no bfloat16; the quantisers are the
+    reference's); a GPU build copies its fp32 parameters through torch's ``.numpy()``
+    (parity/compiled/runtime.py)."""
     from parity.dumpers.registry import WEIGHT_FORMATS, split_dtype
 
     if target != "llvm":
