@@ -330,10 +330,10 @@ def _torch_free(spec: str, *, target: str) -> bool:
     if spec.startswith("mutant/"):
         # A mutant of the compiled model is our build with one planted bug (TVMDebugBackend); it
         # computes in its own dtype, and the quantisation mutants quantise with the reference's code.
-        from parity.dumpers.registry import _mutant
+        from parity.mutants import get_mutant
 
         try:
-            m = _mutant(spec.split("/", 1)[1])
+            m = get_mutant(spec.split("/", 1)[1])
         except ParityError:
             return False
         return m.side == "compiled" and m.dtype in ("float32", "float16")
