@@ -186,11 +186,15 @@ def test_a_tvm_worker_maps_the_weights_without_torch_and_dumps_what_torch_weight
     # issue 9: torch in the TVM worker (tvm_ffi imports it whenever it can) costs ~200 MB and buys
     # nothing; the worker maps the file with numpy instead. Its dump must be the one the same
     # build on the torch-loaded checkpoint (fp32_weights, in this process) writes, bit for bit.
+    # It loads TVM's runtime-only library too, once this machine's CPU name is in the cache (asking
+    # LLVM here puts it there): the compiler library is ~160 MB it would never use (parity/compiled/host.py).
+    from parity.compiled.build import llvm_cpu
     from parity.dumpers.registry import make_backend
 
+    llvm_cpu()
     free = run_in_worker("tvm", ck, plan=PLAN, path=tmp_path / "free", cache_dir=compile_cache, target="llvm",
                          timeout=120)
-    assert free.failure is None and free.torch_loaded is False
+    assert free.failure is None and free.torch_loaded is False and free.tvm_compiler_loaded is False
     here = make_backend("tvm", ck, cache_dir=compile_cache).dump(PLAN, path=tmp_path / "here")
     a, b = DumpReader(free.path), DumpReader(here)
     assert [s.index for s in a.steps] == [0, 1, 2]
@@ -203,3 +207,4 @@ def test_a_worker_that_reads_the_file_with_torch_says_so(ck, tmp_path):
     # The flag the test above relies on is the child's own word, not a constant: a plug-in worker imports torch.
     out = run_in_worker(PORT, ck, plan=PLAN, path=tmp_path / "w", cache_dir=None, target="llvm", timeout=60)
     assert out.failure is None and out.torch_loaded is True
+    assert out.tvm_compiler_loaded is False  # nor is it told to load TVM: a plug-in takes what it imports

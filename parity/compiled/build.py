@@ -22,6 +22,8 @@ from typing import Callable
 import tvm
 
 from parity.cache_lock import build_once
+from parity.compiled import host
+from parity.compiled.host import default_cache_dir  # noqa: F401  (re-exported: where the cache lives)
 from parity.checkpoint import ModelConfig, ModelVersion
 from parity.errors import ParityError
 
@@ -44,26 +46,25 @@ _TARGETS = {
 }
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("PARITY_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rwkv-parity"
-
-
 def llvm_cpu() -> str:
     """The CPU the llvm build is compiled for: $PARITY_LLVM_CPU, else this machine's (LLVM's name,
-    e.g. znver5). Part of the cache key: a build for one CPU is never loaded on another."""
+    e.g. znver5). Part of the cache key: a build for one CPU is never loaded on another. Asked of
+    LLVM, the name is remembered in the compile cache (host.py), so that the runtime-only TVM of a
+    worker that only loads a cached build knows it too."""
     env = os.environ.get("PARITY_LLVM_CPU")
     if env:
         return env
     try:
         from tvm.target import codegen
 
-        return str(codegen.llvm_get_system_cpu())
+        name = str(codegen.llvm_get_system_cpu())
     except Exception:  # noqa: BLE001 - the runtime-only TVM has no LLVM to ask
-        raise ParityError("cannot ask LLVM for this machine's CPU (runtime-only TVM); set PARITY_LLVM_CPU") from None
+        name = host.remembered(default_cache_dir())
+        if name is None:
+            raise ParityError("cannot ask LLVM for this machine's CPU (runtime-only TVM); set PARITY_LLVM_CPU") from None
+        return name
+    host.remember(default_cache_dir(), name)
+    return name
 
 
 def target_spec(name: str) -> dict:
@@ -326,11 +327,64 @@ def build_model(
 
     # One builder per entry (parity/cache_lock.py): a second process that misses the same entry
     # waits for the first, then finds its published build instead of compiling it again.
-    return build_once(
-        lib_path, ready=ready, on_wait=say,
-        build=lambda: _compile_entry(config, variant=variant, target=target, mutant=mutant, dtype=dtype,
-                                     lib_path=lib_path, say=say),
-    )
+    def build() -> BuildArtifact:
+        if os.environ.get(host.COMPILE_IN_CHILD) == "1":
+            _compile_in_child(config, variant=variant, target=target, mutant=mutant, dtype=dtype, lib_path=lib_path,
+                              say=say)
+            meta = _read_sidecar(meta_path)
+            if meta is None:
+                raise ParityError(f"the compile child exited cleanly but left no usable {meta_path.name}")
+            return BuildArtifact(library=lib_path, meta=meta, cached=False)
+        return _compile_entry(config, variant=variant, target=target, mutant=mutant, dtype=dtype, lib_path=lib_path,
+                              say=say)
+
+    return build_once(lib_path, ready=ready, on_wait=say, build=build)
+
+
+def _compile_in_child(
+    config: ModelConfig, *, variant: str, target: str, mutant: str | None, dtype: str, lib_path: Path,
+    say: Callable[[str], None],
+) -> None:
+    """Compile and publish one cache entry in a child process with the full TVM; relay its events."""
+    import subprocess
+    import sys
+
+    job = {"config": config.to_dict(), "variant": variant, "target": target, "mutant": mutant, "dtype": dtype,
+           "lib_path": str(lib_path), "sys_path": sys.path,
+           "llvm_cpu": llvm_cpu() if target == "llvm" else None}
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_USE_RUNTIME_LIB", host.COMPILE_IN_CHILD)}
+    # Compiling reads no weights, so the child blocks torch, which tvm_ffi would import (~2.5 s).
+    code = ("import json, sys; job = json.loads(sys.stdin.readline()); sys.path[:] = job['sys_path']\n"
+            "sys.modules['torch'] = None\n"
+            "from parity.compiled.build import _compile_child_main; _compile_child_main(job)")
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, env=env, text=True)
+        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.close()
+        for line in proc.stdout:  # the child's events, one a line, as they happen
+            say(line.rstrip("\n"))
+        rc = proc.wait()
+        if rc != 0:
+            err.seek(0)
+            lines = [ln for ln in err.read().splitlines() if ln.strip()]
+            raise ParityError(f"compiling {lib_path.name} in a child process failed (exit {rc}): "
+                              f"{lines[-1] if lines else 'no message'}")
+
+
+def _compile_child_main(job: dict) -> None:
+    """The compile child's body: the entry's lock is held by the process that started it."""
+    import sys
+
+    if job["llvm_cpu"]:
+        os.environ["PARITY_LLVM_CPU"] = job["llvm_cpu"]  # the very name the parent's cache key used
+    try:
+        _compile_entry(ModelConfig.from_dict(job["config"]), variant=job["variant"], target=job["target"],
+                       mutant=job["mutant"], dtype=job["dtype"], lib_path=Path(job["lib_path"]),
+                       say=lambda msg: print(msg, flush=True))
+    except ParityError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def entry_path(

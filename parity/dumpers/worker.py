@@ -120,6 +120,7 @@ class WorkerOutcome:
     name: str | None = None
     extra: dict = field(default_factory=dict)
     torch_loaded: bool | None = None  # whether the worker imported torch (None: it never said)
+    tvm_compiler_loaded: bool | None = None  # whether it loaded TVM's compiler library (LLVM in it)
     greedy: dict | None = None  # a greedy job's runs (``_greedy_in_child``): tokens, rows, forced_rows
 
 
@@ -239,7 +240,7 @@ def _child_main(conn, recipe: dict, payload: dict, plan, path: str | None, fault
 
             partial = str(partial_dir_for(path))
         send("ready", {"name": backend.name, "partial": partial, "extra": _jsonable(backend.extra),
-                       "torch": _torch_loaded()})
+                       "torch": _torch_loaded(), "tvm_compiler": _tvm_compiler_loaded()})
         _watch_kernels(backend, send)
         if greedy is not None:
             phase = "run"
@@ -306,6 +307,14 @@ def _torch_loaded() -> bool:
     import sys
 
     return sys.modules.get("torch") is not None
+
+
+def _tvm_compiler_loaded() -> bool:
+    """Whether this process mapped TVM's compiler library (not only the runtime's)."""
+    try:
+        return "libtvm_compiler" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False  # not Linux: unknown, said as not loaded
 
 
 def _jsonable(value: Any) -> Any:
@@ -389,12 +398,31 @@ def _child_entry() -> None:
     conn = multiprocessing.connection.Connection(int(sys.argv[1]), readable=False)
     job = pickle.loads(sys.stdin.buffer.read())
     sys.path[:] = job["sys_path"]  # the parent's: a plug-in importable there is importable here
+    if "no-torch" in sys.argv[2:] and job["recipe"].get("target") == "llvm":
+        _prefer_runtime_tvm()
     _child_main(conn, job["recipe"], job["payload"], job["plan"], job["path"], job["fault_log"])
     # Done and reported: leave without the interpreter's teardown (TVM's and torch's thread pools
     # have nothing left to do, and a teardown that hung would hold the parent).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _prefer_runtime_tvm() -> None:
+    """Load TVM's runtime-only library in this worker when this machine's CPU name is known without
+    LLVM (parity/compiled/host.py), i.e. a build for it can be found in the cache: our compiled model
+    only loads a build and runs it. The compiler library is ~160 MB of resident pages and ~0.7 s of
+    CPU to load (a 0.1B worker's peak 1.27 -> 1.09 GB, issue 9); on a cache miss a child process
+    with the compiler makes the build (``COMPILE_IN_CHILD``), and its memory leaves with it."""
+    import sys
+
+    if "tvm" in sys.modules or "TVM_USE_RUNTIME_LIB" in os.environ:
+        return  # already loaded, or chosen by whoever started us (the GPU bundle's runtime-only TVM)
+    from parity.compiled import host
+
+    if os.environ.get("PARITY_LLVM_CPU") or host.remembered(host.default_cache_dir()):
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+        os.environ[host.COMPILE_IN_CHILD] = "1"
 
 
 def _start_child(job: dict):
@@ -461,7 +489,7 @@ def run_in_worker(
     recipe = {"spec": spec, "cache_dir": cache_dir, "target": target, "isolated": isolated, "greedy": greedy}
     state: dict[str, Any] = {"name": spec, "partial": None, "step": None, "kind": None, "done": 0,
                              "last_stage": None, "kernel": None, "kernel_call": None, "calls": {}, "extra": {},
-                             "torch": None}
+                             "torch": None, "tvm_compiler": None}
     steps = plan.steps()
     error: dict | None = None
     finished: str | None = None
@@ -488,7 +516,7 @@ def run_in_worker(
                 say(msg[1])
             elif what == "ready":
                 state.update(name=msg[1]["name"], partial=msg[1]["partial"], extra=msg[1]["extra"],
-                             torch=msg[1].get("torch"))
+                             torch=msg[1].get("torch"), tvm_compiler=msg[1].get("tvm_compiler"))
                 deadline = time.monotonic() + timeout if timeout else None
             elif what == "step":
                 state.update(step=msg[1], kind=steps[msg[1]][0] if msg[1] < len(steps) else None, kernel=None,
@@ -532,7 +560,7 @@ def run_in_worker(
 
             sys.stderr.write(fault_text)  # what a healthy backend said on stderr (warnings) is not hidden
         return WorkerOutcome(path=None if finished is None else Path(finished), name=state["name"], extra=state["extra"],
-                             torch_loaded=state["torch"], greedy=greedy_out)
+                             torch_loaded=state["torch"], tvm_compiler_loaded=state["tvm_compiler"], greedy=greedy_out)
     refused = error is not None and error["parity_error"] and not error["wrapped"]
     if error is not None and (error["phase"] == "build" or (refused and state["step"] is None)):
         # It could not be made (an import error, a factory that raised), or refused its input
@@ -567,7 +595,7 @@ def run_in_worker(
         failure.error = f"exited with code {exitcode} before finishing"
         failure.traceback = fault_text or None
     return WorkerOutcome(path=None, failure=failure, partial=partial, name=state["name"], extra=state["extra"],
-                         torch_loaded=state["torch"])
+                         torch_loaded=state["torch"], tvm_compiler_loaded=state["tvm_compiler"])
 
 
 def _with_traceback(exc: ParityError, text: str) -> ParityError:
