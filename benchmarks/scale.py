@@ -147,7 +147,8 @@ def fmt_row(r: dict) -> str:
             f"{g(r['drift_worst_ratio'])} ({g(r['drift_envelope_fraction'], '.2f')} of envelope) | {g(r['kl_max'])} | "
             f"{g(100 * r['top1_agreement'] if r['top1_agreement'] is not None else None, '.4g')}% | {r['wall_s']:.0f} s | "
             f"{_gib(r.get('peak_rss_tree'))} ({r['rss_over_weights_plus_file']:.2f}x); run {_gib(r['peak_rss'])}, "
-            f"largest worker {_gib(r.get('peak_rss_children'))} | {r['dump_bytes'] / 2**20:.0f} MiB |")
+            f"largest worker {_gib(r.get('peak_rss_children'))} | {r['dump_bytes'] / 2**20:.0f} MiB |"
+            + (f" {r['src']} |" if "src" in r else ""))
 
 
 def _gib(n) -> str:
@@ -165,6 +166,8 @@ def write_results(rows: list[dict], *, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     commit = _commit()
     machine = f"{os.cpu_count()} cores" + (f", {args.jobs} rows at a time" if args.jobs > 1 else "")
+    if args.merge:
+        machine = "rows merged from earlier runs, each row's run in column src"
     meta = {"date": dt.date.today().isoformat(), "commit": commit, "decode_steps": args.decode_steps,
             "machine": machine, "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])}
     (out / "scale.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
@@ -174,11 +177,28 @@ def write_results(rows: list[dict], *, args) -> None:
         "Own error: worst replayed stage, in allowances (< 1 passes). Drift: worst propagated record in allowances,",
         "and as a fraction of the depth envelope (<= 1 passes). Peak RSS: the whole process tree's at one moment (sampled),",
         "its ratio over fp32 weights + checkpoint file, then the run's own and its largest worker's peaks.", "",
-        "| shape | v | prompt | verdict | own error | drift | KL max (nats) | top-1 | wall | peak RSS | dumps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | v | prompt | verdict | own error | drift | KL max (nats) | top-1 | wall | peak RSS | dumps |"
+        + (" src |" if args.merge else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.merge else ""),
         *[fmt_row(r) for r in rows],
     ]
     (out / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+def merge_runs(runs: list[Path], *, args) -> None:
+    """Write one table from earlier runs: every row keeps where it ran (the run's directory, commit
+    and machine), and rows are ordered as the full plan orders them."""
+    rows = []
+    for run in runs:
+        path = run / "scale.json" if run.is_dir() else run
+        data = json.loads(path.read_text())
+        where = run if run.is_dir() else run.parent
+        for row in data["rows"]:
+            rows.append({**row, "src": f"{where.parent.name}/{where.name} ({data['commit']}, {data['machine']})"})
+    plan_order = {sv: i for i, sv in enumerate(PLAN)}
+    prompt_order = {p: i for i, p in enumerate(PROMPTS)}
+    rows.sort(key=lambda r: (plan_order.get((r["shape"], r["version"]), len(PLAN)), prompt_order.get(r["prompt"], 99)))
+    write_results(rows, args=args)
 
 
 def main() -> int:
@@ -194,7 +214,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="where scale.md / scale.json go (default benchmarks/results)")
     ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (default 1)")
     ap.add_argument("--deadline", type=float, help="start no row after this many seconds; finished rows are kept")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="RUN",
+                    help="run nothing: one table from earlier runs' scale.json (a file or its directory), e.g. rows "
+                         "run on several machines or device calls; rows in plan order, each naming its run (src)")
     args = ap.parse_args()
+    if args.merge:
+        merge_runs(args.merge, args=args)
+        return 0
     plan = PLAN if not args.shapes else [tuple((s.split("@") + ["5.2"])[:2]) for s in args.shapes.split(",")]
     prompts = PROMPTS if not args.prompts else args.prompts.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="parity-scale-"))

@@ -121,11 +121,10 @@ class Builds:
 
 
 @pytest.fixture(scope="session")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
-    # The compile cache the other test modules use, so a shape they share is compiled once.
-    path = tmp_path_factory.getbasetemp() / "parity-compile-cache"
-    path.mkdir(exist_ok=True)
-    return Builds(path)
+def builds(compile_cache: Path) -> Builds:
+    # The compile cache the other test modules use (tests/conftest.py: shared by every xdist
+    # worker), so a shape they share is compiled once.
+    return Builds(compile_cache)
 
 
 @pytest.fixture(scope="module", autouse=True)
