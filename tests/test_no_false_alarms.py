@@ -275,12 +275,18 @@ KNOWN_FALSE_ALARMS = (
 )
 
 
-# 60 random examples (plus the pinned ones below): CI's 30 minutes on two cores left this sweep ~90 s (120 took
-# 173-190 s there, the slowest test of the run). benchmarks/tolerance_headroom.py re-runs 1000 fresh ones for the
-# calibration figures (results/tolerance_headroom.md), and the former false alarms stay pinned below.
-@settings(max_examples=60, derandomize=True, deadline=None)
+# 40 random examples (plus the pinned ones below): CI's 30 minutes on two cores leave this sweep ~100 s (120 took
+# 173-190 s there; 60 took 121-149 s, still the slowest test of the run, and the clean-clone CI of 76dbcce ran
+# 1833 s on a rocketlake machine). benchmarks/tolerance_headroom.py re-runs 1000 fresh ones for the calibration
+# figures (results/tolerance_headroom.md); the former false alarms, and one deep and one wide model (issue 9:
+# >= 12 layers or C >= 1024 in some examples, whatever the random draws), stay pinned below.
+@settings(max_examples=40, derandomize=True, deadline=None)
 @example(case=KNOWN_FALSE_ALARMS[0])
 @example(case=KNOWN_FALSE_ALARMS[1])
+@example(case=Case(shape="v5.2-L12-H2", seed=3, decay_profile="long", prompt=(7, 200, 7, 31, 255), decode=(9, 9),
+                   mode="propagated"))
+@example(case=Case(shape="v5.2-L2-C1024-H16", seed=4, decay_profile="default", prompt=tuple(range(16)), decode=(3,),
+                   mode="propagated"))
 # T = H = N with long memory; the largest vocabulary id; v4 decoding the same token again.
 @example(case=Case(shape="v5.2-L2-H8=N8", seed=0, decay_profile="long", prompt=tuple(range(8)), decode=(1, 2, 3, 4),
                    mode="propagated"))
