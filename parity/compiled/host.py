@@ -15,6 +15,7 @@ No TVM import here: the worker reads this before it decides which TVM library to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -37,6 +38,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "rwkv-parity"
 
 
+@functools.lru_cache(maxsize=1)  # llvm_cpu() runs for every cache key: read /proc/cpuinfo once
 def _fingerprint() -> str | None:
     """A hash of this CPU's identity and of the installed TVM release, or None where unknown."""
     try:
@@ -75,12 +77,16 @@ def remembered(cache_dir: Path) -> str | None:
     return name if name and name.replace("-", "").replace("_", "").isalnum() else None
 
 
+_WRITTEN: set = set()  # (memo, name) this process wrote or found: asked again per cache key, checked once
+
+
 def remember(cache_dir: Path, name: str) -> None:
     """Write ``name`` for this machine (atomically; best effort: an unwritable cache only costs
     later workers the compiler library)."""
     path = memo_path(cache_dir)
-    if path is None or remembered(cache_dir) == name:
+    if path is None or (path, name) in _WRITTEN or remembered(cache_dir) == name:
         return
+    _WRITTEN.add((path, name))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
