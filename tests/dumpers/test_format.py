@@ -21,8 +21,10 @@ from parity.compare import RunView, StepInfo, TolerancePolicy, compare_runs
 from parity.dumpers.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    STEP_LOG_NAME,
     DumpReader,
     DumpWriter,
+    PartialDumpReader,
     partial_dir_for,
     step_file_name,
 )
@@ -257,6 +259,7 @@ def test_exception_in_with_block_leaves_only_a_partial_dir(tmp_path: Path) -> No
     manifest = json.loads((partial / MANIFEST_NAME).read_text())
     assert manifest["complete"] is False
     assert [s["stages"] for s in manifest["steps"]] == [["emb"]]  # the finished step is inspectable
+    assert [s.ids for s in PartialDumpReader(partial).steps] == [[1, 2]]  # once, though the step log lists it too
     left = rf"no dump at .*run \(an unfinished run left run\.partial-{os.getpid()}"
     with pytest.raises(ParityError, match=left):
         DumpReader(path)
@@ -302,12 +305,40 @@ def test_killed_process_leaves_no_complete_dump(tmp_path: Path) -> None:
 
     assert not path.exists()
     partial = partial_dir_for(path, pid=child_pid)
-    assert sorted(os.listdir(partial)) == [MANIFEST_NAME, "step-0000.safetensors"]
+    assert sorted(os.listdir(partial)) == [MANIFEST_NAME, "step-0000.safetensors", STEP_LOG_NAME]
     assert json.loads((partial / MANIFEST_NAME).read_text())["complete"] is False
+    # The step that finished is listed (in the step log: the manifest is not rewritten per step).
+    assert [s.ids for s in PartialDumpReader(partial).steps] == [[1, 2, 3]]
     with pytest.raises(ParityError, match="unfinished run"):
         DumpReader(path)
     with pytest.raises(ParityError, match="incomplete dump.*re-run the dump"):
         DumpReader(partial)
+
+
+def test_an_unfinished_dump_lists_its_finished_steps_from_the_step_log(tmp_path: Path) -> None:
+    # A long run must not rewrite its manifest after every step (3000 steps: quadratic); the steps
+    # go to an append-only log, which a crashed run's reader (crash isolation) reads back.
+    path = tmp_path / "run"
+    writer = make_writer(path, extend_stage_order=True).open()
+    with writer.step(kind="prefill", ids=[1, 2]) as step:
+        step.add("emb", np.zeros((2, C), np.float32))
+    with writer.step(kind="decode", ids=[3]) as step:
+        step.add("emb", np.zeros((1, C), np.float32))
+        step.add("L0.att.kernel.x", np.zeros((1, C), np.float32))  # a stage first seen here
+    partial = partial_dir_for(path)
+    with open(partial / STEP_LOG_NAME, "ab") as f:
+        f.write(b'{"step": {"index": 2, "ki')  # a writer killed mid-line
+    reader = PartialDumpReader(partial)
+    assert [s.ids for s in reader.steps] == [[1, 2], [3]]
+    assert reader.stage_order[-1] == "L0.att.kernel.x"
+    assert list(reader.read_step(1)) == ["emb", "L0.att.kernel.x"]
+    with open(partial / STEP_LOG_NAME, "ab") as f:
+        f.write(b"\nnot json\n")
+    with pytest.raises(ParityError, match="step log is not a step"):
+        PartialDumpReader(partial)
+    writer.close()
+    assert sorted(os.listdir(path)) == [MANIFEST_NAME, "step-0000.safetensors", "step-0001.safetensors"]
+    assert [s.ids for s in DumpReader(path).steps] == [[1, 2], [3]]
 
 
 def test_refuses_to_overwrite_a_non_dump_directory(tmp_path: Path) -> None:
