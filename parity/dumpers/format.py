@@ -38,7 +38,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # While a dump is being written, each finished step is appended here (one JSON line) instead of
 # rewriting the manifest: rewriting it after every step made an N-step dump cost O(N^2) (3000 decode
-# steps of a 4-layer fixture: ~10^4 s of JSON encoding). Only an unfinished dump has this file; close()
+# steps of the 4-layer fixture: the last manifest is 7.5 MB and takes 0.45 s to encode, so ~700 s of
+# encoding and ~11 GB written over the run; measured 2026-12-02). Only an unfinished dump has this file; close()
 # writes every step into the manifest and removes it, so a complete dump is as before.
 STEP_LOG_NAME = "steps.jsonl"
 DTYPES = ("float32", "float16", "bfloat16", "float64")
