@@ -295,10 +295,8 @@ class DumpWriter:
             self._state = "aborted"
             _ACTIVE_PARTIALS.discard(self.partial_path)
             if self.partial_path.is_dir():
-                tmp = self.partial_path / f"{MANIFEST_NAME}.tmp"
                 try:  # not _write_manifest: its failure path would remove what this keeps
-                    tmp.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
-                    os.replace(tmp, self.partial_path / MANIFEST_NAME)
+                    self._replace_manifest()
                 except OSError:
                     pass  # the disk failed too: the step log still lists the finished steps
         return False
@@ -369,11 +367,14 @@ class DumpWriter:
         except OSError as e:
             raise self._write_failed(STEP_LOG_NAME, e) from None
 
-    def _write_manifest(self) -> None:
+    def _replace_manifest(self) -> None:
         tmp = self.partial_path / f"{MANIFEST_NAME}.tmp"
+        tmp.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.partial_path / MANIFEST_NAME)
+
+    def _write_manifest(self) -> None:
         try:
-            tmp.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, self.partial_path / MANIFEST_NAME)
+            self._replace_manifest()
         except OSError as e:
             raise self._write_failed(MANIFEST_NAME, e) from None
 
